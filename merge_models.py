@@ -1,0 +1,85 @@
+"""Merge Hugging Face checkpoints tensor by tensor (DARE, average, task arithmetic, TIES, SLERP, ...).
+
+Example:
+    python merge_models.py --base_model base/ --models ft_a/ ft_b/ --method task_arithmetic \
+        --drop_rate 0.9 --scaling_coefficient 1.0 --output_dir merged/
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
+from utils.checkpoint_io import CheckpointError
+from utils.streaming_merge import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
+
+STREAMING_METHODS = [name for name in available_methods()
+                     if get_method(name).streamable and not get_method(name).statistics]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base_model", default=None, help="pretrained backbone θ_pre: folder or hub id")
+    parser.add_argument("--models", nargs="+", required=True, help="fine-tuned models: folders or hub ids")
+    parser.add_argument("--method", required=True, choices=STREAMING_METHODS, help="registry name of the merge")
+    parser.add_argument("--output_dir", required=True, help="folder to create (written atomically)")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta)")
+    parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES")
+    parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=float, nargs="+", default=[0.0],
+                        help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first")
+    parser.add_argument("--no_rescale", action="store_true", help="DropOnly: do not rescale kept entries by 1/(1-p)")
+    parser.add_argument("--rescale_mode", choices=["paper", "l1"], default="paper",
+                        help="paper: 1/(1-p); l1: mergekit's L1-norm match")
+    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random")
+    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight")
+    parser.add_argument("--density", type=float, nargs="+", default=[1.0],
+                        help="TIES keep fraction per model; for dare_* the DARE keep rate when --drop_rate is 0")
+    parser.add_argument("--ties_normalize", choices=["count", "weights"], default="count",
+                        help="count: paper's disjoint mean; weights: mergekit's sum of agreeing weights")
+    parser.add_argument("--slerp_t", type=float, default=0.5, help="SLERP t (0 = base, 1 = the model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every DARE mask (with model index, tensor name)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the base's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--exclude_param_names_regex", nargs="*", default=[],
+                        help="tensors matching any regex (re.match) are copied from the base unchanged")
+    parser.add_argument("--vocab_alignment", choices=VOCAB_ALIGNMENTS, default="error",
+                        help="pad_mean: the paper's pad-token rows set to the mean of old rows")
+    parser.add_argument("--files_from", default=None, help="model whose config/tokenizer are copied (default base)")
+    parser.add_argument("--max_shard_size_gb", type=float, default=5.0, help="output shard size in GiB")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="accept .bin checkpoints (torch.load with weights_only=True)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace) -> StreamMergeJob:
+    single = lambda values: values[0] if len(values) == 1 else values  # noqa: E731
+    dare = DareOptions(drop_rate=single(args.drop_rate), rescale=not args.no_rescale,
+                       strategy=args.mask_strategy, weight_format=args.weight_format,
+                       rescale_mode=args.rescale_mode)
+    options = MergeOptions(weights=args.weights, scaling_coefficient=args.scaling_coefficient,
+                           density=single(args.density), ties_normalize=args.ties_normalize, slerp_t=args.slerp_t)
+    return StreamMergeJob(base_model=args.base_model, models=args.models, method=args.method,
+                          output_dir=args.output_dir, options=options, dare=dare, seed=args.seed,
+                          dtype=args.dtype, device=args.device, exclude_regex=args.exclude_param_names_regex,
+                          overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                          vocab_alignment=args.vocab_alignment, files_from=args.files_from,
+                          max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = run_stream_merge(job_from_args(args))
+    except (MergeError, CheckpointError) as error:
+        print(f"merge_models.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output_dir} ({manifest['output']['num_tensors']} tensors, "
+          f"{manifest['wall_seconds']:.1f} s); manifest: {args.output_dir}/merge_manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

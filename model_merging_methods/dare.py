@@ -1,0 +1,47 @@
+"""DARE over a whole model (paper §3): per-tensor drop-and-rescale of deltas or fine-tuned weights."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from .options import DareOptions, StateDict
+from .randomness import make_generator
+from .sparsify import dare_tensor
+
+
+def is_excluded(name: str, exclude_regex: Sequence[str]) -> bool:
+    """A name is excluded when any pattern matches it from the start (``re.match``, as MergeLM)."""
+    return any(re.match(pattern, name) for pattern in exclude_regex)
+
+
+def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOptions, *, seed: int,
+               model_index: int, report: dict[str, float] | None = None) -> StateDict:
+    """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight), per tensor.
+
+    The mask of a tensor comes from make_generator(seed, model_index, name); `report` receives the
+    kept fraction per tensor.
+    """
+    out = {}
+    for name, weight in finetuned.items():
+        generator = make_generator(seed, model_index, name)
+        if options.weight_format == "delta_weight":
+            sparse, kept = dare_tensor(weight - base[name], p, options, generator)
+            out[name] = base[name] + sparse
+        else:
+            out[name], kept = dare_tensor(weight, p, options, generator)
+        if report is not None:
+            report[name] = kept / max(weight.numel(), 1)
+    return out
+
+
+def dare_state_dict(finetuned: StateDict, base: StateDict, options: DareOptions, *, seed: int = 0,
+                    model_index: int = 0, exclude_regex: Sequence[str] = ()) -> StateDict:
+    """DARE applied to one fine-tuned model; excluded and non-float tensors are returned unchanged."""
+    options.validate()
+    p = options.rates(1)[0]
+    selected = {name: t for name, t in finetuned.items()
+                if t.is_floating_point() and not is_excluded(name, exclude_regex)}
+    dropped = dare_model({n: t.float() for n, t in selected.items()},
+                         {n: base[n].float() for n in selected}, p, options,
+                         seed=seed, model_index=model_index)
+    return {name: dropped[name].to(t.dtype) if name in dropped else t for name, t in finetuned.items()}

@@ -1,0 +1,41 @@
+"""Weight averaging and task arithmetic."""
+from __future__ import annotations
+
+from .options import MergeOptions, StateDict
+
+
+def average_merging(base: StateDict | None, models: list[StateDict], options: MergeOptions,
+                    statistics=None) -> StateDict:
+    """θ* = Σ_k w_k θ_k / Σ_k w_k (w_k = 1 by default: the plain mean of Model Soups / MergeLM).
+
+    The base model is not used (with DARE the models already are θ_pre + DARE(δ_k))."""
+    weights = options.model_weights(len(models), 1.0)
+    total = sum(weights)
+    if total == 0:
+        raise ValueError("average_merging: the model weights sum to 0")
+    merged = {}
+    for name in models[0]:
+        acc = models[0][name] * weights[0]
+        for model, weight in zip(models[1:], weights[1:]):
+            acc.add_(model[name], alpha=weight)
+        merged[name] = acc.div_(total)
+    return merged
+
+
+def task_arithmetic(base: StateDict, models: list[StateDict], options: MergeOptions,
+                    statistics=None) -> StateDict:
+    """θ* = θ_pre + λ Σ_k w_k (θ_k − θ_pre)  (w_k = 1 by default; λ = scaling_coefficient)."""
+    weights = options.model_weights(len(models), 1.0)
+    merged = {}
+    for name, pre in base.items():
+        acc = (models[0][name] - pre).mul_(weights[0])
+        for model, weight in zip(models[1:], weights[1:]):
+            acc.add_(model[name] - pre, alpha=weight)
+        merged[name] = acc.mul_(options.scaling_coefficient).add_(pre)
+    return merged
+
+
+def passthrough_single(base: StateDict | None, models: list[StateDict], options: MergeOptions,
+                       statistics=None) -> StateDict:
+    """θ* = θ'_1: the one (possibly DARE-processed) model, unchanged."""
+    return dict(models[0])

@@ -1,0 +1,107 @@
+"""merge_state_dicts: validation, exclusion, DARE, then the registered method."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from .dare import dare_model, is_excluded
+from .options import DareOptions, MergeError, MergeOptions, StateDict
+from .registry import MergeMethod, get_method
+
+
+def check_inputs(base: StateDict | None, models: list[StateDict], names: Sequence[str]) -> None:
+    """Every model holds every name with the reference shape, and float tensors are finite."""
+    inputs = ([("base", base)] if base is not None else []) + [(f"model {i}", m) for i, m in enumerate(models)]
+    reference_label, reference = inputs[0]
+    for label, state in inputs:
+        extra = sorted(set(state) - set(reference))
+        if extra:
+            raise MergeError(f"tensor {extra[0]!r} is in {label} but not in {reference_label}")
+        for name in names:
+            if name not in state:
+                raise MergeError(f"tensor {name!r} is missing from {label}")
+            tensor = state[name]
+            if tensor.shape != reference[name].shape:
+                raise MergeError(f"shape mismatch for {name!r}: {tuple(reference[name].shape)} in "
+                                 f"{reference_label} vs {tuple(tensor.shape)} in {label}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise MergeError(f"tensor {name!r} of {label} contains NaN or Inf")
+
+
+def resolve_dare(method: MergeMethod, options: MergeOptions, dare: DareOptions | None,
+                 num_models: int) -> tuple[DareOptions | None, MergeOptions]:
+    """dare_linear / dare_ties: the DARE rate defaults to 1 − density per model, and TIES then trims nothing."""
+    if method.dare_from_density:
+        densities = options.densities(num_models)
+        if dare is None or not any(dare.rates(num_models)):
+            dare = replace(dare or DareOptions(), drop_rate=[1.0 - d for d in densities])
+        options = replace(options, density=1.0)
+    if dare is not None:
+        dare.validate()
+        if not any(dare.rates(num_models)):
+            dare = None
+    return dare, options
+
+
+def check_method_inputs(method: MergeMethod, base: StateDict | None, models: list[StateDict],
+                        statistics: list[StateDict] | None, dare: DareOptions | None) -> None:
+    if method.needs_base and base is None:
+        raise MergeError(f"{method.name} needs a base (pretrained) model")
+    if dare is not None and base is None and dare.weight_format == "delta_weight":
+        raise MergeError("DARE on delta weights needs a base (pretrained) model")
+    if len(models) < method.min_models or (method.max_models and len(models) > method.max_models):
+        bound = f"{method.min_models}..{method.max_models}" if method.max_models else f">= {method.min_models}"
+        raise MergeError(f"{method.name} takes {bound} models, got {len(models)}")
+    if method.statistics and (statistics is None or len(statistics) != len(models)):
+        raise MergeError(f"{method.name} needs one {method.statistics} statistics dict per model")
+
+
+def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDict],
+                      options: MergeOptions = MergeOptions(), *, dare: DareOptions | None = None,
+                      seed: int = 0, exclude_regex: Sequence[str] = (),
+                      statistics: list[StateDict] | None = None,
+                      report: list[dict[str, float]] | None = None,
+                      out_dtype: torch.dtype | None = None) -> StateDict:
+    """Merge `models` (and `base`) with a registered method; DARE, when given, is applied first.
+
+    Merged tensors are computed in float32 and returned in `out_dtype` (default: the reference's
+    dtype, i.e. the base's, or models[0]'s without a base).
+    Excluded names (re.match on any of `exclude_regex`) and non-float tensors are copied from the
+    reference. `report`, when given, receives per model the kept fraction of every DARE'd tensor.
+    """
+    spec = get_method(method)
+    options.validate()
+    if not models:
+        raise MergeError("no models to merge")
+    dare, options = resolve_dare(spec, options, dare, len(models))
+    check_method_inputs(spec, base, models, statistics, dare)
+    reference = base if base is not None else models[0]
+    check_inputs(base, models, list(reference))
+    names = [n for n, t in reference.items() if t.is_floating_point() and not is_excluded(n, exclude_regex)]
+    sub_base = {n: base[n].float() for n in names} if base is not None else None
+    sub_models = [{n: m[n].float() for n in names} for m in models]
+    if dare is not None:
+        rates = dare.rates(len(models))
+        reports = report if report is not None else [{} for _ in models]
+        reports.extend({} for _ in range(len(models) - len(reports)))
+        sub_models = [dare_model(m, sub_base, p, dare, seed=seed, model_index=k, report=reports[k])
+                      for k, (m, p) in enumerate(zip(sub_models, rates))]
+    merged = spec.function(sub_base, sub_models, options, statistics)
+    out = {}
+    for name, tensor in reference.items():
+        if name in merged:
+            out[name] = merged[name].to(out_dtype or tensor.dtype)
+        else:
+            _check_identical(name, tensor, models)
+            out[name] = tensor.to(out_dtype) if out_dtype and tensor.is_floating_point() else tensor
+    return out
+
+
+def _check_identical(name: str, tensor: torch.Tensor, models: list[StateDict]) -> None:
+    if tensor.is_floating_point():
+        return
+    for index, model in enumerate(models):
+        if not torch.equal(model[name], tensor):
+            raise MergeError(f"non-float tensor {name!r} differs in model {index}; it cannot be merged")

@@ -1,0 +1,100 @@
+"""Option groups shared by every merge method, and the library's error type."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+MASK_STRATEGIES = ("random", "magnitude")
+WEIGHT_FORMATS = ("delta_weight", "finetuned_weight")
+RESCALE_MODES = ("paper", "l1")
+TIES_TRIMS = ("per_tensor", "global")
+TIES_NORMALIZATIONS = ("count", "weights")
+
+
+class MergeError(ValueError):
+    """Bad input to a merge: the message names the tensor, model or value at fault."""
+
+
+def per_model(value: float | Sequence[float], num_models: int, what: str) -> list[float]:
+    """Broadcast a scalar option to one value per model, or check a given list's length."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * num_models
+    values = [float(v) for v in value]
+    if len(values) != num_models:
+        raise MergeError(f"{what}: got {len(values)} values for {num_models} models")
+    return values
+
+
+@dataclass(frozen=True)
+class DareOptions:
+    """DARE (Drop And REscale, arXiv 2311.03099) applied to each model before a merge.
+
+    For each tensor x (a delta δ = θ_ft − θ_pre, or θ_ft itself with ``finetuned_weight``):
+    ``random``: m ~ Bernoulli(p) elementwise, x̃ = x ⊙ (1 − m);
+    ``magnitude``: drop exactly int(n·p) entries of smallest |x| (ties: lower flat index first);
+    rescale ``paper``: x̂ = x̃ / (1 − p); ``l1`` (mergekit): x̂ = x̃ · Σ|x| / Σ|x̃|.
+    ``rescale=False`` is the paper's "DropOnly". p = 0 is the identity.
+    """
+
+    drop_rate: float | Sequence[float] = 0.0
+    rescale: bool = True
+    strategy: str = "random"
+    weight_format: str = "delta_weight"
+    rescale_mode: str = "paper"
+
+    def rates(self, num_models: int) -> list[float]:
+        rates = per_model(self.drop_rate, num_models, "drop_rate")
+        for index, p in enumerate(rates):
+            if not 0.0 <= p < 1.0:
+                raise MergeError(f"drop rate {p} for model {index} is outside [0, 1)")
+        return rates
+
+    def validate(self) -> None:
+        _check_choice("mask_strategy", self.strategy, MASK_STRATEGIES)
+        _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
+        _check_choice("rescale_mode", self.rescale_mode, RESCALE_MODES)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Hyperparameters of the merge methods; each method reads the fields it documents."""
+
+    weights: Sequence[float] | None = None
+    scaling_coefficient: float = 1.0
+    density: float | Sequence[float] = 1.0
+    ties_trim: str = "per_tensor"
+    ties_normalize: str = "count"
+    slerp_t: float = 0.5
+    fisher_coefficients: Sequence[float] | None = None
+    fisher_normalize: bool = False
+    fisher_eps: float = 1e-6
+    regmean_alpha: float = 1.0
+
+    def model_weights(self, num_models: int, default: float) -> list[float]:
+        if self.weights is None:
+            return [default] * num_models
+        return per_model(self.weights, num_models, "weights")
+
+    def densities(self, num_models: int) -> list[float]:
+        densities = per_model(self.density, num_models, "density")
+        for index, d in enumerate(densities):
+            if not 0.0 <= d <= 1.0:
+                raise MergeError(f"density {d} for model {index} is outside [0, 1]")
+        return densities
+
+    def validate(self) -> None:
+        _check_choice("ties_trim", self.ties_trim, TIES_TRIMS)
+        _check_choice("ties_normalize", self.ties_normalize, TIES_NORMALIZATIONS)
+        if not 0.0 <= self.slerp_t <= 1.0:
+            raise MergeError(f"slerp t = {self.slerp_t} is outside [0, 1]")
+        if not 0.0 <= self.regmean_alpha <= 1.0:
+            raise MergeError(f"regmean alpha = {self.regmean_alpha} is outside [0, 1]")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise MergeError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")

