@@ -1,8 +1,8 @@
 """The merging library: pure functions over {tensor_name: tensor} dicts and one method registry."""
 from .dare import dare_model, dare_state_dict, is_excluded
-from .merge import check_inputs, merge_state_dicts, resolve_dare
+from .merge import check_finite, check_inputs, merge_state_dicts, resolve_dare
 from .options import DareOptions, MergeError, MergeOptions, StateDict
-from .randomness import derive_seed, make_generator
+from .randomness import SEGMENT, RandomSlot, derive_seed, make_generator
 from .registry import REGISTRY, MergeMethod, available_methods, get_method
 from .selection import kth_smallest, smallest_mask
 from .slerp import slerp_tensor
@@ -10,8 +10,8 @@ from .sparsify import dare_tensor, trim_to_density
 from .task_vector import apply_task_vector, task_vector
 
 __all__ = [
-    "DareOptions", "MergeError", "MergeMethod", "MergeOptions", "REGISTRY", "StateDict",
-    "apply_task_vector", "available_methods", "check_inputs", "dare_model", "dare_state_dict",
+    "DareOptions", "MergeError", "RandomSlot", "SEGMENT", "MergeMethod", "MergeOptions", "REGISTRY", "StateDict",
+    "apply_task_vector", "available_methods", "check_finite", "check_inputs", "dare_model", "dare_state_dict",
     "dare_tensor", "derive_seed", "get_method", "is_excluded", "kth_smallest", "make_generator",
     "merge_state_dicts", "resolve_dare", "slerp_tensor", "smallest_mask", "task_vector",
     "trim_to_density",

@@ -5,7 +5,7 @@ import re
 from typing import Sequence
 
 from .options import DareOptions, StateDict
-from .randomness import make_generator
+from .randomness import RandomSlot
 from .sparsify import dare_tensor
 
 
@@ -15,20 +15,23 @@ def is_excluded(name: str, exclude_regex: Sequence[str]) -> bool:
 
 
 def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOptions, *, seed: int,
-               model_index: int, report: dict[str, float] | None = None) -> StateDict:
+               model_index: int, report: dict[str, float] | None = None,
+               offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
     """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight), per tensor.
 
-    The mask of a tensor comes from make_generator(seed, model_index, name); `report` receives the
-    kept fraction per tensor.
+    Random masks come from RandomSlot(seed, model_index, name); `offsets[name] = (start, total)`
+    says that the tensor is the flat piece [start, start + n) of a tensor of `total` elements (streaming).
+    `report` receives the kept fraction per tensor.
     """
     out = {}
+    offsets = offsets or {}
     for name, weight in finetuned.items():
-        generator = make_generator(seed, model_index, name)
+        slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
         if options.weight_format == "delta_weight":
-            sparse, kept = dare_tensor(weight - base[name], p, options, generator)
-            out[name] = base[name] + sparse
+            sparse, kept = dare_tensor(weight - base[name], p, options, slot)
+            out[name] = sparse.add_(base[name])
         else:
-            out[name], kept = dare_tensor(weight, p, options, generator)
+            out[name], kept = dare_tensor(weight, p, options, slot)
         if report is not None:
             report[name] = kept / max(weight.numel(), 1)
     return out

@@ -1,4 +1,8 @@
-"""Weight averaging and task arithmetic."""
+"""Weight averaging and task arithmetic.
+
+Like every method function, these receive private float32 copies from merge_state_dicts and may
+accumulate in the models' storage instead of allocating.
+"""
 from __future__ import annotations
 
 from .options import MergeOptions, StateDict
@@ -15,7 +19,7 @@ def average_merging(base: StateDict | None, models: list[StateDict], options: Me
         raise ValueError("average_merging: the model weights sum to 0")
     merged = {}
     for name in models[0]:
-        acc = models[0][name] * weights[0]
+        acc = models[0][name].mul_(weights[0]) if weights[0] != 1.0 else models[0][name]
         for model, weight in zip(models[1:], weights[1:]):
             acc.add_(model[name], alpha=weight)
         merged[name] = acc.div_(total)
@@ -28,9 +32,11 @@ def task_arithmetic(base: StateDict, models: list[StateDict], options: MergeOpti
     weights = options.model_weights(len(models), 1.0)
     merged = {}
     for name, pre in base.items():
-        acc = (models[0][name] - pre).mul_(weights[0])
+        # Σ w_k θ_k − (Σ w_k) θ_pre, accumulated in place in the first model's (private) storage
+        acc = models[0][name].mul_(weights[0]) if weights[0] != 1.0 else models[0][name]
         for model, weight in zip(models[1:], weights[1:]):
-            acc.add_(model[name] - pre, alpha=weight)
+            acc.add_(model[name], alpha=weight)
+        acc.sub_(pre, alpha=sum(weights))
         merged[name] = acc.mul_(options.scaling_coefficient).add_(pre)
     return merged
 

@@ -11,22 +11,39 @@ from .options import DareOptions, MergeError, MergeOptions, StateDict
 from .registry import MergeMethod, get_method
 
 
-def check_inputs(base: StateDict | None, models: list[StateDict], names: Sequence[str]) -> None:
-    """Every model holds every name with the reference shape, and float tensors are finite."""
-    inputs = ([("base", base)] if base is not None else []) + [(f"model {i}", m) for i, m in enumerate(models)]
+def is_finite(tensor: torch.Tensor) -> bool:
+    """NaN/Inf propagate into a float32 sum, so a finite sum proves a finite tensor (one fast pass);
+    only a non-finite sum (or an overflow) pays for the elementwise check."""
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _labelled(base: StateDict | None, models: list[StateDict]) -> list[tuple[str, StateDict]]:
+    return ([("base", base)] if base is not None else []) + [(f"model {i}", m) for i, m in enumerate(models)]
+
+
+def check_inputs(base: StateDict | None, models: list[StateDict]) -> None:
+    """Every input holds exactly the reference's names (base, else model 0), with the same shapes."""
+    inputs = _labelled(base, models)
     reference_label, reference = inputs[0]
     for label, state in inputs:
         extra = sorted(set(state) - set(reference))
         if extra:
             raise MergeError(f"tensor {extra[0]!r} is in {label} but not in {reference_label}")
-        for name in names:
+        for name, expected in reference.items():
             if name not in state:
                 raise MergeError(f"tensor {name!r} is missing from {label}")
-            tensor = state[name]
-            if tensor.shape != reference[name].shape:
-                raise MergeError(f"shape mismatch for {name!r}: {tuple(reference[name].shape)} in "
-                                 f"{reference_label} vs {tuple(tensor.shape)} in {label}")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if state[name].shape != expected.shape:
+                raise MergeError(f"shape mismatch for {name!r}: {tuple(expected.shape)} in "
+                                 f"{reference_label} vs {tuple(state[name].shape)} in {label}")
+
+
+def check_finite(base: StateDict | None, models: list[StateDict]) -> None:
+    """Every float tensor is free of NaN and Inf."""
+    for label, state in _labelled(base, models):
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not is_finite(tensor):
                 raise MergeError(f"tensor {name!r} of {label} contains NaN or Inf")
 
 
@@ -63,13 +80,16 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
                       seed: int = 0, exclude_regex: Sequence[str] = (),
                       statistics: list[StateDict] | None = None,
                       report: list[dict[str, float]] | None = None,
-                      out_dtype: torch.dtype | None = None) -> StateDict:
+                      out_dtype: torch.dtype | None = None,
+                      offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
     """Merge `models` (and `base`) with a registered method; DARE, when given, is applied first.
 
     Merged tensors are computed in float32 and returned in `out_dtype` (default: the reference's
     dtype, i.e. the base's, or models[0]'s without a base).
     Excluded names (re.match on any of `exclude_regex`) and non-float tensors are copied from the
     reference. `report`, when given, receives per model the kept fraction of every DARE'd tensor.
+    `offsets[name] = (start, total)` marks a tensor as the flat piece [start, start + n) of a larger
+    one (the streaming engine's pieces); only elementwise methods may be given pieces.
     """
     spec = get_method(method)
     options.validate()
@@ -78,17 +98,21 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
     dare, options = resolve_dare(spec, options, dare, len(models))
     check_method_inputs(spec, base, models, statistics, dare)
     reference = base if base is not None else models[0]
-    check_inputs(base, models, list(reference))
     names = [n for n, t in reference.items() if t.is_floating_point() and not is_excluded(n, exclude_regex)]
-    sub_base = {n: base[n].float() for n in names} if base is not None else None
-    sub_models = [{n: m[n].float() for n in names} for m in models]
+    check_inputs(base, models)
+    check_finite(None, [{n: t for n, t in reference.items() if n not in names}])
+    # private float32 copies: the method functions may reuse their storage
+    sub_base = {n: base[n].to(torch.float32, copy=True) for n in names} if base is not None else None
+    sub_models = [{n: m[n].to(torch.float32, copy=True) for n in names} for m in models]
     if dare is not None:
         rates = dare.rates(len(models))
         reports = report if report is not None else [{} for _ in models]
         reports.extend({} for _ in range(len(models) - len(reports)))
-        sub_models = [dare_model(m, sub_base, p, dare, seed=seed, model_index=k, report=reports[k])
+        sub_models = [dare_model(m, sub_base, p, dare, seed=seed, model_index=k, report=reports[k],
+                                 offsets=offsets)
                       for k, (m, p) in enumerate(zip(sub_models, rates))]
     merged = spec.function(sub_base, sub_models, options, statistics)
+    _check_outputs(merged, base, models)
     out = {}
     for name, tensor in reference.items():
         if name in merged:
@@ -97,6 +121,16 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
             _check_identical(name, tensor, models)
             out[name] = tensor.to(out_dtype) if out_dtype and tensor.is_floating_point() else tensor
     return out
+
+
+def _check_outputs(merged: StateDict, base: StateDict | None, models: list[StateDict]) -> None:
+    """NaN/Inf in any input reaches the output of every method (IEEE: NaN·0 = NaN, and no method
+    selects entries by a comparison that a NaN passes), so one pass over the outputs replaces a pass
+    over every input; only a non-finite output pays for finding the culprit."""
+    for name, tensor in merged.items():
+        if not is_finite(tensor):
+            check_finite({name: base[name]} if base is not None else None, [{name: m[name]} for m in models])
+            raise MergeError(f"merged tensor {name!r} overflowed to Inf/NaN although its inputs are finite")
 
 
 def _check_identical(name: str, tensor: torch.Tensor, models: list[StateDict]) -> None:

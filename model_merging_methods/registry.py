@@ -22,24 +22,28 @@ class MergeMethod:
     statistics: str | None = None   # "fisher" | "gram": per-model statistics the method needs
     dare_from_density: bool = False  # DARE rate defaults to 1 − density (mergekit's dare_* methods)
     streamable: bool = True          # can run one tensor at a time
+    elementwise: bool = False        # each output entry depends only on the same entry of the inputs
+    trim_thresholds: bool = False    # ...given per-tensor TIES trim thresholds (statistics) when density < 1
 
 
 _METHODS = [
     MergeMethod("average_merging", average_merging, "Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
-                needs_base=False),
-    MergeMethod("task_arithmetic", task_arithmetic, "Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)"),
-    MergeMethod("ties_merging", ties_merging, "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)"),
+                needs_base=False, elementwise=True),
+    MergeMethod("task_arithmetic", task_arithmetic,
+                "Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)", elementwise=True),
+    MergeMethod("ties_merging", ties_merging, "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)",
+                elementwise=True, trim_thresholds=True),
     MergeMethod("dare_linear", task_arithmetic, "Yu et al. 2024, DARE (arXiv 2311.03099) + task arithmetic",
-                dare_from_density=True),
+                dare_from_density=True, elementwise=True),
     MergeMethod("dare_ties", ties_merging, "Yu et al. 2024, DARE (arXiv 2311.03099) + TIES",
-                dare_from_density=True),
+                dare_from_density=True, elementwise=True, trim_thresholds=True),
     MergeMethod("slerp", slerp_merging, "Shoemake 1985, spherical linear interpolation", min_models=1, max_models=1),
     MergeMethod("fisher_merging", fisher_merging, "Matena & Raffel 2022, Fisher merging (arXiv 2111.09832)",
                 needs_base=False, statistics="fisher", streamable=False),
     MergeMethod("regmean_merging", regmean_merging, "Jin et al. 2023, RegMean (arXiv 2212.09849)",
                 needs_base=False, statistics="gram"),
     MergeMethod("dare", passthrough_single, "Yu et al. 2024, DARE on a single model (arXiv 2311.03099)",
-                max_models=1),
+                max_models=1, elementwise=True),
 ]
 REGISTRY: dict[str, MergeMethod] = {method.name: method for method in _METHODS}
 ALIASES = {"linear": "average_merging", "ties": "ties_merging"}

@@ -4,75 +4,87 @@ from __future__ import annotations
 import torch
 
 from .options import MergeOptions, StateDict
-from .sparsify import trim_to_density
 from .selection import kth_smallest
 
 
-def ties_merging(base: StateDict, models: list[StateDict], options: MergeOptions,
-                 statistics=None) -> StateDict:
-    """θ* = θ_pre + λ · merge(trim(δ_k)).
+def trim_threshold(delta: torch.Tensor, density: float, in_place: bool = False) -> float:
+    """MergeLM's trim threshold: t = the k-th smallest |δ|, k = int(n·(1 − density)); 0 when k = 0.
 
-    1. trim: keep the top density_k fraction of |δ_k| — per tensor (exactly int(d·n) entries, ties by
-       index; default), or ``ties_trim="global"`` as MergeLM's GLUE code: over the model's whole
-       flattened delta, keep |δ| ≥ the k-th smallest |δ|, k = int(N·(1 − d)).
-    2. elect: s = sign(Σ_k w_k δ̃_k); coordinates with s = 0 take the majority sign sign(Σ s) of
-       the tensor (per-tensor) or of the whole model (global).
+    Entries with |δ| ≥ t are kept (the top n − k + 1 entries, plus ties at t). With in_place, δ is
+    overwritten by |δ| (saves a copy of the tensor)."""
+    k = int(delta.numel() * (1.0 - density))
+    if k == 0:
+        return 0.0
+    return kth_smallest((delta.abs_() if in_place else delta.abs()).reshape(-1), k)
+
+
+def ties_merging(base: StateDict, models: list[StateDict], options: MergeOptions,
+                 statistics: list[StateDict] | None = None) -> StateDict:
+    """θ* = θ_pre + λ · merge(trim(δ_k)),  δ_k = θ_k − θ_pre.
+
+    1. trim: δ̃_k = δ_k ⊙ [|δ_k| ≥ t_k] with t_k = trim_threshold(δ_k, density_k), taken per tensor
+       (default) or, with ``ties_trim="global"`` (MergeLM's GLUE code), over the model's whole
+       flattened delta. `statistics[k][name]`, when given, holds a precomputed per-tensor t_k (the
+       streaming engine computes it on the whole tensor and then merges flat pieces).
+    2. elect: s = sign(Σ_k w_k δ̃_k); where the sum is 0, s = +1 per tensor (as mergekit), or the
+       majority sign sign(Σ s) of the whole model with global trim (as MergeLM / the TIES code).
     3. disjoint merge over agreeing non-zero entries a_k = [sign(δ̃_k) = s]:
        ``count`` (paper):  Σ_k a_k w_k δ̃_k / max(Σ_k a_k, 1)
        ``weights`` (mergekit): Σ_k a_k w_k δ̃_k / Σ_k a_k w_k   (0 → 1)
     """
     weights = options.model_weights(len(models), 1.0)
     densities = options.densities(len(models))
-    deltas = [{name: model[name] - pre for name, pre in base.items()} for model in models]
+    deltas = [{name: model[name].sub_(pre) for name, pre in base.items()} for model in models]
     if options.ties_trim == "global":
-        deltas = [_trim_global(delta, d) for delta, d in zip(deltas, densities)]
-        majority = _majority_sign_global(deltas, weights)
+        thresholds = [_global_threshold(delta, d) for delta, d in zip(deltas, densities)]
+        thresholds = [{name: t for name in base} for t in thresholds]
+        majority = _majority_sign(deltas, thresholds, weights)
+    elif statistics is not None:
+        thresholds = [{name: float(stats[name]) for name in base} for stats in statistics]
+        majority = 1.0
     else:
-        deltas = [{n: trim_to_density(t, d) for n, t in delta.items()} for delta, d in zip(deltas, densities)]
-        majority = None
+        thresholds = [{n: trim_threshold(t, d) for n, t in delta.items()} for delta, d in zip(deltas, densities)]
+        majority = 1.0
     merged = {}
     for name, pre in base.items():
-        stacked = torch.stack([delta[name] for delta in deltas])  # [K, *shape]
-        merged[name] = pre + options.scaling_coefficient * _disjoint_merge(
-            stacked, weights, options.ties_normalize, majority)
+        trimmed = [_trim(delta[name], t[name]) for delta, t in zip(deltas, thresholds)]
+        merged[name] = disjoint_merge(trimmed, weights, options.ties_normalize, majority).mul_(
+            options.scaling_coefficient).add_(pre)
     return merged
 
 
-def elect_sign(stacked: torch.Tensor, weights: list[float], majority: float | None = None) -> torch.Tensor:
-    """s = sign(Σ_k w_k δ_k); zeros → the majority sign (of this tensor unless given)."""
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
-    sign = torch.sign((stacked * w).sum(0))
-    if majority is None:
-        majority = 1.0 if float(sign.sum()) >= 0 else -1.0
-    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
+def _trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    return delta if threshold <= 0.0 else delta.masked_fill_(delta.abs() < threshold, 0.0)
 
 
-def _disjoint_merge(stacked: torch.Tensor, weights: list[float], normalize: str,
-                    majority: float | None) -> torch.Tensor:
-    sign = elect_sign(stacked, weights, majority)
-    agree = (torch.sign(stacked) == sign).to(stacked.dtype)  # exact zeros never agree
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
-    numerator = (stacked * agree * w).sum(0)
+def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], normalize: str,
+                   zero_sign: float) -> torch.Tensor:
+    """Elect s = sign(Σ_k w_k δ̃_k) (zero sums → zero_sign) and average the agreeing entries."""
+    total = torch.zeros_like(trimmed[0])
+    for delta, weight in zip(trimmed, weights):
+        total.add_(delta, alpha=weight)
+    sign = torch.sign(total)
+    sign.masked_fill_(sign == 0, zero_sign)
+    numerator, divisor = total.zero_(), torch.zeros_like(total)
+    for delta, weight in zip(trimmed, weights):
+        agree = (torch.sign(delta) == sign).to(delta.dtype)  # exact zeros never agree
+        numerator.addcmul_(agree, delta, value=weight)
+        divisor.add_(agree, alpha=weight if normalize == "weights" else 1.0)
     if normalize == "count":
-        return numerator / agree.sum(0).clamp_min(1.0)
-    divisor = (agree * w).sum(0)
-    return numerator / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        return numerator.div_(divisor.clamp_min_(1.0))
+    return numerator.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
-def _trim_global(delta: StateDict, density: float) -> StateDict:
-    """MergeLM: keep |δ| ≥ t, t = k-th smallest |δ| of the whole flattened model, k = int(N·(1−d))."""
-    flat = torch.cat([t.reshape(-1) for t in delta.values()]).abs()
-    k = int(flat.numel() * (1.0 - density))
-    if k == 0:
-        return delta
-    threshold = kth_smallest(flat, k)
-    return {n: t.masked_fill(t.abs() < threshold, 0.0) for n, t in delta.items()}
+def _global_threshold(delta: StateDict, density: float) -> float:
+    return trim_threshold(torch.cat([t.reshape(-1) for t in delta.values()]), density)
 
 
-def _majority_sign_global(deltas: list[StateDict], weights: list[float]) -> float:
+def _majority_sign(deltas: list[StateDict], thresholds: list[dict[str, float]], weights: list[float]) -> float:
+    """sign(Σ over all coordinates of sign(Σ_k w_k δ̃_k)), +1 on a tie."""
     total = 0.0
     for name in deltas[0]:
-        stacked = torch.stack([d[name] for d in deltas])
-        w = torch.tensor(weights).view(-1, *[1] * (stacked.dim() - 1))
-        total += float(torch.sign((stacked * w).sum(0)).sum())
+        summed = torch.zeros_like(deltas[0][name])
+        for delta, t, weight in zip(deltas, thresholds, weights):
+            summed.add_(delta[name] * (delta[name].abs() >= t[name]), alpha=weight)
+        total += float(torch.sign(summed).sum())
     return 1.0 if total >= 0 else -1.0

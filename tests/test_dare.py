@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from model_merging_methods import (DareOptions, MergeError, dare_state_dict, dare_tensor, kth_smallest,
-                                   make_generator, merge_state_dicts, smallest_mask)
+                                   RandomSlot, SEGMENT, merge_state_dicts, smallest_mask)
 
 
 def _generator(seed=0):
-    return make_generator(seed, 0, "t")
+    return RandomSlot(seed, 0, "t")
 
 
 def test_rate_zero_is_identity():
@@ -35,7 +35,7 @@ def test_kept_entries_are_rescaled_by_one_over_one_minus_p():
 
 def test_mean_over_seeds_approaches_delta():
     delta = torch.linspace(-1, 1, 200)
-    mean = torch.stack([dare_tensor(delta, 0.5, DareOptions(), make_generator(s, 0, "d"))[0]
+    mean = torch.stack([dare_tensor(delta, 0.5, DareOptions(), RandomSlot(s, 0, "d"))[0]
                         for s in range(2000)]).mean(0)
     # E[x̂] = δ; per-entry std of the mean = |δ|·sqrt(p/(1−p)/n) ≤ 0.023
     assert (mean - delta).abs().max() < 0.1
@@ -102,9 +102,9 @@ def test_same_seed_same_masks_in_any_tensor_order_and_subset():
 
 def test_masks_do_not_depend_on_thread_count():
     code = ("import torch, hashlib; torch.set_num_threads({n});"
-            "from model_merging_methods import DareOptions, dare_tensor, make_generator;"
+            "from model_merging_methods import DareOptions, dare_tensor, RandomSlot;"
             "x = torch.linspace(-1, 1, 3_000_000);"
-            "y, _ = dare_tensor(x, 0.9, DareOptions(), make_generator(5, 1, 'layer.weight'));"
+            "y, _ = dare_tensor(x, 0.9, DareOptions(), RandomSlot(5, 1, 'layer.weight'));"
             "print(hashlib.sha256(y.numpy().tobytes()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code.format(n=n)], capture_output=True, text=True,
                               check=True).stdout for n in (1, 2)}
@@ -122,3 +122,15 @@ def test_per_model_rates_and_bad_rates():
             merge_state_dicts("average_merging", base, models, dare=DareOptions(drop_rate=bad))
     with pytest.raises(MergeError, match="2 values for 3 models|3 models"):
         merge_state_dicts("average_merging", base, models + models[:1], dare=DareOptions(drop_rate=[0.1, 0.2]))
+
+
+def test_pieces_draw_the_same_mask_as_the_whole_tensor():
+    total = 3 * SEGMENT + 12_345
+    x = torch.linspace(-1, 1, total)
+    whole, _ = dare_tensor(x, 0.6, DareOptions(), RandomSlot(9, 2, "w"))
+    bounds = [0, SEGMENT, 3 * SEGMENT, total]           # segment-aligned pieces, as the engine streams
+    pieces = [dare_tensor(x[a:b], 0.6, DareOptions(), RandomSlot(9, 2, "w", a, total))[0]
+              for a, b in zip(bounds, bounds[1:])]
+    assert torch.equal(torch.cat(pieces), whole)
+    odd = dare_tensor(x[100:SEGMENT + 50], 0.6, DareOptions(), RandomSlot(9, 2, "w", 100, total))[0]
+    assert torch.equal(odd, whole[100:SEGMENT + 50])   # unaligned pieces too

@@ -208,3 +208,22 @@ def test_header_length_beyond_file_is_reported(tmp_path):
     path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
     with pytest.raises(CheckpointError, match="bad.safetensors: truncated"):
         SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("task_arithmetic", []), ("dare_linear", []), ("average_merging", []), ("ties_merging", ["--density", "0.4"]),
+    ("dare_ties", ["--ties_normalize", "weights"]),
+])
+def test_streaming_in_pieces_is_bit_identical(llama_family, tmp_path, monkeypatch, method, extra):
+    import utils.streaming_merge as engine
+
+    args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
+            str(llama_family["ft1"]), "--method", method, "--drop_rate", "0.7", "--seed", "5"] + extra
+    assert _run(args + ["--output_dir", str(tmp_path / "whole")])[0] == 0
+    monkeypatch.setattr(engine, "PIECE", 100)     # every tensor above 100 elements goes in pieces
+    assert _run(args + ["--output_dir", str(tmp_path / "pieces")])[0] == 0
+    whole, pieces = _weights(tmp_path / "whole"), _weights(tmp_path / "pieces")
+    assert all(torch.equal(whole[n], pieces[n]) for n in whole)
+    manifests = [json.loads((tmp_path / f / "merge_manifest.json").read_text()) for f in ("whole", "pieces")]
+    fractions = [m["dare"]["per_model"][1]["kept_fraction"] for m in manifests]
+    assert fractions[0] == pytest.approx(fractions[1])

@@ -47,8 +47,21 @@ def test_ties_closed_form_count_and_weights():
 def test_ties_trim_per_tensor_keeps_top_density():
     base = {"w": torch.zeros(4)}
     model = {"w": torch.tensor([0.1, -0.4, 0.3, -0.2])}
+    # MergeLM's rule per tensor: k = int(4·0.5) = 2, keep |δ| ≥ 2nd smallest |δ| (0.2)
     merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5, scaling_coefficient=2.0))
-    assert torch.allclose(merged["w"], torch.tensor([0.0, -0.8, 0.6, 0.0]))
+    assert torch.allclose(merged["w"], torch.tensor([0.0, -0.8, 0.6, -0.4]))
+    kept_all = merge_state_dicts("ties", base, [model], MergeOptions(density=0.9))   # k = 0 keeps everything
+    assert torch.allclose(kept_all["w"], model["w"])
+
+
+def test_ties_zero_sum_sign_rules():
+    base = {"a": torch.zeros(1), "b": torch.zeros(3)}
+    models = [{"a": torch.tensor([1.0]), "b": torch.tensor([-1.0, -1.0, -1.0])},
+              {"a": torch.tensor([-1.0]), "b": torch.tensor([-1.0, -1.0, -1.0])}]
+    per_tensor = merge_state_dicts("ties", base, models)
+    assert per_tensor["a"].item() == 1.0                     # Σ = 0 elects +1 (mergekit's rule)
+    global_trim = merge_state_dicts("ties", base, models, MergeOptions(ties_trim="global"))
+    assert global_trim["a"].item() == -1.0                    # the model-wide majority sign is −
 
 
 def test_ties_global_trim_uses_whole_model_threshold():
@@ -58,8 +71,8 @@ def test_ties_global_trim_uses_whole_model_threshold():
     merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5, ties_trim="global"))
     assert torch.allclose(merged["a"], torch.tensor([0.0, 0.2]))
     assert torch.allclose(merged["b"], torch.tensor([0.3, 0.4]))
-    per_tensor = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5))
-    assert torch.allclose(per_tensor["b"], torch.tensor([0.0, 0.4]))
+    per_tensor = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5))  # k = 1 per tensor
+    assert torch.allclose(per_tensor["a"], torch.tensor([0.1, 0.2]))
 
 
 def test_ties_density_one_without_conflict_is_base_plus_lambda_mean():
@@ -83,19 +96,21 @@ def test_slerp_closed_form_and_linear_fallback():
 
 def test_fisher_merging_closed_form_and_normalisation():
     models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
-    fishers = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}]
-    options = MergeOptions(fisher_eps=0.0)
-    merged = merge_state_dicts("fisher_merging", None, models, options, statistics=fishers)
-    # c = 1/2 each: (1·1 + 3·3)/(1+3) = 2.5; second coordinate has zero Fisher → 0/0 guarded by ε only
-    assert merged["w"][0].item() == pytest.approx(2.5)
+    fishers = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 2.0])}]
+    merged = merge_state_dicts("fisher_merging", None, models, MergeOptions(fisher_eps=0.0), statistics=fishers)
+    # c = 1/2 each: (1·1 + 3·3)/(1 + 3) = 2.5 and (2·2 + 2·6)/(2 + 2) = 4
+    assert torch.allclose(merged["w"], torch.tensor([2.5, 4.0]))
     eps = 1e-6
     merged = merge_state_dicts("fisher_merging", None, models, MergeOptions(fisher_normalize=True),
                                statistics=fishers)
-    c = [1 / (1 + eps), 1 / (3 + eps)]                       # norms 1 and 3
-    num0 = c[0] * (1 + eps) * 1 + c[1] * (3 + eps) * 3
-    den0 = c[0] * (1 + eps) + c[1] * (3 + eps)
-    assert merged["w"][0].item() == pytest.approx(num0 / den0, rel=1e-6)
-    assert merged["w"][1].item() == pytest.approx((c[0] * 2 + c[1] * 6) / (c[0] + c[1]), rel=1e-5)
+    norms = [math.sqrt(1 + 4), math.sqrt(9 + 4)]
+    c = [1 / (n + eps) for n in norms]           # the common 1/2 and the normaliser cancel in the ratio
+    for i, (f1, f2, x1, x2) in enumerate([(1, 3, 1, 3), (2, 2, 2, 6)]):
+        expected = (c[0] * (f1 + eps) * x1 + c[1] * (f2 + eps) * x2) / (c[0] * (f1 + eps) + c[1] * (f2 + eps))
+        assert merged["w"][i].item() == pytest.approx(expected, rel=1e-6)
+    zero = [{"w": torch.zeros(2)}, {"w": torch.zeros(2)}]
+    with pytest.raises(MergeError, match="merged tensor 'w' overflowed"):
+        merge_state_dicts("fisher_merging", None, models, MergeOptions(fisher_eps=0.0), statistics=zero)
 
 
 def test_regmean_closed_form():

@@ -73,21 +73,26 @@ class SafetensorsFile:
     def header_sha256(self) -> str:
         return hashlib.sha256(self.header_bytes).hexdigest()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor."""
         info = self.tensors[name]
-        buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
+        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        first = info.start + (start or 0) * itemsize
+        last = info.end if stop is None else info.start + stop * itemsize
+        buffer = torch.empty(last - first, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
             while done < len(view):
-                count = os.preadv(fd, [view[done:]], info.start + done)
+                count = os.preadv(fd, [view[done:]], first + done)
                 if count == 0:
                     raise CheckpointError(f"{self.path}: unexpected end of file reading {name!r}")
                 done += count
         finally:
             os.close(fd)
-        return buffer.view(info.dtype).reshape(info.shape)
+        tensor = buffer.view(info.dtype)
+        return tensor if start is not None or stop is not None else tensor.reshape(info.shape)
 
 
 class CheckpointReader:
@@ -141,10 +146,14 @@ class CheckpointReader:
         tensor = self._loaded[self._pickled[name]][name]
         return tensor.dtype, tuple(tensor.shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor."""
         if name in self._files:
-            return self._files[name].read(name)
-        return self._loaded[self._pickled[name]][name].clone()
+            return self._files[name].read(name, start, stop)
+        tensor = self._loaded[self._pickled[name]][name]
+        if start is None and stop is None:
+            return tensor.clone()
+        return tensor.reshape(-1)[start:stop].clone()
 
     def describe_files(self) -> list[dict]:
         """Name, size and sha256 of the header of every weight file (for the merge manifest)."""
@@ -204,6 +213,7 @@ class ShardedSafetensorsWriter:
                             [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
         self._queue = [(shard_index, tensor) for shard_index, shard in enumerate(self.shards) for tensor in shard]
         self._position = 0
+        self._written = 0  # bytes of the current tensor written so far
         self._handle = None
         self._open_shard = -1
 
@@ -221,15 +231,22 @@ class ShardedSafetensorsWriter:
     def next_name(self) -> str:
         return self._queue[self._position][1].name
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, part: bool = False) -> None:
+        """Write a whole planned tensor, or (part=True) its next flat piece."""
         shard_index, planned = self._queue[self._position]
-        if name != planned.name or tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+        whole_ok = part or tuple(tensor.shape) == planned.shape
+        if name != planned.name or tensor.dtype != planned.dtype or not whole_ok:
             raise RuntimeError(f"writer expected {planned} but got {name} {tensor.dtype} {tuple(tensor.shape)}")
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._handle.write(memoryview(data))
-        self._position += 1
+        self._written += data.nbytes
+        if self._written > planned.nbytes:
+            raise RuntimeError(f"writer got {self._written} bytes for {planned}")
+        if self._written == planned.nbytes:
+            self._position += 1
+            self._written = 0
 
     def _start_shard(self, shard_index: int) -> None:
         if self._handle is not None:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from model_merging_methods import (DareOptions, MergeError, MergeOptions, get_method, is_excluded,
-                                   merge_state_dicts, resolve_dare)
-from model_merging_methods.ties import ties_merging
+from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_model, get_method,
+                                   is_excluded, merge_state_dicts, resolve_dare)
+from model_merging_methods.ties import trim_threshold, ties_merging
 
 from .checkpoint_io import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
                             resolve_checkpoint)
 
+PIECE = 8 * SEGMENT  # elements per streamed piece of a large tensor (elementwise methods)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VOCAB_ALIGNMENTS = ("error", "pad_mean")
 SKIPPED_FILES = {"README.md", "merge_manifest.json", "model.safetensors.index.json",
@@ -163,31 +164,78 @@ def pad_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor], row_targets: dict[str, int],
                    staging: Path, reports: list[dict[str, float]]) -> list[str]:
+    """Merge and write every planned tensor; large tensors of elementwise merges go in flat pieces."""
     writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size)
-    out_dtype = DTYPES.get(job.dtype) if job.dtype else None
     iterator = plan
     if job.progress:
         from tqdm import tqdm
         iterator = tqdm(plan, desc=f"merging ({job.method})", unit="tensor")
+    method = get_method(job.method)
+    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
+    in_pieces = method.elementwise and (dare is None or dare.strategy == "random")
+    thresholds_needed = method.trim_thresholds and min(options.densities(len(job.models))) < 1.0
     for planned in iterator:
-        name = planned.name
-        tensors = [reader.get(name) for reader in inputs.readers]
-        if name in row_targets:
-            tensors = [pad_rows_with_mean(t, row_targets[name]) for t in tensors]
-        tensors = [t.to(job.device) for t in tensors]
-        base = {name: tensors[0]} if inputs.has_base else None
-        models = [{name: t} for t in (tensors[1:] if inputs.has_base else tensors)]
-        tensor_reports = [{} for _ in models]
-        try:
-            merged = merge_state_dicts(job.method, base, models, job.options, dare=job.dare, seed=job.seed,
-                                       exclude_regex=job.exclude_regex, report=tensor_reports,
-                                       out_dtype=out_dtype if planned.dtype.is_floating_point else None)
-        except MergeError as error:
-            raise MergeError(f"{error} (while merging tensor {name!r})") from error
-        for report, tensor_report in zip(reports, tensor_reports):
-            report.update(tensor_report)
-        writer.write(name, merged[name])
+        numel = planned.nbytes // torch.empty((), dtype=planned.dtype).element_size()
+        if in_pieces and planned.name not in row_targets and numel > PIECE:
+            thresholds = None
+            if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
+                thresholds = _trim_thresholds(inputs, job, planned.name)
+            kept = [0.0] * len(reports)
+            for start in range(0, numel, PIECE):
+                stop = min(start + PIECE, numel)
+                tensors = [reader.get(planned.name, start, stop) for reader in inputs.readers]
+                merged, fractions = _merge_one(inputs, job, planned, tensors, (start, numel), thresholds)
+                kept = [k + (f or 0.0) * (stop - start) for k, f in zip(kept, fractions)]
+                writer.write(planned.name, merged, part=True)
+            fractions = [k / numel if f is not None else None for k, f in zip(kept, fractions)]
+        else:
+            tensors = [reader.get(planned.name) for reader in inputs.readers]
+            if planned.name in row_targets:
+                tensors = [pad_rows_with_mean(t, row_targets[planned.name]) for t in tensors]
+            merged, fractions = _merge_one(inputs, job, planned, tensors, None)
+            writer.write(planned.name, merged)
+        for report, fraction in zip(reports, fractions):
+            if fraction is not None:
+                report[planned.name] = fraction
     return writer.finish()
+
+
+def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str) -> list[dict[str, torch.Tensor]]:
+    """Per model, TIES's trim threshold of this whole tensor, from the same (DARE'd) delta that the
+    in-memory merge computes, so that merging flat pieces gives bit-identical results."""
+    method = get_method(job.method)
+    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
+    densities = options.densities(len(job.models))
+    base = inputs.readers[0].get(name).to(job.device)   # kept in its own dtype: ops promote exactly
+    thresholds = []
+    for index, reader in enumerate(inputs.readers[1:]):
+        model = {name: reader.get(name).to(job.device).float()}
+        if dare is not None:
+            model = dare_model(model, {name: base}, dare.rates(len(job.models))[index], dare, seed=job.seed,
+                               model_index=index)
+        delta = model.pop(name).sub_(base)
+        thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index], in_place=True))})
+        del delta
+    return thresholds
+
+
+def _merge_one(inputs: Inputs, job: StreamMergeJob, planned: PlannedTensor, tensors: list[torch.Tensor],
+               piece: tuple[int, int] | None,
+               statistics: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[float | None]]:
+    """Merge one tensor (or one flat piece of it); returns it and each model's DARE kept fraction."""
+    name = planned.name
+    tensors = [t.to(job.device) for t in tensors]
+    base = {name: tensors[0]} if inputs.has_base else None
+    models = [{name: t} for t in (tensors[1:] if inputs.has_base else tensors)]
+    report = [{} for _ in models]
+    try:
+        merged = merge_state_dicts(job.method, base, models, job.options, dare=job.dare, seed=job.seed,
+                                   exclude_regex=job.exclude_regex, report=report,
+                                   out_dtype=planned.dtype, offsets={name: piece} if piece else None,
+                                   statistics=statistics)
+    except MergeError as error:
+        raise MergeError(f"{error} (while merging tensor {name!r})") from error
+    return merged[name], [r.get(name) for r in report]
 
 
 def _copy_model_files(inputs: Inputs, job: StreamMergeJob, row_targets: dict[str, int], staging: Path) -> str:

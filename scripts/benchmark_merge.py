@@ -1,0 +1,200 @@
+"""Benchmark merge_models.py against a pure-torch streaming floor and (optionally) mergekit.
+
+Builds a Llama-architecture fixture (base + N variants with small deltas, sharded bf16 safetensors),
+then times each merge as a whole process (wall seconds, peak RSS of the process) and prints a table.
+
+    .venv/bin/python scripts/benchmark_merge.py --params 0.84 --variants 3 \
+        --mergekit /path/to/other/venv/bin/mergekit-yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
+# method label → (merge_models.py arguments, mergekit YAML merge_method and parameters)
+METHODS = {
+    "linear": (["--method", "linear"], "linear", {"weight": 1.0}),
+    "task_arithmetic": (["--method", "task_arithmetic"], "task_arithmetic", {"weight": 1.0}),
+    "ties": (["--method", "ties", "--density", "0.5"], "ties", {"weight": 1.0, "density": 0.5}),
+    "dare_ties": (["--method", "dare_ties", "--density", "0.5"], "dare_ties", {"weight": 1.0, "density": 0.5}),
+    "dare_linear": (["--method", "dare_linear", "--density", "0.5"], "dare_linear",
+                    {"weight": 1.0, "density": 0.5}),
+}
+
+
+def layer_count(params_billion: float) -> int:
+    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
+    embeddings = 2 * VOCAB * HIDDEN + HIDDEN
+    return max(1, round((params_billion * 1e9 - embeddings) / per_layer))
+
+
+def build_fixture(folder: Path, params_billion: float, variants: int, shard_bytes: int) -> list[Path]:
+    """Base and variants (base + 1e-3·N(0,1) deltas) as sharded bf16 safetensors Llama folders."""
+    import torch
+    from safetensors.torch import save_file
+
+    layers = layer_count(params_billion)
+    names = [folder / "base"] + [folder / f"variant{i}" for i in range(variants)]
+    if all((n / "model.safetensors.index.json").exists() for n in names):
+        return names
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+                       **{p + f"self_attn.{x}_proj.weight": (HIDDEN, HIDDEN) for x in "qkvo"},
+                       p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+                       p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": VOCAB, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    for index, target in enumerate(names):
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text(json.dumps(config, indent=2))
+        shard, size, shard_files, weight_map = {}, 0, [], {}
+
+        def flush():
+            nonlocal shard, size
+            name = f"model-{len(shard_files) + 1:05d}.safetensors"
+            save_file(shard, target / name, metadata={"format": "pt"})
+            shard_files.append(name)
+            weight_map.update({t: name for t in shard})
+            shard, size = {}, 0
+
+        for tensor_index, (name, shape) in enumerate(shapes.items()):
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(tensor_index)) * 0.02
+            if index:
+                noise = torch.Generator().manual_seed(10_000 * index + tensor_index)
+                base += torch.randn(shape, generator=noise) * 1e-3
+            shard[name] = base.to(torch.bfloat16)
+            size += shard[name].numel() * 2
+            if size >= shard_bytes:
+                flush()
+        if shard:
+            flush()
+        index_json = {"metadata": {"total_size": sum(int(torch.tensor(s).prod()) * 2 for s in shapes.values())},
+                      "weight_map": weight_map}
+        (target / "model.safetensors.index.json").write_text(json.dumps(index_json))
+    return names
+
+
+def floor_merge(models: list[str], output: str) -> None:
+    """The floor: read each tensor from every model, fp32 mean, bf16, write shard by shard (safetensors)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    handles = {}
+    index = json.loads((Path(models[0]) / "model.safetensors.index.json").read_text())["weight_map"]
+    Path(output).mkdir(parents=True)
+    shard, size, count = {}, 0, 0
+    for name, file in index.items():
+        total = None
+        for model in models:
+            key = (model, file)
+            if key not in handles:
+                handles[key] = safe_open(str(Path(model) / file), framework="pt")
+            tensor = handles[key].get_tensor(name).float()
+            total = tensor if total is None else total.add_(tensor)
+        shard[name] = total.div_(len(models)).to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        if size >= 2**30:
+            save_file(shard, f"{output}/model-{count:05d}.safetensors")
+            shard, size, count = {}, 0, count + 1
+    if shard:
+        save_file(shard, f"{output}/model-{count:05d}.safetensors")
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of one child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def mergekit_config(method: str, models: list[Path], path: Path) -> None:
+    _, name, parameters = METHODS[method]
+    lines = [f"merge_method: {name}", f"base_model: {models[0]}", "dtype: bfloat16", "models:"]
+    for model in models[1:]:
+        lines.append(f"  - model: {model}")
+        lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in parameters.items()) + "}")
+    if name == "linear":
+        lines[1:2] = []
+        lines.append(f"  - model: {models[0]}\n    parameters: {{weight: 1.0}}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--params", type=float, default=0.84, help="billions of parameters per model")
+    parser.add_argument("--variants", type=int, default=3, help="fine-tuned variants besides the base")
+    parser.add_argument("--fixture_dir", default=None, help="where the fixture is built/reused (default: a temp dir)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (median reported)")
+    parser.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable (another venv)")
+    parser.add_argument("--json_out", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--floor_only", nargs="+", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.floor_only:
+        floor_merge(args.floor_only[:-1], args.floor_only[-1])
+        return 0
+    fixture = Path(args.fixture_dir or tempfile.mkdtemp(prefix="merge-bench-"))
+    print(f"building/reusing fixture in {fixture} ({layer_count(args.params)} layers) ...", flush=True)
+    models = build_fixture(fixture, args.params, args.variants, shard_bytes=2**30)
+    work = Path(tempfile.mkdtemp(prefix="merge-bench-out-"))
+    rows = []
+
+    def measure(label, tool, make_command):
+        runs = []
+        for repeat in range(args.repeats):
+            out = work / f"{tool}-{label}-{repeat}"
+            runs.append(timed(make_command(out)))
+            shutil.rmtree(out, ignore_errors=True)
+        wall = statistics.median(r[0] for r in runs)
+        rss = statistics.median(r[1] for r in runs)
+        rows.append({"method": label, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gib": round(rss, 2)})
+        print(f"{label:16s} {tool:14s} {wall:8.2f} s {rss:6.2f} GiB", flush=True)
+
+    measure("linear", "torch floor", lambda out: [sys.executable, __file__, "--floor_only",
+                                                  *map(str, models), str(out)])
+    for method in args.methods:
+        ours = [sys.executable, str(ROOT / "merge_models.py"), "--base_model", str(models[0]), "--models",
+                *map(str, models[1:]), *METHODS[method][0], "--no_progress"]
+        if method == "linear":
+            ours = [sys.executable, str(ROOT / "merge_models.py"), "--models", *map(str, models), "--method",
+                    "linear", "--no_progress"]
+        measure(method, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
+        if args.mergekit:
+            config = work / f"{method}.yml"
+            mergekit_config(method, models, config)
+            measure(method, "mergekit", lambda out: [args.mergekit, str(config), str(out), "--random-seed", "0",
+                                                    "--no-write-model-card", "--no-copy-tokenizer"])
+    print("\n| method | tool | wall (s) | peak RSS (GiB) |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['method']} | {row['tool']} | {row['wall_s']} | {row['peak_rss_gib']} |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"params_billion": args.params, "variants": args.variants,
+                                                   "rows": rows}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    if args.fixture_dir is None:
+        shutil.rmtree(fixture, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
