@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
+from utils.allocator import tune_allocator
 from utils.checkpoint_io import CheckpointError
 from utils.streaming_merge import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
 
@@ -71,6 +72,7 @@ def job_from_args(args: argparse.Namespace) -> StreamMergeJob:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         manifest = run_stream_merge(job_from_args(args))
     except (MergeError, CheckpointError) as error:

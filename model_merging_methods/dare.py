@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import torch
+
 from .options import DareOptions, StateDict
 from .randomness import RandomSlot
 from .sparsify import dare_tensor
@@ -19,6 +21,7 @@ def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOpt
                offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
     """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight), per tensor.
 
+    The tensors of `finetuned` are overwritten (callers pass private copies).
     Random masks come from RandomSlot(seed, model_index, name); `offsets[name] = (start, total)`
     says that the tensor is the flat piece [start, start + n) of a tensor of `total` elements (streaming).
     `report` receives the kept fraction per tensor.
@@ -28,10 +31,10 @@ def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOpt
     for name, weight in finetuned.items():
         slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
         if options.weight_format == "delta_weight":
-            sparse, kept = dare_tensor(weight - base[name], p, options, slot)
+            sparse, kept = dare_tensor(weight.sub_(base[name]), p, options, slot, in_place=True)
             out[name] = sparse.add_(base[name])
         else:
-            out[name], kept = dare_tensor(weight, p, options, slot)
+            out[name], kept = dare_tensor(weight, p, options, slot, in_place=True)
         if report is not None:
             report[name] = kept / max(weight.numel(), 1)
     return out
@@ -44,7 +47,7 @@ def dare_state_dict(finetuned: StateDict, base: StateDict, options: DareOptions,
     p = options.rates(1)[0]
     selected = {name: t for name, t in finetuned.items()
                 if t.is_floating_point() and not is_excluded(name, exclude_regex)}
-    dropped = dare_model({n: t.float() for n, t in selected.items()},
+    dropped = dare_model({n: t.to(torch.float32, copy=True) for n, t in selected.items()},
                          {n: base[n].float() for n in selected}, p, options,
                          seed=seed, model_index=model_index)
     return {name: dropped[name].to(t.dtype) if name in dropped else t for name, t in finetuned.items()}

@@ -8,13 +8,14 @@ from .randomness import RandomSlot
 from .selection import smallest_mask
 
 
-def dare_tensor(x: torch.Tensor, p: float, options: DareOptions,
-                slot: RandomSlot) -> tuple[torch.Tensor, int]:
+def dare_tensor(x: torch.Tensor, p: float, options: DareOptions, slot: RandomSlot,
+                in_place: bool = False) -> tuple[torch.Tensor, int]:
     """Drop entries of x with rate p and rescale the survivors; returns (x̂, number kept).
 
     random:    m ~ Bernoulli(p), x̃ = x ⊙ (1 − m)   (u ~ U[0,1) from `slot`, drop iff u < p)
     magnitude: drop exactly int(n·p) entries of smallest |x|
     rescale:   paper x̂ = x̃ / (1 − p);  l1 (mergekit) x̂ = x̃ · Σ|x| / Σ|x̃| (skipped if either sum < 1e-7)
+    With in_place, x is overwritten by x̂ (the l1 mode still copies).
     """
     if p == 0.0:
         return x, x.numel()
@@ -25,7 +26,7 @@ def dare_tensor(x: torch.Tensor, p: float, options: DareOptions,
     kept = count_ones(keep)
     if options.rescale and options.rescale_mode == "paper":
         keep.mul_(1.0 / (1.0 - p))
-    out = x * keep
+    out = x.mul_(keep) if in_place and options.rescale_mode != "l1" else x * keep
     if options.rescale and options.rescale_mode == "l1":
         out = _match_l1(x, out)
     return out, kept

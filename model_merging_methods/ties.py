@@ -54,25 +54,33 @@ def ties_merging(base: StateDict, models: list[StateDict], options: MergeOptions
 
 
 def _trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    return delta if threshold <= 0.0 else delta.masked_fill_(delta.abs() < threshold, 0.0)
+    """δ ⊙ [|δ| ≥ t]: hardshrink keeps |δ| > λ, and λ = the float32 just below t makes that |δ| ≥ t."""
+    if threshold <= 0.0:
+        return delta
+    below = torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(0.0)).item()
+    return torch.nn.functional.hardshrink(delta, below)
 
 
 def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], normalize: str,
                    zero_sign: float) -> torch.Tensor:
-    """Elect s = sign(Σ_k w_k δ̃_k) (zero sums → zero_sign) and average the agreeing entries."""
-    total = torch.zeros_like(trimmed[0])
-    for delta, weight in zip(trimmed, weights):
+    """Elect s = sign(Σ_k w_k δ̃_k) (zero sums → zero_sign) and average the agreeing entries.
+
+    Agreement a_k = [δ̃_k · s > 0] (exact zeros never agree). The trimmed tensors are overwritten."""
+    total = trimmed[0] * weights[0]
+    for delta, weight in zip(trimmed[1:], weights[1:]):
         total.add_(delta, alpha=weight)
     sign = torch.sign(total)
     sign.masked_fill_(sign == 0, zero_sign)
     numerator, divisor = total.zero_(), torch.zeros_like(total)
     for delta, weight in zip(trimmed, weights):
-        agree = (torch.sign(delta) == sign).to(delta.dtype)  # exact zeros never agree
-        numerator.addcmul_(agree, delta, value=weight)
-        divisor.add_(agree, alpha=weight if normalize == "weights" else 1.0)
+        agreeing = delta.mul_(sign).clamp_min_(0.0)           # |δ̃_k| where it agrees with s, else 0
+        numerator.add_(agreeing, alpha=weight)
+        divisor.add_(agreeing.sign_(), alpha=weight if normalize == "weights" else 1.0)
     if normalize == "count":
-        return numerator.div_(divisor.clamp_min_(1.0))
-    return numerator.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        divisor.clamp_min_(1.0)
+    else:
+        divisor.masked_fill_(divisor == 0, 1.0)
+    return numerator.div_(divisor).mul_(sign)
 
 
 def _global_threshold(delta: StateDict, density: float) -> float:

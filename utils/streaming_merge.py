@@ -23,7 +23,7 @@ from model_merging_methods.ties import trim_threshold, ties_merging
 from .checkpoint_io import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
                             resolve_checkpoint)
 
-PIECE = 8 * SEGMENT  # elements per streamed piece of a large tensor (elementwise methods)
+PIECE = 4 * SEGMENT  # elements per streamed piece of a large tensor (16 MiB in float32, under the mmap threshold)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VOCAB_ALIGNMENTS = ("error", "pad_mean")
 SKIPPED_FILES = {"README.md", "merge_manifest.json", "model.safetensors.index.json",
