@@ -16,28 +16,45 @@ def is_excluded(name: str, exclude_regex: Sequence[str]) -> bool:
     return any(re.match(pattern, name) for pattern in exclude_regex)
 
 
-def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOptions, *, seed: int,
-               model_index: int, report: dict[str, float] | None = None,
-               offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
-    """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight), per tensor.
+def dare_deltas(deltas: StateDict, p: float, options: DareOptions, *, seed: int,
+                model_index: int, report: dict[str, float] | None = None,
+                offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
+    """δ' = DARE(δ) per tensor (the delta_weight format; see dare_model for finetuned_weight).
 
-    The tensors of `finetuned` are overwritten (callers pass private copies).
-    Random masks come from RandomSlot(seed, model_index, name); `offsets[name] = (start, total)`
-    says that the tensor is the flat piece [start, start + n) of a tensor of `total` elements (streaming).
-    `report` receives the kept fraction per tensor.
+    The tensors of `deltas` are overwritten (callers pass private copies). Random masks come from
+    RandomSlot(seed, model_index, name); `offsets[name] = (start, total)` says that the tensor is the
+    flat piece [start, start + n) of a tensor of `total` elements (streaming). `report` receives the
+    kept fraction per tensor.
     """
     out = {}
     offsets = offsets or {}
-    for name, weight in finetuned.items():
+    for name, delta in deltas.items():
         slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
-        if options.weight_format == "delta_weight":
-            sparse, kept = dare_tensor(weight.sub_(base[name]), p, options, slot, in_place=True)
-            out[name] = sparse.add_(base[name])
-        else:
-            out[name], kept = dare_tensor(weight, p, options, slot, in_place=True)
+        out[name], kept = dare_tensor(delta, p, options, slot, in_place=True)
         if report is not None:
-            report[name] = kept / max(weight.numel(), 1)
+            report[name] = kept / max(delta.numel(), 1)
     return out
+
+
+def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOptions, *, seed: int,
+               model_index: int, report: dict[str, float] | None = None,
+               offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
+    """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight).
+
+    Same draws as dare_deltas; the tensors of `finetuned` are overwritten."""
+    if options.weight_format == "finetuned_weight":
+        out = {}
+        offsets = offsets or {}
+        for name, weight in finetuned.items():
+            slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
+            out[name], kept = dare_tensor(weight, p, options, slot, in_place=True)
+            if report is not None:
+                report[name] = kept / max(weight.numel(), 1)
+        return out
+    deltas = {name: weight.sub_(base[name]) for name, weight in finetuned.items()}
+    dropped = dare_deltas(deltas, p, options, seed=seed, model_index=model_index, report=report,
+                          offsets=offsets)
+    return {name: delta.add_(base[name]) for name, delta in dropped.items()}
 
 
 def dare_state_dict(finetuned: StateDict, base: StateDict, options: DareOptions, *, seed: int = 0,

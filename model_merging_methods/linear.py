@@ -26,17 +26,15 @@ def average_merging(base: StateDict | None, models: list[StateDict], options: Me
     return merged
 
 
-def task_arithmetic(base: StateDict, models: list[StateDict], options: MergeOptions,
+def task_arithmetic(base: StateDict, deltas: list[StateDict], options: MergeOptions,
                     statistics=None) -> StateDict:
-    """θ* = θ_pre + λ Σ_k w_k (θ_k − θ_pre)  (w_k = 1 by default; λ = scaling_coefficient)."""
-    weights = options.model_weights(len(models), 1.0)
+    """θ* = θ_pre + λ Σ_k w_k δ_k, δ_k = θ_k − θ_pre  (w_k = 1 by default; λ = scaling_coefficient)."""
+    weights = options.model_weights(len(deltas), 1.0)
     merged = {}
     for name, pre in base.items():
-        # Σ w_k θ_k − (Σ w_k) θ_pre, accumulated in place in the first model's (private) storage
-        acc = models[0][name].mul_(weights[0]) if weights[0] != 1.0 else models[0][name]
-        for model, weight in zip(models[1:], weights[1:]):
-            acc.add_(model[name], alpha=weight)
-        acc.sub_(pre, alpha=sum(weights))
+        acc = deltas[0][name].mul_(weights[0]) if weights[0] != 1.0 else deltas[0][name]
+        for delta, weight in zip(deltas[1:], weights[1:]):
+            acc.add_(delta[name], alpha=weight)
         merged[name] = acc.mul_(options.scaling_coefficient).add_(pre)
     return merged
 

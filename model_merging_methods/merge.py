@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .dare import dare_model, is_excluded
+from .dare import dare_deltas, dare_model, is_excluded
 from .options import DareOptions, MergeError, MergeOptions, StateDict
 from .registry import MergeMethod, get_method
 
@@ -105,12 +105,9 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
     sub_base = {n: base[n].to(torch.float32, copy=True) for n in names} if base is not None else None
     sub_models = [{n: m[n].to(torch.float32, copy=True) for n in names} for m in models]
     if dare is not None:
-        rates = dare.rates(len(models))
-        reports = report if report is not None else [{} for _ in models]
-        reports.extend({} for _ in range(len(models) - len(reports)))
-        sub_models = [dare_model(m, sub_base, p, dare, seed=seed, model_index=k, report=reports[k],
-                                 offsets=offsets)
-                      for k, (m, p) in enumerate(zip(sub_models, rates))]
+        sub_models = _apply_dare(spec, dare, sub_base, sub_models, seed, report, offsets)
+    elif spec.on_deltas:
+        sub_models = [{n: m[n].sub_(sub_base[n]) for n in names} for m in sub_models]
     merged = spec.function(sub_base, sub_models, options, statistics)
     _check_outputs(merged, base, models)
     out = {}
@@ -120,6 +117,23 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
         else:
             _check_identical(name, tensor, models)
             out[name] = tensor.to(out_dtype) if out_dtype and tensor.is_floating_point() else tensor
+    return out
+
+
+def _apply_dare(spec: MergeMethod, dare: DareOptions, base: StateDict, models: list[StateDict], seed: int,
+                report: list[dict[str, float]] | None, offsets: dict[str, tuple[int, int]] | None) -> list[StateDict]:
+    """DARE each model; returns δ'_k for methods on deltas, else θ'_k (each model's own rate)."""
+    rates = dare.rates(len(models))
+    reports = report if report is not None else []
+    reports.extend({} for _ in range(len(models) - len(reports)))
+    out = []
+    for index, (model, p) in enumerate(zip(models, rates)):
+        common = dict(seed=seed, model_index=index, report=reports[index], offsets=offsets)
+        if spec.on_deltas and dare.weight_format == "delta_weight":
+            out.append(dare_deltas({n: t.sub_(base[n]) for n, t in model.items()}, p, dare, **common))
+        else:
+            dropped = dare_model(model, base, p, dare, **common)
+            out.append({n: t.sub_(base[n]) for n, t in dropped.items()} if spec.on_deltas else dropped)
     return out
 
 

@@ -24,19 +24,21 @@ class MergeMethod:
     streamable: bool = True          # can run one tensor at a time
     elementwise: bool = False        # each output entry depends only on the same entry of the inputs
     trim_thresholds: bool = False    # ...given per-tensor TIES trim thresholds (statistics) when density < 1
+    on_deltas: bool = False          # the function receives task vectors δ_k = θ_k − θ_pre instead of θ_k
 
 
 _METHODS = [
     MergeMethod("average_merging", average_merging, "Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
                 needs_base=False, elementwise=True),
     MergeMethod("task_arithmetic", task_arithmetic,
-                "Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)", elementwise=True),
+                "Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)", elementwise=True,
+                on_deltas=True),
     MergeMethod("ties_merging", ties_merging, "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)",
-                elementwise=True, trim_thresholds=True),
+                elementwise=True, trim_thresholds=True, on_deltas=True),
     MergeMethod("dare_linear", task_arithmetic, "Yu et al. 2024, DARE (arXiv 2311.03099) + task arithmetic",
-                dare_from_density=True, elementwise=True),
+                dare_from_density=True, elementwise=True, on_deltas=True),
     MergeMethod("dare_ties", ties_merging, "Yu et al. 2024, DARE (arXiv 2311.03099) + TIES",
-                dare_from_density=True, elementwise=True, trim_thresholds=True),
+                dare_from_density=True, elementwise=True, trim_thresholds=True, on_deltas=True),
     MergeMethod("slerp", slerp_merging, "Shoemake 1985, spherical linear interpolation", min_models=1, max_models=1),
     MergeMethod("fisher_merging", fisher_merging, "Matena & Raffel 2022, Fisher merging (arXiv 2111.09832)",
                 needs_base=False, statistics="fisher", streamable=False),

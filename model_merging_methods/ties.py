@@ -18,9 +18,9 @@ def trim_threshold(delta: torch.Tensor, density: float, in_place: bool = False) 
     return kth_smallest((delta.abs_() if in_place else delta.abs()).reshape(-1), k)
 
 
-def ties_merging(base: StateDict, models: list[StateDict], options: MergeOptions,
+def ties_merging(base: StateDict, deltas: list[StateDict], options: MergeOptions,
                  statistics: list[StateDict] | None = None) -> StateDict:
-    """θ* = θ_pre + λ · merge(trim(δ_k)),  δ_k = θ_k − θ_pre.
+    """θ* = θ_pre + λ · merge(trim(δ_k)),  δ_k = θ_k − θ_pre (the function receives the δ_k).
 
     1. trim: δ̃_k = δ_k ⊙ [|δ_k| ≥ t_k] with t_k = trim_threshold(δ_k, density_k), taken per tensor
        (default) or, with ``ties_trim="global"`` (MergeLM's GLUE code), over the model's whole
@@ -32,9 +32,8 @@ def ties_merging(base: StateDict, models: list[StateDict], options: MergeOptions
        ``count`` (paper):  Σ_k a_k w_k δ̃_k / max(Σ_k a_k, 1)
        ``weights`` (mergekit): Σ_k a_k w_k δ̃_k / Σ_k a_k w_k   (0 → 1)
     """
-    weights = options.model_weights(len(models), 1.0)
-    densities = options.densities(len(models))
-    deltas = [{name: model[name].sub_(pre) for name, pre in base.items()} for model in models]
+    weights = options.model_weights(len(deltas), 1.0)
+    densities = options.densities(len(deltas))
     if options.ties_trim == "global":
         thresholds = [_global_threshold(delta, d) for delta, d in zip(deltas, densities)]
         thresholds = [{name: t for name in base} for t in thresholds]

@@ -212,7 +212,7 @@ def test_header_length_beyond_file_is_reported(tmp_path):
 
 @pytest.mark.parametrize("method, extra", [
     ("task_arithmetic", []), ("dare_linear", []), ("average_merging", []), ("ties_merging", ["--density", "0.4"]),
-    ("dare_ties", ["--ties_normalize", "weights"]),
+    ("dare_ties", ["--ties_normalize", "weights"]), ("ties_merging", ["--weight_format", "finetuned_weight"]),
 ])
 def test_streaming_in_pieces_is_bit_identical(llama_family, tmp_path, monkeypatch, method, extra):
     import utils.streaming_merge as engine

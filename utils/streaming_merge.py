@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_model, get_method,
+from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_deltas, dare_model, get_method,
                                    is_excluded, merge_state_dicts, resolve_dare)
 from model_merging_methods.ties import trim_threshold, ties_merging
 
@@ -206,14 +206,17 @@ def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str) -> list[dic
     method = get_method(job.method)
     dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
     densities = options.densities(len(job.models))
+    rates = dare.rates(len(job.models)) if dare is not None else []
     base = inputs.readers[0].get(name).to(job.device)   # kept in its own dtype: ops promote exactly
     thresholds = []
     for index, reader in enumerate(inputs.readers[1:]):
         model = {name: reader.get(name).to(job.device).float()}
-        if dare is not None:
-            model = dare_model(model, {name: base}, dare.rates(len(job.models))[index], dare, seed=job.seed,
-                               model_index=index)
-        delta = model.pop(name).sub_(base)
+        if dare is not None and dare.weight_format == "finetuned_weight":
+            model = dare_model(model, {name: base}, rates[index], dare, seed=job.seed, model_index=index)
+        delta = {name: model.pop(name).sub_(base)}
+        if dare is not None and dare.weight_format == "delta_weight":
+            delta = dare_deltas(delta, rates[index], dare, seed=job.seed, model_index=index)
+        delta = delta.pop(name)
         thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index], in_place=True))})
         del delta
     return thresholds
