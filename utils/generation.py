@@ -5,9 +5,10 @@ Both backends follow vLLM's sampling semantics, which the paper used:
 * ``temperature == 0`` is greedy decoding (argmax); otherwise tokens are drawn from
   softmax(logits / temperature) restricted to the smallest set whose probability mass reaches
   ``top_p`` (nucleus sampling; ``top_p = 1`` keeps every token; no top-k limit);
-* generation stops at an end-of-sequence token, after ``max_new_tokens`` tokens, or as soon as one of
-  the ``stop`` strings appears in the generated text; the returned text ends right before the earliest
-  stop string and never contains the prompt, the end-of-sequence token or other special tokens.
+* generation stops at an end-of-sequence token (unless ``ignore_eos``, meant for benchmarks), after
+  ``max_new_tokens`` tokens, or as soon as one of the ``stop`` strings appears in the generated text;
+  the returned text ends right before the earliest stop string and never contains the prompt, the
+  end-of-sequence token or other special tokens.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -135,15 +137,16 @@ class TransformersBackend(GenerationBackend):
     """Batched ``model.generate`` with left padding; prompts are sorted by length into micro-batches
     of ``batch_size`` (results are returned in the original order).
 
-    Greedy results do not depend on the batch except for floating-point effects of padding; sampled
-    results are reproducible for the same prompts, batch size and seed (the torch RNG is seeded with
-    ``params.seed + micro-batch index`` inside a forked RNG state).
+    ``num_threads`` sets torch's CPU thread count (process-wide; fewer threads than cores can be
+    faster on a shared machine). Greedy results do not depend on the batch except for floating-point
+    effects of padding; sampled results are reproducible for the same prompts, batch size and seed
+    (the torch RNG is seeded with ``params.seed + micro-batch index`` inside a forked RNG state).
     """
 
     name = "transformers"
 
     def __init__(self, model_path: str, *, tokenizer_path: str | None = None, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 8) -> None:
+                 dtype: str = "auto", batch_size: int = 8, num_threads: int | None = None) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -153,18 +156,22 @@ class TransformersBackend(GenerationBackend):
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.batch_size = batch_size
         self.device = _resolve_device(device)
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            torch.set_num_threads(num_threads)
         config = AutoConfig.from_pretrained(self.model_path)
-        self.dtype = _resolve_dtype(dtype, self.device, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+        config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        self.dtype = _resolve_dtype(dtype, self.device, config_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
         self.eos_ids = self._eos_ids()
-        if self.tokenizer.pad_token_id is not None:
-            self.pad_id = int(self.tokenizer.pad_token_id)
-        elif self.eos_ids:
-            self.pad_id = self.eos_ids[0]
-        else:
-            raise ValueError(f"{self.tokenizer_path}: tokenizer has neither a pad nor an end-of-sequence token")
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"{self.tokenizer_path}: tokenizer has neither a pad nor an end-of-sequence token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id = int(self.tokenizer.pad_token_id)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
 
     def _eos_ids(self) -> list[int]:
@@ -178,7 +185,7 @@ class TransformersBackend(GenerationBackend):
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model_path": self.model_path, "tokenizer_path": self.tokenizer_path,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "torch_threads": torch.get_num_threads()}
 
     def _generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
         from transformers import GenerationConfig
@@ -187,16 +194,23 @@ class TransformersBackend(GenerationBackend):
         options: dict[str, Any] = {
             "max_new_tokens": max_new_tokens, "do_sample": sampling, "num_beams": 1,
             "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids or None,
-            "top_k": 0, "repetition_penalty": 1.0,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "min_new_tokens": max_new_tokens if params.ignore_eos else 0,
         }
         if sampling:
-            options.update(temperature=params.temperature, top_p=params.top_p)
+            options.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         return GenerationConfig(**options)
 
-    def _generated_length(self, tokens: list[int]) -> int:
+    def _generated_length(self, tokens: list[int], ignore_eos: bool) -> int:
+        """Tokens actually generated: up to the first end-of-sequence token (inclusive) or, for a
+        sequence finished by a stop string, up to the padding that follows it."""
+        if ignore_eos:
+            return len(tokens)
         for position, token in enumerate(tokens):
             if token in self.eos_ids:
                 return position + 1
+            if token == self.pad_id:
+                return position
         return len(tokens)
 
     @torch.inference_mode()
@@ -228,10 +242,11 @@ class TransformersBackend(GenerationBackend):
                     stopping_criteria=criteria or None,
                 )
             new_tokens = output[:, prompt_length:].tolist()
-            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True,
+                                                clean_up_tokenization_spaces=False)
             for index, tokens, text in zip(members, new_tokens, texts):
                 results[index] = truncate_at_stop(text, params.stop)
-                generated_total += self._generated_length(tokens)
+                generated_total += self._generated_length(tokens, params.ignore_eos)
         seconds = time.perf_counter() - start
         prompt_tokens = sum(len(ids) for ids in encoded)
         self.stats.prompts += len(prompts)
@@ -279,7 +294,8 @@ class VLLMBackend(GenerationBackend):
         start = time.perf_counter()
         sampling = self._vllm.SamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-            stop=list(params.stop) or None, seed=params.seed if params.temperature > 0 else None)
+            stop=list(params.stop) or None, seed=params.seed if params.temperature > 0 else None,
+            ignore_eos=params.ignore_eos)
         outputs = self._llm.generate(list(prompts), sampling)
         texts = [output.outputs[0].text for output in outputs]
         self.stats.prompts += len(prompts)
@@ -312,11 +328,12 @@ def resolve_backend_kind(kind: str) -> str:
 
 
 def make_backend(kind: str, model_path: str, *, tokenizer_path: str | None = None, tensor_parallel_size: int = 1,
-                 batch_size: int = 8, device: str = "auto", dtype: str = "auto", seed: int = 0) -> GenerationBackend:
+                 batch_size: int = 8, device: str = "auto", dtype: str = "auto", seed: int = 0,
+                 num_threads: int | None = None) -> GenerationBackend:
     """Build the backend named by ``kind`` (``auto`` | ``vllm`` | ``transformers``) on ``model_path``."""
     resolved = resolve_backend_kind(kind)
     if resolved == "vllm":
         return VLLMBackend(model_path, tokenizer_path=tokenizer_path, tensor_parallel_size=tensor_parallel_size,
                            seed=seed, dtype=dtype)
     return TransformersBackend(model_path, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
-                               batch_size=batch_size)
+                               batch_size=batch_size, num_threads=num_threads)

@@ -1,0 +1,272 @@
+"""Evaluate a causal LM on the paper's benchmarks: prompts -> generation -> scoring -> files.
+
+For each dataset the result folder follows the original's folder names under ``save_dir``:
+
+* AlpacaEval: ``save_gen_instruct_responses_results/[<tasks>/]alpaca_eval/<save_name>``
+* HumanEval / MBPP: ``save_gen_codes_results/[<tasks>/]<human_eval|mbpp>/<save_name>``
+* GSM8K / MATH (the original only logged them): ``save_gen_math_results/[<tasks>/]<gsm8k|MATH>/<save_name>``
+
+and holds ``records.jsonl`` (one line per problem: index, task_id, prompt, completion, extracted
+answer or cleaned code, gold, correct, and for code the sandbox outcome) and ``summary.json`` (metric,
+counts, resolved configuration, seed, decoding, backend, token throughput, data file and checksum,
+package versions). Next to the folder the original's combined file is written:
+``<save_name>.json`` for AlpacaEval (the ``model_outputs.json`` list of {instruction, output,
+generator, dataset} read by ``alpaca_eval --model_outputs``), ``<save_name>.jsonl`` for HumanEval
+(human-eval samples: task_id, completion, all_code) and for MBPP (as the original, one JSON array with
+one list of completions per problem of the full file, index = position in the file, the format of
+bigcode-evaluation-harness ``--load_generations_path``). All files are written atomically.
+
+Metrics: GSM8K / MATH accuracy = correct / problems; HumanEval / MBPP pass@1 = problems whose single
+greedy completion passes its tests / problems. AlpacaEval has no local metric (win rate needs a judge).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from utils.code_sandbox import SandboxLimits, run_programs
+from utils.generation import GenerationBackend, make_backend
+from utils.llm_data import DatasetSource, Example, load_dataset, slice_examples
+from utils.llm_prompts import build_prompt, dataset_config, generation_params, load_task_config
+from utils.llm_scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_is_correct, human_eval_program,
+                               math_is_correct, mbpp_program, postprocess_code, split_generation)
+
+logger = logging.getLogger(__name__)
+
+RESULT_ROOTS = {"alpaca_eval": "save_gen_instruct_responses_results", "human_eval": "save_gen_codes_results",
+                "mbpp": "save_gen_codes_results", "gsm8k": "save_gen_math_results", "MATH": "save_gen_math_results"}
+_PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "vllm", "human-eval", "gguf", "PyYAML")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
+                                         suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python, platform and installed versions of the packages that affect results (None = absent)."""
+    versions: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def result_folder(save_dir: str | os.PathLike, dataset: str, save_name: str, tasks: str | None = None) -> Path:
+    """``<save_dir>/<root>/[<tasks>/]<dataset>/<save_name>`` (root per dataset, see the module docstring)."""
+    if dataset not in RESULT_ROOTS:
+        raise ValueError(f"unknown dataset '{dataset}'")
+    base = Path(save_dir) / RESULT_ROOTS[dataset]
+    if tasks:
+        base = base / tasks
+    return base / dataset / save_name
+
+
+@dataclass
+class EvalOptions:
+    """Settings shared by every dataset of one evaluation run (see the scripts' --help)."""
+
+    save_dir: str = "."
+    save_name: str = "model"
+    tasks: str | None = None
+    generator_name: str | None = None
+    backend: str = "auto"
+    tensor_parallel_size: int = 1
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+    max_tokens: int | None = None
+    data_dir: str | None = None
+    alpaca_eval_path: str | None = None
+    start_index: int = 0
+    end_index: int | None = None
+    code_timeout: float = 3.0
+    code_memory_mb: int = 1024
+    code_workers: int = 2
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _score(dataset: str, examples: list[Example], generations: list[str], options: EvalOptions,
+           config: dict[str, Any]) -> list[dict[str, Any]]:
+    phrase = config["scoring"]["answer_phrase"]
+    rows: list[dict[str, Any]] = []
+    if dataset in ("gsm8k", "MATH"):
+        for example, generation in zip(examples, generations):
+            if dataset == "gsm8k":
+                extracted = extract_gsm8k_answer(generation, phrase)
+                correct = gsm8k_is_correct(extracted, example.gold)
+            else:
+                extracted = extract_math_answer(generation, phrase)
+                correct = math_is_correct(extracted, example.gold)
+            rows.append({"extracted": extracted, "gold": example.gold, "correct": correct})
+        return rows
+    if dataset in ("human_eval", "mbpp"):
+        programs = []
+        for example, generation in zip(examples, generations):
+            completion, all_code = split_generation(generation, config["scoring"]["code_response_marker"])
+            completion = postprocess_code(completion, dataset)
+            builder = human_eval_program if dataset == "human_eval" else mbpp_program
+            programs.append(builder(example.record, completion))
+            rows.append({"extracted": completion, "all_code": all_code,
+                         "gold": example.record.get("test") if dataset == "human_eval" else example.gold})
+        limits = SandboxLimits(timeout=options.code_timeout, memory_mb=options.code_memory_mb)
+        for row, result in zip(rows, run_programs(programs, limits, workers=options.code_workers)):
+            row.update(correct=result.passed, execution={"status": result.status, "error": result.error,
+                                                         "seconds": result.seconds})
+        return rows
+    return [{"extracted": generation, "gold": example.record.get("output"), "correct": None}
+            for example, generation in zip(examples, generations)]
+
+
+def _write_standard_file(dataset: str, folder: Path, examples: list[Example], rows: list[dict[str, Any]],
+                         generations: list[str], source: DatasetSource, generator: str) -> Path | None:
+    if dataset == "alpaca_eval":
+        path = folder.with_name(folder.name + ".json")
+        outputs = [{"instruction": example.record["instruction"], "output": generation, "generator": generator,
+                    "dataset": example.record.get("dataset")} for example, generation in zip(examples, generations)]
+        atomic_write_json(path, outputs)
+        return path
+    if dataset == "human_eval":
+        path = folder.with_name(folder.name + ".jsonl")
+        atomic_write_jsonl(path, [{"task_id": example.task_id, "completion": row["extracted"],
+                                   "all_code": row["all_code"]} for example, row in zip(examples, rows)])
+        return path
+    if dataset == "mbpp":
+        path = folder.with_name(folder.name + ".jsonl")
+        per_problem: list[list[str]] = [[] for _ in range(source.num_total)]
+        for example, row in zip(examples, rows):
+            per_problem[example.index].append(row["extracted"])
+        atomic_write_text(path, json.dumps(per_problem))
+        return path
+    return None
+
+
+def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOptions) -> dict[str, Any]:
+    """Run one dataset end to end with ``backend``; returns the summary (also written to disk)."""
+    config = load_task_config()
+    all_examples, source = load_dataset(dataset, data_dir=options.data_dir, alpaca_eval_path=options.alpaca_eval_path)
+    examples = slice_examples(all_examples, options.start_index, options.end_index)
+    if not examples:
+        raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "
+                         f"of {len(all_examples)} ({source.location})")
+    entry = dataset_config(dataset, config)
+    params = generation_params(dataset, max_tokens=options.max_tokens, seed=options.seed, config=config)
+    prompts = [build_prompt(dataset, example.record, config) for example in examples]
+    per_call = int(entry["prompts_per_call"]) if backend.name == "vllm" else len(prompts)
+    tokens_before, seconds_before = backend.stats.generated_tokens, backend.stats.seconds
+    logger.info("%s: generating %d completions (%s)", dataset, len(prompts), params)
+    start = time.perf_counter()
+    generations: list[str] = []
+    for chunk in _chunks(prompts, per_call):
+        generations.extend(backend.generate(chunk, params))
+    generation_seconds = time.perf_counter() - start
+    rows = _score(dataset, examples, generations, options, config)
+    scoring_seconds = time.perf_counter() - start - generation_seconds
+
+    folder = result_folder(options.save_dir, dataset, options.save_name, options.tasks)
+    records = [{"index": example.index, "task_id": example.task_id, "prompt": prompt, "completion": generation, **row}
+               for example, prompt, generation, row in zip(examples, prompts, generations, rows)]
+    atomic_write_jsonl(folder / "records.jsonl", records)
+    generator = options.generator_name or options.save_name
+    standard = _write_standard_file(dataset, folder, examples, rows, generations, source, generator)
+
+    generated_tokens = backend.stats.generated_tokens - tokens_before
+    backend_seconds = backend.stats.seconds - seconds_before
+    metrics: dict[str, Any] = {"num_examples": len(examples)}
+    if dataset != "alpaca_eval":
+        num_correct = sum(bool(row["correct"]) for row in rows)
+        metric = "accuracy" if dataset in ("gsm8k", "MATH") else "pass@1"
+        metrics.update({metric: num_correct / len(rows), "num_correct": num_correct})
+        if dataset in ("gsm8k", "MATH"):
+            metrics["num_invalid"] = sum(row["extracted"] is None for row in rows)
+    summary = {
+        "dataset": dataset,
+        "metrics": metrics,
+        "save_name": options.save_name,
+        "tasks": options.tasks,
+        "start_index": options.start_index,
+        "end_index": options.end_index,
+        "seed": options.seed,
+        "decoding": {**asdict(params), "stop": list(params.stop), "prompts_per_call": per_call,
+                     "paper_prompts_per_call": entry["prompts_per_call"], "paper_max_tokens": entry["max_tokens"]},
+        "prompt_template": config["templates"][entry["template"]],
+        "backend": backend.describe(),
+        "throughput": {"generated_tokens": generated_tokens, "generation_seconds": round(generation_seconds, 3),
+                       "tokens_per_second": round(generated_tokens / backend_seconds, 3) if backend_seconds else None},
+        "scoring_seconds": round(scoring_seconds, 3),
+        "code_sandbox": asdict(SandboxLimits(timeout=options.code_timeout, memory_mb=options.code_memory_mb))
+        if dataset in ("human_eval", "mbpp") else None,
+        "data": asdict(source),
+        "outputs": {"records": str(folder / "records.jsonl"), "summary": str(folder / "summary.json"),
+                    "standard": str(standard) if standard else None},
+        "config": options.run_config,
+        "versions": package_versions(),
+    }
+    atomic_write_json(folder / "summary.json", summary)
+    logger.info("%s: %s -> %s", dataset, metrics, folder)
+    return summary
+
+
+def evaluate_model(model_path: str, datasets: Sequence[str], options: EvalOptions, *,
+                   tokenizer_path: str | None = None) -> list[dict[str, Any]]:
+    """Load ``model_path`` once (one engine) and evaluate it on each dataset in order."""
+    backend = make_backend(options.backend, model_path, tokenizer_path=tokenizer_path,
+                           tensor_parallel_size=options.tensor_parallel_size, batch_size=options.batch_size,
+                           device=options.device, dtype=options.dtype, seed=options.seed,
+                           num_threads=options.num_threads)
+    try:
+        return [evaluate_dataset(backend, dataset, options) for dataset in datasets]
+    finally:
+        backend.close()
+
+
+def check_datasets(datasets: Sequence[str], options: EvalOptions) -> dict[str, int]:
+    """Load every dataset and its slice before any expensive work; returns examples per dataset.
+    Raises the loader's error (naming the missing file / variable) or ValueError for an empty slice."""
+    counts = {}
+    for dataset in datasets:
+        examples, source = load_dataset(dataset, data_dir=options.data_dir, alpaca_eval_path=options.alpaca_eval_path)
+        selected = slice_examples(examples, options.start_index, options.end_index)
+        if not selected:
+            raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "
+                             f"of {len(examples)} ({source.location})")
+        counts[dataset] = len(selected)
+    return counts
