@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
-from utils.allocator import tune_allocator
 from utils.checkpoint_io import CheckpointError
 from utils.streaming_merge import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
 
@@ -42,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every DARE mask (with model index, tensor name)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the base's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default); 1 is fastest for streamed pieces")
     parser.add_argument("--exclude_param_names_regex", nargs="*", default=[],
                         help="tensors matching any regex (re.match) are copied from the base unchanged")
     parser.add_argument("--vocab_alignment", choices=VOCAB_ALIGNMENTS, default="error",
@@ -67,12 +68,12 @@ def job_from_args(args: argparse.Namespace) -> StreamMergeJob:
                           dtype=args.dtype, device=args.device, exclude_regex=args.exclude_param_names_regex,
                           overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
-                          max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress)
+                          max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress,
+                          threads=args.threads or None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_allocator()
     try:
         manifest = run_stream_merge(job_from_args(args))
     except (MergeError, CheckpointError) as error:

@@ -116,10 +116,11 @@ def floor_merge(models: list[str], output: str) -> None:
         save_file(shard, f"{output}/model-{count:05d}.safetensors")
 
 
-def timed(command: list[str]) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (GiB) of one child process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -159,19 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="merge-bench-out-"))
     rows = []
 
-    def measure(label, tool, make_command):
+    def measure(label, tool, make_command, env=None):
         runs = []
         for repeat in range(args.repeats):
-            out = work / f"{tool}-{label}-{repeat}"
-            runs.append(timed(make_command(out)))
+            out = work / f"{tool.replace(' ', '_')}-{label}-{repeat}"
+            runs.append(timed(make_command(out), env))
             shutil.rmtree(out, ignore_errors=True)
         wall = statistics.median(r[0] for r in runs)
         rss = statistics.median(r[1] for r in runs)
         rows.append({"method": label, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gib": round(rss, 2)})
-        print(f"{label:16s} {tool:14s} {wall:8.2f} s {rss:6.2f} GiB", flush=True)
+        print(f"{label:16s} {tool:20s} {wall:8.2f} s {rss:6.2f} GiB", flush=True)
 
-    measure("linear", "torch floor", lambda out: [sys.executable, __file__, "--floor_only",
-                                                  *map(str, models), str(out)])
+    floor = lambda out: [sys.executable, __file__, "--floor_only", *map(str, models), str(out)]  # noqa: E731
+    measure("linear", "torch floor", floor)
+    measure("linear", "torch floor 1 thread", floor, {"OMP_NUM_THREADS": "1"})
     for method in args.methods:
         ours = [sys.executable, str(ROOT / "merge_models.py"), "--base_model", str(models[0]), "--models",
                 *map(str, models[1:]), *METHODS[method][0], "--no_progress"]
