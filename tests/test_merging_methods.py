@@ -109,7 +109,7 @@ def test_fisher_merging_closed_form_and_normalisation():
         expected = (c[0] * (f1 + eps) * x1 + c[1] * (f2 + eps) * x2) / (c[0] * (f1 + eps) + c[1] * (f2 + eps))
         assert merged["w"][i].item() == pytest.approx(expected, rel=1e-6)
     zero = [{"w": torch.zeros(2)}, {"w": torch.zeros(2)}]
-    with pytest.raises(MergeError, match="merged tensor 'w' overflowed"):
+    with pytest.raises(MergeError, match="merged tensor 'w' is Inf/NaN"):
         merge_state_dicts("fisher_merging", None, models, MergeOptions(fisher_eps=0.0), statistics=zero)
 
 
@@ -162,6 +162,18 @@ def test_registry_lists_methods_with_papers_and_rejects_unknown():
 def test_bad_inputs_name_the_tensor(bad, message):
     with pytest.raises(MergeError, match=message):
         merge_state_dicts("task_arithmetic", BASE, [bad])
+
+
+@pytest.mark.parametrize("method, dare", [
+    ("ties", None), ("ties", DareOptions(drop_rate=0.5)), ("dare_ties", None), ("average_merging", None),
+    ("task_arithmetic", DareOptions(drop_rate=0.5, strategy="magnitude")), ("slerp", None),
+])
+def test_nan_in_any_model_is_reported_whatever_the_method_would_drop(method, dare):
+    base = {"w": torch.zeros(10)}
+    model = {"w": torch.ones(10)}
+    model["w"][3] = float("nan")
+    with pytest.raises(MergeError, match="'w' of model 0 contains NaN"):
+        merge_state_dicts(method, base, [model], MergeOptions(density=0.3), dare=dare)
 
 
 def test_missing_tensor_and_bad_options():
