@@ -227,3 +227,12 @@ def test_streaming_in_pieces_is_bit_identical(llama_family, tmp_path, monkeypatc
     manifests = [json.loads((tmp_path / f / "merge_manifest.json").read_text()) for f in ("whole", "pieces")]
     fractions = [m["dare"]["per_model"][1]["kept_fraction"] for m in manifests]
     assert fractions[0] == pytest.approx(fractions[1])
+
+
+def test_hub_id_that_cannot_be_fetched_is_reported(llama_family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = _run(["--base_model", str(llama_family["base"]), "--models", "some-org/not-a-local-model",
+                      "--method", "linear", "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "some-org/not-a-local-model: not a local folder, and fetching it from the Hugging Face hub failed" in err
+    assert not (tmp_path / "o").exists()
