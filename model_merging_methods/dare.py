@@ -60,8 +60,11 @@ def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOpt
 def dare_state_dict(finetuned: StateDict, base: StateDict, options: DareOptions, *, seed: int = 0,
                     model_index: int = 0, exclude_regex: Sequence[str] = ()) -> StateDict:
     """DARE applied to one fine-tuned model; excluded and non-float tensors are returned unchanged."""
+    from .merge import check_inputs  # merge imports this module
+
     options.validate()
     p = options.rates(1)[0]
+    check_inputs(base, [finetuned], exclude_regex)
     selected = {name: t for name, t in finetuned.items()
                 if t.is_floating_point() and not is_excluded(name, exclude_regex)}
     dropped = dare_model({n: t.to(torch.float32, copy=True) for n, t in selected.items()},

@@ -23,8 +23,9 @@ def _labelled(base: StateDict | None, models: list[StateDict]) -> list[tuple[str
     return ([("base", base)] if base is not None else []) + [(f"model {i}", m) for i, m in enumerate(models)]
 
 
-def check_inputs(base: StateDict | None, models: list[StateDict]) -> None:
-    """Every input holds exactly the reference's names (base, else model 0), with the same shapes."""
+def check_inputs(base: StateDict | None, models: list[StateDict], exclude_regex: Sequence[str] = ()) -> None:
+    """Every input holds exactly the reference's names (base, else model 0), with the same shapes
+    (excluded names may differ in shape: they are copied from the reference, e.g. task heads)."""
     inputs = _labelled(base, models)
     reference_label, reference = inputs[0]
     for label, state in inputs:
@@ -34,7 +35,7 @@ def check_inputs(base: StateDict | None, models: list[StateDict]) -> None:
         for name, expected in reference.items():
             if name not in state:
                 raise MergeError(f"tensor {name!r} is missing from {label}")
-            if state[name].shape != expected.shape:
+            if state[name].shape != expected.shape and not is_excluded(name, exclude_regex):
                 raise MergeError(f"shape mismatch for {name!r}: {tuple(expected.shape)} in "
                                  f"{reference_label} vs {tuple(state[name].shape)} in {label}")
 
@@ -99,7 +100,7 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
     check_method_inputs(spec, base, models, statistics, dare)
     reference = base if base is not None else models[0]
     names = [n for n, t in reference.items() if t.is_floating_point() and not is_excluded(n, exclude_regex)]
-    check_inputs(base, models)
+    check_inputs(base, models, exclude_regex)
     check_finite(None, [{n: t for n, t in reference.items() if n not in names}])
     # private float32 copies: the method functions may reuse their storage
     sub_base = {n: base[n].to(torch.float32, copy=True) for n in names} if base is not None else None

@@ -187,3 +187,16 @@ def test_missing_tensor_and_bad_options():
         merge_state_dicts("task_arithmetic", BASE, [M1], dare=DareOptions(drop_rate=1.0))
     with pytest.raises(MergeError, match="density 1.5"):
         merge_state_dicts("ties", BASE, [M1], MergeOptions(density=1.5))
+
+
+def test_excluded_heads_may_differ_in_shape_and_dare_state_dict_validates():
+    from model_merging_methods import dare_state_dict
+
+    base = {"encoder.w": torch.zeros(3), "classifier.weight": torch.zeros(2, 4)}
+    sts = {"encoder.w": torch.ones(3), "classifier.weight": torch.ones(1, 4)}   # a 1-output (regression) head
+    merged = merge_state_dicts("task_arithmetic", base, [sts], exclude_regex=["classifier.*"])
+    assert torch.equal(merged["classifier.weight"], base["classifier.weight"])
+    with pytest.raises(MergeError, match="shape mismatch for 'classifier.weight'"):
+        merge_state_dicts("task_arithmetic", base, [sts])
+    with pytest.raises(MergeError, match="'encoder.w' is in model 0 but not in base"):
+        dare_state_dict(sts, {"classifier.weight": torch.zeros(1, 4)}, DareOptions(drop_rate=0.5))
