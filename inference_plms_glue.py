@@ -18,6 +18,7 @@ from pathlib import Path
 from model_merging_methods import DareOptions, MergeError, dare_state_dict
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
 from utils.glue_io import (
+    HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
     library_versions,
@@ -33,7 +34,7 @@ from utils.glue_training import encode_split, evaluate_task, make_loader
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--language_model_name", default="roberta-base", help="pretrained encoder (hub id or folder): θ_pre and the checkpoint folder name")
     parser.add_argument("--dataset_names", nargs="+", default=list(config["tasks"]), help="tasks to evaluate")
     parser.add_argument("--batch_size", type=int, default=config["training"]["batch_size"], help="evaluation batch size")
@@ -93,6 +94,7 @@ def main(argv=None) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     short = model_short_name(args.language_model_name)
     exclude = config["exclude_param_names_regex"]
     try:

@@ -11,11 +11,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
 from utils.glue_io import (
+    HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
     library_versions,
@@ -41,7 +41,7 @@ from torch.utils.data import ConcatDataset
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
     training = config["training"]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset_name", default="cola", help="target GLUE task: " + ", ".join(config["tasks"]))
     parser.add_argument("--auxiliary_dataset_name", default="cola", help="second task in --multitask_training mode (must differ from --dataset_name)")
     parser.add_argument("--language_model_name", default="roberta-base", help="hub id or local folder of the pretrained encoder")
@@ -59,6 +59,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu); overrides auto")
+    parser.add_argument("--group_by_length", action="store_true", help="batch train examples of similar length (HF Trainer option; faster on CPU; off in the paper)")
     parser.add_argument("--overwrite", action="store_true", help="retrain even if the checkpoint exists (default: evaluate the existing one)")
     parser.add_argument("--allow_pickle", action="store_true", help="allow loading a pretrained model stored as a pickle (.bin)")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -119,7 +120,7 @@ def run_once(args, config, tasks, data, tokenizer, device, run: int) -> dict:
     set_random_seed(seed)
     encoded = {task: {split: encode_split(tokenizer, data[task][split], rows[task], args.max_seq_length) for split in data[task]} for task in tasks}
     train_set = ConcatDataset([encoded[task]["train"] for task in tasks]) if len(tasks) > 1 else encoded[tasks[0]]["train"]
-    train_loader = make_loader(train_set, tokenizer, args.batch_size, shuffle=True, seed=seed)
+    train_loader = make_loader(train_set, tokenizer, args.batch_size, shuffle=True, seed=seed, group_by_length=args.group_by_length)
     eval_loaders = {split: {task: make_loader(encoded[task][split], tokenizer, args.batch_size, shuffle=False) for task in tasks} for split in ("validation", "test")}
     started = time.time()
     reused = model_dir.is_dir() and (model_dir / "training_state.json").is_file() and not args.overwrite
@@ -184,6 +185,7 @@ def main(argv=None) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         device = resolve_device(args.device, args.gpu)
         data = {task: load_task_splits(task, config, args.glue_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples) for task in tasks}

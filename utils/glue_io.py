@@ -7,6 +7,7 @@ run leaves no partial file or folder behind.
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -22,6 +23,10 @@ import numpy as np
 import torch
 
 VERSIONED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn", "PyYAML")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's line breaks and shows every flag's default."""
 
 
 def set_random_seed(seed: int) -> None:

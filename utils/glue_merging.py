@@ -87,8 +87,9 @@ def merge_options(method: str, setting: dict, num_models: int, args) -> MergeOpt
 
 
 def per_model_examples(value, num_models: int, what: str) -> list[int]:
-    """Broadcast one example count to every model, or check a per-model list."""
-    values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * num_models
+    """Broadcast one example count (a number or a one-element list) to every model, or check a per-model list."""
+    values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    values = values * num_models if len(values) == 1 else values
     if len(values) != num_models:
         raise ValueError(f"{what}: {len(values)} values for {num_models} models")
     for v in values:
@@ -113,7 +114,11 @@ class MergeSearch:
     """Merges one group of task models for every setting and evaluates each task with its own head."""
 
     def __init__(self, members: list[TaskMember], base_state: dict, exclude_regex, device, args):
-        self.members, self.base_state, self.exclude_regex = members, base_state, list(exclude_regex)
+        self.members, self.exclude_regex = members, list(exclude_regex)
+        # Heads are excluded from the merge and may differ in shape between tasks (STS-B has one
+        # output), so only the non-excluded tensors ("bodies") go to the library.
+        self.base_state = self.body(base_state)
+        self.bodies = [self.body(member.state) for member in members]
         self.device, self.args = device, args
         self._statistics_cache: dict = {}
 
@@ -125,14 +130,19 @@ class MergeSearch:
             weight_format=self.args.weight_format,
         )
 
+    def body(self, state: dict) -> dict:
+        """The non-excluded (non-head) tensors of a state dict."""
+        return {name: tensor for name, tensor in state.items() if not is_excluded(name, self.exclude_regex)}
+
     def model_states(self, rate: float) -> list[dict]:
-        """Each member's state dict, DARE'd at ``rate`` (seeded per model index) when rate > 0."""
+        """Each member's body, DARE'd at ``rate`` (seeded per model index) when rate > 0."""
         if rate == 0.0:
-            return [member.state for member in self.members]
-        return [
-            dare_state_dict(member.state, self.base_state, self.dare_options(rate), seed=self.args.seed, model_index=k, exclude_regex=self.exclude_regex)
-            for k, member in enumerate(self.members)
-        ]
+            return self.bodies
+        return [dare_state_dict(body, self.base_state, self.dare_options(rate), seed=self.args.seed, model_index=k) for k, body in enumerate(self.bodies)]
+
+    def with_own_head(self, member: TaskMember, body: dict) -> dict:
+        """``body`` completed with the member's own (excluded) head tensors."""
+        return {**body, **{name: tensor for name, tensor in member.state.items() if is_excluded(name, self.exclude_regex)}}
 
     def statistics(self, method: str, counts: list[int], rate: float, states: list[dict]) -> list[dict] | None:
         """Fisher or RegMean statistics of every member (with DARE'd weights when rate > 0), cached."""
@@ -143,7 +153,7 @@ class MergeSearch:
             key = (method, k, count, rate)
             if key not in self._statistics_cache:
                 set_random_seed(self.args.seed)
-                member.model.load_state_dict(state)
+                member.model.load_state_dict(self.with_own_head(member, state))
                 collect = diagonal_fisher if method == "fisher_merging" else regmean_gram_matrices
                 self._statistics_cache[key] = collect(
                     member.model, member.train_loader, count, self.device, exclude_regex=self.exclude_regex, progress=self.args.progress
@@ -161,16 +171,13 @@ class MergeSearch:
             counts = per_model_examples(setting[STATISTICS_AXIS[method]], len(self.members), STATISTICS_AXIS[method])
         statistics = self.statistics(method, counts, rate, states) if counts else None
         options = merge_options(method, setting, len(self.members), self.args)
-        return merge_state_dicts(
-            method, self.base_state, states, options, seed=self.args.seed, exclude_regex=self.exclude_regex, statistics=statistics
-        )
+        return merge_state_dicts(method, self.base_state, states, options, seed=self.args.seed, statistics=statistics)
 
     def evaluate(self, merged: dict, split: str) -> dict[str, dict]:
         """Each task's metrics on ``split`` with the merged encoder and the task's own head."""
         results = {}
         for member in self.members:
-            own_head = {name: tensor for name, tensor in member.state.items() if is_excluded(name, self.exclude_regex)}
-            member.model.load_state_dict({**merged, **own_head})
+            member.model.load_state_dict(self.with_own_head(member, merged))
             results[member.task] = evaluate_task(
                 member.model, member.eval_loaders[split], member.row, self.device, progress=self.args.progress, description=f"{split} {member.task}"
             )

@@ -11,6 +11,8 @@ metric. Models are selected on this number and it is what the paper's tables rep
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -47,7 +49,9 @@ def compute_metrics(metric_names: list[str], predictions, labels) -> dict[str, f
     for name in metric_names:
         if name not in METRIC_FUNCTIONS:
             raise ValueError(f"unknown GLUE metric '{name}'; known: {', '.join(METRIC_FUNCTIONS)}")
-        value = float(METRIC_FUNCTIONS[name](predictions, labels))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = float(METRIC_FUNCTIONS[name](predictions, labels))
         result[name] = 0.0 if np.isnan(value) else value
     if len(metric_names) > 1:
         result["averaged_scores"] = float(np.mean([result[name] for name in metric_names]))

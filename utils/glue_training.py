@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from utils.glue_metrics import main_score, task_metrics
@@ -66,10 +66,54 @@ def make_collator(tokenizer):
     return collate
 
 
-def make_loader(dataset: Dataset, tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-    """DataLoader with dynamic padding; shuffling uses a torch Generator seeded with ``seed``."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=make_collator(tokenizer))
+def length_sorted_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
+    """Batches of indices in order of decreasing token length (less padding; for evaluation only,
+    where the metrics do not depend on the order of the examples)."""
+    lengths = _lengths(dataset)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class LengthGroupedSampler(Sampler):
+    """HF Trainer's ``group_by_length`` order: a random permutation cut into mega-batches of
+    50 · batch_size examples, each sorted by decreasing length (the longest example first overall), so
+    batches hold examples of similar length and need less padding. A new permutation every epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50):
+        self.lengths, self.generator, self.size = lengths, generator, mega_batch_mult * batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        megabatches = [sorted(order[i : i + self.size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), self.size)]
+        if megabatches:
+            longest = max(range(len(megabatches)), key=lambda m: self.lengths[megabatches[m][0]])
+            megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+        return iter([index for megabatch in megabatches for index in megabatch])
+
+
+def _lengths(dataset: Dataset) -> list[int]:
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    return [len(item["input_ids"]) for part in parts for item in part.features]
+
+
+def make_loader(dataset: Dataset, tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0, group_by_length: bool = False) -> DataLoader:
+    """DataLoader with dynamic padding.
+
+    shuffle=True (training, statistics): random order from a torch Generator seeded with ``seed``
+    (``group_by_length``: ``LengthGroupedSampler``, an option of the HF Trainer, off in the paper).
+    shuffle=False (evaluation): batches of similar length (``length_sorted_batches``).
+    """
+    collate = make_collator(tokenizer)
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        if group_by_length:
+            sampler = LengthGroupedSampler(_lengths(dataset), batch_size, generator)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
+    return DataLoader(dataset, batch_sampler=length_sorted_batches(dataset, batch_size), collate_fn=collate)
 
 
 class MultiTaskModel(nn.Module):

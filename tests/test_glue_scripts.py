@@ -1,0 +1,205 @@
+"""End-to-end runs of the three GLUE scripts (main(argv)) on a tiny random BERT and real GLUE slices,
+and the bad inputs that must stop them with a clear message and no partial result."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from glue_helpers import glue_slice, tiny_bert
+from inference_plms_glue import main as inference_main
+from merge_plms_glue import main as merge_main
+from train_plms_glue import main as train_main
+from utils.glue_data import load_glue_config, load_task_splits
+from utils.glue_io import load_classifier
+from utils.glue_training import encode_split, evaluate_task, make_loader
+
+NAME = "tiny-bert_lr0.001"
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue_e2e")
+    glue = glue_slice(root)
+    lm = tiny_bert(root, glue)
+    save = root / "runs"
+    common = ["--language_model_name", str(lm), "--glue_dir", str(glue), "--device", "cpu", "--no_progress",
+              "--learning_rate", "0.001", "--batch_size", "16"]
+    train_main(["--dataset_name", "mrpc", "--num_epochs", "2", "--num_runs", "1", "--save_dir", str(save), *common])
+    train_main(["--dataset_name", "stsb", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(save), *common])
+    train_main(["--dataset_name", "rte", "--num_epochs", "1", "--num_runs", "2", "--save_dir", str(save), *common])
+    return SimpleNamespace(root=root, glue=glue, lm=lm, save=save, common=common)
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def outputs_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_train_single_task_outputs(ws):
+    folder = ws.save / "save_models" / "mrpc" / NAME
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert (folder / "tokenizer_config.json").is_file() and not list(folder.glob("*.bin"))
+    result = read_json(ws.save / "save_model_results" / "mrpc" / NAME / f"{NAME}.json")
+    assert result["config"]["learning_rate"] == 0.001 and result["seeds"]["run_seed"] == 42
+    assert {"torch", "transformers", "numpy", "scikit-learn"} <= set(result["versions"])
+    assert len(result["training"]["history"]) == 2 and result["training"]["best_epoch"] in (1, 2)
+    best = result["training"]["history"][result["training"]["best_epoch"] - 1]["validation"]["mrpc"]
+    assert result["validation_metrics"]["mrpc"]["averaged_scores"] == pytest.approx(best["averaged_scores"])
+    test = result["test_metrics"]["mrpc"]
+    assert 0.0 <= test["accuracy"] <= 1.0 and test["averaged_scores"] == pytest.approx((test["accuracy"] + test["f1"]) / 2)
+    assert result["num_examples"]["mrpc"] == {"train": 94, "validation": 11, "test": 59}  # 119 raw pairs minus dev ids
+
+
+def test_train_runs_are_named_and_seeded(ws):
+    run1 = read_json(ws.save / "save_model_results" / "rte" / f"{NAME}_run1" / f"{NAME}_run1.json")
+    assert run1["seeds"]["run_seed"] == 43 and (ws.save / "save_models" / "rte" / f"{NAME}_run1" / "model.safetensors").is_file()
+
+
+def test_train_multitask(ws, tmp_path):
+    train_main(["--dataset_name", "rte", "--auxiliary_dataset_name", "stsb", "--multitask_training", "--num_epochs", "1",
+                "--num_runs", "1", "--save_dir", str(tmp_path), *ws.common])
+    folder = tmp_path / "save_models" / "stsb_rte" / NAME
+    assert (folder / "multitask_heads.safetensors").is_file() and (folder / "model.safetensors").is_file()
+    result = read_json(tmp_path / "save_model_results" / "stsb_rte" / NAME / f"{NAME}.json")
+    assert set(result["test_metrics"]) == {"stsb", "rte"} and "pearson" in result["test_metrics"]["stsb"]
+
+
+def test_inference_plain_dare_and_variants(ws):
+    plain = inference_main(["--dataset_names", "mrpc", "--save_dir", str(ws.save), *ws.common[:-2]])[0]
+    trained = read_json(ws.save / "save_model_results" / "mrpc" / NAME / f"{NAME}.json")
+    assert plain["metrics"]["test"]["loss"] == pytest.approx(trained["test_metrics"]["mrpc"]["loss"], rel=1e-5)
+    assert (ws.save / "save_model_results" / "mrpc" / f"{NAME}_inference_mask_0.0" / f"{NAME}_inference_mask_0.0.json").is_file()
+    dare = inference_main(["--dataset_names", "mrpc", "--weight_mask_rate", "0.5", "--use_weight_rescale", "--save_dir", str(ws.save), *ws.common[:-2]])[0]
+    again = inference_main(["--dataset_names", "mrpc", "--weight_mask_rate", "0.5", "--use_weight_rescale", "--save_dir", str(ws.save), *ws.common[:-2]])[0]
+    assert dare["metrics"]["test"]["loss"] != pytest.approx(plain["metrics"]["test"]["loss"], rel=1e-6)
+    assert dare["metrics"] == again["metrics"]
+    inference_main(["--dataset_names", "mrpc", "stsb", "--weight_mask_rate", "0.1", "--use_weight_rescale", "--weight_format", "finetuned_weight",
+                    "--mask_strategy", "magnitude", "--seed", "3", "--save_dir", str(ws.save), *ws.common[:-2]])
+    name = f"{NAME}_inference_mask_0.1_rescale_True_strategy_magnitude_weight_format_finetuned_weight_seed3"
+    assert (ws.save / "save_model_results" / "stsb" / name / f"{name}.json").is_file()
+
+
+def test_merge_average_matches_manual_average(ws):
+    args = ["--dataset_names", "mrpc", "stsb", "--merging_method_name", "average_merging", "--merge_grid", "none",
+            "--select_on", "test", "--save_dir", str(ws.save), *ws.common[:-2]]
+    result = merge_main(args)[0]
+    config = load_glue_config()
+    models = {t: load_classifier(ws.save / "save_models" / t / NAME) for t in ("mrpc", "stsb")}
+    merged = models["mrpc"]
+    other = models["stsb"].state_dict()
+    with torch.no_grad():
+        for name, parameter in merged.named_parameters():
+            if not name.startswith("classifier"):
+                parameter.copy_((parameter + other[name]) / 2)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ws.lm))
+    test = load_task_splits("mrpc", config, ws.glue, splits=("test",))["test"]
+    loader = make_loader(encode_split(tokenizer, test, config["tasks"]["mrpc"], 128), tokenizer, 16, shuffle=False)
+    expected = evaluate_task(merged, loader, config["tasks"]["mrpc"], "cpu")
+    winner = result["winners"]["mean"]
+    assert winner["test_metrics"]["mrpc"]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert winner["selection_metrics"] == winner["test_metrics"]
+    stem = ws.save / "save_merge_results" / "mrpc_stsb" / "average_merging" / "tiny-bert_grid_none_select_on_test"
+    assert read_json(stem.with_suffix(".json"))["winners"]["stsb"]["name"] == "default"
+    assert (stem.parent / f"{stem.name}_settings" / "default.json").is_file()
+
+
+@pytest.mark.parametrize("method, grid_size", [("task_arithmetic", 4), ("ties_merging", 4), ("fisher_merging", 1), ("regmean_merging", 2)])
+def test_merge_methods_and_dare(ws, method, grid_size):
+    base = ["--dataset_names", "mrpc", "stsb", "--merge_grid", "small", "--nums_fisher_examples", "32",
+            "--save_dir", str(ws.save), *ws.common[:-2], "--batch_size", "16"]
+    result = merge_main(["--merging_method_name", method, *base])[0]
+    assert len(result["settings"]) == grid_size and set(result["winners"]) == {"mean", "mrpc", "stsb"}
+    for winner in result["winners"].values():
+        assert winner["selection_split"] == "validation" and set(winner["test_metrics"]) == {"mrpc", "stsb"}
+    best = max(result["settings"], key=lambda r: r["selection_scores"]["mean"])
+    assert result["winners"]["mean"]["selection_scores"]["mean"] == best["selection_scores"]["mean"]
+    dare = merge_main(["--merging_method_name", "mask_merging", "--mask_apply_method", method, "--use_weight_rescale", *base])[0]
+    distinct = {json.dumps(w["setting"], sort_keys=True) for w in result["winners"].values()}
+    assert len(dare["settings"]) == 3 * len(distinct)
+    assert {s["weight_mask_rate"] for s in dare["settings"]} == {0.3, 0.5, 0.9}
+    assert (ws.save / "save_merge_results" / "mrpc_stsb" / "mask_merging" / method / "tiny-bert_grid_small.json").is_file()
+
+
+def expect_exit(call, argv, capsys, *fragments, code=None):
+    with pytest.raises(SystemExit) as raised:
+        call(argv)
+    message = str(raised.value.code) + capsys.readouterr().err
+    if code is not None:
+        assert raised.value.code == code
+    else:
+        assert raised.value.code not in (0, None)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_unknown_task_and_missing_split(ws, tmp_path, capsys):
+    expect_exit(train_main, ["--dataset_name", "wnli", "--save_dir", str(tmp_path), *ws.common], capsys, "unknown GLUE task 'wnli'", code=2)
+    expect_exit(train_main, ["--dataset_name", "qnli", "--num_runs", "1", "--save_dir", str(tmp_path), *ws.common], capsys,
+                "GLUE task 'qnli': train split", "QNLI/train.tsv")
+    expect_exit(inference_main, ["--dataset_names", "cola", "--save_dir", str(ws.save), *ws.common[:-2]], capsys,
+                "checkpoint of task 'cola' not found")
+    assert outputs_under(tmp_path) == []
+
+
+def test_head_mismatch(ws, tmp_path, capsys):
+    shutil.copytree(ws.save / "save_models" / "mrpc" / NAME, tmp_path / "save_models" / "stsb" / NAME)
+    shutil.copytree(ws.save / "save_models" / "mrpc" / NAME, tmp_path / "save_models" / "mrpc" / NAME)
+    expect_exit(inference_main, ["--dataset_names", "mrpc", "stsb", "--save_dir", str(tmp_path), *ws.common[:-2]], capsys,
+                "has a head with 2 labels but task 'stsb' needs 1")
+    expect_exit(merge_main, ["--dataset_names", "mrpc", "stsb", "--merge_grid", "none", "--save_dir", str(tmp_path), *ws.common[:-2]], capsys,
+                "has a head with 2 labels but task 'stsb' needs 1")
+    assert not (tmp_path / "save_model_results").exists() and not (tmp_path / "save_merge_results").exists()
+
+
+def test_different_architectures(ws, tmp_path, capsys):
+    other_lm = tiny_bert(tmp_path / "wide", ws.glue, hidden=48)
+    train_main(["--dataset_name", "rte", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(tmp_path / "wide_runs"),
+                *ws.common[:1], str(other_lm), *ws.common[2:]])
+    shutil.copytree(tmp_path / "wide_runs" / "save_models" / "rte" / NAME, tmp_path / "save_models" / "rte" / NAME)
+    shutil.copytree(ws.save / "save_models" / "mrpc" / NAME, tmp_path / "save_models" / "mrpc" / NAME)
+    expect_exit(merge_main, ["--dataset_names", "mrpc", "rte", "--merge_grid", "none", "--save_dir", str(tmp_path), *ws.common[:-2]], capsys,
+                "different architectures", "word_embeddings.weight", ", 32) in", ", 48) in")
+    assert not (tmp_path / "save_merge_results").exists()
+
+
+def test_drop_rate_outside_range(ws, tmp_path, capsys):
+    expect_exit(inference_main, ["--dataset_names", "mrpc", "--weight_mask_rate", "1.0", "--save_dir", str(ws.save), *ws.common[:-2]],
+                capsys, "--weight_mask_rate 1.0 is outside [0, 1)", code=2)
+    expect_exit(merge_main, ["--dataset_names", "mrpc", "stsb", "--merging_method_name", "mask_merging", "--merge_grid", "none",
+                             "--weight_mask_rate", "-0.1", "--save_dir", str(ws.save), *ws.common[:-2]], capsys, "outside [0, 1)", code=2)
+    config = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "glue.yaml", encoding="utf-8"))
+    config["merge_grids"]["small"]["mask_merging"]["weight_mask_rate"] = [0.5, 1.0]
+    config["merge_grids"]["small"]["task_arithmetic"]["scaling_coefficient"] = []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = tmp_path / "out"
+    shutil.copytree(ws.save / "save_models", out / "save_models")
+    shutil.copytree(ws.save / "save_merge_results", out / "save_merge_results")
+    before = sorted(outputs_under(out))
+    expect_exit(merge_main, ["--config", str(bad), "--dataset_names", "mrpc", "stsb", "--merging_method_name", "mask_merging",
+                             "--mask_apply_method", "average_merging", "--merge_grid", "small", "--use_weight_rescale", "--save_dir", str(out),
+                             *ws.common[:-2]], capsys, "drop rate 1.0", "outside [0, 1)")
+    expect_exit(merge_main, ["--config", str(bad), "--dataset_names", "mrpc", "stsb", "--merging_method_name", "task_arithmetic",
+                             "--merge_grid", "small", "--save_dir", str(out), *ws.common[:-2]], capsys,
+                "empty grid: axis 'scaling_coefficient'")
+    assert sorted(outputs_under(out)) == before
+
+
+def test_mask_merging_needs_apply_method_result(ws, tmp_path, capsys):
+    shutil.copytree(ws.save / "save_models", tmp_path / "save_models")
+    expect_exit(merge_main, ["--dataset_names", "mrpc", "stsb", "--merging_method_name", "mask_merging", "--mask_apply_method",
+                             "regmean_merging", "--save_dir", str(tmp_path), *ws.common[:-2]], capsys,
+                "needs regmean_merging's result file")
+    assert not (tmp_path / "save_merge_results").exists()

@@ -1,0 +1,95 @@
+"""Losses, the multitask model, optimiser groups, batching and the checkpoint naming rules."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from glue_helpers import write_word_tokenizer
+from utils.glue_data import GlueSplit, load_glue_config
+from utils.glue_io import checkpoint_name, task_learning_rate
+from utils.glue_merging import expand_grid, setting_name
+from utils.glue_training import LengthGroupedSampler, MultiTaskModel, batch_loss, encode_split, make_loader, optimizer_groups
+
+CONFIG = load_glue_config()
+ROWS = {"stsb": CONFIG["tasks"]["stsb"], "mnli": CONFIG["tasks"]["mnli"]}
+
+
+def test_multitask_loss_is_the_sum_of_task_losses():
+    logits = torch.tensor([[0.5, -1000.0, -1000.0], [1.0, 2.0, 0.0], [0.2, 0.1, 0.3], [2.0, -1000.0, -1000.0]])
+    batch = {"labels": torch.tensor([1.0, 1.0, 2.0, 1.5]), "dataset_ids": torch.tensor([3, 5, 5, 3])}
+    expected = F.mse_loss(torch.tensor([0.5, 2.0]), torch.tensor([1.0, 1.5])) + F.cross_entropy(logits[[1, 2]], torch.tensor([1, 2]))
+    assert batch_loss(logits, batch, ROWS).item() == pytest.approx(expected.item())
+    single = batch_loss(logits[[1, 2], :2], {"labels": torch.tensor([1, 0])}, {"rte": CONFIG["tasks"]["rte"]})
+    assert single.item() == pytest.approx(F.cross_entropy(logits[[1, 2], :2], torch.tensor([1, 0])).item())
+
+
+def test_multitask_model_pads_narrow_heads():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    model = MultiTaskModel(encoder, ROWS).eval()
+    ids = torch.tensor([[2, 5, 3], [2, 6, 3]])
+    logits = model(ids, torch.ones_like(ids), dataset_ids=torch.tensor([3, 5]))
+    assert logits.shape == (2, 3) and logits[0, 1:].tolist() == [-1000.0, -1000.0]
+    pooled = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output
+    assert torch.allclose(logits[1], model.heads["mnli"](pooled[1:])[0], atol=1e-6)
+
+
+def test_weight_decay_skips_biases_and_layernorm():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    decay, plain = optimizer_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("LayerNorm" in names[id(p)] or names[id(p)].endswith("bias") for p in plain["params"])
+    assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in decay["params"])
+    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+
+
+def test_eval_batches_cover_every_example_once(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_word_tokenizer(tmp_path, ["a", "b"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    split = GlueSplit("sst2", "test", ["a " * n for n in (3, 1, 5, 2, 4)], None, np.arange(5))
+    loader = make_loader(encode_split(tokenizer, split, CONFIG["tasks"]["sst2"], 128), tokenizer, 2, shuffle=False)
+    labels = torch.cat([batch["labels"] for batch in loader]).tolist()
+    assert sorted(labels) == [0, 1, 2, 3, 4] and labels[0] == 2  # longest first
+    assert [batch["input_ids"].shape[1] for batch in loader] == [7, 5, 3]
+
+
+def test_checkpoint_names_and_learning_rate_table():
+    assert checkpoint_name("roberta-base", 1e-5) == "roberta-base_lr1e-05"
+    assert checkpoint_name("bert-base-uncased", 5e-5, run=2) == "bert-base-uncased_lr5e-05_run2"
+    assert task_learning_rate(CONFIG, "bert-base-uncased", "cola", None) == 5e-5
+    assert task_learning_rate(CONFIG, "roberta-base", "cola", None) == 1e-5
+    assert task_learning_rate(CONFIG, "unknown-model", "rte", None) == 1e-5
+    assert task_learning_rate(CONFIG, "roberta-base", "rte", 3e-5) == 3e-5
+
+
+def test_paper_grids():
+    grids = CONFIG["merge_grids"]["paper"]
+    assert len(expand_grid(grids["task_arithmetic"], "ta")) == 6
+    assert len(expand_grid(grids["fisher_merging"], "fisher")) == 24
+    assert len(expand_grid(grids["regmean_merging"], "regmean")) == 16
+    assert len(expand_grid(grids["ties_merging"], "ties")) == 18
+    assert [s["weight_mask_rate"] for s in expand_grid(grids["mask_merging"], "mask")] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert setting_name({"scaling_coefficient": 0.3, "nums": [256, 512]}) == "scaling_coefficient_0.3_nums_256_512"
+    with pytest.raises(ValueError, match="empty grid: axis 'x' of here"):
+        expand_grid({"x": []}, "here")
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_longest_first():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 1, 2]
+    sampler = LengthGroupedSampler(lengths, batch_size=2, generator=torch.Generator().manual_seed(0), mega_batch_mult=3)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(12)) and sorted(second) == list(range(12)) and first != second
+    assert lengths[first[0]] == 10
+    for start in range(0, 12, 6):  # inside each mega-batch (after the first element) lengths decrease
+        block = [lengths[i] for i in first[start + 1 : start + 6]]
+        assert block == sorted(block, reverse=True)
+    again = list(LengthGroupedSampler(lengths, 2, torch.Generator().manual_seed(0), mega_batch_mult=3))
+    assert again == first
