@@ -18,6 +18,7 @@ from pathlib import Path
 from model_merging_methods import DareOptions, MergeError, dare_state_dict
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
 from utils.glue_io import (
+    add_dare_arguments, add_run_arguments,
     HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
@@ -38,22 +39,13 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--language_model_name", default="roberta-base", help="pretrained encoder (hub id or folder): θ_pre and the checkpoint folder name")
     parser.add_argument("--dataset_names", nargs="+", default=list(config["tasks"]), help="tasks to evaluate")
     parser.add_argument("--batch_size", type=int, default=config["training"]["batch_size"], help="evaluation batch size")
-    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight", help="what is masked: θ_ft − θ_pre or θ_ft")
-    parser.add_argument("--weight_mask_rate", type=float, default=0.0, help="drop rate p in [0, 1) (0 = the fine-tuned model as is)")
-    parser.add_argument("--use_weight_rescale", action="store_true", help="divide kept entries by 1 − p (DARE); off = DropOnly")
-    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random", help="random (Bernoulli) or magnitude (smallest |x|) dropping")
+    add_dare_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
     parser.add_argument("--learning_rate", type=float, default=None, help="learning rate in the checkpoint name (default: the config's table)")
     parser.add_argument("--eval_splits", nargs="+", choices=["validation", "test"], default=["test"], help="splits to evaluate (test = GLUE dev)")
     parser.add_argument("--max_seq_length", type=int, default=config["training"]["max_seq_length"], help="truncation length in tokens")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples of each evaluated split")
-    parser.add_argument("--glue_dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the hub)")
-    parser.add_argument("--save_dir", default=".", help="root of save_models/ (input) and save_model_results/ (output)")
-    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu)")
-    parser.add_argument("--allow_pickle", action="store_true", help="allow checkpoints stored as pickles (.bin)")
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    add_run_arguments(parser, save_dir_help="root of save_models/ (input) and save_model_results/ (output)")
     return parser
 
 

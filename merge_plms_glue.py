@@ -22,6 +22,7 @@ from pathlib import Path
 from model_merging_methods import MergeError
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
 from utils.glue_io import (
+    add_dare_arguments, add_run_arguments,
     HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
@@ -63,10 +64,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--nums_regmean_examples", type=int, nargs="+", default=None, help="examples for each model's Gram matrices (grid none)")
     parser.add_argument("--reduce_non_diagonal_ratio", type=float, default=1.0, help="RegMean α: off-diagonal Gram entries × α (grid none)")
     parser.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim fraction (keep the top 1 − r of |δ|) (grid none)")
-    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight", help="what DARE masks")
-    parser.add_argument("--weight_mask_rate", type=float, default=0.0, help="DARE drop rate p in [0, 1) for mask_merging (grid none)")
-    parser.add_argument("--use_weight_rescale", action="store_true", help="DARE rescale by 1/(1 − p); off = DropOnly")
-    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random", help="DARE dropping strategy")
+    add_dare_arguments(parser)
     parser.add_argument("--mask_apply_method", default="average_merging", choices=BASE_METHODS, help="method applied after DARE in mask_merging")
     parser.add_argument("--merge_grid", default="paper", help="grid of configs/glue.yaml merge_grids (paper, small, ...) or none (= the flags)")
     parser.add_argument("--select_on", choices=["validation", "test"], default="validation", help="split the grid is searched on (test = the original protocol)")
@@ -78,13 +76,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples of validation and test")
     parser.add_argument("--ties_trim", default=merging["ties_trim"], choices=["global", "per_tensor"], help="TIES trim over the whole model (MergeLM GLUE) or per tensor")
     parser.add_argument("--ties_normalize", default=merging["ties_normalize"], choices=["count", "weights"], help="TIES disjoint-mean divisor")
-    parser.add_argument("--glue_dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the hub)")
-    parser.add_argument("--save_dir", default=".", help="root of save_models/ (input) and save_merge_results/ (output)")
-    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu)")
-    parser.add_argument("--allow_pickle", action="store_true", help="allow checkpoints stored as pickles (.bin)")
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    add_run_arguments(parser, save_dir_help="root of save_models/ (input) and save_merge_results/ (output)")
     return parser
 
 

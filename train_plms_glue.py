@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
 from utils.glue_io import (
+    add_run_arguments,
     HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
@@ -54,15 +55,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--max_seq_length", type=int, default=training["max_seq_length"], help="truncation length in tokens")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N examples of the train split")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples of validation and test")
-    parser.add_argument("--glue_dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the hub dataset nyu-mll/glue)")
-    parser.add_argument("--save_dir", default=".", help="root of save_models/ and save_model_results/")
-    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu); overrides auto")
     parser.add_argument("--group_by_length", action="store_true", help="batch train examples of similar length (HF Trainer option; faster on CPU; off in the paper)")
     parser.add_argument("--overwrite", action="store_true", help="retrain even if the checkpoint exists (default: evaluate the existing one)")
-    parser.add_argument("--allow_pickle", action="store_true", help="allow loading a pretrained model stored as a pickle (.bin)")
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    add_run_arguments(parser, save_dir_help="root of save_models/ and save_model_results/")
     return parser
 
 

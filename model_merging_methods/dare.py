@@ -16,23 +16,23 @@ def is_excluded(name: str, exclude_regex: Sequence[str]) -> bool:
     return any(re.match(pattern, name) for pattern in exclude_regex)
 
 
-def dare_deltas(deltas: StateDict, p: float, options: DareOptions, *, seed: int,
-                model_index: int, report: dict[str, float] | None = None,
-                offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
-    """δ' = DARE(δ) per tensor (the delta_weight format; see dare_model for finetuned_weight).
+def dare_tensors(tensors: StateDict, p: float, options: DareOptions, *, seed: int, model_index: int,
+                 report: dict[str, float] | None = None,
+                 offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
+    """x' = DARE(x) for every tensor x of one model (its deltas, or its weights for finetuned_weight).
 
-    The tensors of `deltas` are overwritten (callers pass private copies). Random masks come from
+    The tensors are overwritten (callers pass private copies). Random masks come from
     RandomSlot(seed, model_index, name); `offsets[name] = (start, total)` says that the tensor is the
     flat piece [start, start + n) of a tensor of `total` elements (streaming). `report` receives the
     kept fraction per tensor.
     """
     out = {}
     offsets = offsets or {}
-    for name, delta in deltas.items():
+    for name, tensor in tensors.items():
         slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
-        out[name], kept = dare_tensor(delta, p, options, slot, in_place=True)
+        out[name], kept = dare_tensor(tensor, p, options, slot, in_place=True)
         if report is not None:
-            report[name] = kept / max(delta.numel(), 1)
+            report[name] = kept / max(tensor.numel(), 1)
     return out
 
 
@@ -41,20 +41,12 @@ def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOpt
                offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
     """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight).
 
-    Same draws as dare_deltas; the tensors of `finetuned` are overwritten."""
+    The tensors of `finetuned` are overwritten; draws as dare_tensors."""
+    common = dict(seed=seed, model_index=model_index, report=report, offsets=offsets)
     if options.weight_format == "finetuned_weight":
-        out = {}
-        offsets = offsets or {}
-        for name, weight in finetuned.items():
-            slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
-            out[name], kept = dare_tensor(weight, p, options, slot, in_place=True)
-            if report is not None:
-                report[name] = kept / max(weight.numel(), 1)
-        return out
+        return dare_tensors(finetuned, p, options, **common)
     deltas = {name: weight.sub_(base[name]) for name, weight in finetuned.items()}
-    dropped = dare_deltas(deltas, p, options, seed=seed, model_index=model_index, report=report,
-                          offsets=offsets)
-    return {name: delta.add_(base[name]) for name, delta in dropped.items()}
+    return {name: delta.add_(base[name]) for name, delta in dare_tensors(deltas, p, options, **common).items()}
 
 
 def dare_state_dict(finetuned: StateDict, base: StateDict, options: DareOptions, *, seed: int = 0,

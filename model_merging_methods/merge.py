@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .dare import dare_deltas, dare_model, is_excluded
+from .dare import dare_tensors, dare_model, is_excluded
 from .options import DareOptions, MergeError, MergeOptions, StateDict
 from .registry import MergeMethod, get_method
 
@@ -132,7 +132,7 @@ def _apply_dare(spec: MergeMethod, dare: DareOptions, base: StateDict, models: l
     for index, (model, p) in enumerate(zip(models, rates)):
         common = dict(seed=seed, model_index=index, report=reports[index], offsets=offsets)
         if spec.on_deltas and dare.weight_format == "delta_weight":
-            out.append(dare_deltas({n: t.sub_(base[n]) for n, t in model.items()}, p, dare, **common))
+            out.append(dare_tensors({n: t.sub_(base[n]) for n, t in model.items()}, p, dare, **common))
         else:
             dropped = dare_model(model, base, p, dare, **common)
             out.append({n: t.sub_(base[n]) for n, t in dropped.items()} if spec.on_deltas else dropped)

@@ -29,6 +29,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help keeps the description's line breaks and shows every flag's default."""
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> None:
+    """Flags every GLUE script shares: data, outputs, config, device, pickles, progress bars."""
+    parser.add_argument("--glue_dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the hub dataset nyu-mll/glue)")
+    parser.add_argument("--save_dir", default=".", help=save_dir_help)
+    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu); overrides auto")
+    parser.add_argument("--allow_pickle", action="store_true", help="allow checkpoints stored as pickles (.bin), loaded with weights_only=True")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def add_dare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The paper's DARE flags; --weight_mask_rate defaults to 0.0 (the original's 0.1 silently alters models)."""
+    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight", help="what DARE masks: θ_ft − θ_pre or θ_ft")
+    parser.add_argument("--weight_mask_rate", type=float, default=0.0, help="DARE drop rate p in [0, 1) (0 = the models as they are)")
+    parser.add_argument("--use_weight_rescale", action="store_true", help="divide kept entries by 1 − p (DARE); off = DropOnly")
+    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random", help="random (Bernoulli) or magnitude (smallest |x|) dropping")
+
+
 def set_random_seed(seed: int) -> None:
     """Seed python ``random``, numpy and torch (CPU and CUDA)."""
     random.seed(seed)

@@ -16,7 +16,6 @@ Fisher ``{param_name: tensor shaped like the parameter}``, RegMean ``{"<module>.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Sequence
 
@@ -25,11 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from model_merging_methods import is_excluded
 from utils.glue_training import model_logits, to_device
-
-
-def _excluded(name: str, exclude_regex: Sequence[str]) -> bool:
-    return any(re.match(pattern, name) for pattern in exclude_regex)
 
 
 def _check_examples(num_examples: int) -> None:
@@ -60,7 +56,7 @@ def diagonal_fisher(
     if num_examples % batch_size != 0:
         warnings.warn(f"nums_fisher_examples {num_examples} is not a multiple of the batch size {batch_size}", stacklevel=2)
     model.to(device).eval()
-    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad and not _excluded(name, exclude_regex)]
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad and not is_excluded(name, exclude_regex)]
     parameters = dict(model.named_parameters())
     sums = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in names}
     counted = 0
@@ -139,4 +135,4 @@ def regmean_gram_matrices(
         bar.close()
     if not grams:
         raise ValueError("no batches for the RegMean statistics: the data loader is empty")
-    return {f"{name}.weight": gram.cpu() for name, gram in grams.items() if not _excluded(f"{name}.weight", exclude_regex)}
+    return {f"{name}.weight": gram.cpu() for name, gram in grams.items() if not is_excluded(f"{name}.weight", exclude_regex)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_deltas, dare_model, get_method,
+from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_tensors, dare_model, get_method,
                                    is_excluded, merge_state_dicts, resolve_dare)
 from model_merging_methods.ties import trim_threshold, ties_merging
 
@@ -234,7 +234,7 @@ def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str) -> list[dic
             model = dare_model(model, {name: base}, rates[index], dare, seed=job.seed, model_index=index)
         delta = {name: model.pop(name).sub_(base)}
         if dare is not None and dare.weight_format == "delta_weight":
-            delta = dare_deltas(delta, rates[index], dare, seed=job.seed, model_index=index)
+            delta = dare_tensors(delta, rates[index], dare, seed=job.seed, model_index=index)
         delta = delta.pop(name)
         thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index], in_place=True))})
         del delta
