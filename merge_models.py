@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every DARE mask (with model index, tensor name)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the base's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (0: torch's default); 1 is fastest for streamed pieces")
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="worker threads merging pieces of large tensors concurrently")
     parser.add_argument("--exclude_param_names_regex", nargs="*", default=[],
                         help="tensors matching any regex (re.match) are copied from the base unchanged")
     parser.add_argument("--vocab_alignment", choices=VOCAB_ALIGNMENTS, default="error",
@@ -69,7 +70,7 @@ def job_from_args(args: argparse.Namespace) -> StreamMergeJob:
                           overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
                           max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress,
-                          threads=args.threads or None)
+                          threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 import platform
 import shutil
 import time
@@ -49,7 +51,7 @@ class StreamMergeJob:
     files_from: str | None = None
     max_shard_size: int = 5 * 2**30
     progress: bool = True
-    threads: int | None = 1           # torch CPU threads while merging (None: leave torch's setting)
+    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # workers merging pieces
 
 
 @dataclass
@@ -68,16 +70,15 @@ def run_stream_merge(job: StreamMergeJob) -> dict:
     """Merge checkpoints tensor by tensor into job.output_dir; returns the manifest it writes.
 
     Also tunes glibc's allocator for this process (utils/allocator.py): streamed temporaries are then
-    reused instead of page-faulted in again, which halves wall time here. Merges run with `threads`
-    torch threads (default 1): the work is 4 MiB pieces of memory-bound elementwise passes that stay in
-    cache, where a second thread's synchronisation costs more than it gains (5-10x slower on a busy
-    2-core machine, measured)."""
+    reused instead of page-faulted in again, which halves wall time here. Torch runs single-threaded
+    meanwhile: the work is 4 MiB pieces of memory-bound elementwise passes that stay in cache, where
+    intra-op threads' synchronisation costs more than it gains (5-10x slower on a busy 2-core machine,
+    measured); parallelism comes from `threads` workers merging different pieces instead."""
     started = time.time()
     tune_allocator()
     _check_job(job)
     previous_threads = torch.get_num_threads()
-    if job.threads:
-        torch.set_num_threads(job.threads)
+    torch.set_num_threads(1)
     try:
         return _run(job, started)
     finally:
@@ -183,7 +184,12 @@ def pad_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor], row_targets: dict[str, int],
                    staging: Path, reports: list[dict[str, float]]) -> list[str]:
-    """Merge and write every planned tensor; large tensors of elementwise merges go in flat pieces."""
+    """Merge and write every planned tensor.
+
+    Large tensors of elementwise merges go in flat pieces that `job.threads` worker threads merge
+    concurrently (each torch op single-threaded, the GIL released inside it), written in order.
+    Other tensors are merged whole in this thread, with no piece in flight.
+    """
     writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size)
     iterator = plan
     if job.progress:
@@ -193,30 +199,53 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
     dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
     in_pieces = method.elementwise and (dare is None or dare.strategy == "random")
     thresholds_needed = method.trim_thresholds and min(options.densities(len(job.models))) < 1.0
-    for planned in iterator:
-        numel = planned.nbytes // torch.empty((), dtype=planned.dtype).element_size()
-        if in_pieces and planned.name not in row_targets and numel > PIECE:
-            thresholds = None
-            if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
-                thresholds = _trim_thresholds(inputs, job, planned.name)
-            kept = [0.0] * len(reports)
-            for start in range(0, numel, PIECE):
-                stop = min(start + PIECE, numel)
-                tensors = [reader.get(planned.name, start, stop) for reader in inputs.readers]
-                merged, fractions = _merge_one(inputs, job, planned, tensors, (start, numel), thresholds)
-                kept = [k + (f or 0.0) * (stop - start) for k, f in zip(kept, fractions)]
-                writer.write(planned.name, merged, part=True)
-            fractions = [k / numel if f is not None else None for k, f in zip(kept, fractions)]
-        else:
+    kept: dict[str, list[float]] = {}
+    pending: deque[Future] = deque()
+
+    def finish_oldest() -> None:
+        planned, start, stop, numel, merged, fractions = pending.popleft().result()
+        writer.write(planned.name, merged, part=True)
+        totals = kept.setdefault(planned.name, [0.0] * len(reports))
+        kept[planned.name] = [t + (f or 0.0) * (stop - start) for t, f in zip(totals, fractions)]
+        if stop == numel:
+            fractions = [t / numel if f is not None else None for t, f in zip(kept.pop(planned.name), fractions)]
+            _record(reports, planned.name, fractions)
+
+    def merge_piece(planned, start, stop, numel, thresholds):
+        tensors = [reader.get(planned.name, start, stop) for reader in inputs.readers]
+        merged, fractions = _merge_one(inputs, job, planned, tensors, (start, numel), thresholds)
+        return planned, start, stop, numel, merged, fractions
+
+    with ThreadPoolExecutor(max(1, job.threads)) as pool:
+        for planned in iterator:
+            numel = planned.nbytes // torch.empty((), dtype=planned.dtype).element_size()
+            if in_pieces and planned.name not in row_targets and numel > PIECE:
+                thresholds = None
+                if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
+                    thresholds = _trim_thresholds(inputs, job, planned.name)
+                for start in range(0, numel, PIECE):
+                    pending.append(pool.submit(merge_piece, planned, start, min(start + PIECE, numel), numel,
+                                               thresholds))
+                    while len(pending) > 2 * job.threads:
+                        finish_oldest()
+                continue
+            while pending:
+                finish_oldest()
             tensors = [reader.get(planned.name) for reader in inputs.readers]
             if planned.name in row_targets:
                 tensors = [pad_rows_with_mean(t, row_targets[planned.name]) for t in tensors]
             merged, fractions = _merge_one(inputs, job, planned, tensors, None)
             writer.write(planned.name, merged)
-        for report, fraction in zip(reports, fractions):
-            if fraction is not None:
-                report[planned.name] = fraction
+            _record(reports, planned.name, fractions)
+        while pending:
+            finish_oldest()
     return writer.finish()
+
+
+def _record(reports: list[dict[str, float]], name: str, fractions: list[float | None]) -> None:
+    for report, fraction in zip(reports, fractions):
+        if fraction is not None:
+            report[name] = fraction
 
 
 def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str) -> list[dict[str, torch.Tensor]]:
