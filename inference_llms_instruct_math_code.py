@@ -67,7 +67,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="inference dtype (auto: float32 on CPU, the checkpoint's half dtype or float16 on GPU)")
     parser.add_argument("--num_threads", type=int, default=None,
-                        help="torch CPU threads for the merge/DARE engine and the transformers backend")
+                        help="torch CPU threads of the transformers backend (the merge engine sets its own)")
     parser.add_argument("--max_tokens", type=int, default=None,
                         help="override the paper's max new tokens per dataset (quick runs only)")
     parser.add_argument("--data_dir", default=None,
