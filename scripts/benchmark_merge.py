@@ -150,13 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable (another venv)")
     parser.add_argument("--json_out", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--floor_only", nargs="+", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor_only:
         floor_merge(args.floor_only[:-1], args.floor_only[-1])
         return 0
     fixture = Path(args.fixture_dir or tempfile.mkdtemp(prefix="merge-bench-"))
+    if args.build_only:
+        build_fixture(fixture, args.params, args.variants, shard_bytes=2**30)
+        return 0
     print(f"building/reusing fixture in {fixture} ({layer_count(args.params)} layers) ...", flush=True)
-    models = build_fixture(fixture, args.params, args.variants, shard_bytes=2**30)
+    # built in a child: a parent grown by the fixture would pass its RSS to every forked measurement
+    subprocess.run([sys.executable, __file__, "--build_only", "--params", str(args.params), "--variants",
+                    str(args.variants), "--fixture_dir", str(fixture)], check=True)
+    models = [fixture / "base"] + [fixture / f"variant{i}" for i in range(args.variants)]
     work = Path(tempfile.mkdtemp(prefix="merge-bench-out-"))
     rows = []
 
