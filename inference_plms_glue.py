@@ -17,18 +17,17 @@ from pathlib import Path
 
 from model_merging_methods import DareOptions, MergeError, dare_state_dict
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
+from utils.run_records import library_versions, write_json_atomic
 from utils.glue_io import (
     add_dare_arguments, add_run_arguments,
     HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
-    library_versions,
     load_classifier,
     model_short_name,
     resolve_device,
     set_random_seed,
     task_learning_rate,
-    write_json_atomic,
 )
 from utils.glue_merging import check_same_architecture
 from utils.glue_training import encode_split, evaluate_task, make_loader

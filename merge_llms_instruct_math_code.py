@@ -33,7 +33,8 @@ from inference_llms_instruct_math_code import (HelpFormatter, add_evaluation_arg
                                                eval_options, log_to, model_label, remove_checkpoint, resolve_model,
                                                set_threads)
 from utils.generation import resolve_backend_kind
-from utils.llm_eval import atomic_write_json, check_datasets, evaluate_model, result_folder
+from utils.llm_eval import check_datasets, evaluate_model, result_folder
+from utils.run_records import write_json_atomic
 from utils.llm_prompts import DATASETS, load_task_config, model_entry, task_datasets
 
 TASKS = ("instruct", "math", "code")
@@ -250,7 +251,7 @@ def _run(args: argparse.Namespace, argv: list[str], names: list[str], tasks: lis
             remove_checkpoint(folder, Path(args.save_dir))
             logger.info("removed %s (pass --keep_model to keep it)", folder)
     overview = Path(args.save_dir) / "save_merge_llm_results" / label / f"{save_name}.json"
-    atomic_write_json(overview, {"metrics": results, **{k: v for k, v in run_config.items() if k != "arguments"},
+    write_json_atomic(overview, {"metrics": results, **{k: v for k, v in run_config.items() if k != "arguments"},
                                  "arguments": vars(args)})
     logger.info("metrics: %s -> %s", json.dumps(results), overview)
     return 0

@@ -21,17 +21,16 @@ from pathlib import Path
 
 from model_merging_methods import MergeError
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
+from utils.run_records import library_versions, write_json_atomic
 from utils.glue_io import (
     add_dare_arguments, add_run_arguments,
     HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
-    library_versions,
     load_classifier,
     model_short_name,
     resolve_device,
     task_learning_rate,
-    write_json_atomic,
 )
 from utils.glue_merging import (
     BASE_METHODS,

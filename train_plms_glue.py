@@ -14,12 +14,12 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
+from utils.run_records import library_versions, write_json_atomic
 from utils.glue_io import (
     add_run_arguments,
     HelpFormatter,
     checkpoint_name,
     config_path_from_argv,
-    library_versions,
     load_classifier,
     model_short_name,
     resolve_device,
@@ -27,7 +27,6 @@ from utils.glue_io import (
     save_pretrained_safetensors,
     set_random_seed,
     task_learning_rate,
-    write_json_atomic,
 )
 from utils.glue_training import (
     MultiTaskModel,

@@ -19,7 +19,8 @@ if str(REPO) not in sys.path:
 
 from inference_plms_glue import setting_suffix  # noqa: E402
 from utils.glue_data import load_glue_config  # noqa: E402
-from utils.glue_io import HelpFormatter, checkpoint_name, write_json_atomic  # noqa: E402
+from utils.run_records import write_json_atomic  # noqa: E402
+from utils.glue_io import HelpFormatter, checkpoint_name  # noqa: E402
 from utils.glue_metrics import main_score  # noqa: E402
 
 

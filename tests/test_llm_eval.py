@@ -9,7 +9,8 @@ import pytest
 from llm_helpers import ALPACA_RECORDS, MBPP_RECORDS, write_data_dir
 from utils.generation import GenerationBackend, GenerationParams
 from utils.llm_data import load_human_eval
-from utils.llm_eval import EvalOptions, atomic_write_json, evaluate_dataset, result_folder
+from utils.llm_eval import EvalOptions, evaluate_dataset, result_folder
+from utils.run_records import write_json_atomic
 
 
 class ScriptedBackend(GenerationBackend):
@@ -129,7 +130,7 @@ def test_empty_slice_is_an_error(options):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "nested" / "value.json"
-    atomic_write_json(target, {"a": 1})
-    atomic_write_json(target, {"b": 2})
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"b": 2})
     assert json.loads(target.read_text()) == {"b": 2}
     assert [path.name for path in target.parent.iterdir()] == ["value.json"]

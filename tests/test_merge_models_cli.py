@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merge_models
-from model_merging_methods import DareOptions, MergeOptions, merge_state_dicts
+from model_merging_methods import merge_state_dicts
 from utils.checkpoint_io import CheckpointReader
 
 

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
-import platform
 import random
 import shutil
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-VERSIONED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn", "PyYAML")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -68,17 +64,6 @@ def resolve_device(device: str | None, gpu: int | None = None) -> torch.device:
     return resolved
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of python and the packages the results depend on."""
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def model_short_name(language_model_name: str) -> str:
     """Name used in output folders: a hub id without organisation, or a local folder's name."""
     return Path(str(language_model_name).rstrip("/\\")).name
@@ -101,22 +86,6 @@ def task_learning_rate(config: dict, short_name: str, task: str, override: float
         return float(override)
     table = config["learning_rates"].get(short_name, {})
     return float(table.get(task, config["training"]["default_learning_rate"]))
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` as indented JSON to ``path`` via a temporary file and a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def save_folder_atomic(target: str | os.PathLike, write) -> Path:

@@ -21,18 +21,15 @@ greedy completion passes its tests / problems. AlpacaEval has no local metric (w
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
-import platform
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from utils.run_records import library_versions, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from utils.code_sandbox import SandboxLimits, run_programs
 from utils.generation import GenerationBackend, make_backend
 from utils.llm_data import DatasetSource, Example, load_dataset, slice_examples
@@ -44,43 +41,6 @@ logger = logging.getLogger(__name__)
 
 RESULT_ROOTS = {"alpaca_eval": "save_gen_instruct_responses_results", "human_eval": "save_gen_codes_results",
                 "mbpp": "save_gen_codes_results", "gsm8k": "save_gen_math_results", "MATH": "save_gen_math_results"}
-_PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "vllm", "human-eval", "gguf", "PyYAML")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
-def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def package_versions() -> dict[str, str | None]:
-    """Python, platform and installed versions of the packages that affect results (None = absent)."""
-    versions: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def result_folder(save_dir: str | os.PathLike, dataset: str, save_name: str, tasks: str | None = None) -> Path:
@@ -162,11 +122,11 @@ def _write_standard_file(dataset: str, folder: Path, examples: list[Example], ro
         path = folder.with_name(folder.name + ".json")
         outputs = [{"instruction": example.record["instruction"], "output": generation, "generator": generator,
                     "dataset": example.record.get("dataset")} for example, generation in zip(examples, generations)]
-        atomic_write_json(path, outputs)
+        write_json_atomic(path, outputs)
         return path
     if dataset == "human_eval":
         path = folder.with_name(folder.name + ".jsonl")
-        atomic_write_jsonl(path, [{"task_id": example.task_id, "completion": row["extracted"],
+        write_jsonl_atomic(path, [{"task_id": example.task_id, "completion": row["extracted"],
                                    "all_code": row["all_code"]} for example, row in zip(examples, rows)])
         return path
     if dataset == "mbpp":
@@ -174,7 +134,7 @@ def _write_standard_file(dataset: str, folder: Path, examples: list[Example], ro
         per_problem: list[list[str]] = [[] for _ in range(source.num_total)]
         for example, row in zip(examples, rows):
             per_problem[example.index].append(row["extracted"])
-        atomic_write_text(path, json.dumps(per_problem))
+        write_text_atomic(path, json.dumps(per_problem))
         return path
     return None
 
@@ -204,7 +164,7 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
     folder = result_folder(options.save_dir, dataset, options.save_name, options.tasks)
     records = [{"index": example.index, "task_id": example.task_id, "prompt": prompt, "completion": generation, **row}
                for example, prompt, generation, row in zip(examples, prompts, generations, rows)]
-    atomic_write_jsonl(folder / "records.jsonl", records)
+    write_jsonl_atomic(folder / "records.jsonl", records)
     generator = options.generator_name or options.save_name
     standard = _write_standard_file(dataset, folder, examples, rows, generations, source, generator)
 
@@ -238,9 +198,9 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
         "outputs": {"records": str(folder / "records.jsonl"), "summary": str(folder / "summary.json"),
                     "standard": str(standard) if standard else None},
         "config": options.run_config,
-        "versions": package_versions(),
+        "versions": library_versions(),
     }
-    atomic_write_json(folder / "summary.json", summary)
+    write_json_atomic(folder / "summary.json", summary)
     logger.info("%s: %s -> %s", dataset, metrics, folder)
     return summary
 

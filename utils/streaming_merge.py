@@ -9,11 +9,9 @@ import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOption
 from model_merging_methods.ties import trim_threshold, ties_merging
 
 from .allocator import tune_allocator
+from .run_records import library_versions
 from .checkpoint_io import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
                             resolve_checkpoint)
 
@@ -310,16 +309,6 @@ def _copy_model_files(inputs: Inputs, job: StreamMergeJob, row_targets: dict[str
             config["vocab_size"] = max(row_targets.values())
         config_path.write_text(json.dumps(config, indent=2))
     return donor
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "safetensors", "transformers", "huggingface_hub", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _manifest(job: StreamMergeJob, inputs: Inputs, plan: list[PlannedTensor], files: list[str], donor: str,
