@@ -23,12 +23,6 @@ def derive_seed(seed: int, model_index: int, tensor_name: str, segment: int = 0)
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def make_generator(seed: int, model_index: int, tensor_name: str, segment: int = 0) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(derive_seed(seed, model_index, tensor_name, segment))
-    return generator
-
-
 @dataclass(frozen=True)
 class RandomSlot:
     """Where a piece of a tensor sits: flat elements [start, start + n) of a tensor of `total` elements."""

@@ -45,10 +45,3 @@ def _match_l1(original: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return sparse
     return sparse * (before / after)
 
-
-def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim of one tensor: keep exactly int(density·n) entries of largest |δ| (ties by index)."""
-    if density >= 1.0:
-        return delta
-    drop = delta.numel() - int(delta.numel() * density)
-    return delta.masked_fill(smallest_mask(delta.abs(), drop), 0.0)
