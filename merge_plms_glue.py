@@ -129,7 +129,6 @@ def grid_settings(args, config: dict, tasks: list[str], short: str) -> tuple[str
             rates = [check_drop_rate(r["weight_mask_rate"], "mask_merging weight_mask_rate") for r in rates]
             apply_file = result_dir(args, tasks, apply, None) / f"{short}{result_suffix(args, for_apply_method=True)}.json"
             base_settings = read_apply_method_winners(apply_file, apply)
-        rates = [check_drop_rate(rate, "mask_merging weight_mask_rate") for rate in rates]
         return apply, [(setting, rate) for setting in base_settings for rate in rates]
     if args.merge_grid == "none":
         return method, [(cli_setting(method, args), 0.0)]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_merging_methods import DareOptions, MergeOptions, dare_state_dict, is_excluded, merge_state_dicts
+from model_merging_methods import (DareOptions, MergeError, MergeOptions, check_inputs, dare_state_dict, is_excluded,
+                                   merge_state_dicts)
 from utils.glue_io import set_random_seed
 from utils.glue_metrics import main_score
 from utils.glue_training import evaluate_task
@@ -115,10 +116,10 @@ class MergeSearch:
 
     def __init__(self, members: list[TaskMember], base_state: dict, exclude_regex, device, args):
         self.members, self.exclude_regex = members, list(exclude_regex)
-        # Heads are excluded from the merge and may differ in shape between tasks (STS-B has one
-        # output), so only the non-excluded tensors ("bodies") go to the library.
-        self.base_state = self.body(base_state)
-        self.bodies = [self.body(member.state) for member in members]
+        # Heads are excluded from the merge (they may differ in shape between tasks: STS-B has one
+        # output); the library copies them from the base, and evaluation puts each task's own back.
+        self.base_state = base_state
+        self.states = [member.state for member in members]
         self.device, self.args = device, args
         self._statistics_cache: dict = {}
 
@@ -130,19 +131,16 @@ class MergeSearch:
             weight_format=self.args.weight_format,
         )
 
-    def body(self, state: dict) -> dict:
-        """The non-excluded (non-head) tensors of a state dict."""
-        return {name: tensor for name, tensor in state.items() if not is_excluded(name, self.exclude_regex)}
-
     def model_states(self, rate: float) -> list[dict]:
-        """Each member's body, DARE'd at ``rate`` (seeded per model index) when rate > 0."""
+        """Each member's state, DARE'd at ``rate`` (seeded per model index, heads untouched) when rate > 0."""
         if rate == 0.0:
-            return self.bodies
-        return [dare_state_dict(body, self.base_state, self.dare_options(rate), seed=self.args.seed, model_index=k) for k, body in enumerate(self.bodies)]
+            return self.states
+        return [dare_state_dict(state, self.base_state, self.dare_options(rate), seed=self.args.seed, model_index=k,
+                                exclude_regex=self.exclude_regex) for k, state in enumerate(self.states)]
 
-    def with_own_head(self, member: TaskMember, body: dict) -> dict:
-        """``body`` completed with the member's own (excluded) head tensors."""
-        return {**body, **{name: tensor for name, tensor in member.state.items() if is_excluded(name, self.exclude_regex)}}
+    def with_own_head(self, member: TaskMember, state: dict) -> dict:
+        """``state`` with the member's own (excluded) head tensors."""
+        return {**state, **{name: tensor for name, tensor in member.state.items() if is_excluded(name, self.exclude_regex)}}
 
     def statistics(self, method: str, counts: list[int], rate: float, states: list[dict]) -> list[dict] | None:
         """Fisher or RegMean statistics of every member (with DARE'd weights when rate > 0), cached."""
@@ -171,7 +169,8 @@ class MergeSearch:
             counts = per_model_examples(setting[STATISTICS_AXIS[method]], len(self.members), STATISTICS_AXIS[method])
         statistics = self.statistics(method, counts, rate, states) if counts else None
         options = merge_options(method, setting, len(self.members), self.args)
-        return merge_state_dicts(method, self.base_state, states, options, seed=self.args.seed, statistics=statistics)
+        return merge_state_dicts(method, self.base_state, states, options, seed=self.args.seed, statistics=statistics,
+                                 exclude_regex=self.exclude_regex)
 
     def evaluate(self, merged: dict, split: str) -> dict[str, dict]:
         """Each task's metrics on ``split`` with the merged encoder and the task's own head."""
@@ -186,20 +185,11 @@ class MergeSearch:
 
 
 def check_same_architecture(reference: dict, state: dict, reference_label: str, label: str, exclude_regex) -> None:
-    """Same non-head tensor names and shapes, else ValueError naming the first differing tensor."""
-    names = [name for name in reference if not is_excluded(name, exclude_regex)]
-    others = [name for name in state if not is_excluded(name, exclude_regex)]
-    for name in names:
-        if name not in state:
-            raise ValueError(f"different architectures: tensor {name!r} of {reference_label} is missing from {label}")
-        if tuple(state[name].shape) != tuple(reference[name].shape):
-            raise ValueError(
-                f"different architectures: tensor {name!r} is {tuple(reference[name].shape)} in {reference_label} "
-                f"but {tuple(state[name].shape)} in {label}"
-            )
-    extra = [name for name in others if name not in reference]
-    if extra:
-        raise ValueError(f"different architectures: tensor {extra[0]!r} of {label} is not in {reference_label}")
+    """Same tensor names, and shapes outside the heads, else ValueError naming the checkpoints and tensor."""
+    try:
+        check_inputs(reference, [state], exclude_regex)
+    except MergeError as error:
+        raise ValueError(f"different architectures: {reference_label} (base) vs {label} (model 0): {error}") from error
 
 
 def scores_of(members: list[TaskMember], results: dict[str, dict]) -> dict[str, float]:
