@@ -124,19 +124,25 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
 
 def _apply_dare(spec: MergeMethod, dare: DareOptions, base: StateDict, models: list[StateDict], seed: int,
                 report: list[dict[str, float]] | None, offsets: dict[str, tuple[int, int]] | None) -> list[StateDict]:
-    """DARE each model; returns δ'_k for methods on deltas, else θ'_k (each model's own rate)."""
-    rates = dare.rates(len(models))
+    """DARE each model at its own rate; returns δ'_k for methods on deltas, else θ'_k."""
     reports = report if report is not None else []
     reports.extend({} for _ in range(len(models) - len(reports)))
-    out = []
-    for index, (model, p) in enumerate(zip(models, rates)):
-        common = dict(seed=seed, model_index=index, report=reports[index], offsets=offsets)
-        if spec.on_deltas and dare.weight_format == "delta_weight":
-            out.append(dare_tensors({n: t.sub_(base[n]) for n, t in model.items()}, p, dare, **common))
-        else:
-            dropped = dare_model(model, base, p, dare, **common)
-            out.append({n: t.sub_(base[n]) for n, t in dropped.items()} if spec.on_deltas else dropped)
-    return out
+    return [dare_one_model(model, base, p, dare, on_deltas=spec.on_deltas, seed=seed, model_index=index,
+                           report=reports[index], offsets=offsets)
+            for index, (model, p) in enumerate(zip(models, dare.rates(len(models))))]
+
+
+def dare_one_model(model: StateDict, base: StateDict, p: float, dare: DareOptions, *, on_deltas: bool, seed: int,
+                   model_index: int, report: dict[str, float] | None = None,
+                   offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
+    """One model's private float32 tensors after DARE: δ' (on_deltas) or θ'. Overwrites `model`.
+
+    delta_weight on deltas masks δ directly; otherwise θ' = dare_model(θ) and δ' = θ' − θ_pre."""
+    common = dict(seed=seed, model_index=model_index, report=report, offsets=offsets)
+    if on_deltas and dare.weight_format == "delta_weight":
+        return dare_tensors({n: t.sub_(base[n]) for n, t in model.items()}, p, dare, **common)
+    dropped = dare_model(model, base, p, dare, **common)
+    return {n: t.sub_(base[n]) for n, t in dropped.items()} if on_deltas else dropped
 
 
 def _check_outputs(merged: StateDict) -> None:

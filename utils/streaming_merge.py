@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_tensors, dare_model, get_method,
+from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_one_model, get_method,
                                    is_excluded, merge_state_dicts, resolve_dare)
 from model_merging_methods.ties import trim_threshold, ties_merging
 
@@ -197,7 +197,8 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
     method = get_method(job.method)
     dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
     in_pieces = method.elementwise and (dare is None or dare.strategy == "random")
-    thresholds_needed = method.trim_thresholds and min(options.densities(len(job.models))) < 1.0
+    densities = options.densities(len(job.models))
+    thresholds_needed = method.trim_thresholds and min(densities) < 1.0
     kept: dict[str, list[float]] = {}
     pending: deque[Future] = deque()
 
@@ -221,7 +222,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
             if in_pieces and planned.name not in row_targets and numel > PIECE:
                 thresholds = None
                 if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
-                    thresholds = _trim_thresholds(inputs, job, planned.name)
+                    thresholds = _trim_thresholds(inputs, job, planned.name, dare, densities)
                 for start in range(0, numel, PIECE):
                     pending.append(pool.submit(merge_piece, planned, start, min(start + PIECE, numel), numel,
                                                thresholds))
@@ -247,25 +248,23 @@ def _record(reports: list[dict[str, float]], name: str, fractions: list[float | 
             report[name] = fraction
 
 
-def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str) -> list[dict[str, torch.Tensor]]:
+def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str, dare: DareOptions | None,
+                     densities: list[float]) -> list[dict[str, torch.Tensor]]:
     """Per model, TIES's trim threshold of this whole tensor, from the same (DARE'd) delta that the
-    in-memory merge computes, so that merging flat pieces gives bit-identical results."""
-    method = get_method(job.method)
-    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
-    densities = options.densities(len(job.models))
-    rates = dare.rates(len(job.models)) if dare is not None else []
+    in-memory merge computes, so that merging flat pieces gives bit-identical results. One model's
+    tensor is in memory at a time."""
     base = inputs.readers[0].get(name).to(job.device)   # kept in its own dtype: ops promote exactly
+    rates = dare.rates(len(job.models)) if dare is not None else []
     thresholds = []
     for index, reader in enumerate(inputs.readers[1:]):
         model = {name: reader.get(name).to(job.device).float()}
-        if dare is not None and dare.weight_format == "finetuned_weight":
-            model = dare_model(model, {name: base}, rates[index], dare, seed=job.seed, model_index=index)
-        delta = {name: model.pop(name).sub_(base)}
-        if dare is not None and dare.weight_format == "delta_weight":
-            delta = dare_tensors(delta, rates[index], dare, seed=job.seed, model_index=index)
-        delta = delta.pop(name)
+        if dare is None:
+            delta = model.pop(name).sub_(base)
+        else:
+            delta = dare_one_model(model, {name: base}, rates[index], dare, on_deltas=True, seed=job.seed,
+                                   model_index=index).pop(name)
         thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index], in_place=True))})
-        del delta
+        del model, delta
     return thresholds
 
 
