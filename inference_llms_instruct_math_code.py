@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from utils.generation import BACKEND_KINDS, resolve_backend_kind
-from utils.llm_eval import EvalOptions, check_datasets, evaluate_model
-from utils.llm_prompts import DATASETS, load_task_config, model_entry
+from utils.llm.generation import BACKEND_KINDS, resolve_backend_kind
+from utils.llm.evaluation import EvalOptions, check_datasets, evaluate_model
+from utils.llm.prompts import DATASETS, load_task_config, model_entry
 
 MODEL_DIR_ENV = "MERGELM_MODEL_DIR"
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -255,7 +255,7 @@ def remove_checkpoint(folder: Path, root: Path) -> None:
 
 def run_dare(args: argparse.Namespace, finetuned: str, backbone: str, output_dir: Path) -> dict[str, Any]:
     """DARE of one model by the streaming engine (method "dare", pad-row alignment); returns its manifest."""
-    from utils.streaming_merge import StreamMergeJob, run_stream_merge
+    from utils.engine.streaming import StreamMergeJob, run_stream_merge
 
     job = StreamMergeJob(base_model=backbone, models=[finetuned], method="dare", output_dir=str(output_dir),
                          dare=dare_options(args), seed=args.seed, dtype=args.save_dtype, device=args.merge_device,

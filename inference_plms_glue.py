@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from model_merging_methods import DareOptions, MergeError, dare_state_dict
-from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
-from utils.run_records import library_versions, write_json_atomic
-from utils.glue_io import (
+from utils.glue.data import GlueDataError, load_glue_config, load_task_splits, task_info
+from utils.records import library_versions, write_json_atomic
+from utils.glue.checkpoints import (
     add_dare_arguments, add_run_arguments,
     HelpFormatter,
     checkpoint_name,
@@ -29,8 +29,8 @@ from utils.glue_io import (
     set_random_seed,
     task_learning_rate,
 )
-from utils.glue_merging import check_same_architecture
-from utils.glue_training import encode_split, evaluate_task, make_loader
+from utils.glue.search import check_same_architecture
+from utils.glue.training import encode_split, evaluate_task, make_loader
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:

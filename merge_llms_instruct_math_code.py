@@ -32,10 +32,10 @@ from typing import Any
 from inference_llms_instruct_math_code import (HelpFormatter, add_evaluation_arguments, check_backbone, dare_options,
                                                eval_options, log_to, model_label, remove_checkpoint, resolve_model,
                                                set_threads)
-from utils.generation import resolve_backend_kind
-from utils.llm_eval import check_datasets, evaluate_model, result_folder
-from utils.run_records import write_json_atomic
-from utils.llm_prompts import DATASETS, load_task_config, model_entry, task_datasets
+from utils.llm.generation import resolve_backend_kind
+from utils.llm.evaluation import check_datasets, evaluate_model, result_folder
+from utils.records import write_json_atomic
+from utils.llm.prompts import DATASETS, load_task_config, model_entry, task_datasets
 
 TASKS = ("instruct", "math", "code")
 METHODS = ("average_merging", "task_arithmetic", "ties_merging", "mask_merging")
@@ -125,7 +125,7 @@ def merge_save_name(args: argparse.Namespace, num_models: int) -> str:
 def stream_job(args: argparse.Namespace, backbone: str, models: list[str], output_dir: Path):
     """The streaming engine's job for the requested method (DARE options only for mask_merging)."""
     from model_merging_methods import MergeOptions
-    from utils.streaming_merge import StreamMergeJob
+    from utils.engine.streaming import StreamMergeJob
 
     method = args.mask_apply_method if args.merging_method_name == "mask_merging" else args.merging_method_name
     options = MergeOptions(scaling_coefficient=args.scaling_coefficient)
@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace, argv: list[str], names: list[str], tasks: lis
     run_config["backbone_checks"] = [check_backbone(model, backbone, allow_mismatch=args.allow_backbone_mismatch)
                                      for model in models]
 
-    from utils.streaming_merge import run_stream_merge
+    from utils.engine.streaming import run_stream_merge
 
     folder = Path(args.save_dir) / "save_merge_models" / label / save_name
     started = time.perf_counter()

@@ -11,8 +11,8 @@ import os
 import sys
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
-from utils.checkpoint_io import CheckpointError
-from utils.streaming_merge import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
+from utils.engine.checkpoints import CheckpointError
+from utils.engine.streaming import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
 
 STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]

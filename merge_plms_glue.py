@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from model_merging_methods import MergeError
-from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
-from utils.run_records import library_versions, write_json_atomic
-from utils.glue_io import (
+from utils.glue.data import GlueDataError, load_glue_config, load_task_splits, task_info
+from utils.records import library_versions, write_json_atomic
+from utils.glue.checkpoints import (
     add_dare_arguments, add_run_arguments,
     HelpFormatter,
     checkpoint_name,
@@ -32,7 +32,7 @@ from utils.glue_io import (
     resolve_device,
     task_learning_rate,
 )
-from utils.glue_merging import (
+from utils.glue.search import (
     BASE_METHODS,
     MERGING_METHODS,
     STATISTICS_AXIS,
@@ -46,7 +46,7 @@ from utils.glue_merging import (
     select_winners,
     setting_name,
 )
-from utils.glue_training import encode_split, make_loader
+from utils.glue.training import encode_split, make_loader
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from utils.glue_data import GlueDataError, load_glue_config, load_task_splits, task_info
-from utils.run_records import library_versions, write_json_atomic
-from utils.glue_io import (
+from utils.glue.data import GlueDataError, load_glue_config, load_task_splits, task_info
+from utils.records import library_versions, write_json_atomic
+from utils.glue.checkpoints import (
     add_run_arguments,
     HelpFormatter,
     checkpoint_name,
@@ -28,7 +28,7 @@ from utils.glue_io import (
     set_random_seed,
     task_learning_rate,
 )
-from utils.glue_training import (
+from utils.glue.training import (
     MultiTaskModel,
     TrainingSettings,
     encode_split,

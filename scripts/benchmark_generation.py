@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.generation import GenerationParams, TransformersBackend  # noqa: E402
-from utils.llm_prompts import build_prompt  # noqa: E402
-from utils.smollm2 import ensure_smollm2  # noqa: E402
+from utils.llm.generation import GenerationParams, TransformersBackend  # noqa: E402
+from utils.llm.prompts import build_prompt  # noqa: E402
+from utils.llm.smollm2 import ensure_smollm2  # noqa: E402
 
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",

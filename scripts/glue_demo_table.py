@@ -18,10 +18,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from inference_plms_glue import setting_suffix  # noqa: E402
-from utils.glue_data import load_glue_config  # noqa: E402
-from utils.run_records import write_json_atomic  # noqa: E402
-from utils.glue_io import HelpFormatter, checkpoint_name  # noqa: E402
-from utils.glue_metrics import main_score  # noqa: E402
+from utils.glue.data import load_glue_config  # noqa: E402
+from utils.records import write_json_atomic  # noqa: E402
+from utils.glue.checkpoints import HelpFormatter, checkpoint_name  # noqa: E402
+from utils.glue.metrics import main_score  # noqa: E402
 
 
 def _read(path: Path) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from glue_helpers import require_glue_dir
-from utils.glue_data import (
+from utils.glue.data import (
     GlueDataError,
     load_glue_config,
     load_task_splits,

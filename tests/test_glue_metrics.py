@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from utils.glue_data import load_glue_config
-from utils.glue_metrics import compute_metrics, main_score, predictions_from_logits, task_metrics
+from utils.glue.data import load_glue_config
+from utils.glue.metrics import compute_metrics, main_score, predictions_from_logits, task_metrics
 
 CONFIG = load_glue_config()
 

@@ -15,9 +15,9 @@ from glue_helpers import glue_slice, tiny_bert
 from inference_plms_glue import main as inference_main
 from merge_plms_glue import main as merge_main
 from train_plms_glue import main as train_main
-from utils.glue_data import load_glue_config, load_task_splits
-from utils.glue_io import load_classifier
-from utils.glue_training import encode_split, evaluate_task, make_loader
+from utils.glue.data import load_glue_config, load_task_splits
+from utils.glue.checkpoints import load_classifier
+from utils.glue.training import encode_split, evaluate_task, make_loader
 
 NAME = "tiny-bert_lr0.001"
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.merge_statistics import diagonal_fisher, regmean_gram_matrices
+from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices
 
 
 class LinearClassifier(nn.Module):

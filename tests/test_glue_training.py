@@ -7,10 +7,10 @@ import torch
 from torch.nn import functional as F
 
 from glue_helpers import write_word_tokenizer
-from utils.glue_data import GlueSplit, load_glue_config
-from utils.glue_io import checkpoint_name, task_learning_rate
-from utils.glue_merging import expand_grid, setting_name
-from utils.glue_training import LengthGroupedSampler, MultiTaskModel, batch_loss, encode_split, make_loader, optimizer_groups
+from utils.glue.data import GlueSplit, load_glue_config
+from utils.glue.checkpoints import checkpoint_name, task_learning_rate
+from utils.glue.search import expand_grid, setting_name
+from utils.glue.training import LengthGroupedSampler, MultiTaskModel, batch_loss, encode_split, make_loader, optimizer_groups
 
 CONFIG = load_glue_config()
 ROWS = {"stsb": CONFIG["tasks"]["stsb"], "mnli": CONFIG["tasks"]["mnli"]}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from llm_helpers import ALPACA_RECORDS, GSM8K_RECORDS, MBPP_RECORDS, write_data_dir, write_jsonl
-from utils.llm_data import load_alpaca_eval, load_dataset, load_human_eval, resolve_data_dir, slice_examples
-from utils.llm_prompts import (build_prompt, code_input_text, generation_params, load_task_config, model_entry,
+from utils.llm.data import load_alpaca_eval, load_dataset, load_human_eval, resolve_data_dir, slice_examples
+from utils.llm.prompts import (build_prompt, code_input_text, generation_params, load_task_config, model_entry,
                                task_datasets)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_code"

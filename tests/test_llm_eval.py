@@ -7,10 +7,10 @@ from typing import Callable, Sequence
 import pytest
 
 from llm_helpers import ALPACA_RECORDS, MBPP_RECORDS, write_data_dir
-from utils.generation import GenerationBackend, GenerationParams
-from utils.llm_data import load_human_eval
-from utils.llm_eval import EvalOptions, evaluate_dataset, result_folder
-from utils.run_records import write_json_atomic
+from utils.llm.generation import GenerationBackend, GenerationParams
+from utils.llm.data import load_human_eval
+from utils.llm.evaluation import EvalOptions, evaluate_dataset, result_folder
+from utils.records import write_json_atomic
 
 
 class ScriptedBackend(GenerationBackend):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm_helpers import save_tiny_llama
-from utils.generation import (GenerationParams, TransformersBackend, VLLMBackend, _StopOnStrings, make_backend,
+from utils.llm.generation import (GenerationParams, TransformersBackend, VLLMBackend, _StopOnStrings, make_backend,
                               resolve_backend_kind, truncate_at_stop)
 
 PROMPTS = ["Question: what is 2 + 2?", "Hi", "A longer prompt with several more words in it, to force padding."]
@@ -108,7 +108,7 @@ def test_vllm_backend_with_stand_in_module(monkeypatch):
 
     fake = types.SimpleNamespace(LLM=LLM, SamplingParams=sampling_params, __version__="0.0-test")
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr("utils.generation.vllm_usable", lambda: True)
+    monkeypatch.setattr("utils.llm.generation.vllm_usable", lambda: True)
     backend = make_backend("auto", "some/model", tensor_parallel_size=2, seed=7)
     assert isinstance(backend, VLLMBackend)
     texts = backend.generate(["a b", "c"], GenerationParams(max_new_tokens=5, stop=("Response",)))

@@ -12,7 +12,7 @@ import inference_llms_instruct_math_code as inference
 import merge_llms_instruct_math_code as merge
 from llm_helpers import save_tiny_llama, tiny_family, write_data_dir
 
-pytest.importorskip("utils.streaming_merge")
+pytest.importorskip("utils.engine.streaming")
 
 COMMON = ["--backend", "transformers", "--device", "cpu", "--num_threads", "1", "--max_tokens", "4",
           "--code_timeout", "2"]

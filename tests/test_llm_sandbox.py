@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from utils.code_sandbox import SandboxLimits, pass_at_k, run_program, run_programs
+from utils.llm.sandbox import SandboxLimits, pass_at_k, run_program, run_programs
 
 FAST = SandboxLimits(timeout=2.0, memory_mb=512)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from utils.llm_scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_gold, gsm8k_is_correct,
+from utils.llm.scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_gold, gsm8k_is_correct,
                                human_eval_program, is_equiv, last_boxed_only_string, math_gold, math_is_correct,
                                mbpp_program, postprocess_code, remove_boxed, split_generation, strip_string)
 

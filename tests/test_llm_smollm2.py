@@ -9,7 +9,7 @@ import pytest
 
 import inference_llms_instruct_math_code as inference
 from llm_helpers import write_data_dir
-from utils.smollm2 import default_cache_dir, ensure_smollm2, find_gguf, is_converted
+from utils.llm.smollm2 import default_cache_dir, ensure_smollm2, find_gguf, is_converted
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_code"
 

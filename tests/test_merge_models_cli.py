@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import merge_models
 from model_merging_methods import merge_state_dicts
-from utils.checkpoint_io import CheckpointReader
+from utils.engine.checkpoints import CheckpointReader
 
 
 def _weights(folder):
@@ -202,7 +202,7 @@ def test_pickle_checkpoints_are_refused_unless_allowed(llama_family, tmp_path, c
 
 
 def test_header_length_beyond_file_is_reported(tmp_path):
-    from utils.checkpoint_io import CheckpointError, SafetensorsFile
+    from utils.engine.checkpoints import CheckpointError, SafetensorsFile
 
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
@@ -215,7 +215,7 @@ def test_header_length_beyond_file_is_reported(tmp_path):
     ("dare_ties", ["--ties_normalize", "weights"]), ("ties_merging", ["--weight_format", "finetuned_weight"]),
 ])
 def test_streaming_in_pieces_is_bit_identical(llama_family, tmp_path, monkeypatch, method, extra):
-    import utils.streaming_merge as engine
+    import utils.engine.streaming as engine
 
     args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
             str(llama_family["ft1"]), "--method", method, "--drop_rate", "0.7", "--seed", "5"] + extra

@@ -25,10 +25,10 @@ import torch
 
 from model_merging_methods import (DareOptions, MergeError, MergeOptions, check_inputs, dare_state_dict, is_excluded,
                                    merge_state_dicts)
-from utils.glue_io import set_random_seed
-from utils.glue_metrics import main_score
-from utils.glue_training import evaluate_task
-from utils.merge_statistics import diagonal_fisher, regmean_gram_matrices
+from utils.glue.checkpoints import set_random_seed
+from utils.glue.metrics import main_score
+from utils.glue.training import evaluate_task
+from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices
 
 BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging")
 MERGING_METHODS = (*BASE_METHODS, "mask_merging")

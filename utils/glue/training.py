@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from utils.glue_metrics import main_score, task_metrics
+from utils.glue.metrics import main_score, task_metrics
 
 HEAD_PADDING_VALUE = -1000.0
 

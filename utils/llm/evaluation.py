@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from utils.run_records import library_versions, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from utils.code_sandbox import SandboxLimits, run_programs
-from utils.generation import GenerationBackend, make_backend
-from utils.llm_data import DatasetSource, Example, load_dataset, slice_examples
-from utils.llm_prompts import build_prompt, dataset_config, generation_params, load_task_config
-from utils.llm_scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_is_correct, human_eval_program,
+from utils.records import library_versions, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from utils.llm.sandbox import SandboxLimits, run_programs
+from utils.llm.generation import GenerationBackend, make_backend
+from utils.llm.data import DatasetSource, Example, load_dataset, slice_examples
+from utils.llm.prompts import build_prompt, dataset_config, generation_params, load_task_config
+from utils.llm.scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_is_correct, human_eval_program,
                                math_is_correct, mbpp_program, postprocess_code, split_generation)
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.llm_scoring import gsm8k_gold, math_gold
+from utils.llm.scoring import gsm8k_gold, math_gold
 
 DATA_DIR_ENV = "MATH_CODE_DATA_DIR"
 ALPACA_EVAL_ENV = "ALPACA_EVAL_PATH"

@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from utils.generation import GenerationParams
+from utils.llm.generation import GenerationParams
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "llm_tasks.yaml"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "llm_tasks.yaml"
 DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 _DATASET_KEYS = ("template", "field", "temperature", "top_p", "max_tokens", "stop", "prompts_per_call")
 

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from model_merging_methods import is_excluded
-from utils.glue_training import model_logits, to_device
+from utils.glue.training import model_logits, to_device
 
 
 def _check_examples(num_examples: int) -> None:

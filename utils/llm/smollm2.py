@@ -7,7 +7,7 @@ generation config, ``conversion.json``) that every backend and the merge engine 
 
 The cache folder is ``$MERGELM_CACHE_DIR/smollm2-135m-instruct`` if that variable is set, else
 ``$XDG_CACHE_HOME/mergelm/...`` (default ``~/.cache/mergelm/...``), or any folder passed explicitly.
-Usage: ``python -m utils.smollm2 [--output_dir DIR]`` prints the folder.
+Usage: ``python -m utils.llm.smollm2 [--output_dir DIR]`` prints the folder.
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOption
 from model_merging_methods.ties import trim_threshold, ties_merging
 
 from .allocator import tune_allocator
-from .run_records import library_versions
-from .checkpoint_io import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
+from utils.records import library_versions
+from .checkpoints import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
                             resolve_checkpoint)
 
 PIECE = SEGMENT  # elements per streamed piece of a large tensor (4 MiB in float32: temporaries stay in cache)
@@ -68,7 +68,7 @@ class Inputs:
 def run_stream_merge(job: StreamMergeJob) -> dict:
     """Merge checkpoints tensor by tensor into job.output_dir; returns the manifest it writes.
 
-    Also tunes glibc's allocator for this process (utils/allocator.py): streamed temporaries are then
+    Also tunes glibc's allocator for this process (utils/engine/allocator.py): streamed temporaries are then
     reused instead of page-faulted in again, which halves wall time here. Torch runs single-threaded
     meanwhile: the work is 4 MiB pieces of memory-bound elementwise passes that stay in cache, where
     intra-op threads' synchronisation costs more than it gains (5-10x slower on a busy 2-core machine,
