@@ -1,0 +1,92 @@
+"""Command-line pieces every entry script shares, declared once: the help formatter, the paper's DARE
+flags and their conversion to DareOptions, device resolution and seeding.
+
+Scripts parse with these, convert to dataclasses here, and pass only dataclasses to the libraries.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+
+SUPPRESSED_DEFAULTS = (None, False, argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks; shows a flag's default once, and only when it says something
+    (not for None/False defaults, nor when the help text already states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in SUPPRESSED_DEFAULTS or "(default" in (action.help or "") or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def drop_rate(value: str) -> float:
+    """argparse type of a DARE drop rate: a float in [0, 1) (p = 1 would divide by 1 − p = 0)."""
+    rate = float(value)
+    if not 0.0 <= rate < 1.0:
+        raise argparse.ArgumentTypeError(f"drop rate must be in [0, 1), got {value}")
+    return rate
+
+
+def add_dare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The paper's DARE flags (names as in MergeLM); --weight_mask_rate defaults to 0 (the models as they are)."""
+    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight",
+                        help="what DARE drops: the delta θ_ft − θ_pre, or θ_ft itself")
+    parser.add_argument("--weight_mask_rate", type=drop_rate, default=0.0,
+                        help="DARE drop rate p in [0, 1) (0 = the models as they are)")
+    parser.add_argument("--use_weight_rescale", action="store_true",
+                        help="divide kept entries by 1 − p (DARE); without it: DropOnly")
+    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random",
+                        help="random: Bernoulli(p) drop; magnitude: drop the smallest |x|")
+
+
+def dare_options_from_args(args: argparse.Namespace):
+    """DareOptions from the flags of add_dare_arguments (already range-checked by the parser)."""
+    from model_merging_methods import DareOptions
+
+    return DareOptions(drop_rate=args.weight_mask_rate, rescale=args.use_weight_rescale,
+                       strategy=args.mask_strategy, weight_format=args.weight_format)
+
+
+def dare_suffix(options, *, always_rescale: bool = False) -> str:
+    """The original's result-name suffix of a DARE setting: ``_mask_<p>_rescale_<bool>`` (nothing at p = 0
+    unless `always_rescale`), then ``_strategy_magnitude`` and ``_weight_format_finetuned_weight`` when set."""
+    if options.drop_rate == 0.0 and not always_rescale:
+        return f"_mask_{options.drop_rate}"
+    name = f"_mask_{options.drop_rate}_rescale_{options.rescale}"
+    if options.strategy == "magnitude":
+        name += f"_strategy_{options.strategy}"
+    if options.weight_format == "finetuned_weight":
+        name += f"_weight_format_{options.weight_format}"
+    return name
+
+
+def resolve_device(device: str | None, gpu: int | None = None):
+    """``--device`` (cpu, cuda, cuda:N, auto) or the paper's ``--gpu N``; auto = cuda:0 if available.
+
+    An unknown device string or CUDA requested without CUDA raises ValueError (a user error)."""
+    import torch
+
+    if device in (None, "auto"):
+        if gpu is not None:
+            return torch.device(f"cuda:{gpu}" if gpu >= 0 and torch.cuda.is_available() else "cpu")
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available")
+    return resolved
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
