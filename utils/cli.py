@@ -49,12 +49,18 @@ def dare_options_from_args(args: argparse.Namespace):
                        strategy=args.mask_strategy, weight_format=args.weight_format)
 
 
-def dare_suffix(options, *, always_rescale: bool = False) -> str:
+def dare_suffix(options, *, always_rescale: bool = False, searched_rate: bool = False) -> str:
     """The original's result-name suffix of a DARE setting: ``_mask_<p>_rescale_<bool>`` (nothing at p = 0
-    unless `always_rescale`), then ``_strategy_magnitude`` and ``_weight_format_finetuned_weight`` when set."""
-    if options.drop_rate == 0.0 and not always_rescale:
+    unless `always_rescale`), then ``_strategy_magnitude`` and ``_weight_format_finetuned_weight`` when set.
+
+    `searched_rate`: the rate is a searched grid axis named per setting (GLUE merge search), so it is left
+    out, and rescaling (DARE's default) is named only when off (``_rescale_False``)."""
+    if searched_rate:
+        name = "" if options.rescale else "_rescale_False"
+    elif options.drop_rate == 0.0 and not always_rescale:
         return f"_mask_{options.drop_rate}"
-    name = f"_mask_{options.drop_rate}_rescale_{options.rescale}"
+    else:
+        name = f"_mask_{options.drop_rate}_rescale_{options.rescale}"
     if options.strategy == "magnitude":
         name += f"_strategy_{options.strategy}"
     if options.weight_format == "finetuned_weight":
