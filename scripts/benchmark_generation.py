@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.llm.generation import GenerationParams, TransformersBackend  # noqa: E402
-from utils.llm.prompts import build_prompt  # noqa: E402
+from utils.llm.benchmarks import build_prompt  # noqa: E402
 from utils.llm.smollm2 import ensure_smollm2  # noqa: E402
 
 QUESTIONS = [

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from llm_helpers import ALPACA_RECORDS, GSM8K_RECORDS, MBPP_RECORDS, write_data_dir, write_jsonl
-from utils.llm.data import load_alpaca_eval, load_dataset, load_human_eval, resolve_data_dir, slice_examples
-from utils.llm.prompts import (build_prompt, code_input_text, generation_params, load_task_config, model_entry,
-                               task_datasets)
+from utils.llm.benchmarks import build_prompt, load_dataset
+from utils.llm.data import load_alpaca_eval, load_human_eval, resolve_data_dir, slice_examples
+from utils.llm.models import model_entry
+from utils.llm.prompts import generation_params, load_task_config, mbpp_input, task_datasets
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_code"
 
@@ -37,11 +38,11 @@ def test_code_prompts_tabs_and_mbpp_493():
     mbpp = dict(MBPP_RECORDS[0])
     expected_input = ("\nWrite a function to add two numbers.\nTest examples:\nassert add(1, 2) == 3"
                       "\nassert add(0, 0) == 0\nassert add(-1, 1) == 0")
-    assert code_input_text("mbpp", mbpp) == expected_input
+    assert mbpp_input(mbpp, load_task_config()) == expected_input
     assert build_prompt("mbpp", mbpp) == CODE_PROMPT.format(q=expected_input)
     long_task = {"task_id": 493, "text": "Hexagons.",
                  "test_list": ["assert calculate_polygons(1,1,4,4,3)==" + "x" * 50]}
-    assert code_input_text("mbpp", long_task) == \
+    assert mbpp_input(long_task, load_task_config()) == \
         "\nHexagons.\nTest examples:\ncalculate_polygons(startx, starty, endx, endy, radius)"
 
 

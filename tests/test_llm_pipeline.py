@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 import inference_llms_instruct_math_code as inference
 import merge_llms_instruct_math_code as merge
 from llm_helpers import save_tiny_llama, tiny_family, write_data_dir
+from utils.llm.cli import inference_run, merge_members, merge_run
+from utils.llm.models import BackboneMismatchError, check_backbone, resolve_model
+from utils.llm.pipeline import inference_save_name, merge_save_name
 
 pytest.importorskip("utils.engine.streaming")
 
@@ -92,13 +95,13 @@ def test_inference_removes_the_temporary_checkpoint(family, tmp_path):
 
 def test_wrong_backbone_is_a_clear_error(family, tmp_path):
     code_llama_like = save_tiny_llama(tmp_path / "rope_base", seed=9, rope_theta=1e6)
-    with pytest.raises(inference.BackboneMismatchError, match="rope_theta"):
+    with pytest.raises(BackboneMismatchError, match="rope_theta"):
         inference.main(["--finetuned_model_name", str(family["ft_math"]), "--pretrained_model_name",
                         str(code_llama_like), "--dataset_name", "gsm8k", "--weight_mask_rate", "0.1",
                         "--data_dir", str(family["data"]), "--save_dir", str(tmp_path / "out"), *COMMON])
-    report = inference.check_backbone(str(family["ft_math"]), str(code_llama_like), allow_mismatch=True)
+    report = check_backbone(str(family["ft_math"]), str(code_llama_like), allow_mismatch=True)
     assert any("rope_theta" in problem for problem in report["mismatches"])
-    assert inference.check_backbone(str(family["ft_math"]), str(family["base"]))["mismatches"] == []
+    assert check_backbone(str(family["ft_math"]), str(family["base"]))["mismatches"] == []
 
 
 def test_missing_data_fails_before_any_work(family, tmp_path):
@@ -183,17 +186,19 @@ def test_paper_save_names():
     args = merge.build_parser().parse_args(["--merge_instruct", "--merge_math", "--merge_code",
                                             "--merging_method_name", "mask_merging", "--weight_mask_rate", "0.1",
                                             "--use_weight_rescale", "--mask_apply_method", "task_arithmetic"])
-    assert merge.merge_save_name(args, 3) == \
+    assert merge_save_name(merge_run(args, child_command=None), 3) == \
         "mask_merging/task_arithmetic_scaling_coefficient_1.0/mask_0.1_0.1_0.1_rescale_True"
-    assert merge.merge_members(args)[2] == "instruct_math_code"
-    assert merge.merge_members(args)[0] == ["WizardLM-13B-V1.2", "WizardMath-13B-V1.0", "llama-2-13b-code-alpaca"]
+    assert merge_members(args)[2] == "instruct_math_code"
+    assert merge_members(args)[0] == ["WizardLM-13B-V1.2", "WizardMath-13B-V1.0", "llama-2-13b-code-alpaca"]
     args = inference.build_parser().parse_args(["--finetuned_model_name", "WizardCoder-Python-13B-V1.0",
                                                 "--weight_mask_rate", "0.9", "--use_weight_rescale",
                                                 "--weight_format", "finetuned_weight",
                                                 "--wizardcoder_use_llama2_as_backbone"])
-    assert inference.inference_save_name(args) == ("WizardCoder-Python-13B-V1.0_inference_mask_0.9_rescale_True"
+    run = inference_run(args)
+    assert run.backbone_name == "Llama-2-13b-hf"
+    assert inference_save_name(run.finetuned_model_name, run.dare, llama2_backbone=True) == ("WizardCoder-Python-13B-V1.0_inference_mask_0.9_rescale_True"
                                                    "_weight_format_finetuned_weight_llama_2_as_backbone")
     assert inference.build_parser().parse_args([]).weight_mask_rate == 0.0
-    assert inference.resolve_model("WizardMath-7B-V1.0") == "WizardLMTeam/WizardMath-7B-V1.0"
+    assert resolve_model("WizardMath-7B-V1.0") == "WizardLMTeam/WizardMath-7B-V1.0"
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        inference.resolve_model("no_such_model")
+        resolve_model("no_such_model")

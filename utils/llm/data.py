@@ -12,7 +12,8 @@
   ``tatsu-lab/alpaca_eval`` when ``datasets`` is installed and the hub is reachable.
 
 Every loader returns a list of :class:`Example` in the original order; ``slice_examples`` applies
-``--start_index`` / ``--end_index`` as Python slicing of that list.
+``--start_index`` / ``--end_index`` as Python slicing of that list. Which loader serves which benchmark
+is declared in ``utils/llm/benchmarks.py`` (``load_dataset`` looks it up there).
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from utils.llm.scoring import gsm8k_gold, math_gold
 DATA_DIR_ENV = "MATH_CODE_DATA_DIR"
 ALPACA_EVAL_ENV = "ALPACA_EVAL_PATH"
 DEFAULT_DATA_DIR = "math_code_data"
-FILE_NAMES = {"gsm8k": "gsm8k_test.jsonl", "MATH": "MATH_test.jsonl", "mbpp": "mbpp.test.jsonl"}
 ALPACA_EVAL_HUB_ID = "tatsu-lab/alpaca_eval"
 
 
@@ -83,13 +83,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _data_file(dataset: str, data_dir: str | os.PathLike | None) -> Path:
-    folder = resolve_data_dir(data_dir)
-    path = folder / FILE_NAMES[dataset]
+def _data_file(dataset: str, file_name: str, data_dir: str | os.PathLike | None) -> Path:
+    path = resolve_data_dir(data_dir) / file_name
     if not path.is_file():
         raise FileNotFoundError(
             f"{dataset}: data file {path} not found. Pass --data_dir (or set {DATA_DIR_ENV}) to the folder holding "
-            f"{FILE_NAMES[dataset]}; math_code_data/README.md explains where to get it.")
+            f"{file_name}; math_code_data/README.md explains where to get it.")
     return path
 
 
@@ -101,7 +100,7 @@ def _require(record: dict[str, Any], keys: tuple[str, ...], path: Path, number: 
 
 def load_gsm8k(data_dir: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
     """GSM8K test: fields ``question``, ``answer``; gold = int after ``#### ``."""
-    path = _data_file("gsm8k", data_dir)
+    path = _data_file("gsm8k", "gsm8k_test.jsonl", data_dir)
     examples = []
     for number, record in enumerate(read_jsonl(path)):
         _require(record, ("question", "answer"), path, number)
@@ -116,7 +115,7 @@ def load_gsm8k(data_dir: str | os.PathLike | None = None) -> tuple[list[Example]
 def load_math(data_dir: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
     """MATH test (WizardMath packaging): fields ``instruction``, ``output``; gold = last ``\\boxed{}``
     of ``output`` (None when there is none, as the original, so such a problem is never solved)."""
-    path = _data_file("MATH", data_dir)
+    path = _data_file("MATH", "MATH_test.jsonl", data_dir)
     examples = []
     for number, record in enumerate(read_jsonl(path)):
         _require(record, ("instruction", "output"), path, number)
@@ -127,7 +126,7 @@ def load_math(data_dir: str | os.PathLike | None = None) -> tuple[list[Example],
 
 def load_mbpp(data_dir: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
     """MBPP test (task ids 11-510): fields ``task_id``, ``text``, ``test_list``; sorted by task id."""
-    path = _data_file("mbpp", data_dir)
+    path = _data_file("mbpp", "mbpp.test.jsonl", data_dir)
     records = read_jsonl(path)
     for number, record in enumerate(records):
         _require(record, ("task_id", "text", "test_list"), path, number)
@@ -187,22 +186,6 @@ def load_alpaca_eval(path: str | os.PathLike | None = None) -> tuple[list[Exampl
             raise ValueError(f"alpaca_eval ({location}): record {number} has no 'instruction'")
         examples.append(Example(index=number, task_id=str(number), record=record))
     return examples, DatasetSource("alpaca_eval", location, sha, len(examples))
-
-
-def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None,
-                 alpaca_eval_path: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
-    """Examples of ``name`` (alpaca_eval, gsm8k, MATH, human_eval, mbpp) in the original order."""
-    if name == "gsm8k":
-        return load_gsm8k(data_dir)
-    if name == "MATH":
-        return load_math(data_dir)
-    if name == "mbpp":
-        return load_mbpp(data_dir)
-    if name == "human_eval":
-        return load_human_eval()
-    if name == "alpaca_eval":
-        return load_alpaca_eval(alpaca_eval_path)
-    raise ValueError(f"unknown dataset '{name}'; known: alpaca_eval, gsm8k, MATH, human_eval, mbpp")
 
 
 def slice_examples(examples: list[Example], start_index: int = 0, end_index: int | None = None) -> list[Example]:

@@ -1,6 +1,8 @@
 """Evaluate a causal LM on the paper's benchmarks: prompts -> generation -> scoring -> files.
 
-For each dataset the result folder follows the original's folder names under ``save_dir``:
+Each benchmark's loader, prompt, scorer, metric, standard file and result folder come from its declaration
+in ``utils/llm/benchmarks.py``. For each dataset the result folder follows the original's folder names
+under ``save_dir``:
 
 * AlpacaEval: ``save_gen_instruct_responses_results/[<tasks>/]alpaca_eval/<save_name>``
 * HumanEval / MBPP: ``save_gen_codes_results/[<tasks>/]<human_eval|mbpp>/<save_name>``
@@ -21,7 +23,6 @@ greedy completion passes its tests / problems. AlpacaEval has no local metric (w
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -29,25 +30,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from utils.records import library_versions, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from utils.llm.sandbox import SandboxLimits, run_programs
+from utils.llm.benchmarks import DataLocation, ScoringContext, get_benchmark
+from utils.llm.data import slice_examples
 from utils.llm.generation import GenerationBackend, make_backend
-from utils.llm.data import DatasetSource, Example, load_dataset, slice_examples
-from utils.llm.prompts import build_prompt, dataset_config, generation_params, load_task_config
-from utils.llm.scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_is_correct, human_eval_program,
-                               math_is_correct, mbpp_program, postprocess_code, split_generation)
+from utils.llm.prompts import dataset_config, generation_params, load_task_config
+from utils.llm.sandbox import SandboxLimits
+from utils.records import library_versions, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
-RESULT_ROOTS = {"alpaca_eval": "save_gen_instruct_responses_results", "human_eval": "save_gen_codes_results",
-                "mbpp": "save_gen_codes_results", "gsm8k": "save_gen_math_results", "MATH": "save_gen_math_results"}
-
 
 def result_folder(save_dir: str | os.PathLike, dataset: str, save_name: str, tasks: str | None = None) -> Path:
-    """``<save_dir>/<root>/[<tasks>/]<dataset>/<save_name>`` (root per dataset, see the module docstring)."""
-    if dataset not in RESULT_ROOTS:
-        raise ValueError(f"unknown dataset '{dataset}'")
-    base = Path(save_dir) / RESULT_ROOTS[dataset]
+    """``<save_dir>/<root>/[<tasks>/]<dataset>/<save_name>`` (root per benchmark, see the module docstring)."""
+    base = Path(save_dir) / get_benchmark(dataset).result_root
     if tasks:
         base = base / tasks
     return base / dataset / save_name
@@ -78,78 +73,30 @@ class EvalOptions:
     code_workers: int = 2
     run_config: dict[str, Any] = field(default_factory=dict)
 
+    def data_location(self) -> DataLocation:
+        return DataLocation(data_dir=self.data_dir, alpaca_eval_path=self.alpaca_eval_path)
+
+    def sandbox_limits(self) -> SandboxLimits:
+        return SandboxLimits(timeout=self.code_timeout, memory_mb=self.code_memory_mb)
+
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _score(dataset: str, examples: list[Example], generations: list[str], options: EvalOptions,
-           config: dict[str, Any]) -> list[dict[str, Any]]:
-    phrase = config["scoring"]["answer_phrase"]
-    rows: list[dict[str, Any]] = []
-    if dataset in ("gsm8k", "MATH"):
-        for example, generation in zip(examples, generations):
-            if dataset == "gsm8k":
-                extracted = extract_gsm8k_answer(generation, phrase)
-                correct = gsm8k_is_correct(extracted, example.gold)
-            else:
-                extracted = extract_math_answer(generation, phrase)
-                correct = math_is_correct(extracted, example.gold)
-            rows.append({"extracted": extracted, "gold": example.gold, "correct": correct})
-        return rows
-    if dataset in ("human_eval", "mbpp"):
-        programs = []
-        for example, generation in zip(examples, generations):
-            completion, all_code = split_generation(generation, config["scoring"]["code_response_marker"])
-            completion = postprocess_code(completion, dataset)
-            builder = human_eval_program if dataset == "human_eval" else mbpp_program
-            programs.append(builder(example.record, completion))
-            rows.append({"extracted": completion, "all_code": all_code,
-                         "gold": example.record.get("test") if dataset == "human_eval" else example.gold})
-        limits = SandboxLimits(timeout=options.code_timeout, memory_mb=options.code_memory_mb)
-        for row, result in zip(rows, run_programs(programs, limits, workers=options.code_workers)):
-            row.update(correct=result.passed, execution={"status": result.status, "error": result.error,
-                                                         "seconds": result.seconds})
-        return rows
-    return [{"extracted": generation, "gold": example.record.get("output"), "correct": None}
-            for example, generation in zip(examples, generations)]
-
-
-def _write_standard_file(dataset: str, folder: Path, examples: list[Example], rows: list[dict[str, Any]],
-                         generations: list[str], source: DatasetSource, generator: str) -> Path | None:
-    if dataset == "alpaca_eval":
-        path = folder.with_name(folder.name + ".json")
-        outputs = [{"instruction": example.record["instruction"], "output": generation, "generator": generator,
-                    "dataset": example.record.get("dataset")} for example, generation in zip(examples, generations)]
-        write_json_atomic(path, outputs)
-        return path
-    if dataset == "human_eval":
-        path = folder.with_name(folder.name + ".jsonl")
-        write_jsonl_atomic(path, [{"task_id": example.task_id, "completion": row["extracted"],
-                                   "all_code": row["all_code"]} for example, row in zip(examples, rows)])
-        return path
-    if dataset == "mbpp":
-        path = folder.with_name(folder.name + ".jsonl")
-        per_problem: list[list[str]] = [[] for _ in range(source.num_total)]
-        for example, row in zip(examples, rows):
-            per_problem[example.index].append(row["extracted"])
-        write_text_atomic(path, json.dumps(per_problem))
-        return path
-    return None
-
-
 def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOptions) -> dict[str, Any]:
     """Run one dataset end to end with ``backend``; returns the summary (also written to disk)."""
     config = load_task_config()
-    all_examples, source = load_dataset(dataset, data_dir=options.data_dir, alpaca_eval_path=options.alpaca_eval_path)
+    benchmark = get_benchmark(dataset)
+    all_examples, source = benchmark.load(options.data_location())
     examples = slice_examples(all_examples, options.start_index, options.end_index)
     if not examples:
         raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "
                          f"of {len(all_examples)} ({source.location})")
     entry = dataset_config(dataset, config)
     params = generation_params(dataset, max_tokens=options.max_tokens, seed=options.seed, config=config)
-    prompts = [build_prompt(dataset, example.record, config) for example in examples]
+    prompts = [benchmark.prompt(example.record, config) for example in examples]
     per_call = int(entry["prompts_per_call"]) if backend.name == "vllm" else len(prompts)
     tokens_before, seconds_before = backend.stats.generated_tokens, backend.stats.seconds
     logger.info("%s: generating %d completions (%s)", dataset, len(prompts), params)
@@ -158,7 +105,7 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
     for chunk in _chunks(prompts, per_call):
         generations.extend(backend.generate(chunk, params))
     generation_seconds = time.perf_counter() - start
-    rows = _score(dataset, examples, generations, options, config)
+    rows = benchmark.score(examples, generations, ScoringContext(config, options.sandbox_limits(), options.code_workers))
     scoring_seconds = time.perf_counter() - start - generation_seconds
 
     folder = result_folder(options.save_dir, dataset, options.save_name, options.tasks)
@@ -166,16 +113,15 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
                for example, prompt, generation, row in zip(examples, prompts, generations, rows)]
     write_jsonl_atomic(folder / "records.jsonl", records)
     generator = options.generator_name or options.save_name
-    standard = _write_standard_file(dataset, folder, examples, rows, generations, source, generator)
+    standard = benchmark.write_standard(folder, examples, rows, generations, source, generator)
 
     generated_tokens = backend.stats.generated_tokens - tokens_before
     backend_seconds = backend.stats.seconds - seconds_before
     metrics: dict[str, Any] = {"num_examples": len(examples)}
-    if dataset != "alpaca_eval":
+    if benchmark.metric:
         num_correct = sum(bool(row["correct"]) for row in rows)
-        metric = "accuracy" if dataset in ("gsm8k", "MATH") else "pass@1"
-        metrics.update({metric: num_correct / len(rows), "num_correct": num_correct})
-        if dataset in ("gsm8k", "MATH"):
+        metrics.update({benchmark.metric: num_correct / len(rows), "num_correct": num_correct})
+        if benchmark.counts_invalid:
             metrics["num_invalid"] = sum(row["extracted"] is None for row in rows)
     summary = {
         "dataset": dataset,
@@ -192,8 +138,7 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
         "throughput": {"generated_tokens": generated_tokens, "generation_seconds": round(generation_seconds, 3),
                        "tokens_per_second": round(generated_tokens / backend_seconds, 3) if backend_seconds else None},
         "scoring_seconds": round(scoring_seconds, 3),
-        "code_sandbox": asdict(SandboxLimits(timeout=options.code_timeout, memory_mb=options.code_memory_mb))
-        if dataset in ("human_eval", "mbpp") else None,
+        "code_sandbox": asdict(options.sandbox_limits()) if benchmark.executes_code else None,
         "data": asdict(source),
         "outputs": {"records": str(folder / "records.jsonl"), "summary": str(folder / "summary.json"),
                     "standard": str(standard) if standard else None},
@@ -223,7 +168,7 @@ def check_datasets(datasets: Sequence[str], options: EvalOptions) -> dict[str, i
     Raises the loader's error (naming the missing file / variable) or ValueError for an empty slice."""
     counts = {}
     for dataset in datasets:
-        examples, source = load_dataset(dataset, data_dir=options.data_dir, alpaca_eval_path=options.alpaca_eval_path)
+        examples, source = get_benchmark(dataset).load(options.data_location())
         selected = slice_examples(examples, options.start_index, options.end_index)
         if not selected:
             raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from utils.cli import resolve_device
+
 BACKEND_KINDS = ("auto", "vllm", "transformers")
 
 
@@ -87,15 +89,6 @@ class GenerationBackend(abc.ABC):
         """Release the model (GPU memory included)."""
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
-    return resolved
-
-
 def _resolve_dtype(dtype: str, device: torch.device, config_dtype: Any) -> torch.dtype:
     """``auto``: float32 on CPU; on GPU the checkpoint's half dtype, float32 checkpoints -> float16
     (what vLLM's ``dtype="auto"`` did for the paper's float32 checkpoints)."""
@@ -155,7 +148,7 @@ class TransformersBackend(GenerationBackend):
         self.model_path = str(model_path)
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.batch_size = batch_size
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if num_threads is not None:
             if num_threads < 1:
                 raise ValueError(f"num_threads must be >= 1, got {num_threads}")

@@ -1,20 +1,21 @@
-"""Prompts, decoding settings and the model table of the paper's LLM evaluation.
+"""Prompt texts and decoding settings of the paper's LLM evaluation, read from ``configs/llm_tasks.yaml``.
 
-Everything comes from one data file, ``configs/llm_tasks.yaml`` (the original MergeLM strings,
-verbatim). This module only reads and applies it:
+That one data file holds the original MergeLM strings verbatim (templates, stop strings, max tokens,
+prompts per call, the model table). This module reads it and provides the pieces that the benchmark
+declarations in ``utils/llm/benchmarks.py`` combine:
 
-* ``build_prompt(dataset, record)`` fills the dataset's template with the record's field
-  (code tasks first turn the problem into the original "input" text and replace every run of four
-  spaces by a tab);
-* ``generation_params(dataset)`` gives the decoding of the original (greedy: temperature 0, top_p 1,
+* ``load_task_config()`` / ``dataset_config(dataset)``: the parsed file and one benchmark's entry;
+* ``field_input`` / ``human_eval_input`` / ``mbpp_input``: the text put into a template for one record
+  (code inputs then have every run of four spaces replaced by a tab, see ``code_prompt_input``);
+* ``fill_template(dataset, text)``: the dataset's template with that text;
+* ``generation_params(dataset)``: the decoding of the original (greedy: temperature 0, top_p 1,
   per-dataset max tokens and stop strings);
-* ``model_entry(name)`` returns the hub id / backbone / task of a paper model name.
+* ``task_datasets(task)``: the benchmarks of a merge task.
 """
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,18 +24,7 @@ import yaml
 from utils.llm.generation import GenerationParams
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "llm_tasks.yaml"
-DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 _DATASET_KEYS = ("template", "field", "temperature", "top_p", "max_tokens", "stop", "prompts_per_call")
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One row of the paper's model table: hub id (None = local folder only), backbone name, task."""
-
-    name: str
-    hub_id: str | None
-    backbone: str | None
-    task: str | None
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,10 +36,7 @@ def _load(path: str) -> dict[str, Any]:
     for section in ("templates", "code_inputs", "scoring", "datasets", "task_datasets", "models"):
         if section not in config:
             raise ValueError(f"{path}: missing section '{section}'")
-    for name in DATASETS:
-        entry = config["datasets"].get(name)
-        if entry is None:
-            raise ValueError(f"{path}: datasets.{name} is missing")
+    for name, entry in config["datasets"].items():
         missing = [key for key in _DATASET_KEYS if key not in entry]
         if missing:
             raise ValueError(f"{path}: datasets.{name} lacks {missing}")
@@ -83,37 +70,39 @@ def generation_params(dataset: str, *, max_tokens: int | None = None, seed: int 
     )
 
 
-def code_input_text(dataset: str, record: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
-    """The original "input" of a code prompt, before the four-spaces-to-tab replacement.
+def field_input(dataset: str, record: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The record's field named by ``datasets.<dataset>.field`` (GSM8K question, MATH / AlpacaEval instruction)."""
+    field = dataset_config(dataset, config)["field"]
+    if field not in record:
+        raise KeyError(f"{dataset} record has no field '{field}' (fields: {sorted(record)})")
+    return record[field]
 
-    HumanEval: the problem's ``prompt``. MBPP: ``"\\n" + text + "\\nTest examples:"`` followed by
-    ``"\\n" + assert`` for each of ``test_list`` (task 493: the call signature only).
-    """
-    config = config or load_task_config()
+
+def human_eval_input(record: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The original "input" of a HumanEval prompt: the problem's ``prompt``."""
+    return record["prompt"]
+
+
+def mbpp_input(record: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The original "input" of an MBPP prompt, before the four-spaces-to-tab replacement:
+    ``"\\n" + text + "\\nTest examples:"`` then ``"\\n" + assert`` for each of ``test_list``
+    (task 493: the call signature only)."""
     inputs = config["code_inputs"]
-    if dataset == "human_eval":
-        return record["prompt"]
-    if dataset == "mbpp":
-        text = inputs["mbpp_header"].format(text=record["text"])
-        overrides = {int(key): value for key, value in inputs["mbpp_test_overrides"].items()}
-        if int(record["task_id"]) in overrides:
-            return text + overrides[int(record["task_id"])]
-        return text + "".join(inputs["mbpp_test_line"].format(test=test) for test in record["test_list"])
-    raise ValueError(f"'{dataset}' is not a code dataset (human_eval, mbpp)")
+    text = inputs["mbpp_header"].format(text=record["text"])
+    overrides = {int(key): value for key, value in inputs["mbpp_test_overrides"].items()}
+    if int(record["task_id"]) in overrides:
+        return text + overrides[int(record["task_id"])]
+    return text + "".join(inputs["mbpp_test_line"].format(test=test) for test in record["test_list"])
 
 
-def build_prompt(dataset: str, record: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
-    """The exact prompt string the original sends to the model for one record of ``dataset``."""
-    config = config or load_task_config()
-    entry = dataset_config(dataset, config)
-    template = config["templates"][entry["template"]]
-    if dataset in ("human_eval", "mbpp"):
-        text = code_input_text(dataset, record, config).replace(config["code_inputs"]["tab_from"], "\t")
-    else:
-        if entry["field"] not in record:
-            raise KeyError(f"{dataset} record has no field '{entry['field']}' (fields: {sorted(record)})")
-        text = record[entry["field"]]
-    return template.replace("{instruction}", text)
+def code_prompt_input(text: str, config: Mapping[str, Any]) -> str:
+    """Code inputs as the original sent them: every run of four spaces replaced by a tab."""
+    return text.replace(config["code_inputs"]["tab_from"], "\t")
+
+
+def fill_template(dataset: str, text: str, config: Mapping[str, Any]) -> str:
+    """The dataset's template (``datasets.<dataset>.template``) with ``{instruction}`` replaced by ``text``."""
+    return config["templates"][dataset_config(dataset, config)["template"]].replace("{instruction}", text)
 
 
 def task_datasets(task: str, config: Mapping[str, Any] | None = None) -> list[str]:
@@ -122,12 +111,3 @@ def task_datasets(task: str, config: Mapping[str, Any] | None = None) -> list[st
     if task not in config["task_datasets"]:
         raise ValueError(f"unknown task '{task}'; known: {sorted(config['task_datasets'])}")
     return list(config["task_datasets"][task])
-
-
-def model_entry(name: str, config: Mapping[str, Any] | None = None) -> ModelEntry | None:
-    """The paper's table row for ``name`` (a short name such as ``WizardMath-13B-V1.0``), or None."""
-    config = config or load_task_config()
-    row = config["models"].get(name)
-    if row is None:
-        return None
-    return ModelEntry(name=name, hub_id=row.get("hub_id"), backbone=row.get("backbone"), task=row.get("task"))
