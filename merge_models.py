@@ -11,7 +11,8 @@ import os
 import sys
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
-from utils.engine.checkpoints import CheckpointError
+from utils.cli import HelpFormatter, drop_rate
+from utils.engine.reader import CheckpointError
 from utils.engine.streaming import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
 
 STREAMING_METHODS = [name for name in available_methods()
@@ -19,7 +20,7 @@ STREAMING_METHODS = [name for name in available_methods()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--base_model", default=None, help="pretrained backbone θ_pre: folder or hub id")
     parser.add_argument("--models", nargs="+", required=True, help="fine-tuned models: folders or hub ids")
     parser.add_argument("--method", required=True, choices=STREAMING_METHODS, help="registry name of the merge")
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta)")
     parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES")
-    parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=float, nargs="+", default=[0.0],
+    parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=drop_rate, nargs="+", default=[0.0],
                         help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first")
     parser.add_argument("--no_rescale", action="store_true", help="DropOnly: do not rescale kept entries by 1/(1-p)")
     parser.add_argument("--rescale_mode", choices=["paper", "l1"], default="paper",

@@ -1,22 +1,64 @@
-"""DARE over a whole model (paper §3): per-tensor drop-and-rescale of deltas or fine-tuned weights."""
+"""DARE (Drop And REscale, Yu et al., arXiv 2311.03099): one tensor, one model, one state dict.
+
+Options enter as DareOptions and are validated and resolved once (DareOptions.resolve, or resolve_dare
+for a merge method) into one ResolvedDare per model; everything below takes the resolved values.
+"""
 from __future__ import annotations
 
-import re
-from typing import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .options import DareOptions, StateDict
+from .options import DareOptions, MergeOptions, ResolvedDare, StateDict
 from .randomness import RandomSlot
-from .sparsify import dare_tensor
+from .selection import smallest_mask
+from .validation import check_inputs, is_excluded
+
+if TYPE_CHECKING:
+    from .registry import MergeMethod
 
 
-def is_excluded(name: str, exclude_regex: Sequence[str]) -> bool:
-    """A name is excluded when any pattern matches it from the start (``re.match``, as MergeLM)."""
-    return any(re.match(pattern, name) for pattern in exclude_regex)
+def dare_tensor(x: torch.Tensor, dare: ResolvedDare, slot: RandomSlot,
+                in_place: bool = False) -> tuple[torch.Tensor, int]:
+    """Drop entries of x with rate p = dare.drop_rate and rescale the survivors; returns (x̂, number kept).
+
+    random:    m ~ Bernoulli(p), x̃ = x ⊙ (1 − m)   (u ~ U[0,1) from `slot`, drop iff u < p)
+    magnitude: drop exactly int(n·p) entries of smallest |x|
+    rescale:   paper x̂ = x̃ / (1 − p);  l1 (mergekit) x̂ = x̃ · Σ|x| / Σ|x̃| (skipped if either sum < 1e-7)
+    With in_place, x is overwritten by x̂ (the l1 mode still copies).
+    """
+    p = dare.drop_rate
+    if p == 0.0:
+        return x, x.numel()
+    if dare.strategy == "random":
+        keep = slot.uniform(x.numel()).ge_(p).view(x.shape).to(x.device)  # 1.0 = kept
+    else:
+        keep = (~smallest_mask(x.abs(), int(x.numel() * p))).to(torch.float32)
+    kept = count_ones(keep)
+    if dare.rescale and dare.rescale_mode == "paper":
+        keep.mul_(1.0 / (1.0 - p))
+    out = x.mul_(keep) if in_place and dare.rescale_mode != "l1" else x * keep
+    if dare.rescale and dare.rescale_mode == "l1":
+        out = _match_l1(x, out)
+    return out, kept
 
 
-def dare_tensors(tensors: StateDict, p: float, options: DareOptions, *, seed: int, model_index: int,
+def count_ones(mask: torch.Tensor) -> int:
+    """Number of 1.0 entries of a 0/1 float tensor: float32 sums of pieces below 2^24 entries are
+    exact and about 5x faster than count_nonzero."""
+    return sum(int(piece.sum()) for piece in mask.reshape(-1).split(1 << 23))
+
+
+def _match_l1(original: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    before = float(original.abs().sum())
+    after = float(sparse.abs().sum())
+    if before < 1e-7 or after < 1e-7:
+        return sparse
+    return sparse * (before / after)
+
+
+def dare_tensors(tensors: StateDict, dare: ResolvedDare, *, seed: int, model_index: int,
                  report: dict[str, float] | None = None,
                  offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
     """x' = DARE(x) for every tensor x of one model (its deltas, or its weights for finetuned_weight).
@@ -30,36 +72,61 @@ def dare_tensors(tensors: StateDict, p: float, options: DareOptions, *, seed: in
     offsets = offsets or {}
     for name, tensor in tensors.items():
         slot = RandomSlot(seed, model_index, name, *offsets.get(name, (0, None)))
-        out[name], kept = dare_tensor(tensor, p, options, slot, in_place=True)
+        out[name], kept = dare_tensor(tensor, dare, slot, in_place=True)
         if report is not None:
             report[name] = kept / max(tensor.numel(), 1)
     return out
 
 
-def dare_model(finetuned: StateDict, base: StateDict, p: float, options: DareOptions, *, seed: int,
-               model_index: int, report: dict[str, float] | None = None,
+def dare_model(finetuned: StateDict, base: StateDict, dare: ResolvedDare, *, seed: int, model_index: int,
+               report: dict[str, float] | None = None,
                offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
     """θ' = θ_pre + DARE(θ_ft − θ_pre) (delta_weight) or θ' = DARE(θ_ft) (finetuned_weight).
 
     The tensors of `finetuned` are overwritten; draws as dare_tensors."""
     common = dict(seed=seed, model_index=model_index, report=report, offsets=offsets)
-    if options.weight_format == "finetuned_weight":
-        return dare_tensors(finetuned, p, options, **common)
+    if dare.weight_format == "finetuned_weight":
+        return dare_tensors(finetuned, dare, **common)
     deltas = {name: weight.sub_(base[name]) for name, weight in finetuned.items()}
-    return {name: delta.add_(base[name]) for name, delta in dare_tensors(deltas, p, options, **common).items()}
+    return {name: delta.add_(base[name]) for name, delta in dare_tensors(deltas, dare, **common).items()}
+
+
+def dare_one_model(model: StateDict, base: StateDict, dare: ResolvedDare, *, on_deltas: bool, seed: int,
+                   model_index: int, report: dict[str, float] | None = None,
+                   offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
+    """One model's private float32 tensors after DARE: δ' (on_deltas) or θ'. Overwrites `model`.
+
+    delta_weight on deltas masks δ directly; otherwise θ' = dare_model(θ) and δ' = θ' − θ_pre."""
+    common = dict(seed=seed, model_index=model_index, report=report, offsets=offsets)
+    if on_deltas and dare.weight_format == "delta_weight":
+        return dare_tensors({n: t.sub_(base[n]) for n, t in model.items()}, dare, **common)
+    dropped = dare_model(model, base, dare, **common)
+    return {n: t.sub_(base[n]) for n, t in dropped.items()} if on_deltas else dropped
+
+
+def resolve_dare(method: MergeMethod, options: MergeOptions, dare: DareOptions | None,
+                 num_models: int) -> tuple[tuple[ResolvedDare, ...] | None, MergeOptions]:
+    """The DARE each model gets under `method`, validated once; None when every rate is 0.
+
+    dare_linear / dare_ties: the DARE rate defaults to 1 − density per model, and TIES then trims nothing."""
+    resolved = dare.resolve(num_models) if dare is not None else None
+    if method.dare_from_density:
+        densities = options.densities(num_models)
+        if resolved is None or not any(d.drop_rate for d in resolved):
+            resolved = replace(dare or DareOptions(), drop_rate=[1.0 - d for d in densities]).resolve(num_models)
+        options = replace(options, density=1.0)
+    if resolved is not None and not any(d.drop_rate for d in resolved):
+        resolved = None
+    return resolved, options
 
 
 def dare_state_dict(finetuned: StateDict, base: StateDict, options: DareOptions, *, seed: int = 0,
                     model_index: int = 0, exclude_regex: Sequence[str] = ()) -> StateDict:
     """DARE applied to one fine-tuned model; excluded and non-float tensors are returned unchanged."""
-    from .merge import check_inputs  # merge imports this module
-
-    options.validate()
-    p = options.rates(1)[0]
+    dare = options.resolve(1)[0]
     check_inputs(base, [finetuned], exclude_regex)
     selected = {name: t for name, t in finetuned.items()
                 if t.is_floating_point() and not is_excluded(name, exclude_regex)}
     dropped = dare_model({n: t.to(torch.float32, copy=True) for n, t in selected.items()},
-                         {n: base[n].float() for n in selected}, p, options,
-                         seed=seed, model_index=model_index)
+                         {n: base[n].float() for n in selected}, dare, seed=seed, model_index=model_index)
     return {name: dropped[name].to(t.dtype) if name in dropped else t for name, t in finetuned.items()}

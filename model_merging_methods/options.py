@@ -46,17 +46,28 @@ class DareOptions:
     weight_format: str = "delta_weight"
     rescale_mode: str = "paper"
 
-    def rates(self, num_models: int) -> list[float]:
+    def resolve(self, num_models: int) -> tuple[ResolvedDare, ...]:
+        """Validate once and resolve to one ResolvedDare per model (a scalar rate is broadcast)."""
+        _check_choice("mask_strategy", self.strategy, MASK_STRATEGIES)
+        _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
+        _check_choice("rescale_mode", self.rescale_mode, RESCALE_MODES)
         rates = per_model(self.drop_rate, num_models, "drop_rate")
         for index, p in enumerate(rates):
             if not 0.0 <= p < 1.0:
                 raise MergeError(f"drop rate {p} for model {index} is outside [0, 1)")
-        return rates
+        return tuple(ResolvedDare(p, bool(self.rescale), self.strategy, self.weight_format, self.rescale_mode)
+                     for p in rates)
 
-    def validate(self) -> None:
-        _check_choice("mask_strategy", self.strategy, MASK_STRATEGIES)
-        _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
-        _check_choice("rescale_mode", self.rescale_mode, RESCALE_MODES)
+
+@dataclass(frozen=True)
+class ResolvedDare:
+    """DARE for one model, validated (made only by DareOptions.resolve): one drop rate p in [0, 1)."""
+
+    drop_rate: float
+    rescale: bool
+    strategy: str
+    weight_format: str
+    rescale_mode: str
 
 
 @dataclass(frozen=True)

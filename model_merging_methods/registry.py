@@ -6,7 +6,7 @@ from typing import Callable
 
 from .fisher_regmean import fisher_merging, regmean_merging
 from .linear import average_merging, passthrough_single, task_arithmetic
-from .options import MergeError
+from .options import MergeError, MergeOptions
 from .slerp import slerp_merging
 from .ties import ties_merging
 
@@ -23,8 +23,13 @@ class MergeMethod:
     dare_from_density: bool = False  # DARE rate defaults to 1 − density (mergekit's dare_* methods)
     streamable: bool = True          # can run one tensor at a time
     elementwise: bool = False        # each output entry depends only on the same entry of the inputs
-    trim_thresholds: bool = False    # ...given per-tensor TIES trim thresholds (statistics) when density < 1
+    trim_thresholds: bool = False    # TIES trim: takes per-tensor trim thresholds (statistics) when density < 1
     on_deltas: bool = False          # the function receives task vectors δ_k = θ_k − θ_pre instead of θ_k
+
+    def needs_whole_model(self, options: MergeOptions) -> bool:
+        """True when these options make the merge depend on the whole model at once (so it cannot stream):
+        a method marked not streamable, or TIES's trim over the whole model (ties_trim="global")."""
+        return not self.streamable or (self.trim_thresholds and options.ties_trim == "global")
 
 
 _METHODS = [

@@ -13,6 +13,11 @@ def _generator(seed=0):
     return RandomSlot(seed, 0, "t")
 
 
+def _dare(p, **options):
+    """One model's resolved DARE setting (DareOptions.resolve validates it)."""
+    return DareOptions(drop_rate=p, **options).resolve(1)[0]
+
+
 def test_rate_zero_is_identity():
     torch.manual_seed(0)
     base = {"a": torch.randn(5, 5), "b": torch.randn(3)}
@@ -24,18 +29,18 @@ def test_rate_zero_is_identity():
 
 def test_kept_entries_are_rescaled_by_one_over_one_minus_p():
     x = torch.arange(1.0, 1001.0)
-    out, kept = dare_tensor(x, 0.3, DareOptions(), _generator())
+    out, kept = dare_tensor(x, _dare(0.3), _generator())
     survivors = out != 0
     assert kept == int(survivors.sum())
     assert torch.allclose(out[survivors], x[survivors] / 0.7)
     assert 0.6 < kept / 1000 < 0.8
-    drop_only, _ = dare_tensor(x, 0.3, DareOptions(rescale=False), _generator())
+    drop_only, _ = dare_tensor(x, _dare(0.3, rescale=False), _generator())
     assert torch.equal(drop_only[survivors], x[survivors])      # same mask, no rescale
 
 
 def test_mean_over_seeds_approaches_delta():
     delta = torch.linspace(-1, 1, 200)
-    mean = torch.stack([dare_tensor(delta, 0.5, DareOptions(), RandomSlot(s, 0, "d"))[0]
+    mean = torch.stack([dare_tensor(delta, _dare(0.5), RandomSlot(s, 0, "d"))[0]
                         for s in range(2000)]).mean(0)
     # E[x̂] = δ; per-entry std of the mean = |δ|·sqrt(p/(1−p)/n) ≤ 0.023
     assert (mean - delta).abs().max() < 0.1
@@ -44,23 +49,23 @@ def test_mean_over_seeds_approaches_delta():
 
 def test_l1_rescale_matches_norm():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
-    out, _ = dare_tensor(x, 0.8, DareOptions(rescale_mode="l1"), _generator())
+    out, _ = dare_tensor(x, _dare(0.8, rescale_mode="l1"), _generator())
     assert out.abs().sum().item() == pytest.approx(x.abs().sum().item(), rel=1e-5)
 
 
 def test_magnitude_drops_exact_count_even_with_ties():
     x = torch.tensor([0.5, -0.1, 0.1, 0.1, 2.0, -0.1, 0.3, 0.1])
-    out, kept = dare_tensor(x, 0.5, DareOptions(strategy="magnitude", rescale=False), _generator())
+    out, kept = dare_tensor(x, _dare(0.5, strategy="magnitude", rescale=False), _generator())
     assert kept == 4                 # int(8·0.5) = 4 dropped among the five |x| = 0.1 ties, by index
     assert torch.equal(out.abs(), torch.tensor([0.5, 0, 0, 0, 2.0, 0, 0.3, 0.1]))
-    out, kept = dare_tensor(x, 0.25, DareOptions(strategy="magnitude", rescale=False), _generator())
+    out, kept = dare_tensor(x, _dare(0.25, strategy="magnitude", rescale=False), _generator())
     assert kept == 6                                 # 2 of the five 0.1-ties dropped: the first two by index
     assert torch.equal(out.abs(), torch.tensor([0.5, 0, 0, 0.1, 2.0, 0.1, 0.3, 0.1]))
 
 
 def test_magnitude_count_below_one_keeps_everything():
     x = torch.tensor([1.0, 2.0, 3.0])
-    out, kept = dare_tensor(x, 0.2, DareOptions(strategy="magnitude", rescale=False), _generator())
+    out, kept = dare_tensor(x, _dare(0.2, strategy="magnitude", rescale=False), _generator())
     assert kept == 3 and torch.equal(out, x)
 
 
@@ -104,7 +109,7 @@ def test_masks_do_not_depend_on_thread_count():
     code = ("import torch, hashlib; torch.set_num_threads({n});"
             "from model_merging_methods import DareOptions, dare_tensor, RandomSlot;"
             "x = torch.linspace(-1, 1, 3_000_000);"
-            "y, _ = dare_tensor(x, 0.9, DareOptions(), RandomSlot(5, 1, 'layer.weight'));"
+            "y, _ = dare_tensor(x, DareOptions(drop_rate=0.9).resolve(1)[0], RandomSlot(5, 1, 'layer.weight'));"
             "print(hashlib.sha256(y.numpy().tobytes()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code.format(n=n)], capture_output=True, text=True,
                               check=True).stdout for n in (1, 2)}
@@ -127,10 +132,33 @@ def test_per_model_rates_and_bad_rates():
 def test_pieces_draw_the_same_mask_as_the_whole_tensor():
     total = 3 * SEGMENT + 12_345
     x = torch.linspace(-1, 1, total)
-    whole, _ = dare_tensor(x, 0.6, DareOptions(), RandomSlot(9, 2, "w"))
+    whole, _ = dare_tensor(x, _dare(0.6), RandomSlot(9, 2, "w"))
     bounds = [0, SEGMENT, 3 * SEGMENT, total]           # segment-aligned pieces, as the engine streams
-    pieces = [dare_tensor(x[a:b], 0.6, DareOptions(), RandomSlot(9, 2, "w", a, total))[0]
+    pieces = [dare_tensor(x[a:b], _dare(0.6), RandomSlot(9, 2, "w", a, total))[0]
               for a, b in zip(bounds, bounds[1:])]
     assert torch.equal(torch.cat(pieces), whole)
-    odd = dare_tensor(x[100:SEGMENT + 50], 0.6, DareOptions(), RandomSlot(9, 2, "w", 100, total))[0]
+    odd = dare_tensor(x[100:SEGMENT + 50], _dare(0.6), RandomSlot(9, 2, "w", 100, total))[0]
     assert torch.equal(odd, whole[100:SEGMENT + 50])   # unaligned pieces too
+
+
+def test_options_resolve_once_to_one_validated_setting_per_model():
+    resolved = DareOptions(drop_rate=[0.1, 0.4], strategy="magnitude").resolve(2)
+    assert [d.drop_rate for d in resolved] == [0.1, 0.4]
+    assert {(d.strategy, d.rescale, d.weight_format, d.rescale_mode) for d in resolved} == {
+        ("magnitude", True, "delta_weight", "paper")}
+    assert [d.drop_rate for d in DareOptions(drop_rate=0.3).resolve(3)] == [0.3, 0.3, 0.3]
+    with pytest.raises(MergeError, match="unknown mask_strategy 'lottery'"):
+        DareOptions(strategy="lottery").resolve(1)
+    with pytest.raises(MergeError, match="drop rate 1.0 for model 1 is outside"):
+        DareOptions(drop_rate=[0.5, 1.0]).resolve(2)
+
+
+def test_dare_methods_take_their_rate_from_density_once():
+    from model_merging_methods import MergeOptions, get_method, resolve_dare
+
+    dare, options = resolve_dare(get_method("dare_ties"), MergeOptions(density=[0.25, 0.5]), None, 2)
+    assert [d.drop_rate for d in dare] == [0.75, 0.5] and options.density == 1.0
+    dare, _ = resolve_dare(get_method("dare_ties"), MergeOptions(density=0.5), DareOptions(drop_rate=0.2), 2)
+    assert [d.drop_rate for d in dare] == [0.2, 0.2]                  # an explicit rate wins over density
+    dare, options = resolve_dare(get_method("ties_merging"), MergeOptions(density=0.5), DareOptions(), 2)
+    assert dare is None and options.density == 0.5                   # rate 0 everywhere: no DARE at all

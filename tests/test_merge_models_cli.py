@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import merge_models
 from model_merging_methods import merge_state_dicts
-from utils.engine.checkpoints import CheckpointReader
+from utils.engine.reader import CheckpointReader
 
 
 def _weights(folder):
@@ -152,8 +152,6 @@ def _reshape_tensor(folder):
 @pytest.mark.parametrize("break_model, extra, message", [
     (_reshape_tensor, [], "shape mismatch for 'model.norm.weight'"),
     (_drop_tensor, [], "'model.layers.1.mlp.up_proj.weight' is missing from model 0"),
-    (None, ["--drop_rate", "1.0"], "drop rate 1.0 for model 0 is outside"),
-    (None, ["--drop_rate", "-0.1"], "drop rate -0.1 for model 0 is outside"),
     (_corrupt_nan, [], "'model.norm.weight' of model 0 contains NaN"),
     (_truncate, [], "truncated safetensors file"),
 ])
@@ -168,6 +166,17 @@ def test_bad_inputs_fail_cleanly(llama_family, tmp_path, capsys, break_model, ex
     assert code == 2
     assert message in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("rates, message", [
+    (["1.0"], "drop rate must be in [0, 1), got 1.0"), (["0.5", "-0.1"], "drop rate must be in [0, 1), got -0.1"),
+])
+def test_drop_rate_outside_range_is_refused_by_the_parser(tmp_path, capsys, rates, message):
+    with pytest.raises(SystemExit) as exit_info:
+        merge_models.main(["--models", "a", "b", "--method", "task_arithmetic", "--drop_rate", *rates,
+                           "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_path_existing_output_and_unknown_method(llama_family, tmp_path, capsys):
@@ -202,7 +211,7 @@ def test_pickle_checkpoints_are_refused_unless_allowed(llama_family, tmp_path, c
 
 
 def test_header_length_beyond_file_is_reported(tmp_path):
-    from utils.engine.checkpoints import CheckpointError, SafetensorsFile
+    from utils.engine.reader import CheckpointError, SafetensorsFile
 
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
@@ -235,4 +244,28 @@ def test_hub_id_that_cannot_be_fetched_is_reported(llama_family, tmp_path, capsy
                       "--method", "linear", "--output_dir", str(tmp_path / "o")], capsys)
     assert code == 2
     assert "some-org/not-a-local-model: not a local folder, and fetching it from the Hugging Face hub failed" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_engine_validates_the_job_once_before_reading_anything(tmp_path):
+    from model_merging_methods import DareOptions, MergeError, MergeOptions
+    from utils.engine.streaming import StreamMergeJob, resolve_job, run_stream_merge
+
+    job = StreamMergeJob(base_model="b", models=["m0", "m1"], method="ties", output_dir=str(tmp_path / "o"),
+                         options=MergeOptions(ties_trim="global"))
+    with pytest.raises(MergeError, match="needs the whole model in memory"):
+        run_stream_merge(job)
+    job = StreamMergeJob(base_model=None, models=["m0", "m1"], method="task_arithmetic",
+                         output_dir=str(tmp_path / "o"))
+    with pytest.raises(MergeError, match="task_arithmetic needs a base"):
+        run_stream_merge(job)
+    job = StreamMergeJob(base_model="b", models=["m0", "m1"], method="dare_linear", output_dir=str(tmp_path / "o"),
+                         options=MergeOptions(density=[0.2, 0.6]), dare=DareOptions(strategy="magnitude"))
+    resolved = resolve_job(job)
+    assert [d.drop_rate for d in resolved.dare] == pytest.approx([0.8, 0.4]) and resolved.options.density == 1.0
+    assert resolved.dare[0].strategy == "magnitude" and str(resolved.device) == "cpu"
+    if not torch.cuda.is_available():
+        job.device = "cuda:0"
+        with pytest.raises(MergeError, match="CUDA is not available"):
+            resolve_job(job)
     assert not (tmp_path / "o").exists()

@@ -200,3 +200,11 @@ def test_excluded_heads_may_differ_in_shape_and_dare_state_dict_validates():
         merge_state_dicts("task_arithmetic", base, [sts])
     with pytest.raises(MergeError, match="'encoder.w' is in model 0 but not in base"):
         dare_state_dict(sts, {"classifier.weight": torch.zeros(1, 4)}, DareOptions(drop_rate=0.5))
+
+
+def test_registry_says_which_options_need_the_whole_model():
+    per_tensor, global_trim = MergeOptions(), MergeOptions(ties_trim="global")
+    assert [name for name in ("ties_merging", "dare_ties", "task_arithmetic", "dare_linear", "fisher_merging")
+            if get_method(name).needs_whole_model(global_trim)] == ["ties_merging", "dare_ties", "fisher_merging"]
+    assert [name for name in ("ties_merging", "dare_ties", "regmean_merging", "fisher_merging")
+            if get_method(name).needs_whole_model(per_tensor)] == ["fisher_merging"]

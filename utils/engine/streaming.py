@@ -1,29 +1,31 @@
 """Streaming merge engine: read each tensor from every checkpoint, merge it, write it, forget it.
 
 Peak memory is a few tensors (one per input plus temporaries), not the model size. Output goes to a
-temporary folder beside the target that is renamed into place only when everything is written.
+staging folder beside the target that is published (utils/records.py) only when everything is written.
+The job's options are validated and resolved once, at entry (resolve_job); the rest takes resolved values.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeOptions, dare_one_model, get_method,
-                                   is_excluded, merge_state_dicts, resolve_dare)
-from model_merging_methods.ties import trim_threshold, ties_merging
+from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, ResolvedDare,
+                                   check_method_inputs, dare_one_model, get_method, is_excluded, merge_resolved,
+                                   resolve_dare, trim_threshold)
+from utils.cli import resolve_device
+from utils.records import library_versions, write_folder_atomic
 
 from .allocator import tune_allocator
-from utils.records import library_versions
-from .checkpoints import (WEIGHT_SUFFIXES, CheckpointReader, PlannedTensor, ShardedSafetensorsWriter,
-                            resolve_checkpoint)
+from .reader import WEIGHT_SUFFIXES, CheckpointReader, resolve_checkpoint
+from .writer import PlannedTensor, ShardedSafetensorsWriter
 
 PIECE = SEGMENT  # elements per streamed piece of a large tensor (4 MiB in float32: temporaries stay in cache)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +55,16 @@ class StreamMergeJob:
     threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # workers merging pieces
 
 
+@dataclass(frozen=True)
+class ResolvedJob:
+    """What resolve_job makes of a StreamMergeJob, once: the method, its options after DARE resolution
+    (dare_* methods: density 1), one ResolvedDare per model (None: no DARE) and the device."""
+    method: MergeMethod
+    options: MergeOptions
+    dare: tuple[ResolvedDare, ...] | None
+    device: torch.device
+
+
 @dataclass
 class Inputs:
     labels: list[str]                 # "base", "model 0", ...
@@ -75,43 +87,39 @@ def run_stream_merge(job: StreamMergeJob) -> dict:
     measured); parallelism comes from `threads` workers merging different pieces instead."""
     started = time.time()
     tune_allocator()
-    _check_job(job)
+    resolved = resolve_job(job)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(job, started)
+        return _run(job, resolved, started)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(job: StreamMergeJob, started: float) -> dict:
-    output = Path(job.output_dir)
+def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     inputs = _open_inputs(job)
     plan, row_targets = _plan(inputs, job)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    manifest: dict = {}
+
+    def write(staging: Path) -> None:
         reports: list[dict[str, float]] = [{} for _ in job.models]
-        files = _merge_tensors(inputs, job, plan, row_targets, staging, reports)
+        files = _merge_tensors(inputs, job, resolved, plan, row_targets, staging, reports)
         donor = _copy_model_files(inputs, job, row_targets, staging)
-        manifest = _manifest(job, inputs, plan, files, donor, reports, time.time() - started)
+        manifest.update(_manifest(job, resolved, inputs, plan, files, donor, reports, time.time() - started))
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
-        _replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    try:
+        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
+    except FileExistsError as error:  # the output appeared while this run was writing
+        raise MergeError(str(error)) from error
     return manifest
 
 
-def _check_job(job: StreamMergeJob) -> None:
+def resolve_job(job: StreamMergeJob) -> ResolvedJob:
+    """Validate the job once (a MergeError names the bad value) and resolve its method, options and DARE."""
     method = get_method(job.method)
     job.options.validate()
-    if job.dare is not None:
-        job.dare.validate()
-        job.dare.rates(len(job.models))
-    if not method.streamable or (method.function is ties_merging and job.options.ties_trim == "global"):
+    if method.needs_whole_model(job.options):
         raise MergeError(f"{job.method} needs the whole model in memory (global statistics); "
                          f"use model_merging_methods.merge_state_dicts instead of streaming")
     if method.statistics:
@@ -124,8 +132,13 @@ def _check_job(job: StreamMergeJob) -> None:
         raise MergeError("no models to merge")
     if Path(job.output_dir).exists() and not job.overwrite:
         raise MergeError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
-    if job.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"device {job.device} requested but CUDA is not available")
+    try:
+        device = resolve_device(job.device)
+    except ValueError as error:
+        raise MergeError(str(error)) from error
+    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
+    check_method_inputs(method, job.base_model is not None, len(job.models), None, dare)
+    return ResolvedJob(method, options, dare, device)
 
 
 def _open_inputs(job: StreamMergeJob) -> Inputs:
@@ -181,8 +194,8 @@ def pad_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
 
 
-def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor], row_targets: dict[str, int],
-                   staging: Path, reports: list[dict[str, float]]) -> list[str]:
+def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan: list[PlannedTensor],
+                   row_targets: dict[str, int], staging: Path, reports: list[dict[str, float]]) -> list[str]:
     """Merge and write every planned tensor.
 
     Large tensors of elementwise merges go in flat pieces that `job.threads` worker threads merge
@@ -194,10 +207,9 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
     if job.progress:
         from tqdm import tqdm
         iterator = tqdm(plan, desc=f"merging ({job.method})", unit="tensor")
-    method = get_method(job.method)
-    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
-    in_pieces = method.elementwise and (dare is None or dare.strategy == "random")
-    densities = options.densities(len(job.models))
+    method, dare = resolved.method, resolved.dare
+    in_pieces = method.elementwise and (dare is None or dare[0].strategy == "random")
+    densities = resolved.options.densities(len(job.models))
     thresholds_needed = method.trim_thresholds and min(densities) < 1.0
     kept: dict[str, list[float]] = {}
     pending: deque[Future] = deque()
@@ -213,7 +225,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
 
     def merge_piece(planned, start, stop, numel, thresholds):
         tensors = [reader.get(planned.name, start, stop) for reader in inputs.readers]
-        merged, fractions = _merge_one(inputs, job, planned, tensors, (start, numel), thresholds)
+        merged, fractions = _merge_one(inputs, job, resolved, planned, tensors, (start, numel), thresholds)
         return planned, start, stop, numel, merged, fractions
 
     with ThreadPoolExecutor(max(1, job.threads)) as pool:
@@ -222,7 +234,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
             if in_pieces and planned.name not in row_targets and numel > PIECE:
                 thresholds = None
                 if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
-                    thresholds = _trim_thresholds(inputs, job, planned.name, dare, densities)
+                    thresholds = _trim_thresholds(inputs, job, resolved, planned.name, densities)
                 for start in range(0, numel, PIECE):
                     pending.append(pool.submit(merge_piece, planned, start, min(start + PIECE, numel), numel,
                                                thresholds))
@@ -234,7 +246,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor
             tensors = [reader.get(planned.name) for reader in inputs.readers]
             if planned.name in row_targets:
                 tensors = [pad_rows_with_mean(t, row_targets[planned.name]) for t in tensors]
-            merged, fractions = _merge_one(inputs, job, planned, tensors, None)
+            merged, fractions = _merge_one(inputs, job, resolved, planned, tensors, None)
             writer.write(planned.name, merged)
             _record(reports, planned.name, fractions)
         while pending:
@@ -248,40 +260,38 @@ def _record(reports: list[dict[str, float]], name: str, fractions: list[float | 
             report[name] = fraction
 
 
-def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, name: str, dare: DareOptions | None,
+def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, name: str,
                      densities: list[float]) -> list[dict[str, torch.Tensor]]:
     """Per model, TIES's trim threshold of this whole tensor, from the same (DARE'd) delta that the
     in-memory merge computes, so that merging flat pieces gives bit-identical results. One model's
     tensor is in memory at a time."""
-    base = inputs.readers[0].get(name).to(job.device)   # kept in its own dtype: ops promote exactly
-    rates = dare.rates(len(job.models)) if dare is not None else []
+    base = inputs.readers[0].get(name).to(resolved.device)   # kept in its own dtype: ops promote exactly
     thresholds = []
     for index, reader in enumerate(inputs.readers[1:]):
-        model = {name: reader.get(name).to(job.device).float()}
-        if dare is None:
+        model = {name: reader.get(name).to(resolved.device).float()}
+        if resolved.dare is None:
             delta = model.pop(name).sub_(base)
         else:
-            delta = dare_one_model(model, {name: base}, rates[index], dare, on_deltas=True, seed=job.seed,
+            delta = dare_one_model(model, {name: base}, resolved.dare[index], on_deltas=True, seed=job.seed,
                                    model_index=index).pop(name)
         thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index], in_place=True))})
         del model, delta
     return thresholds
 
 
-def _merge_one(inputs: Inputs, job: StreamMergeJob, planned: PlannedTensor, tensors: list[torch.Tensor],
-               piece: tuple[int, int] | None,
+def _merge_one(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, planned: PlannedTensor,
+               tensors: list[torch.Tensor], piece: tuple[int, int] | None,
                statistics: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[float | None]]:
     """Merge one tensor (or one flat piece of it); returns it and each model's DARE kept fraction."""
     name = planned.name
-    tensors = [t.to(job.device) for t in tensors]
+    tensors = [t.to(resolved.device) for t in tensors]
     base = {name: tensors[0]} if inputs.has_base else None
     models = [{name: t} for t in (tensors[1:] if inputs.has_base else tensors)]
     report = [{} for _ in models]
     try:
-        merged = merge_state_dicts(job.method, base, models, job.options, dare=job.dare, seed=job.seed,
-                                   exclude_regex=job.exclude_regex, report=report,
-                                   out_dtype=planned.dtype, offsets={name: piece} if piece else None,
-                                   statistics=statistics)
+        merged = merge_resolved(resolved.method, base, models, resolved.options, resolved.dare, seed=job.seed,
+                                exclude_regex=job.exclude_regex, report=report, out_dtype=planned.dtype,
+                                offsets={name: piece} if piece else None, statistics=statistics)
     except MergeError as error:
         raise MergeError(f"{error} (while merging tensor {name!r})") from error
     return merged[name], [r.get(name) for r in report]
@@ -310,9 +320,9 @@ def _copy_model_files(inputs: Inputs, job: StreamMergeJob, row_targets: dict[str
     return donor
 
 
-def _manifest(job: StreamMergeJob, inputs: Inputs, plan: list[PlannedTensor], files: list[str], donor: str,
-              reports: list[dict[str, float]], seconds: float) -> dict:
-    method = get_method(job.method)
+def _manifest(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, plan: list[PlannedTensor],
+              files: list[str], donor: str, reports: list[dict[str, float]], seconds: float) -> dict:
+    method = resolved.method
     arguments = asdict(job)
     excluded = [p.name for p in plan if is_excluded(p.name, job.exclude_regex)]
     manifest = {
@@ -330,10 +340,9 @@ def _manifest(job: StreamMergeJob, inputs: Inputs, plan: list[PlannedTensor], fi
         "excluded_tensors": excluded,
         "wall_seconds": round(seconds, 3),
     }
-    dare, _ = resolve_dare(method, job.options, job.dare, len(job.models))
-    if dare is not None:
+    if resolved.dare is not None:
         manifest["dare"] = {
-            "resolved": asdict(dare) | {"drop_rate": dare.rates(len(job.models))},
+            "resolved": asdict(resolved.dare[0]) | {"drop_rate": [d.drop_rate for d in resolved.dare]},
             "per_model": [{"model": label, "kept_fraction_overall": _overall(report, plan),
                            "kept_fraction": report}
                           for label, report in zip(inputs.labels[int(inputs.has_base):], reports)],
@@ -346,13 +355,3 @@ def _overall(report: dict[str, float], plan: list[PlannedTensor]) -> float | Non
     total = sum(sizes[n] for n in report)
     return sum(report[n] * sizes[n] for n in report) / total if total else None
 
-
-def _replace(staging: Path, output: Path) -> None:
-    """Rename the finished staging folder into place (replacing an old output only now)."""
-    if output.exists():
-        retired = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(retired)
-        staging.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)
