@@ -17,18 +17,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
-# method label → (merge_models.py arguments, mergekit YAML merge_method and parameters)
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One benchmarked merge: merge_models.py's arguments and the same merge as a mergekit YAML."""
+    arguments: list[str]
+    mergekit_method: str
+    parameters: dict = field(default_factory=lambda: {"weight": 1.0})
+    on_base: bool = True   # False: a plain mean of all models, the base model included as one of them
+
+
 METHODS = {
-    "linear": (["--method", "linear"], "linear", {"weight": 1.0}),
-    "task_arithmetic": (["--method", "task_arithmetic"], "task_arithmetic", {"weight": 1.0}),
-    "ties": (["--method", "ties", "--density", "0.5"], "ties", {"weight": 1.0, "density": 0.5}),
-    "dare_ties": (["--method", "dare_ties", "--density", "0.5"], "dare_ties", {"weight": 1.0, "density": 0.5}),
-    "dare_linear": (["--method", "dare_linear", "--density", "0.5"], "dare_linear",
-                    {"weight": 1.0, "density": 0.5}),
+    "linear": BenchMethod(["--method", "linear"], "linear", on_base=False),
+    "task_arithmetic": BenchMethod(["--method", "task_arithmetic"], "task_arithmetic"),
+    "ties": BenchMethod(["--method", "ties", "--density", "0.5"], "ties", {"weight": 1.0, "density": 0.5}),
+    "dare_ties": BenchMethod(["--method", "dare_ties", "--density", "0.5"], "dare_ties",
+                             {"weight": 1.0, "density": 0.5}),
+    "dare_linear": BenchMethod(["--method", "dare_linear", "--density", "0.5"], "dare_linear",
+                               {"weight": 1.0, "density": 0.5}),
 }
 
 
@@ -128,13 +140,12 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float,
     return wall, usage.ru_maxrss / 2**20
 
 
-def mergekit_config(method: str, models: list[Path], path: Path) -> None:
-    _, name, parameters = METHODS[method]
-    lines = [f"merge_method: {name}", f"base_model: {models[0]}", "dtype: bfloat16", "models:"]
+def mergekit_config(method: BenchMethod, models: list[Path], path: Path) -> None:
+    lines = [f"merge_method: {method.mergekit_method}", f"base_model: {models[0]}", "dtype: bfloat16", "models:"]
     for model in models[1:]:
         lines.append(f"  - model: {model}")
-        lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in parameters.items()) + "}")
-    if name == "linear":
+        lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in method.parameters.items()) + "}")
+    if not method.on_base:
         lines[1:2] = []
         lines.append(f"  - model: {models[0]}\n    parameters: {{weight: 1.0}}")
     path.write_text("\n".join(lines) + "\n")
@@ -181,18 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     floor = lambda out: [sys.executable, __file__, "--floor_only", *map(str, models), str(out)]  # noqa: E731
     measure("linear", "torch floor", floor)
     measure("linear", "torch floor 1 thread", floor, {"OMP_NUM_THREADS": "1"})
-    for method in args.methods:
-        ours = [sys.executable, str(ROOT / "merge_models.py"), "--base_model", str(models[0]), "--models",
-                *map(str, models[1:]), *METHODS[method][0], "--no_progress"]
-        if method == "linear":
-            ours = [sys.executable, str(ROOT / "merge_models.py"), "--models", *map(str, models), "--method",
-                    "linear", "--no_progress"]
-        measure(method, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
+    for label in args.methods:
+        method = METHODS[label]
+        inputs = (["--base_model", str(models[0]), "--models", *map(str, models[1:])] if method.on_base
+                  else ["--models", *map(str, models)])
+        ours = [sys.executable, str(ROOT / "merge_models.py"), *inputs, *method.arguments, "--no_progress"]
+        measure(label, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
         if args.mergekit:
-            config = work / f"{method}.yml"
+            config = work / f"{label}.yml"
             mergekit_config(method, models, config)
-            measure(method, "mergekit", lambda out: [args.mergekit, str(config), str(out), "--random-seed", "0",
-                                                    "--no-write-model-card", "--no-copy-tokenizer"])
+            measure(label, "mergekit", lambda out, config=config: [
+                args.mergekit, str(config), str(out), "--random-seed", "0", "--no-write-model-card",
+                "--no-copy-tokenizer"])
     print("\n| method | tool | wall (s) | peak RSS (GiB) |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['tool']} | {row['wall_s']} | {row['peak_rss_gib']} |")
