@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+
+from utils.llm.generation import GenerationBackend, GenerationParams
 
 BASE_VOCAB = 259  # <unk>, <s>, </s> + 256 byte symbols
 
@@ -108,3 +111,23 @@ def tiny_family(root: Path) -> dict[str, Path]:
     return {"base": base,
             "ft_math": save_tiny_llama(root / "ft_math", seed=1, base=base, with_pad=True),
             "ft_code": save_tiny_llama(root / "ft_code", seed=2, base=base, with_pad=True)}
+
+
+class ScriptedBackend(GenerationBackend):
+    """Returns ``reply(prompt)`` for each prompt and records the decoding parameters it was given."""
+
+    name = "scripted"
+
+    def __init__(self, reply: Callable[[str], str]):
+        super().__init__()
+        self.reply = reply
+        self.params: list[GenerationParams] = []
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
+        self.params.append(params)
+        self.stats.generated_tokens += len(prompts)
+        self.stats.seconds += 0.5
+        return [self.reply(prompt) for prompt in prompts]
+
+    def describe(self) -> dict:
+        return {"backend": self.name}

@@ -2,35 +2,13 @@
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
 
 import pytest
 
-from llm_helpers import ALPACA_RECORDS, MBPP_RECORDS, write_data_dir
-from utils.llm.generation import GenerationBackend, GenerationParams
+from llm_helpers import ALPACA_RECORDS, MBPP_RECORDS, ScriptedBackend, write_data_dir
 from utils.llm.data import load_human_eval
 from utils.llm.evaluation import EvalOptions, evaluate_dataset, result_folder
 from utils.records import write_json_atomic
-
-
-class ScriptedBackend(GenerationBackend):
-    """Returns ``reply(prompt)`` for each prompt and records the decoding parameters it was given."""
-
-    name = "scripted"
-
-    def __init__(self, reply: Callable[[str], str]):
-        super().__init__()
-        self.reply = reply
-        self.params: list[GenerationParams] = []
-
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
-        self.params.append(params)
-        self.stats.generated_tokens += len(prompts)
-        self.stats.seconds += 0.5
-        return [self.reply(prompt) for prompt in prompts]
-
-    def describe(self) -> dict:
-        return {"backend": self.name}
 
 
 @pytest.fixture()
