@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from inference_plms_glue import setting_suffix  # noqa: E402
+from model_merging_methods import DareOptions  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
+from utils.glue.checkpoints import checkpoint_name  # noqa: E402
 from utils.glue.data import load_glue_config  # noqa: E402
-from utils.records import write_json_atomic  # noqa: E402
-from utils.glue.checkpoints import HelpFormatter, checkpoint_name  # noqa: E402
+from utils.glue.inference import result_path, result_name  # noqa: E402
 from utils.glue.metrics import main_score  # noqa: E402
+from utils.records import write_json_atomic, write_text_atomic  # noqa: E402
 
 
 def _read(path: Path) -> dict:
@@ -41,18 +42,16 @@ def drop_rows(save_dir: Path, config: dict) -> list[list[str]]:
     task = demo["drop_task"]
     name = checkpoint_name(demo["language_model"], demo["learning_rate"])
     rows = []
-    plain_args = Namespace(weight_mask_rate=0.0, seed=0)
-    plain = _read(save_dir / "save_model_results" / task / f"{name}{setting_suffix(plain_args)}" / f"{name}{setting_suffix(plain_args)}.json")
+    plain = _read(result_path(save_dir, task, result_name(name, DareOptions(drop_rate=0.0), seed=0)))
     metrics = plain["metrics"]["test"]
     rows.append(["fine-tuned", "0.0", _pct(metrics["accuracy"]), _pct(metrics.get("f1", float("nan"))), "1"])
     for variant in demo["drop_settings"]:
         for rate in variant["weight_mask_rate"]:
             values = []
             for seed in variant["seeds"]:
-                args = Namespace(weight_mask_rate=rate, use_weight_rescale=variant["use_weight_rescale"], mask_strategy=variant["mask_strategy"],
-                                 weight_format=variant["weight_format"], seed=seed)
-                stem = f"{name}{setting_suffix(args)}"
-                values.append(_read(save_dir / "save_model_results" / task / stem / f"{stem}.json")["metrics"]["test"])
+                dare = DareOptions(drop_rate=float(rate), rescale=bool(variant["use_weight_rescale"]), strategy=variant["mask_strategy"],
+                                   weight_format=variant["weight_format"])
+                values.append(_read(result_path(save_dir, task, result_name(name, dare, seed)))["metrics"]["test"])
             accuracy = np.array([v["accuracy"] for v in values])
             f1 = np.array([v.get("f1", float("nan")) for v in values])
             spread = lambda a: _pct(a.mean()) + (f" ± {100 * a.std():.1f}" if len(a) > 1 else "")
@@ -115,10 +114,7 @@ def main(argv=None) -> str:
         table = build_table(Path(args.save_dir), config)
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}") from error
-    out = Path(args.save_dir) / "glue_demo_table.md"
-    temporary = out.with_suffix(".md.tmp")
-    temporary.write_text(table, encoding="utf-8")
-    temporary.replace(out)
+    write_text_atomic(Path(args.save_dir) / "glue_demo_table.md", table)
     write_json_atomic(Path(args.save_dir) / "glue_demo_table.json", {"markdown": table})
     print(table)
     return table

@@ -25,8 +25,8 @@ if str(REPO) not in sys.path:
 from inference_plms_glue import main as inference_main  # noqa: E402
 from merge_plms_glue import main as merge_main  # noqa: E402
 from train_plms_glue import main as train_main  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 from utils.glue.data import load_glue_config  # noqa: E402
-from utils.glue.checkpoints import HelpFormatter  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 from glue_demo_table import main as table_main  # noqa: E402

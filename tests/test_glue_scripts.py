@@ -176,9 +176,10 @@ def test_different_architectures(ws, tmp_path, capsys):
 
 def test_drop_rate_outside_range(ws, tmp_path, capsys):
     expect_exit(inference_main, ["--dataset_names", "mrpc", "--weight_mask_rate", "1.0", "--save_dir", str(ws.save), *ws.common[:-2]],
-                capsys, "--weight_mask_rate 1.0 is outside [0, 1)", code=2)
+                capsys, "--weight_mask_rate", "drop rate must be in [0, 1), got 1.0", code=2)
     expect_exit(merge_main, ["--dataset_names", "mrpc", "stsb", "--merging_method_name", "mask_merging", "--merge_grid", "none",
-                             "--weight_mask_rate", "-0.1", "--save_dir", str(ws.save), *ws.common[:-2]], capsys, "outside [0, 1)", code=2)
+                             "--weight_mask_rate", "-0.1", "--save_dir", str(ws.save), *ws.common[:-2]], capsys,
+                "drop rate must be in [0, 1), got -0.1", code=2)
     config = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "glue.yaml", encoding="utf-8"))
     config["merge_grids"]["small"]["mask_merging"]["weight_mask_rate"] = [0.5, 1.0]
     config["merge_grids"]["small"]["task_arithmetic"]["scaling_coefficient"] = []

@@ -1,67 +1,14 @@
-"""Run-level helpers of the GLUE scripts: seeding, device, names, versions, atomic outputs, checkpoints.
+"""Checkpoint folders of the GLUE pipeline: their names and paths, reading and writing.
 
-Checkpoints are folders written by ``save_pretrained`` (safetensors) plus the tokenizer; they are read
-with ``use_safetensors=True`` unless pickles are explicitly allowed (then ``weights_only=True``).
-Every output is first written under a temporary name next to its target and then renamed, so a failed
-run leaves no partial file or folder behind.
+A checkpoint is ``<save_dir>/save_models/<tasks>/<lm>_lr<lr>[_run<r>]`` (the original MergeLM's names),
+a folder written by ``save_pretrained`` (safetensors) plus the tokenizer. It is read with
+``use_safetensors=True`` unless pickles are explicitly allowed.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
-import random
-import shutil
-import sys
-import tempfile
 from pathlib import Path
-
-import numpy as np
-import torch
-
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's line breaks and shows every flag's default."""
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> None:
-    """Flags every GLUE script shares: data, outputs, config, device, pickles, progress bars."""
-    parser.add_argument("--glue_dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the hub dataset nyu-mll/glue)")
-    parser.add_argument("--save_dir", default=".", help=save_dir_help)
-    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu); overrides auto")
-    parser.add_argument("--allow_pickle", action="store_true", help="allow checkpoints stored as pickles (.bin), loaded with weights_only=True")
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
-
-
-def add_dare_arguments(parser: argparse.ArgumentParser) -> None:
-    """The paper's DARE flags; --weight_mask_rate defaults to 0.0 (the original's 0.1 silently alters models)."""
-    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight", help="what DARE masks: θ_ft − θ_pre or θ_ft")
-    parser.add_argument("--weight_mask_rate", type=float, default=0.0, help="DARE drop rate p in [0, 1) (0 = the models as they are)")
-    parser.add_argument("--use_weight_rescale", action="store_true", help="divide kept entries by 1 − p (DARE); off = DropOnly")
-    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random", help="random (Bernoulli) or magnitude (smallest |x|) dropping")
-
-
-def set_random_seed(seed: int) -> None:
-    """Seed python ``random``, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(device: str | None, gpu: int | None = None) -> torch.device:
-    """``--device`` (cpu, cuda, cuda:N, auto) or the paper's ``--gpu N``; auto = cuda:0 if available."""
-    if device in (None, "auto"):
-        if gpu is not None:
-            return torch.device(f"cuda:{gpu}" if gpu >= 0 and torch.cuda.is_available() else "cpu")
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
-    return resolved
 
 
 def model_short_name(language_model_name: str) -> str:
@@ -75,7 +22,7 @@ def format_lr(learning_rate: float) -> str:
 
 
 def checkpoint_name(short_name: str, learning_rate: float, run: int = 0) -> str:
-    """``<lm>_lr<lr>`` for run 0, ``<lm>_lr<lr>_run<r>`` for later runs (spec §3.5)."""
+    """``<lm>_lr<lr>`` for run 0, ``<lm>_lr<lr>_run<r>`` for later runs (the original's names)."""
     name = f"{short_name}_lr{format_lr(learning_rate)}"
     return name if run == 0 else f"{name}_run{run}"
 
@@ -88,20 +35,20 @@ def task_learning_rate(config: dict, short_name: str, task: str, override: float
     return float(table.get(task, config["training"]["default_learning_rate"]))
 
 
-def save_folder_atomic(target: str | os.PathLike, write) -> Path:
-    """Call ``write(temporary_folder)`` and then move the folder to ``target`` (replacing it)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        write(temporary)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return target
+def checkpoint_dir(save_dir: str | os.PathLike, tasks: list[str], name: str) -> Path:
+    """The folder of checkpoint ``name`` trained on ``tasks`` (several: multitask, auxiliary first)."""
+    return Path(save_dir) / "save_models" / "_".join(tasks) / name
+
+
+def task_checkpoint(save_dir: str | os.PathLike, config: dict, language_model_name: str, task: str,
+                    learning_rate: float | None) -> Path:
+    """The existing run-0 checkpoint of ``task`` (learning rate: ``learning_rate``, else the config's
+    table); FileNotFoundError naming the folder when it has not been trained."""
+    short = model_short_name(language_model_name)
+    folder = checkpoint_dir(save_dir, [task], checkpoint_name(short, task_learning_rate(config, short, task, learning_rate)))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint of task '{task}' not found: {folder} (train it with train_plms_glue.py)")
+    return folder
 
 
 def save_pretrained_safetensors(obj, folder: Path) -> None:
@@ -125,12 +72,9 @@ def load_classifier(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
         raise ValueError(f"cannot load model '{path}': {error}{hint}") from error
 
 
-def config_path_from_argv(argv) -> str | None:
-    """The value of ``--config`` in ``argv`` (needed before parsing: parser defaults come from it)."""
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    for index, token in enumerate(tokens):
-        if token == "--config" and index + 1 < len(tokens):
-            return tokens[index + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
+def check_head(model_config, checkpoint: Path, task: str, row: dict) -> None:
+    """The checkpoint's head must have the task's number of labels."""
+    if model_config.num_labels != row["num_labels"]:
+        raise ValueError(
+            f"checkpoint {checkpoint} has a head with {model_config.num_labels} labels but task '{task}' needs {row['num_labels']}"
+        )

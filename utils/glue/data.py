@@ -1,6 +1,6 @@
 """GLUE data for the encoder experiments: task table, readers for local GLUE files, splits.
 
-Splits follow MergeLM (docs/mergelm-spec.md §3.2): the original GLUE train split is permuted with
+Splits follow the original MergeLM: the original GLUE train split is permuted with
 ``numpy.random.RandomState(split_seed)`` (seed 0); the first ``int(0.9 * N)`` examples are the train
 split, the remaining 10% the validation split; the original GLUE dev split (MNLI: dev matched) is the
 test split.

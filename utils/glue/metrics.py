@@ -1,6 +1,6 @@
 """GLUE metrics (scikit-learn / scipy), as HF ``evaluate``'s ``glue`` metric computes them.
 
-Per task (docs/mergelm-spec.md §3.1):
+Per task:
   CoLA: Matthews correlation MCC = (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)).
   SST-2, QNLI, RTE, MNLI (matched): accuracy = mean(prediction == label).
   MRPC, QQP: accuracy and F1 = 2·P·R / (P + R) of the positive class 1.

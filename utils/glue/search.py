@@ -1,34 +1,42 @@
-"""Grid search for merging GLUE task models (docs/mergelm-spec.md §3.7), on top of the merging library.
+"""Grid search for merging GLUE task models (merge_plms_glue.py), on top of the merging library.
 
-Protocol: every setting of the method's grid is merged and each task of the merged model is evaluated
-with its own head (the head of that task's fine-tuned model; heads are excluded from the merge) on the
-selection split. The overall winner maximises the mean of the tasks' main scores; the per-task winner of
-task t maximises t's main score, which is the original's per-(source, target) selection. The first best
-setting wins (a later one must be strictly better). Winners are then scored on the test split (GLUE dev).
-``select_on="validation"`` (default) selects on the 10% held-out train split; ``select_on="test"``
-selects on GLUE dev itself, as the original code does.
+Protocol (the original MergeLM's): every setting of the method's grid is merged and each task of the
+merged model is evaluated with its own head (the head of that task's fine-tuned model; heads are excluded
+from the merge) on the selection split. The overall winner maximises the mean of the tasks' main scores;
+the per-task winner of task t maximises t's main score, which is the original's per-(source, target)
+selection. The first best setting wins (a later one must be strictly better). Winners are then scored on
+the test split (GLUE dev). ``select_on="validation"`` (default) selects on the 10% held-out train split;
+``select_on="test"`` selects on GLUE dev itself, as the original code does.
 
 ``mask_merging`` (DARE + X) reads X's winning hyperparameters from X's result file for the same tasks
 (as the original), and searches the drop rate on top of them. DARE is applied to each model first (seeded
 per model and tensor by the library) and Fisher / RegMean statistics are then collected on the DARE'd
 models, as in the original.
+
+Outputs, under the save folder:
+  save_merge_results/<tasks>/<method>[/<apply_method>]/<lm><suffix>.json        winners + all settings
+  save_merge_results/<tasks>/<method>[/<apply_method>]/<lm><suffix>_settings/<setting>.json
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model_merging_methods import (DareOptions, MergeError, MergeOptions, check_inputs, dare_state_dict, is_excluded,
-                                   merge_state_dicts)
-from utils.glue.checkpoints import set_random_seed
+from model_merging_methods import DareOptions, MergeError, MergeOptions, check_inputs, dare_state_dict, is_excluded, merge_state_dicts
+from utils.cli import dare_suffix, set_random_seed
+from utils.glue.checkpoints import load_classifier, model_short_name, task_checkpoint
+from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score
-from utils.glue.training import evaluate_task
 from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices
+from utils.glue.training import encode_split, evaluate_task, make_loader
+from utils.records import library_versions, write_json_atomic
 
 BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging")
 MERGING_METHODS = (*BASE_METHODS, "mask_merging")
@@ -62,16 +70,49 @@ def setting_name(setting: dict) -> str:
     return "_".join(parts)
 
 
-def merge_options(method: str, setting: dict, num_models: int, args) -> MergeOptions:
-    """MergeOptions of one base-method setting (grid values take precedence over the CLI flags)."""
+@dataclass(frozen=True)
+class MethodOptions:
+    """Method options the grids do not set (from the flags / the config's merging defaults)."""
+
+    ties_trim: str = "global"
+    ties_normalize: str = "count"
+    normalize_fisher_weight: bool = False
+    minimal_fisher_weight: float = 1e-6
+
+
+@dataclass(frozen=True)
+class FlagSetting:
+    """The hyperparameter flags: the single setting searched with ``--merge_grid none``."""
+
+    scaling_coefficient: float = 1.0
+    param_value_mask_rate: float = 0.8
+    nums_fisher_examples: tuple[int, ...] | None = None
+    fisher_scaling_coefficients: tuple[float, ...] | None = None
+    nums_regmean_examples: tuple[int, ...] | None = None
+    reduce_non_diagonal_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What MergeSearch needs besides the models: the DARE variant (its rate is set per setting), the
+    method options, the seed reset before every merge, and progress bars."""
+
+    dare: DareOptions
+    methods: MethodOptions
+    seed: int
+    progress: bool = False
+
+
+def merge_options(method: str, setting: dict, num_models: int, methods: MethodOptions) -> MergeOptions:
+    """MergeOptions of one base-method setting (grid values take precedence over the flags)."""
     if method == "task_arithmetic":
         return MergeOptions(scaling_coefficient=float(setting["scaling_coefficient"]))
     if method == "ties_merging":
         return MergeOptions(
             scaling_coefficient=float(setting["scaling_coefficient"]),
             density=1.0 - float(setting["param_value_mask_rate"]),
-            ties_trim=args.ties_trim,
-            ties_normalize=args.ties_normalize,
+            ties_trim=methods.ties_trim,
+            ties_normalize=methods.ties_normalize,
         )
     if method == "fisher_merging":
         coefficients = setting.get("fisher_scaling_coefficients")
@@ -79,8 +120,8 @@ def merge_options(method: str, setting: dict, num_models: int, args) -> MergeOpt
             coefficients = [float(setting["fisher_scaling_coefficient"])] * num_models
         return MergeOptions(
             fisher_coefficients=coefficients,
-            fisher_normalize=bool(args.normalize_fisher_weight),
-            fisher_eps=float(args.minimal_fisher_weight),
+            fisher_normalize=bool(methods.normalize_fisher_weight),
+            fisher_eps=float(methods.minimal_fisher_weight),
         )
     if method == "regmean_merging":
         return MergeOptions(regmean_alpha=float(setting["reduce_non_diagonal_ratio"]))
@@ -114,28 +155,23 @@ class TaskMember:
 class MergeSearch:
     """Merges one group of task models for every setting and evaluates each task with its own head."""
 
-    def __init__(self, members: list[TaskMember], base_state: dict, exclude_regex, device, args):
+    def __init__(self, members: list[TaskMember], base_state: dict, exclude_regex, device, options: SearchOptions):
         self.members, self.exclude_regex = members, list(exclude_regex)
         # Heads are excluded from the merge (they may differ in shape between tasks: STS-B has one
         # output); the library copies them from the base, and evaluation puts each task's own back.
         self.base_state = base_state
         self.states = [member.state for member in members]
-        self.device, self.args = device, args
+        self.device, self.options = device, options
         self._statistics_cache: dict = {}
 
     def dare_options(self, rate: float) -> DareOptions:
-        return DareOptions(
-            drop_rate=rate,
-            rescale=bool(self.args.use_weight_rescale),
-            strategy=self.args.mask_strategy,
-            weight_format=self.args.weight_format,
-        )
+        return dataclasses.replace(self.options.dare, drop_rate=rate)
 
     def model_states(self, rate: float) -> list[dict]:
         """Each member's state, DARE'd at ``rate`` (seeded per model index, heads untouched) when rate > 0."""
         if rate == 0.0:
             return self.states
-        return [dare_state_dict(state, self.base_state, self.dare_options(rate), seed=self.args.seed, model_index=k,
+        return [dare_state_dict(state, self.base_state, self.dare_options(rate), seed=self.options.seed, model_index=k,
                                 exclude_regex=self.exclude_regex) for k, state in enumerate(self.states)]
 
     def with_own_head(self, member: TaskMember, state: dict) -> dict:
@@ -150,11 +186,11 @@ class MergeSearch:
         for k, (member, state, count) in enumerate(zip(self.members, states, counts)):
             key = (method, k, count, rate)
             if key not in self._statistics_cache:
-                set_random_seed(self.args.seed)
+                set_random_seed(self.options.seed)
                 member.model.load_state_dict(self.with_own_head(member, state))
                 collect = diagonal_fisher if method == "fisher_merging" else regmean_gram_matrices
                 self._statistics_cache[key] = collect(
-                    member.model, member.train_loader, count, self.device, exclude_regex=self.exclude_regex, progress=self.args.progress
+                    member.model, member.train_loader, count, self.device, exclude_regex=self.exclude_regex, progress=self.options.progress
                 )
                 member.model.load_state_dict(member.state)
             result.append(self._statistics_cache[key])
@@ -162,14 +198,14 @@ class MergeSearch:
 
     def merge(self, method: str, setting: dict, rate: float) -> dict:
         """The merged state dict of one setting (base method ``method``, DARE rate ``rate``)."""
-        set_random_seed(self.args.seed)
+        set_random_seed(self.options.seed)
         states = self.model_states(rate)
         counts = None
         if method in STATISTICS_AXIS:
             counts = per_model_examples(setting[STATISTICS_AXIS[method]], len(self.members), STATISTICS_AXIS[method])
         statistics = self.statistics(method, counts, rate, states) if counts else None
-        options = merge_options(method, setting, len(self.members), self.args)
-        return merge_state_dicts(method, self.base_state, states, options, seed=self.args.seed, statistics=statistics,
+        options = merge_options(method, setting, len(self.members), self.options.methods)
+        return merge_state_dicts(method, self.base_state, states, options, seed=self.options.seed, statistics=statistics,
                                  exclude_regex=self.exclude_regex)
 
     def evaluate(self, merged: dict, split: str) -> dict[str, dict]:
@@ -178,7 +214,7 @@ class MergeSearch:
         for member in self.members:
             member.model.load_state_dict(self.with_own_head(member, merged))
             results[member.task] = evaluate_task(
-                member.model, member.eval_loaders[split], member.row, self.device, progress=self.args.progress, description=f"{split} {member.task}"
+                member.model, member.eval_loaders[split], member.row, self.device, progress=self.options.progress, description=f"{split} {member.task}"
             )
             member.model.load_state_dict(member.state)
         return results
@@ -225,3 +261,196 @@ def read_apply_method_winners(path: Path, apply_method: str) -> list[dict]:
         if winner["setting"] not in settings:
             settings.append(winner["setting"])
     return settings
+
+
+@dataclass(frozen=True)
+class MergeRunOptions:
+    """One merge_plms_glue.py run: the groups of tasks, the method, its grid and the selection protocol.
+    ``dare`` carries the DARE flags (its rate is the single rate of ``grid="none"``); ``flags`` is the
+    command line, recorded in every result."""
+
+    language_model_name: str
+    groups: tuple[tuple[str, ...], ...]
+    method: str
+    apply_method: str
+    grid: str
+    select_on: str
+    dare: DareOptions
+    flag_setting: FlagSetting
+    methods: MethodOptions
+    seed: int
+    learning_rate: float | None
+    batch_size: int
+    max_seq_length: int
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    glue_dir: str | None
+    save_dir: str
+    allow_pickle: bool
+    progress: bool
+    flags: dict
+
+    @property
+    def base_method(self) -> str:
+        """The method merging the (DARE'd, for mask_merging) models."""
+        return self.apply_method if self.method == "mask_merging" else self.method
+
+
+def cli_setting(method: str, flags: FlagSetting) -> dict:
+    """The single setting of ``--merge_grid none``, from the flags."""
+    if method == "task_arithmetic":
+        return {"scaling_coefficient": flags.scaling_coefficient}
+    if method == "ties_merging":
+        return {"scaling_coefficient": flags.scaling_coefficient, "param_value_mask_rate": flags.param_value_mask_rate}
+    if method == "fisher_merging":
+        if flags.nums_fisher_examples is None:
+            raise ValueError("fisher_merging with --merge_grid none needs --nums_fisher_examples")
+        setting = {"nums_fisher_examples": list(flags.nums_fisher_examples)}
+        if flags.fisher_scaling_coefficients is not None:
+            setting["fisher_scaling_coefficients"] = list(flags.fisher_scaling_coefficients)
+        return setting
+    if method == "regmean_merging":
+        if flags.nums_regmean_examples is None:
+            raise ValueError("regmean_merging with --merge_grid none needs --nums_regmean_examples")
+        return {"nums_regmean_examples": list(flags.nums_regmean_examples), "reduce_non_diagonal_ratio": flags.reduce_non_diagonal_ratio}
+    return {}
+
+
+def result_suffix(options: MergeRunOptions, for_apply_method: bool = False) -> str:
+    """File-name suffix for settings that differ from the paper's defaults (grid, selection split, and for
+    mask_merging the DARE variant)."""
+    suffix = "" if options.grid == "paper" else f"_grid_{options.grid}"
+    suffix += "" if options.select_on == "validation" else f"_select_on_{options.select_on}"
+    if options.method == "mask_merging" and not for_apply_method:
+        suffix += dare_suffix(options.dare, searched_rate=True)
+    return suffix
+
+
+def result_dir(options: MergeRunOptions, tasks, method: str, apply_method: str | None) -> Path:
+    folder = Path(options.save_dir) / "save_merge_results" / "_".join(tasks) / method
+    return folder / apply_method if apply_method else folder
+
+
+def _grid(config: dict, name: str) -> dict:
+    if name not in config["merge_grids"]:
+        raise ValueError(f"unknown merge grid '{name}'; known: {', '.join(config['merge_grids'])}, none")
+    return config["merge_grids"][name]
+
+
+def grid_settings(options: MergeRunOptions, config: dict, tasks) -> tuple[str, list[tuple[dict, float]]]:
+    """(base method, [(base setting, DARE rate)]) to search; validates rates and grids."""
+    method = options.method
+    if method == "mask_merging":
+        apply = options.apply_method
+        if options.grid == "none":
+            base_settings = [cli_setting(apply, options.flag_setting)]
+            rates = [options.dare.drop_rate]
+        else:
+            grid = _grid(config, options.grid)
+            rates = expand_grid(grid["mask_merging"], f"merge grid '{options.grid}' mask_merging")
+            rates = [check_drop_rate(r["weight_mask_rate"], "mask_merging weight_mask_rate") for r in rates]
+            short = model_short_name(options.language_model_name)
+            apply_file = result_dir(options, tasks, apply, None) / f"{short}{result_suffix(options, for_apply_method=True)}.json"
+            base_settings = read_apply_method_winners(apply_file, apply)
+        return apply, [(setting, rate) for setting in base_settings for rate in rates]
+    if options.grid == "none":
+        return method, [(cli_setting(method, options.flag_setting), 0.0)]
+    grid = _grid(config, options.grid)
+    if method not in grid:
+        raise ValueError(f"merge grid '{options.grid}' has no entry for {method}")
+    axes = grid[method]
+    settings = expand_grid(axes, f"merge grid '{options.grid}' {method}") if axes else [{}]
+    return method, [(setting, 0.0) for setting in settings]
+
+
+def load_member(task: str, row: dict, checkpoint: Path, data: dict, options: MergeRunOptions, needs_train: bool) -> TaskMember:
+    """A task's fine-tuned model with its loaders (selection and test splits; train for statistics)."""
+    from transformers import AutoTokenizer
+
+    model = load_classifier(checkpoint, allow_pickle=options.allow_pickle)
+    if model.config.num_labels != row["num_labels"]:
+        raise ValueError(f"checkpoint {checkpoint} has a head with {model.config.num_labels} labels but task '{task}' needs {row['num_labels']}")
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    member = TaskMember(task=task, row=row, model=model, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    for split in {options.select_on, "test"}:
+        member.eval_loaders[split] = make_loader(encode_split(tokenizer, data[split], row, options.max_seq_length), tokenizer, options.batch_size, shuffle=False)
+    if needs_train:
+        encoded = encode_split(tokenizer, data["train"], row, options.max_seq_length)
+        member.train_loader = make_loader(encoded, tokenizer, options.batch_size, shuffle=True, seed=options.seed)
+    return member
+
+
+def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: dict, checkpoints: dict, device) -> dict:
+    """Search one group's grid; write the per-setting and winner JSONs; return the winner payload."""
+    started = time.time()
+    short = model_short_name(options.language_model_name)
+    exclude = config["exclude_param_names_regex"]
+    method, settings = grid_settings(options, config, tasks)
+    needs_train = method in STATISTICS_AXIS
+    members = [load_member(task, task_info(config, task), checkpoints[task], data[task], options, needs_train) for task in tasks]
+    base_model = load_classifier(options.language_model_name, allow_pickle=options.allow_pickle, num_labels=members[0].row["num_labels"])
+    base_state = base_model.state_dict()
+    for member in members:
+        if member.model.config.model_type != base_model.config.model_type:
+            raise ValueError(
+                f"different architectures: checkpoint {checkpoints[member.task]} is '{member.model.config.model_type}' "
+                f"but {options.language_model_name} is '{base_model.config.model_type}'"
+            )
+        check_same_architecture(base_state, member.state, options.language_model_name, str(checkpoints[member.task]), exclude)
+    search = MergeSearch(members, base_state, exclude, device, SearchOptions(options.dare, options.methods, options.seed, options.progress))
+    records = []
+    for setting, rate in settings:
+        full_setting = {**setting, **({"weight_mask_rate": rate} if options.method == "mask_merging" else {})}
+        metrics = search.evaluate(search.merge(method, setting, rate), options.select_on)
+        record = {
+            "name": setting_name(full_setting),
+            "setting": setting,
+            "weight_mask_rate": rate,
+            "selection_split": options.select_on,
+            "selection_metrics": metrics,
+            "selection_scores": scores_of(members, metrics),
+        }
+        records.append(record)
+        print(f"{'_'.join(tasks)} {options.method} {record['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["selection_scores"].items()))
+    winners = {}
+    for criterion, index in select_winners(records, ["mean", *tasks]).items():
+        record = records[index]
+        if "test_metrics" not in record:
+            test = record["selection_metrics"] if options.select_on == "test" else search.evaluate(search.merge(method, record["setting"], record["weight_mask_rate"]), "test")
+            record["test_metrics"], record["test_scores"] = test, scores_of(members, test)
+        winners[criterion] = {"criterion": criterion, **record}
+    apply_method = options.apply_method if options.method == "mask_merging" else None
+    folder = result_dir(options, tasks, options.method, apply_method)
+    stem = f"{short}{result_suffix(options)}"
+    payload = {
+        "script": "merge_plms_glue.py",
+        "config": {**options.flags, "tasks": tasks, "base_method": method, "exclude_param_names_regex": exclude,
+                   "checkpoints": {t: str(p) for t, p in checkpoints.items()}},
+        "seeds": {"merge_seed": options.seed, "split_seed": config["splits"]["split_seed"]},
+        "versions": library_versions(),
+        "num_examples": {task: {split: len(split_data) for split, split_data in data[task].items()} for task in tasks},
+        "winners": winners,
+        "settings": records,
+        "wall_time_s": time.time() - started,
+    }
+    for record in records:
+        write_json_atomic(folder / f"{stem}_settings" / f"{record['name']}.json", {"config": payload["config"], "versions": payload["versions"], **record})
+    path = write_json_atomic(folder / f"{stem}.json", payload)
+    best = winners["mean"]
+    print(f"winner {best['name']} ({options.select_on} mean {best['selection_scores']['mean']:.4f}); test "
+          + ", ".join(f"{k} {v:.4f}" for k, v in best["test_scores"].items()) + f" -> {path}")
+    return payload
+
+
+def run_merge_search(options: MergeRunOptions, config: dict, device) -> list[dict]:
+    """Check every group's grid and every checkpoint before any merge, load the data once, search each group."""
+    for group in options.groups:
+        grid_settings(options, config, group)
+    tasks = list(dict.fromkeys(task for group in options.groups for task in group))
+    splits = tuple({options.select_on, "test"} | ({"train"} if options.base_method in STATISTICS_AXIS else set()))
+    data, checkpoints = {}, {}
+    for task in tasks:
+        data[task] = load_task_splits(task, config, options.glue_dir, splits=splits, max_train_samples=options.max_train_samples,
+                                      max_eval_samples=options.max_eval_samples)
+        checkpoints[task] = task_checkpoint(options.save_dir, config, options.language_model_name, task, options.learning_rate)
+    return [run_group(options, config, list(group), data, checkpoints, device) for group in options.groups]

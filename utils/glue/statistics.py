@@ -1,4 +1,4 @@
-"""Statistics for Fisher merging and RegMean, collected as MergeLM does (docs/mergelm-spec.md §4.4–4.5).
+"""Statistics for Fisher merging and RegMean, collected as the original MergeLM does.
 
 Diagonal Fisher of one model (eval mode, dropout off), over batches of its train split:
   classification: s_b = Σ_{i∈batch} Σ_c sqrt(stopgrad(p_ic)) · log p_ic with p_i = softmax(logits_i);

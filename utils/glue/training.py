@@ -1,6 +1,7 @@
-"""Tokenisation, models, losses, a plain torch fine-tuning loop and evaluation for GLUE.
+"""Tokenisation, models, losses, a plain torch fine-tuning loop, evaluation, and the training runs of
+train_plms_glue.py (checkpoint + result JSON per run) for GLUE.
 
-Losses (docs/mergelm-spec.md §3.3):
+Losses (as the original MergeLM):
   single task: cross-entropy on the logits when the head has more than one output, else MSE between the
   squeezed logit and the score (STS-B);
   multitask: for each task present in the batch, that task's loss on its rows (CE on the task's first
@@ -14,7 +15,9 @@ higher main score; multitask: mean over tasks) is restored at the end.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +26,12 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from utils.cli import set_random_seed
+from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classifier, model_short_name, save_pretrained_safetensors,
+                                    task_learning_rate)
+from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score, task_metrics
+from utils.records import library_versions, write_folder_atomic, write_json_atomic
 
 HEAD_PADDING_VALUE = -1000.0
 
@@ -120,7 +128,7 @@ class MultiTaskModel(nn.Module):
     """Shared encoder (``AutoModel`` with pooler) and one ``nn.Linear(hidden, num_labels)`` head per task.
 
     Each example goes through the head of its task (``dataset_ids``) on the encoder's ``pooler_output``;
-    narrower heads' outputs are right-padded with -1000 to the widest head (spec §3.4).
+    narrower heads' outputs are right-padded with -1000 to the widest head (as the original).
     """
 
     def __init__(self, encoder: nn.Module, tasks: dict[str, dict]):
@@ -272,3 +280,139 @@ def train_model(
             best_state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     model.load_state_dict(best_state)
     return {"history": history, "best_epoch": best_epoch, "best_validation_score": best_score, "total_steps": total_steps}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """train_plms_glue.py's runs: ``tasks`` is [target] or [auxiliary, target] (multitask); ``learning_rate``
+    None = the config's table for (model, target). ``flags`` is the command line, recorded in every result."""
+
+    language_model_name: str
+    tasks: tuple[str, ...]
+    multitask: bool
+    learning_rate: float | None
+    batch_size: int
+    num_epochs: int
+    num_runs: int
+    seed: int
+    max_seq_length: int
+    group_by_length: bool
+    overwrite: bool
+    allow_pickle: bool
+    glue_dir: str | None
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    save_dir: str
+    progress: bool
+    flags: dict
+
+
+def build_model(options: TrainOptions, rows: dict[str, dict]):
+    """The pretrained encoder with a fresh head (multitask: one head per task on the shared encoder)."""
+    if options.multitask:
+        from transformers import AutoModel
+
+        encoder = AutoModel.from_pretrained(options.language_model_name, use_safetensors=None if options.allow_pickle else True)
+        return MultiTaskModel(encoder, rows)
+    (row,) = rows.values()
+    return load_classifier(options.language_model_name, allow_pickle=options.allow_pickle, num_labels=row["num_labels"])
+
+
+def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target: Path) -> None:
+    """Write the checkpoint folder (model, multitask heads, tokenizer, training_state.json) atomically,
+    replacing the one this run re-trained."""
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        if isinstance(model, MultiTaskModel):
+            save_pretrained_safetensors(model.encoder, folder)
+            heads = {f"{task}.{name}": tensor.detach().cpu().contiguous() for task, head in model.heads.items() for name, tensor in head.state_dict().items()}
+            save_file(heads, str(folder / "multitask_heads.safetensors"))
+            write_json_atomic(folder / "multitask_config.json", {"tasks": rows})
+        else:
+            save_pretrained_safetensors(model, folder)
+        tokenizer.save_pretrained(folder)
+        write_json_atomic(folder / "training_state.json", {"best_epoch": training["best_epoch"], "history": training["history"]})
+
+    write_folder_atomic(target, write, overwrite=True)
+
+
+def load_trained(model_dir: Path, rows: dict[str, dict]):
+    """A checkpoint written by save_trained (single-task classifier or multitask encoder + heads)."""
+    if (model_dir / "multitask_heads.safetensors").is_file():
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        model = MultiTaskModel(AutoModel.from_pretrained(str(model_dir), use_safetensors=True), rows)
+        heads = load_file(str(model_dir / "multitask_heads.safetensors"))
+        for task, head in model.heads.items():
+            head.load_state_dict({name: heads[f"{task}.{name}"] for name in head.state_dict()})
+        return model
+    return load_classifier(model_dir)
+
+
+def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device, run: int) -> dict:
+    """Train (or reuse) run ``run`` (seed + run) and write its checkpoint and result JSON; returns the result."""
+    tasks = list(options.tasks)
+    short = model_short_name(options.language_model_name)
+    rows = {task: task_info(config, task) for task in tasks}
+    learning_rate = task_learning_rate(config, short, tasks[-1], options.learning_rate)
+    name = checkpoint_name(short, learning_rate, run)
+    model_dir = checkpoint_dir(options.save_dir, tasks, name)
+    result_path = Path(options.save_dir) / "save_model_results" / "_".join(tasks) / name / f"{name}.json"
+    seed = options.seed + run
+    set_random_seed(seed)
+    encoded = {task: {split: encode_split(tokenizer, data[task][split], rows[task], options.max_seq_length) for split in data[task]} for task in tasks}
+    train_set = ConcatDataset([encoded[task]["train"] for task in tasks]) if len(tasks) > 1 else encoded[tasks[0]]["train"]
+    train_loader = make_loader(train_set, tokenizer, options.batch_size, shuffle=True, seed=seed, group_by_length=options.group_by_length)
+    eval_loaders = {split: {task: make_loader(encoded[task][split], tokenizer, options.batch_size, shuffle=False) for task in tasks}
+                    for split in ("validation", "test")}
+    started = time.time()
+    reused = model_dir.is_dir() and (model_dir / "training_state.json").is_file() and not options.overwrite
+    if reused:
+        model = load_trained(model_dir, rows)
+        training = {"reused_checkpoint": str(model_dir)}
+    else:
+        model = build_model(options, rows)
+        settings = TrainingSettings(
+            learning_rate=learning_rate,
+            num_epochs=options.num_epochs,
+            **{key: config["training"][key] for key in ("warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")},
+            progress=options.progress,
+        )
+        training = train_model(model, train_loader, eval_loaders["validation"], rows, settings, device)
+    model.to(device)
+    test = {task: evaluate_task(model, loader, rows[task], device, progress=options.progress, description=f"test {task}")
+            for task, loader in eval_loaders["test"].items()}
+    validation = {task: evaluate_task(model, loader, rows[task], device) for task, loader in eval_loaders["validation"].items()}
+    result = {
+        "script": "train_plms_glue.py",
+        "config": {**options.flags, "learning_rate": learning_rate, "run": run, "tasks": tasks},
+        "seeds": {"run_seed": seed, "split_seed": config["splits"]["split_seed"]},
+        "versions": library_versions(),
+        "num_examples": {task: {split: len(data[task][split]) for split in data[task]} for task in tasks},
+        "training": training,
+        "validation_metrics": validation,
+        "test_metrics": test,
+        "wall_time_s": time.time() - started,
+        "checkpoint": str(model_dir),
+    }
+    if not reused:
+        save_trained(model, tokenizer, rows, training, model_dir)
+    write_json_atomic(result_path, result)
+    return result
+
+
+def run_training(options: TrainOptions, config: dict, device) -> list[dict]:
+    """Load the tasks' splits and the tokenizer once, then train every run; prints each run's test metrics."""
+    from transformers import AutoTokenizer
+
+    data = {task: load_task_splits(task, config, options.glue_dir, max_train_samples=options.max_train_samples,
+                                   max_eval_samples=options.max_eval_samples) for task in options.tasks}
+    tokenizer = AutoTokenizer.from_pretrained(options.language_model_name)
+    results = []
+    for run in range(options.num_runs):
+        result = train_run(options, config, data, tokenizer, device, run)
+        print(f"run {run}: test " + ", ".join(f"{task}: {m}" for task, m in result["test_metrics"].items()))
+        results.append(result)
+    return results

@@ -1,0 +1,59 @@
+"""Command-line pieces of the three GLUE scripts, declared once (the shared ones are in utils/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+from utils.glue.data import GlueDataError, load_glue_config
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> None:
+    """Flags every GLUE script shares: data, outputs, config, device, pickles, progress bars."""
+    parser.add_argument("--glue_dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the hub dataset nyu-mll/glue)")
+    parser.add_argument("--save_dir", default=".", help=save_dir_help)
+    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu); overrides auto")
+    parser.add_argument("--allow_pickle", action="store_true", help="allow checkpoints stored as pickles (.bin), loaded with weights_only=True")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def config_path_from_argv(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (needed before parsing: parser defaults come from it)."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    for index, token in enumerate(tokens):
+        if token == "--config" and index + 1 < len(tokens):
+            return tokens[index + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def config_from_argv(argv) -> dict:
+    """The GLUE config named by ``--config`` in ``argv`` (default configs/glue.yaml); a bad one exits."""
+    try:
+        return load_glue_config(config_path_from_argv(argv))
+    except GlueDataError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+def check_tasks(parser: argparse.ArgumentParser, config: dict, tasks) -> None:
+    """Every task must be in the config's task table, else exit 2 naming it."""
+    for task in tasks:
+        if task not in config["tasks"]:
+            parser.error(f"unknown GLUE task '{task}'; known tasks: {', '.join(config['tasks'])}")
+
+
+@contextmanager
+def user_errors():
+    """Quiet transformers' logging; a user error of the run (bad data, value, file) exits with its message
+    (MergeError is a ValueError)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    except (GlueDataError, ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from error
