@@ -93,3 +93,51 @@ def test_length_grouped_sampler_is_a_seeded_permutation_longest_first():
         assert block == sorted(block, reverse=True)
     again = list(LengthGroupedSampler(lengths, 2, torch.Generator().manual_seed(0), mega_batch_mult=3))
     assert again == first
+
+
+def test_result_names_follow_the_original():
+    from model_merging_methods import DareOptions
+    from utils.glue.inference import result_name
+    from utils.glue.search import FlagSetting, MergeRunOptions, MethodOptions, result_suffix
+
+    assert result_name("roberta-base_lr1e-05", DareOptions(drop_rate=0.0), 0) == "roberta-base_lr1e-05_inference_mask_0.0"
+    assert result_name("m_lr1e-05", DareOptions(drop_rate=0.9, rescale=False), 0) == "m_lr1e-05_inference_mask_0.9_rescale_False"
+    variant = DareOptions(drop_rate=0.1, rescale=True, strategy="magnitude", weight_format="finetuned_weight")
+    assert result_name("m", variant, 3) == "m_inference_mask_0.1_rescale_True_strategy_magnitude_weight_format_finetuned_weight_seed3"
+
+    def suffix(method, dare, grid="paper", select_on="validation", **kwargs):
+        options = MergeRunOptions("m", (("mrpc", "stsb"),), method, "task_arithmetic", grid, select_on, dare, FlagSetting(), MethodOptions(),
+                                  0, None, 16, 128, None, None, None, ".", False, False, {})
+        return result_suffix(options, **kwargs)
+
+    assert suffix("task_arithmetic", DareOptions(drop_rate=0.5, rescale=False)) == ""
+    assert suffix("mask_merging", DareOptions(drop_rate=0.5, rescale=True)) == ""
+    assert suffix("mask_merging", DareOptions(rescale=False, strategy="magnitude"), grid="small", select_on="test") == \
+        "_grid_small_select_on_test_rescale_False_strategy_magnitude"
+    assert suffix("mask_merging", variant, grid="none") == "_grid_none_strategy_magnitude_weight_format_finetuned_weight"
+    assert suffix("mask_merging", variant, grid="none", for_apply_method=True) == "_grid_none"
+
+
+def test_checkpoint_paths(tmp_path):
+    from utils.glue.checkpoints import checkpoint_dir, task_checkpoint
+
+    assert checkpoint_dir(tmp_path, ["cola", "sst2"], "m_lr1e-05_run2") == tmp_path / "save_models" / "cola_sst2" / "m_lr1e-05_run2"
+    with pytest.raises(FileNotFoundError, match="checkpoint of task 'cola' not found: .*save_models/cola/bert-base-uncased_lr5e-05"):
+        task_checkpoint(tmp_path, CONFIG, "org/bert-base-uncased", "cola", None)
+    (tmp_path / "save_models" / "rte" / "m_lr3e-05").mkdir(parents=True)
+    assert task_checkpoint(tmp_path, CONFIG, "m", "rte", 3e-5) == tmp_path / "save_models" / "rte" / "m_lr3e-05"
+
+
+def test_glue_scripts_take_only_main_from_entry_scripts():
+    """Scripts never import each other: scripts/glue_*.py may take an entry script's main, nothing else."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    entry = {path.stem for path in root.glob("*.py")}
+    for path in [*root.glob("*plms_glue.py"), *(root / "scripts").glob("glue_*.py"), *(root / "utils" / "glue").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in entry:
+                assert path.parent.name == "scripts" and [alias.name for alias in node.names] == ["main"], (path, node.module)
+            if isinstance(node, ast.Import):
+                assert not {alias.name for alias in node.names} & entry, path
