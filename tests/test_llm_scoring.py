@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from utils.llm.scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_gold, gsm8k_is_correct,
-                               human_eval_program, is_equiv, last_boxed_only_string, math_gold, math_is_correct,
-                               mbpp_program, postprocess_code, remove_boxed, split_generation, strip_string)
+from utils.llm.scoring import (HUMAN_EVAL_CLEANING, MBPP_CLEANING, extract_gsm8k_answer, extract_math_answer,
+                               gsm8k_gold, gsm8k_is_correct, human_eval_program, is_equiv, last_boxed_only_string,
+                               math_gold, math_is_correct, mbpp_program, postprocess_code, remove_boxed,
+                               split_generation, strip_string)
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -125,27 +126,25 @@ def test_human_eval_postprocessing():
     generation = "Here it is:\n```python\ndef f(x):\n\treturn x + 1\n```\nExplanation follows."
     completion, all_code = split_generation(generation)
     assert all_code == "Here it is:\n```python\ndef f(x):\n    return x + 1\n```\nExplanation follows."
-    assert postprocess_code(completion, "human_eval") == "def f(x):\n    return x + 1"
+    assert postprocess_code(completion, HUMAN_EVAL_CLEANING) == "def f(x):\n    return x + 1"
     main_guard = 'def f():\n    return 1\n\nif __name__ == "__main__":\n    print(f())'
-    assert postprocess_code(main_guard, "human_eval") == "def f():\n    return 1"
+    assert postprocess_code(main_guard, HUMAN_EVAL_CLEANING) == "def f():\n    return 1"
     example = "def f():\n    return 1\n# Example usage\nprint(f())"
-    assert postprocess_code(example, "human_eval") == "def f():\n    return 1"
+    assert postprocess_code(example, HUMAN_EVAL_CLEANING) == "def f():\n    return 1"
     alpaca = "The solution is:\ndef f():\n    return 2\n\nThe answer is: 2"
-    assert postprocess_code(alpaca, "human_eval") == "def f():\n    return 2"
-    assert postprocess_code("line\r\nnext\r\n", "human_eval") == "line\nnext"
+    assert postprocess_code(alpaca, HUMAN_EVAL_CLEANING) == "def f():\n    return 2"
+    assert postprocess_code("line\r\nnext\r\n", HUMAN_EVAL_CLEANING) == "line\nnext"
     assert split_generation("x ### Response: y")[0] == " y"
 
 
 def test_mbpp_postprocessing_differs_where_the_original_does():
     fenced = "```python\ndef g():\n    s = '```'\n    return s\n```"
-    assert postprocess_code(fenced, "mbpp") == "def g():\n    s = '```'\n    return s"   # closed at "\n```"
-    assert postprocess_code(fenced, "human_eval") == "def g():\n    s = '"             # closed at "```"
+    assert postprocess_code(fenced, MBPP_CLEANING) == "def g():\n    s = '```'\n    return s"   # closed at "\n```"
+    assert postprocess_code(fenced, HUMAN_EVAL_CLEANING) == "def g():\n    s = '"             # closed at "```"
     tests = "def h():\n    return 0\n# Test examples\nassert h() == 0"
-    assert postprocess_code(tests, "mbpp") == "def h():\n    return 0"
-    assert postprocess_code(tests, "human_eval") == tests
-    assert postprocess_code("a\r\nb", "mbpp") == "a\r\nb"                               # no \r removal for MBPP
-    with pytest.raises(ValueError):
-        postprocess_code("x", "gsm8k")
+    assert postprocess_code(tests, MBPP_CLEANING) == "def h():\n    return 0"
+    assert postprocess_code(tests, HUMAN_EVAL_CLEANING) == tests
+    assert postprocess_code("a\r\nb", MBPP_CLEANING) == "a\r\nb"                               # no \r removal for MBPP
 
 
 def test_programs():

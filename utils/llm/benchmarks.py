@@ -25,8 +25,9 @@ from utils.llm.data import (DatasetSource, Example, load_alpaca_eval, load_gsm8k
 from utils.llm.prompts import (code_prompt_input, field_input, fill_template, human_eval_input, load_task_config,
                                mbpp_input)
 from utils.llm.sandbox import SandboxLimits, run_programs
-from utils.llm.scoring import (extract_gsm8k_answer, extract_math_answer, gsm8k_is_correct, human_eval_program,
-                               math_is_correct, mbpp_program, postprocess_code, split_generation)
+from utils.llm.scoring import (HUMAN_EVAL_CLEANING, MBPP_CLEANING, CodeCleaning, extract_gsm8k_answer,
+                               extract_math_answer, gsm8k_is_correct, human_eval_program, math_is_correct,
+                               mbpp_program, postprocess_code, split_generation)
 from utils.records import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 
@@ -91,11 +92,12 @@ def _score_answers(examples: Sequence[Example], generations: Sequence[str], cont
 
 
 def _score_programs(examples: Sequence[Example], generations: Sequence[str], context: ScoringContext, *,
-                    dataset: str, program: Callable[[dict, str], str], gold: Callable[[Example], Any]) -> Rows:
+                    cleaning: CodeCleaning, program: Callable[[dict, str], str],
+                    gold: Callable[[Example], Any]) -> Rows:
     programs, rows = [], []
     for example, generation in zip(examples, generations):
         completion, all_code = split_generation(generation, context.config["scoring"]["code_response_marker"])
-        completion = postprocess_code(completion, dataset)
+        completion = postprocess_code(completion, cleaning)
         programs.append(program(example.record, completion))
         rows.append({"extracted": completion, "all_code": all_code, "gold": gold(example)})
     for row, result in zip(rows, run_programs(programs, context.sandbox, workers=context.workers)):
@@ -166,12 +168,12 @@ BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
               write_standard=_no_standard_file, result_root="save_gen_math_results", metric="accuracy",
               counts_invalid=True),
     Benchmark("human_eval", load=lambda location: load_human_eval(), prompt_input=human_eval_input,
-              score=functools.partial(_score_programs, dataset="human_eval", program=human_eval_program,
+              score=functools.partial(_score_programs, cleaning=HUMAN_EVAL_CLEANING, program=human_eval_program,
                                       gold=lambda example: example.record.get("test")),
               write_standard=_write_human_eval_samples, result_root="save_gen_codes_results", metric="pass@1",
               tabs_in_input=True, executes_code=True),
     Benchmark("mbpp", load=_from_data_dir(load_mbpp), prompt_input=mbpp_input,
-              score=functools.partial(_score_programs, dataset="mbpp", program=mbpp_program,
+              score=functools.partial(_score_programs, cleaning=MBPP_CLEANING, program=mbpp_program,
                                       gold=lambda example: example.gold),
               write_standard=_write_mbpp_generations, result_root="save_gen_codes_results", metric="pass@1",
               tabs_in_input=True, executes_code=True),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 from fractions import Fraction
 
 ANSWER_PHRASE = "The answer is: "
@@ -229,30 +230,39 @@ def split_generation(generation: str, marker: str = "### Response:") -> tuple[st
     return generation.split(marker)[-1].replace("\t", "    "), generation.replace("\t", "    ")
 
 
-def postprocess_code(completion: str, dataset: str) -> str:
+@dataclass(frozen=True)
+class CodeCleaning:
+    """Where the original's HumanEval and MBPP post-processing differ (see :func:`postprocess_code`)."""
+
+    drop_carriage_returns: bool       # HumanEval: remove every carriage return first
+    closing_fence: str                # the fence that ends the first ```python block
+    cut_test_examples: bool           # MBPP: cut before ``# Test examples``
+
+
+HUMAN_EVAL_CLEANING = CodeCleaning(drop_carriage_returns=True, closing_fence="```", cut_test_examples=False)
+MBPP_CLEANING = CodeCleaning(drop_carriage_returns=False, closing_fence="\n```", cut_test_examples=True)
+
+
+def postprocess_code(completion: str, cleaning: CodeCleaning) -> str:
     """Clean a code completion as the original did before writing HumanEval / MBPP samples.
 
-    Steps, in order: (HumanEval only) drop ``\\r``; strip; from the first `````python`` fence keep
-    the code up to the next ````` `` (MBPP: the next ``\\n`````); cut before
-    ``if __name__ == "__main__":``; cut before ``# Example usage``; (MBPP only) cut before
-    ``# Test examples``; keep what follows ``The solution is:`` and then ``The answer is:``
-    (each up to a later blank line + ``The answer is:``).
+    Steps, in order: (HumanEval) drop ``\\r``; strip; from the first `````python`` fence keep the
+    code up to the next ````` `` (MBPP: the next ``\\n`````); cut before ``if __name__ == "__main__":``;
+    cut before ``# Example usage``; (MBPP) cut before ``# Test examples``; keep what follows
+    ``The solution is:`` and then ``The answer is:`` (each up to a later blank line + ``The answer is:``).
     """
-    if dataset not in ("human_eval", "mbpp"):
-        raise ValueError(f"'{dataset}' is not a code dataset (human_eval, mbpp)")
-    if dataset == "human_eval":
+    if cleaning.drop_carriage_returns:
         completion = completion.replace("\r", "")
     completion = completion.strip()
     if "```python" in completion:
         completion = completion[completion.index("```python"):].strip().replace("```python", "")
-        closing = "```" if dataset == "human_eval" else "\n```"
-        if closing in completion:
-            completion = completion[:completion.index(closing)].strip()
+        if cleaning.closing_fence in completion:
+            completion = completion[:completion.index(cleaning.closing_fence)].strip()
     if '__name__ == "__main__"' in completion and 'if __name__ == "__main__":' in completion:
         completion = completion[:completion.index('if __name__ == "__main__":')].strip()
     if "# Example usage" in completion:
         completion = completion[:completion.index("# Example usage")].strip()
-    if dataset == "mbpp" and "# Test examples" in completion:
+    if cleaning.cut_test_examples and "# Test examples" in completion:
         completion = completion[:completion.index("# Test examples")].strip()
     if "The solution is:" in completion:
         completion = _cut_phrase(completion, "The solution is:")
