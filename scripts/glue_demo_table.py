@@ -18,9 +18,9 @@ if str(REPO) not in sys.path:
 
 from model_merging_methods import DareOptions  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
-from utils.glue.checkpoints import checkpoint_name  # noqa: E402
+from utils.glue.checkpoints import checkpoint_name, model_result_path  # noqa: E402
 from utils.glue.data import load_glue_config  # noqa: E402
-from utils.glue.inference import result_path, result_name  # noqa: E402
+from utils.glue.inference import result_name  # noqa: E402
 from utils.glue.metrics import main_score  # noqa: E402
 from utils.records import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -42,7 +42,7 @@ def drop_rows(save_dir: Path, config: dict) -> list[list[str]]:
     task = demo["drop_task"]
     name = checkpoint_name(demo["language_model"], demo["learning_rate"])
     rows = []
-    plain = _read(result_path(save_dir, task, result_name(name, DareOptions(drop_rate=0.0), seed=0)))
+    plain = _read(model_result_path(save_dir, [task], result_name(name, DareOptions(drop_rate=0.0), seed=0)))
     metrics = plain["metrics"]["test"]
     rows.append(["fine-tuned", "0.0", _pct(metrics["accuracy"]), _pct(metrics.get("f1", float("nan"))), "1"])
     for variant in demo["drop_settings"]:
@@ -51,7 +51,7 @@ def drop_rows(save_dir: Path, config: dict) -> list[list[str]]:
             for seed in variant["seeds"]:
                 dare = DareOptions(drop_rate=float(rate), rescale=bool(variant["use_weight_rescale"]), strategy=variant["mask_strategy"],
                                    weight_format=variant["weight_format"])
-                values.append(_read(result_path(save_dir, task, result_name(name, dare, seed)))["metrics"]["test"])
+                values.append(_read(model_result_path(save_dir, [task], result_name(name, dare, seed)))["metrics"]["test"])
             accuracy = np.array([v["accuracy"] for v in values])
             f1 = np.array([v.get("f1", float("nan")) for v in values])
             spread = lambda a: _pct(a.mean()) + (f" ± {100 * a.std():.1f}" if len(a) > 1 else "")
@@ -69,7 +69,7 @@ def merge_rows(save_dir: Path, config: dict) -> tuple[list[str], list[list[str]]
     rows = []
     singles = []
     for task in tasks:
-        result = _read(save_dir / "save_model_results" / task / name / f"{name}.json")
+        result = _read(model_result_path(save_dir, [task], name))
         singles.append(main_score(config["tasks"][task], result["test_metrics"][task]))
         rows.append([f"fine-tuned {task} only", *[_pct(singles[-1]) if t == task else "–" for t in tasks], "–", "–"])
     group = "_".join(tasks)

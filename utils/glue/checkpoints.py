@@ -1,4 +1,4 @@
-"""Checkpoint folders of the GLUE pipeline: their names and paths, reading and writing.
+"""Checkpoint folders of the GLUE pipeline: their names and paths (and their result JSONs), reading and writing.
 
 A checkpoint is ``<save_dir>/save_models/<tasks>/<lm>_lr<lr>[_run<r>]`` (the original MergeLM's names),
 a folder written by ``save_pretrained`` (safetensors) plus the tokenizer. It is read with
@@ -38,6 +38,11 @@ def task_learning_rate(config: dict, short_name: str, task: str, override: float
 def checkpoint_dir(save_dir: str | os.PathLike, tasks: list[str], name: str) -> Path:
     """The folder of checkpoint ``name`` trained on ``tasks`` (several: multitask, auxiliary first)."""
     return Path(save_dir) / "save_models" / "_".join(tasks) / name
+
+
+def model_result_path(save_dir: str | os.PathLike, tasks: list[str], name: str) -> Path:
+    """The result JSON of a trained or evaluated checkpoint: ``save_model_results/<tasks>/<name>/<name>.json``."""
+    return Path(save_dir) / "save_model_results" / "_".join(tasks) / name / f"{name}.json"
 
 
 def task_checkpoint(save_dir: str | os.PathLike, config: dict, language_model_name: str, task: str,

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from model_merging_methods import DareOptions, dare_state_dict
 from utils.cli import dare_suffix, set_random_seed
-from utils.glue.checkpoints import check_head, load_classifier, task_checkpoint
+from utils.glue.checkpoints import check_head, load_classifier, model_result_path, task_checkpoint
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.search import check_same_architecture
 from utils.glue.training import encode_split, evaluate_task, make_loader
@@ -46,10 +45,6 @@ def result_name(checkpoint: str, dare: DareOptions, seed: int) -> str:
     """The original's name: ``<checkpoint>_inference_mask_<p>[_rescale_<bool>][_strategy_magnitude]
     [_weight_format_finetuned_weight]``, plus ``_seed<s>`` when the mask seed is not 0."""
     return f"{checkpoint}_inference{dare_suffix(dare)}" + (f"_seed{seed}" if seed != 0 else "")
-
-
-def result_path(save_dir: str | Path, task: str, name: str) -> Path:
-    return Path(save_dir) / "save_model_results" / task / name / f"{name}.json"
 
 
 def run_inference(options: InferenceOptions, config: dict, device) -> list[dict]:
@@ -88,7 +83,7 @@ def run_inference(options: InferenceOptions, config: dict, device) -> list[dict]
             "metrics": metrics,
             "wall_time_s": time.time() - started,
         }
-        path = write_json_atomic(result_path(options.save_dir, task, name), payload)
+        path = write_json_atomic(model_result_path(options.save_dir, [task], name), payload)
         print(f"{task} {name}: " + "; ".join(f"{split} {m}" for split, m in metrics.items()) + f" -> {path}")
         outputs.append(payload)
     return outputs

@@ -27,8 +27,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from utils.cli import set_random_seed
-from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classifier, model_short_name, save_pretrained_safetensors,
-                                    task_learning_rate)
+from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classifier, model_result_path, model_short_name,
+                                    save_pretrained_safetensors, task_learning_rate)
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score, task_metrics
 from utils.records import library_versions, write_folder_atomic, write_json_atomic
@@ -359,7 +359,7 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
     learning_rate = task_learning_rate(config, short, tasks[-1], options.learning_rate)
     name = checkpoint_name(short, learning_rate, run)
     model_dir = checkpoint_dir(options.save_dir, tasks, name)
-    result_path = Path(options.save_dir) / "save_model_results" / "_".join(tasks) / name / f"{name}.json"
+    result_path = model_result_path(options.save_dir, tasks, name)
     seed = options.seed + run
     set_random_seed(seed)
     encoded = {task: {split: encode_split(tokenizer, data[task][split], rows[task], options.max_seq_length) for split in data[task]} for task in tasks}
