@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from utils.llm.benchmarks import DataLocation, ScoringContext, get_benchmark
-from utils.llm.data import slice_examples
+from utils.llm.data import DatasetSource, Example, slice_examples
 from utils.llm.generation import GenerationBackend, make_backend
 from utils.llm.prompts import dataset_config, generation_params, load_task_config
 from utils.llm.sandbox import SandboxLimits
@@ -85,15 +85,21 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
         yield items[start:start + size]
 
 
+def _selected_examples(dataset: str, options: EvalOptions) -> tuple[list[Example], DatasetSource]:
+    """The ``--start_index:--end_index`` slice of the benchmark; ValueError when it is empty."""
+    examples, source = get_benchmark(dataset).load(options.data_location())
+    selected = slice_examples(examples, options.start_index, options.end_index)
+    if not selected:
+        raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "
+                         f"of {len(examples)} ({source.location})")
+    return selected, source
+
+
 def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOptions) -> dict[str, Any]:
     """Run one dataset end to end with ``backend``; returns the summary (also written to disk)."""
     config = load_task_config()
     benchmark = get_benchmark(dataset)
-    all_examples, source = benchmark.load(options.data_location())
-    examples = slice_examples(all_examples, options.start_index, options.end_index)
-    if not examples:
-        raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "
-                         f"of {len(all_examples)} ({source.location})")
+    examples, source = _selected_examples(dataset, options)
     entry = dataset_config(dataset, config)
     params = generation_params(dataset, max_tokens=options.max_tokens, seed=options.seed, config=config)
     prompts = [benchmark.prompt(example.record, config) for example in examples]
@@ -166,12 +172,4 @@ def evaluate_model(model_path: str, datasets: Sequence[str], options: EvalOption
 def check_datasets(datasets: Sequence[str], options: EvalOptions) -> dict[str, int]:
     """Load every dataset and its slice before any expensive work; returns examples per dataset.
     Raises the loader's error (naming the missing file / variable) or ValueError for an empty slice."""
-    counts = {}
-    for dataset in datasets:
-        examples, source = get_benchmark(dataset).load(options.data_location())
-        selected = slice_examples(examples, options.start_index, options.end_index)
-        if not selected:
-            raise ValueError(f"{dataset}: no examples in slice [{options.start_index}:{options.end_index}] "
-                             f"of {len(examples)} ({source.location})")
-        counts[dataset] = len(selected)
-    return counts
+    return {dataset: len(_selected_examples(dataset, options)[0]) for dataset in datasets}
