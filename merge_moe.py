@@ -1,0 +1,62 @@
+"""Build a mixture-of-experts model (Mixtral, Qwen2-MoE or Qwen3-MoE layout) from homologous dense models.
+
+The config uses mergekit-moe's keys (base_model, experts[{source_model, positive_prompts, negative_prompts,
+noise_scale, residual_scale}], gate_mode, experts_per_token, shared_experts, dtype, architecture); see the
+README section "Mixture of experts" and configs/moe/.
+
+Example:
+    python merge_moe.py configs/moe/qwen2_5_chat_code.yml --output_dir moe_out/
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.cli import HelpFormatter
+from utils.engine.checkpoints import CheckpointError
+from utils.engine.streaming import DTYPES
+from utils.moe import MoEConfigError, MoEError, MoEJob, load_moe_config, run_moe_build
+from utils.records import OutputExistsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("config", help="MoE config (YAML, mergekit-moe keys)")
+    parser.add_argument("--output_dir", required=True, help="folder to create (written atomically)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the hidden-state gates are computed")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="output dtype; overrides the config's dtype (default: config, else the base's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of random gates and expert noise (with the tensor name)")
+    parser.add_argument("--max_shard_size_gb", type=float, default=5.0, help="output shard size in GiB")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="accept .bin checkpoints (torch.load with weights_only=True)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace) -> MoEJob:
+    config, text = load_moe_config(args.config)
+    return MoEJob(config=config, config_text=text, output_dir=args.output_dir, seed=args.seed, dtype=args.dtype,
+                  device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                  max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress,
+                  config_path=args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = run_moe_build(job_from_args(args))
+    except (MoEConfigError, MoEError, CheckpointError, OutputExistsError) as error:
+        print(f"merge_moe.py: error: {error}", file=sys.stderr)
+        return 2
+    output = manifest["output"]
+    print(f"wrote {args.output_dir}: {manifest['architecture']['model_class']} with {len(manifest['experts'])} "
+          f"experts ({output['num_tensors']} tensors, {output['total_bytes'] / 2**20:.1f} MiB, "
+          f"{manifest['wall_seconds']:.1f} s); manifest: {args.output_dir}/merge_manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
