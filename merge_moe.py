@@ -19,6 +19,13 @@ from utils.moe import MoEConfigError, MoEError, MoEJob, load_moe_config, run_moe
 from utils.records import OutputExistsError
 
 
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("config", help="MoE config (YAML, mergekit-moe keys)")
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow_pickle", action="store_true",
                         help="accept .bin checkpoints (torch.load with weights_only=True)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -41,7 +50,7 @@ def job_from_args(args: argparse.Namespace) -> MoEJob:
     return MoEJob(config=config, config_text=text, output_dir=args.output_dir, seed=args.seed, dtype=args.dtype,
                   device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                   max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress,
-                  config_path=args.config)
+                  config_path=args.config, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,7 @@ class MoEJob:
     max_shard_size: int = 5 * 2**30
     progress: bool = True
     config_path: str | None = None
+    threads: int | None = None        # torch intra-op threads during the build (None: leave torch's setting)
 
 
 @dataclass
@@ -81,6 +82,16 @@ def run_moe_build(job: MoEJob) -> dict:
     """Build the MoE into job.output_dir; returns the manifest it writes (merge_manifest.json)."""
     started = time.time()
     tune_allocator()
+    previous_threads = torch.get_num_threads()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    try:
+        return _build(job, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(job: MoEJob, started: float) -> dict:
     config = job.config
     if job.device.startswith("cuda") and not torch.cuda.is_available():
         raise MoEError(f"device {job.device} requested but CUDA is not available")
@@ -185,10 +196,7 @@ def _check_base_tensors(base: Model, layout: Layout, num_layers: int) -> None:
 
 
 def _check_expert(base: Model, expert: Model) -> None:
-    for key in COMPARED_CONFIG_KEYS:
-        if expert.config.get(key) != base.config.get(key):
-            raise MoEError(f"{expert.role}: {expert.source} has {key} {expert.config.get(key)!r}, the base "
-                           f"{base.source} has {base.config.get(key)!r}")
+    """The expert has every MLP tensor of the base with the same shape, and the same architecture keys."""
     names = set(expert.reader.names())
     for name in base.reader.names():
         if not MLP_TENSOR.match(name):
@@ -199,6 +207,10 @@ def _check_expert(base: Model, expert: Model) -> None:
         if shape != base_shape:
             raise MoEError(f"{expert.role}: tensor {name!r} has shape {tuple(shape)} in {expert.source} but "
                            f"{tuple(base_shape)} in the base {base.source}")
+    for key in COMPARED_CONFIG_KEYS:
+        if expert.config.get(key) != base.config.get(key):
+            raise MoEError(f"{expert.role}: {expert.source} has {key} {expert.config.get(key)!r}, the base "
+                           f"{base.source} has {base.config.get(key)!r}")
 
 
 def _base_dtype(base: Model) -> str:
