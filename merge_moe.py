@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from utils.cli import HelpFormatter
-from utils.engine.checkpoints import CheckpointError
+from utils.engine.reader import CheckpointError
 from utils.engine.streaming import DTYPES
 from utils.moe import MoEConfigError, MoEError, MoEJob, load_moe_config, run_moe_build
 from utils.records import OutputExistsError

@@ -22,8 +22,10 @@ from typing import Callable
 
 import torch
 
+from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
-from utils.engine.checkpoints import CheckpointReader, PlannedTensor, ShardedSafetensorsWriter, resolve_checkpoint
+from utils.engine.reader import CheckpointReader, resolve_checkpoint
+from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
 from utils.records import OutputExistsError, library_versions, write_folder_atomic
 
@@ -93,8 +95,10 @@ def run_moe_build(job: MoEJob) -> dict:
 
 def _build(job: MoEJob, started: float) -> dict:
     config = job.config
-    if job.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MoEError(f"device {job.device} requested but CUDA is not available")
+    try:
+        device = str(resolve_device(job.device))
+    except ValueError as error:
+        raise MoEError(f"--device: {error}") from None
     if Path(job.output_dir).exists() and not job.overwrite:
         raise OutputExistsError(f"{job.output_dir} exists; pass --overwrite to replace it")
     base, experts, shared = _open_models(job)
@@ -105,7 +109,7 @@ def _build(job: MoEJob, started: float) -> dict:
         _check_expert(base, model)
     dtype_name = job.dtype or config.dtype or _base_dtype(base)
     out_dtype = DTYPES[dtype_name]
-    gates, shared_gates, gate_report = _gates(job, layout, base, base_config)
+    gates, shared_gates, gate_report = _gates(job, layout, base, base_config, device)
     plan = _plan(job, layout, base, experts, shared, gates, shared_gates, out_dtype)
     moe_config = output_config(layout, base_config, len(experts), config.experts_per_token, dtype_name)
 
@@ -221,7 +225,7 @@ def _base_dtype(base: Model) -> str:
     return next((name for name, value in DTYPES.items() if value == dtype), "float32")
 
 
-def _gates(job: MoEJob, layout: Layout, base: Model, base_config) -> tuple[list, list, dict]:
+def _gates(job: MoEJob, layout: Layout, base: Model, base_config, device: str) -> tuple[list, list, dict]:
     """Router rows per layer for the routed experts (L × (E, d)) and the shared expert gate (L × (1, d))."""
     config = job.config
     num_layers, hidden = base_config.num_hidden_layers, base_config.hidden_size
@@ -230,9 +234,9 @@ def _gates(job: MoEJob, layout: Layout, base: Model, base_config) -> tuple[list,
     if config.gate_mode in PROMPT_GATE_MODES:
         embeddings = None
         if config.gate_mode == "cheap_embed":
-            embeddings = base.reader.get("model.embed_tokens.weight").to(job.device)
+            embeddings = base.reader.get("model.embed_tokens.weight").to(device)
         try:
-            encoder = PromptEncoder(config.gate_mode, base.path, embeddings, num_layers, job.device)
+            encoder = PromptEncoder(config.gate_mode, base.path, embeddings, num_layers, device)
         except (OSError, ValueError) as error:
             raise MoEError(f"base_model: gate_mode {config.gate_mode} needs the tokenizer and model of "
                            f"{base.source}, which transformers cannot load ({error})") from None
