@@ -107,6 +107,11 @@ def _build(job: MoEJob, started: float) -> dict:
     _check_base_tensors(base, layout, base_config.num_hidden_layers)
     for model in experts + shared:
         _check_expert(base, model)
+    if len(experts) > 1 and len({model.path.resolve() for model in experts}) == 1:
+        # mergekit-moe refuses this without --i-understand-this-is-not-useful-without-training; it is the
+        # exact-equivalence check of a layout, so here it is only a warning
+        print("warning: every expert is the same model: the MoE computes what that model computes, at a higher "
+              "cost, until it is trained", file=sys.stderr)
     dtype_name = job.dtype or config.dtype or _base_dtype(base)
     out_dtype = DTYPES[dtype_name]
     gates, shared_gates, gate_report = _gates(job, layout, base, base_config, device)
