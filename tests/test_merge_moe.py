@@ -346,7 +346,7 @@ def _bad(zoo, **changes):
     ("qwen2_without_shared", "shared_experts: qwen2_moe needs exactly one shared expert"),
     ("typo", "experts[0].positive_prompt: unknown key"),
     ("bad_gate_mode", "gate_mode: 'hiden' is not valid"),
-    ("missing_model", "no such checkpoint folder"),
+    ("missing_model", "base_model: "),
 ])
 def test_bad_inputs_exit_2_naming_the_key_and_write_nothing(zoo, tmp_path, capsys, case, expected):
     config = {
@@ -374,6 +374,8 @@ def test_bad_inputs_exit_2_naming_the_key_and_write_nothing(zoo, tmp_path, capsy
     assert code == 2 and expected in error and error.count("\n") == 1, error
     if case == "other_architecture":
         assert "model_type 'qwen2'" in error and "'llama'" in error
+    if case == "missing_model":
+        assert "nowhere: no such checkpoint folder" in error
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["moe.yml"]
 
 
@@ -395,3 +397,10 @@ def test_bad_yaml_names_the_file(tmp_path, capsys):
     code = merge_moe.main([str(path), "--output_dir", str(tmp_path / "out")])
     assert code == 2 and f"{path}: not valid YAML (line" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
+def test_cuda_without_cuda_is_a_bad_input(zoo, tmp_path, capsys):
+    code, out = build(tmp_path, _bad(zoo, gate_mode="random"), "--device", "cuda")
+    assert code == 2 and "--device: device 'cuda' requested but CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()

@@ -24,7 +24,7 @@ import torch
 
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
-from utils.engine.reader import CheckpointReader, resolve_checkpoint
+from utils.engine.reader import CheckpointError, CheckpointReader, resolve_checkpoint
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
 from utils.records import OutputExistsError, library_versions, write_folder_atomic
@@ -136,9 +136,12 @@ def _open_models(job: MoEJob) -> tuple[Model, list[Model], list[Model]]:
     readers: dict[Path, CheckpointReader] = {}
 
     def open_one(role: str, source: str) -> Model:
-        path = resolve_checkpoint(source, job.allow_pickle)
-        if path.resolve() not in readers:
-            readers[path.resolve()] = CheckpointReader(path, job.allow_pickle)
+        try:
+            path = resolve_checkpoint(source, job.allow_pickle)
+            if path.resolve() not in readers:
+                readers[path.resolve()] = CheckpointReader(path, job.allow_pickle)
+        except CheckpointError as error:
+            raise MoEError(f"{role}: {error}") from None
         config_file = path / "config.json"
         if not config_file.is_file():
             raise MoEError(f"{role}: {source} has no config.json")
