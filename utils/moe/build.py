@@ -99,6 +99,8 @@ def _build(job: MoEJob, started: float) -> dict:
         device = str(resolve_device(job.device))
     except ValueError as error:
         raise MoEError(f"--device: {error}") from None
+    if job.dtype is not None and job.dtype not in DTYPES:
+        raise MoEError(f"--dtype: unknown dtype {job.dtype!r}; valid: {', '.join(DTYPES)}")
     if Path(job.output_dir).exists() and not job.overwrite:
         raise OutputExistsError(f"{job.output_dir} exists; pass --overwrite to replace it")
     base, experts, shared = _open_models(job)
@@ -122,8 +124,8 @@ def _build(job: MoEJob, started: float) -> dict:
         files = _write_tensors(job, plan, staging)
         moe_config.save_pretrained(staging)
         copied = _copy_tokenizer(base.path, staging)
-        manifest.update(_manifest(job, layout, chosen_by, dtype_name, base, experts, shared, plan, files, copied,
-                                  gate_report, started))
+        manifest.update(_manifest(job, layout, chosen_by, dtype_name, device, base, experts, shared, plan, files,
+                                  copied, gate_report, started))
         (staging / "README.md").write_text(model_card(job, layout, Path(job.output_dir).name), encoding="utf-8")
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
@@ -371,9 +373,9 @@ def _describe_expert(expert: ExpertConfig, model: Model) -> dict:
         expert.model_dump(exclude={"source_model"})
 
 
-def _manifest(job: MoEJob, layout: Layout, chosen_by: str, dtype_name: str, base: Model, experts: list[Model],
-              shared: list[Model], plan: Plan, files: list[str], copied: list[str], gate_report: dict,
-              started: float) -> dict:
+def _manifest(job: MoEJob, layout: Layout, chosen_by: str, dtype_name: str, device: str, base: Model,
+              experts: list[Model], shared: list[Model], plan: Plan, files: list[str], copied: list[str],
+              gate_report: dict, started: float) -> dict:
     config = job.config
     models = [base] + experts + shared
     unique = {model.path.resolve(): model for model in models}
@@ -388,6 +390,7 @@ def _manifest(job: MoEJob, layout: Layout, chosen_by: str, dtype_name: str, base
         "seed": job.seed,
         "architecture": {"name": layout.name, "model_class": layout.model_class, "chosen_by": chosen_by},
         "dtype": dtype_name,
+        "device": device,
         "experts_per_token": config.experts_per_token,
         "experts": [_describe_expert(e, m) for e, m in zip(config.experts, experts)],
         "shared_experts": [_describe_expert(e, m) for e, m in zip(config.shared_experts or [], shared)],
