@@ -284,7 +284,8 @@ def test_seeded_gates_and_noise_are_reproducible(zoo, tmp_path, mode):
         assert gates.abs().max() <= bound and gates.min() < -bound / 2 and gates.max() > bound / 2
     else:
         assert 0.8 < gates.std() < 1.2
-    noise = (runs["a"][noisy] - load_file(zoo["llama_ft0"] / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"])
+    source = load_file(zoo["llama_ft0"] / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"]
+    noise = runs["a"][noisy] - source
     assert 0.008 < noise.std() < 0.012
     clean = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
     assert torch.equal(runs["a"][clean], load_file(zoo["llama_ft1"] / "model.safetensors")[
@@ -301,7 +302,8 @@ def test_output_files_manifest_card_sharding_and_generation(zoo, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert {"model.layers.0.mlp.experts.1.down_proj.weight", "model.layers.0.mlp.shared_expert.up_proj.weight",
-            "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.shared_expert_gate.weight"} <= set(index["weight_map"])
+            "model.layers.1.mlp.gate.weight",
+            "model.layers.1.mlp.shared_expert_gate.weight"} <= set(index["weight_map"])
     moe_config = json.loads((out / "config.json").read_text())
     assert moe_config["architectures"] == ["Qwen2MoeForCausalLM"] and moe_config["num_experts"] == 2
     assert moe_config["dtype"] == "bfloat16" and moe_config["moe_intermediate_size"] == 32
