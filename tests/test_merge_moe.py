@@ -32,11 +32,12 @@ def save_word_tokenizer(folder: Path) -> None:
 
 def save_tiny_decoder(folder: Path, kind: str, seed: int, base: Path | None = None, tie: bool = False,
                       intermediate: int = 32) -> Path:
-    """A 2-layer decoder (llama, qwen2 or qwen3; d = 16) initialised with std 0.2 so that every block matters
+    """A 2-layer decoder (llama, mistral, qwen2 or qwen3; d = 16) initialised with std 0.2 so that every block matters
     to the logits; with `base`, the base's weights plus 0.05·N(0, 1) (a "fine-tune")."""
     import transformers
 
     config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "mistral": ("MistralConfig", "MistralForCausalLM"),
                                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
                                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]
     config = getattr(transformers, config_class)(
@@ -64,11 +65,12 @@ def save_tiny_decoder(folder: Path, kind: str, seed: int, base: Path | None = No
 def zoo(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("moe_zoo")
     folders = {}
-    for kind in ("llama", "qwen2", "qwen3"):
+    for kind in ("llama", "mistral", "qwen2", "qwen3"):
         base = save_tiny_decoder(root / f"{kind}_base", kind, seed=0)
         folders[f"{kind}_base"] = base
         folders[f"{kind}_ft0"] = save_tiny_decoder(root / f"{kind}_ft0", kind, 1, base)
-        folders[f"{kind}_ft1"] = save_tiny_decoder(root / f"{kind}_ft1", kind, 2, base)
+        if kind != "mistral":
+            folders[f"{kind}_ft1"] = save_tiny_decoder(root / f"{kind}_ft1", kind, 2, base)
     tied = save_tiny_decoder(root / "llama_tied_base", "llama", seed=3, tie=True)
     folders["llama_tied_base"] = tied
     folders["llama_tied_ft0"] = save_tiny_decoder(root / "llama_tied_ft0", "llama", 4, tied, tie=True)
@@ -116,6 +118,7 @@ def logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("kind, architecture, shared", [
     ("llama", "mixtral", False),
     ("llama_tied", "mixtral", False),
+    ("mistral", "mixtral", False),
     ("llama", "qwen2_moe", True),
     ("qwen2", "qwen2_moe", True),
     ("qwen3", "qwen3_moe", False),
@@ -321,12 +324,20 @@ def test_output_files_manifest_card_sharding_and_generation(zoo, tmp_path):
     assert generated.shape == (1, 9)
 
 
-def test_example_configs_validate():
+def test_example_configs_validate_and_hub_ids_go_to_the_card_front_matter():
+    from utils.moe import LAYOUTS, MoEJob
+    from utils.moe.build import model_card
+
     files = sorted(CONFIGS.glob("*.yml"))
     assert files
     for path in files:
         config = parse_moe_config(yaml.safe_load(path.read_text()), str(path))
         assert config.experts
+    path = CONFIGS / "qwen2_5_chat_code.yml"
+    config = parse_moe_config(yaml.safe_load(path.read_text()), str(path))
+    card = model_card(MoEJob(config, path.read_text(), "out"), LAYOUTS[config.architecture], "out")
+    assert card.startswith("---\nbase_model:\n- Qwen/Qwen2.5-0.5B-Instruct\n- Qwen/Qwen2.5-Coder-0.5B-Instruct\ntags:")
+    assert "- shared expert 0: `Qwen/Qwen2.5-0.5B-Instruct`" in card and "residual_scale: 0.5" in card
 
 
 def _bad(zoo, **changes):
