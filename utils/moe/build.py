@@ -106,7 +106,7 @@ def _build(job: MoEJob, started: float) -> dict:
     base, experts, shared = _open_models(job)
     base_config = _base_config(base)
     layout, chosen_by = _layout(config, base)
-    _check_base_tensors(base, layout, base_config.num_hidden_layers)
+    _check_base_tensors(base, layout, base_config.num_hidden_layers, bool(base_config.tie_word_embeddings))
     for model in experts + shared:
         _check_expert(base, model)
     if len(experts) > 1 and len({model.path.resolve() for model in experts}) == 1:
@@ -193,7 +193,7 @@ def _layout(config: MoEConfig, base: Model) -> tuple[Layout, str]:
     return layout, chosen_by
 
 
-def _check_base_tensors(base: Model, layout: Layout, num_layers: int) -> None:
+def _check_base_tensors(base: Model, layout: Layout, num_layers: int, tied: bool) -> None:
     names = set(base.reader.names())
     for name in base.reader.names():
         if not MLP_TENSOR.match(name) and not layout.accepts(name):
@@ -203,7 +203,6 @@ def _check_base_tensors(base: Model, layout: Layout, num_layers: int) -> None:
             name = f"model.layers.{layer}.mlp.{projection}.weight"
             if name not in names:
                 raise MoEError(f"base_model: tensor {name!r} is missing from {base.source}")
-    tied = base.config.get("tie_word_embeddings", False)
     if "lm_head.weight" not in names and not tied:
         raise MoEError(f"base_model: tensor 'lm_head.weight' is missing from {base.source} and its config does "
                        f"not tie it to the embeddings (tie_word_embeddings)")
@@ -222,7 +221,9 @@ def _check_expert(base: Model, expert: Model) -> None:
             raise MoEError(f"{expert.role}: tensor {name!r} has shape {tuple(shape)} in {expert.source} but "
                            f"{tuple(base_shape)} in the base {base.source}")
     for key in COMPARED_CONFIG_KEYS:
-        if expert.config.get(key) != base.config.get(key):
+        # a key absent from one config.json has its class default there; only model_type must always be stated
+        both = key in expert.config and key in base.config
+        if (both or key == "model_type") and expert.config.get(key) != base.config.get(key):
             raise MoEError(f"{expert.role}: {expert.source} has {key} {expert.config.get(key)!r}, the base "
                            f"{base.source} has {base.config.get(key)!r}")
 
