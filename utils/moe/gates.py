@@ -1,7 +1,7 @@
 """Router ("gate") matrices of the MoE, computed once before any expert tensor is written.
 
 For layer l the router maps a token's hidden state x (d) to one logit per expert, logits = G_l x, with
-G_l of shape (E, d). The modes follow mergekit-moe (mergekit/moe/router.py):
+G_l of shape (E, d). The modes follow mergekit-moe's router module (its `get_gate_params`):
 
 * ``hidden`` (= ``hidden_avg``): run the base model on each expert's prompts (each prompt preceded by the
   tokenizer's BOS token); per layer l take h_l, the residual stream entering layer l (hidden_states[l] of
