@@ -1,64 +1,103 @@
-"""Merge Hugging Face checkpoints tensor by tensor (DARE, average, task arithmetic, TIES, SLERP, ...).
+r"""Merge Hugging Face checkpoints tensor by tensor (DARE, average, task arithmetic, TIES, SLERP, ...).
 
 Example:
     python merge_models.py --base_model base/ --models ft_a/ ft_b/ --method task_arithmetic \
         --drop_rate 0.9 --scaling_coefficient 1.0 --output_dir merged/
+    python merge_models.py --from_manifest merged/merge_manifest.json --output_dir again/
+
+Exit status: 0 written; 2 bad input (a one-line message names the file, tensor or value; nothing is
+written); 130 / 143 interrupted by Ctrl-C / SIGTERM (the staging folder is removed).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
+from contextlib import contextmanager
 
-from model_merging_methods import DareOptions, MergeError, MergeOptions, available_methods, get_method
-from utils.cli import HelpFormatter, drop_rate
-from utils.engine.reader import CheckpointError
-from utils.engine.streaming import DTYPES, VOCAB_ALIGNMENTS, StreamMergeJob, run_stream_merge
+# light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
+from model_merging_methods.registry import available_methods, get_method
+from utils.cli import HelpFormatter, drop_rate, handle_termination, interrupted_status, positive_float
+from utils.engine.choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
 
 STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]
+MANIFEST_FLAGS = {"from_manifest", "output_dir", "overwrite", "threads", "no_progress"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--base_model", default=None, help="pretrained backbone θ_pre: folder or hub id")
-    parser.add_argument("--models", nargs="+", required=True, help="fine-tuned models: folders or hub ids")
-    parser.add_argument("--method", required=True, choices=STREAMING_METHODS, help="registry name of the merge")
-    parser.add_argument("--output_dir", required=True, help="folder to create (written atomically)")
+    parser.add_argument("--models", nargs="+", help="fine-tuned models: folders or hub ids (required)")
+    parser.add_argument("--method", choices=STREAMING_METHODS, help="registry name of the merge (required)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder to create (written atomically); must not be, contain or lie inside an input")
+    parser.add_argument("--from_manifest", default=None, metavar="MANIFEST",
+                        help="re-run the merge a merge_manifest.json records (same weights, bit for bit); "
+                             "refused if an input's sha256 changed. Takes only --output_dir, --overwrite, "
+                             "--threads, --no_progress")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
-                        help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta)")
+                        help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta; default 1 each)")
     parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES")
     parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=drop_rate, nargs="+", default=[0.0],
-                        help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first")
+                        help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first "
+                             "(default: 0, no DARE)")
     parser.add_argument("--no_rescale", action="store_true", help="DropOnly: do not rescale kept entries by 1/(1-p)")
     parser.add_argument("--rescale_mode", choices=["paper", "l1"], default="paper",
                         help="paper: 1/(1-p); l1: mergekit's L1-norm match")
-    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random")
-    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight")
+    parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random",
+                        help="what DARE drops: random (Bernoulli(p)) or magnitude (the int(n·p) smallest |x|)")
+    parser.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"], default="delta_weight",
+                        help="what DARE drops from: the delta θ_ft − θ_pre, or θ_ft itself")
     parser.add_argument("--density", type=float, nargs="+", default=[1.0],
-                        help="TIES keep fraction per model; for dare_* the DARE keep rate when --drop_rate is 0")
+                        help="TIES keep fraction per model; for dare_* the DARE keep rate when --drop_rate is 0 "
+                             "(default: 1, nothing trimmed or dropped)")
     parser.add_argument("--ties_normalize", choices=["count", "weights"], default="count",
                         help="count: paper's disjoint mean; weights: mergekit's sum of agreeing weights")
     parser.add_argument("--slerp_t", type=float, default=0.5, help="SLERP t (0 = base, 1 = the model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every DARE mask (with model index, tensor name)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the base's)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the base's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
-                        help="worker threads merging pieces of large tensors concurrently")
+                        help="worker threads merging pieces of large tensors concurrently (>= 1; more than the "
+                             "CPUs is clamped)")
     parser.add_argument("--exclude_param_names_regex", nargs="*", default=[],
                         help="tensors matching any regex (re.match) are copied from the base unchanged")
     parser.add_argument("--vocab_alignment", choices=VOCAB_ALIGNMENTS, default="error",
                         help="pad_mean: the paper's pad-token rows set to the mean of old rows")
-    parser.add_argument("--files_from", default=None, help="model whose config/tokenizer are copied (default base)")
-    parser.add_argument("--max_shard_size_gb", type=float, default=5.0, help="output shard size in GiB")
+    parser.add_argument("--files_from", default=None,
+                        help="model whose config/tokenizer/chat template are copied (default: the base, or the "
+                             "model whose vocabulary the aligned output has)")
+    parser.add_argument("--max_shard_size_gb", type=positive_float, default=5.0, help="output shard size in GiB")
     parser.add_argument("--allow_pickle", action="store_true",
                         help="accept .bin checkpoints (torch.load with weights_only=True)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--allow_noop", action="store_true",
+                        help="run dare_linear / dare_ties even when their settings drop nothing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder (never an input)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
 
-def job_from_args(args: argparse.Namespace) -> StreamMergeJob:
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say alone: --models/--method unless --from_manifest, which takes nothing else."""
+    if args.from_manifest is None:
+        missing = [flag for flag, value in (("--models", args.models), ("--method", args.method)) if not value]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (or --from_manifest)")
+        return
+    extra = [f"--{dest}" for dest, value in vars(args).items()
+             if dest not in MANIFEST_FLAGS and value != parser.get_default(dest)]
+    if extra:
+        parser.error(f"--from_manifest re-runs the recorded merge; it does not take {', '.join(extra)}")
+
+
+def job_from_args(args: argparse.Namespace):
+    from model_merging_methods import DareOptions, MergeOptions
+    from utils.engine.streaming import StreamMergeJob
+
     single = lambda values: values[0] if len(values) == 1 else values  # noqa: E731
     dare = DareOptions(drop_rate=single(args.drop_rate), rescale=not args.no_rescale,
                        strategy=args.mask_strategy, weight_format=args.weight_format,
@@ -70,17 +109,66 @@ def job_from_args(args: argparse.Namespace) -> StreamMergeJob:
                           dtype=args.dtype, device=args.device, exclude_regex=args.exclude_param_names_regex,
                           overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
-                          max_shard_size=int(args.max_shard_size_gb * 2**30), progress=not args.no_progress,
-                          threads=args.threads)
+                          max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), progress=not args.no_progress,
+                          threads=args.threads, allow_noop=args.allow_noop)
+
+
+def job_from_manifest_file(args: argparse.Namespace):
+    from model_merging_methods import MergeError
+    from utils.engine.streaming import job_from_manifest
+
+    try:
+        with open(args.from_manifest, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{args.from_manifest}: not valid JSON ({error})") from error
+    try:
+        return job_from_manifest(manifest, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress,
+                                 threads=args.threads)
+    except MergeError as error:
+        raise MergeError(f"{args.from_manifest}: {error}") from error
+
+
+@contextmanager
+def warnings_to_stderr():
+    """The engine's warnings (no-op settings, clamped threads) as ``merge_models.py: warning: ...`` lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("merge_models.py: warning: %(message)s"))
+    engine = logging.getLogger("mergelm.engine")
+    engine.addHandler(handler)
+    engine.propagate = False
+    try:
+        yield
+    finally:
+        engine.removeHandler(handler)
+        engine.propagate = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    handle_termination()
     try:
-        manifest = run_stream_merge(job_from_args(args))
-    except (MergeError, CheckpointError) as error:
-        print(f"merge_models.py: error: {error}", file=sys.stderr)
-        return 2
+        from model_merging_methods import MergeError
+        from utils.engine.reader import CheckpointError
+        from utils.engine.streaming import run_stream_merge
+
+        with warnings_to_stderr():
+            try:
+                job = job_from_manifest_file(args) if args.from_manifest else job_from_args(args)
+                manifest = run_stream_merge(job)
+            except (MergeError, CheckpointError) as error:
+                print(f"merge_models.py: error: {error}", file=sys.stderr)
+                return 2
+            except OSError as error:   # the file system refused: read-only, immutable, full, permissions
+                print(f"merge_models.py: error: {error.strerror or error}"
+                      f"{f': {error.filename}' if error.filename else ''}; nothing was written", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt as error:
+        print(f"merge_models.py: interrupted ({error or 'Ctrl-C'}); nothing was written to {args.output_dir}",
+              file=sys.stderr)
+        return interrupted_status(error)
     print(f"wrote {args.output_dir} ({manifest['output']['num_tensors']} tensors, "
           f"{manifest['wall_seconds']:.1f} s); manifest: {args.output_dir}/merge_manifest.json")
     return 0

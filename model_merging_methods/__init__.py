@@ -1,19 +1,36 @@
-"""The merging library: pure functions over {tensor_name: tensor} dicts and one method registry."""
-from .dare import dare_model, dare_one_model, dare_state_dict, dare_tensor, dare_tensors, resolve_dare
-from .merge import check_method_inputs, merge_resolved, merge_state_dicts
-from .options import DareOptions, MergeError, MergeOptions, ResolvedDare, StateDict
-from .randomness import SEGMENT, RandomSlot, derive_seed
-from .registry import REGISTRY, MergeMethod, available_methods, get_method
-from .selection import kth_smallest, smallest_mask
-from .slerp import slerp_tensor
-from .task_vector import apply_task_vector, task_vector
-from .ties import trim_threshold
-from .validation import check_finite, check_inputs, is_excluded
+"""The merging library: pure functions over {tensor_name: tensor} dicts and one method registry.
 
-__all__ = [
-    "DareOptions", "MergeError", "MergeMethod", "MergeOptions", "REGISTRY", "RandomSlot", "ResolvedDare",
-    "SEGMENT", "StateDict", "apply_task_vector", "available_methods", "check_finite", "check_inputs",
-    "check_method_inputs", "dare_model", "dare_one_model", "dare_state_dict", "dare_tensor", "dare_tensors",
-    "derive_seed", "get_method", "is_excluded", "kth_smallest", "merge_resolved", "merge_state_dicts",
-    "resolve_dare", "slerp_tensor", "smallest_mask", "task_vector", "trim_threshold",
-]
+Names are imported on first use (PEP 562): the registry and the option dataclasses load without torch,
+so entry scripts can list methods and parse arguments before paying torch's start-up time.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "dare": ("dare_model", "dare_one_model", "dare_state_dict", "dare_tensor", "dare_tensors", "resolve_dare"),
+    "merge": ("check_method_inputs", "merge_resolved", "merge_state_dicts"),
+    "options": ("DareOptions", "MergeError", "MergeOptions", "ResolvedDare", "StateDict"),
+    "randomness": ("SEGMENT", "RandomSlot", "derive_seed"),
+    "registry": ("REGISTRY", "MergeMethod", "available_methods", "get_method"),
+    "selection": ("kth_smallest", "smallest_mask"),
+    "slerp": ("slerp_tensor",),
+    "task_vector": ("apply_task_vector", "task_vector"),
+    "ties": ("trim_threshold",),
+    "validation": ("check_finite", "check_inputs", "is_excluded"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,8 +12,9 @@ from .validation import check_finite, check_inputs, is_excluded, is_finite
 
 
 def check_method_inputs(method: MergeMethod, has_base: bool, num_models: int, num_statistics: int | None,
-                        dare: tuple[ResolvedDare, ...] | None) -> None:
-    """The method's input contract: a base when it needs one, its model count, one statistics dict per model."""
+                        dare: tuple[ResolvedDare, ...] | None, options: MergeOptions | None = None) -> None:
+    """The method's input contract: a base when it needs one, its model count, one statistics dict per model,
+    and (given `options`) one weight per model with a non-zero sum where the method divides by it."""
     if method.needs_base and not has_base:
         raise MergeError(f"{method.name} needs a base (pretrained) model")
     if dare is not None and not has_base and dare[0].weight_format == "delta_weight":
@@ -23,6 +24,8 @@ def check_method_inputs(method: MergeMethod, has_base: bool, num_models: int, nu
         raise MergeError(f"{method.name} takes {bound} models, got {num_models}")
     if method.statistics and num_statistics != num_models:
         raise MergeError(f"{method.name} needs one {method.statistics} statistics dict per model")
+    if options is not None:
+        method.check_weights(options, num_models)
 
 
 def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDict],
@@ -48,7 +51,7 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
         raise MergeError("no models to merge")
     resolved, options = resolve_dare(spec, options, dare, len(models))
     check_method_inputs(spec, base is not None, len(models), None if statistics is None else len(statistics),
-                        resolved)
+                        resolved, options)
     return merge_resolved(spec, base, models, options, resolved, seed=seed, exclude_regex=exclude_regex,
                           statistics=statistics, report=report, out_dtype=out_dtype, offsets=offsets)
 
@@ -75,7 +78,7 @@ def merge_resolved(spec: MergeMethod, base: StateDict | None, models: list[State
         sub_models = _apply_dare(spec, dare, sub_base, sub_models, seed, report, offsets)
     elif spec.on_deltas:
         sub_models = [{n: m[n].sub_(sub_base[n]) for n in names} for m in sub_models]
-    merged = spec.function(sub_base, sub_models, options, statistics)
+    merged = spec.implementation()(sub_base, sub_models, options, statistics)
     _check_outputs(merged)
     out = {}
     for name, tensor in reference.items():

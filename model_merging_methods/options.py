@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-StateDict = dict[str, torch.Tensor]
+# a string forward reference: this module (and the registry) load without importing torch
+StateDict = dict[str, "torch.Tensor"]
 
 MASK_STRATEGIES = ("random", "magnitude")
 WEIGHT_FORMATS = ("delta_weight", "finetuned_weight")

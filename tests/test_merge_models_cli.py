@@ -59,7 +59,7 @@ def test_merged_llama_loads_and_generates_with_manifest(llama_family, tmp_path):
     assert manifest["method"]["name"] == "dare_ties" and manifest["seed"] == 0
     assert manifest["versions"]["torch"] == torch.__version__
     assert [i["role"] for i in manifest["inputs"]] == ["base", "model 0", "model 1"]
-    assert len(manifest["inputs"][0]["files"][0]["header_sha256"]) == 64
+    assert len(manifest["inputs"][0]["files"][0]["sha256"]) == 64
     kept = manifest["dare"]["per_model"][0]
     assert 0.45 < kept["kept_fraction_overall"] < 0.55
     assert set(kept["kept_fraction"]) == set(index["weight_map"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 
 SUPPRESSED_DEFAULTS = (None, False, argparse.SUPPRESS)
 
@@ -16,9 +17,42 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     (not for None/False defaults, nor when the help text already states it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in SUPPRESSED_DEFAULTS or "(default" in (action.help or "") or action.help is None:
+        # identity, not ==: a default of 0 or 0.0 says something (0 == False)
+        empty = isinstance(action.default, (list, tuple)) and not action.default
+        if any(action.default is hidden for hidden in SUPPRESSED_DEFAULTS) or empty \
+                or "(default" in (action.help or "") or action.help is None:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM: what job schedulers send), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt so that the same cleanups run (staging folders removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def handle_termination() -> None:
+    """From now on SIGTERM raises Terminated in the main thread (call it from an entry script's main)."""
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def interrupted_status(error: KeyboardInterrupt) -> int:
+    """The shell's exit status of a process ended by this signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + getattr(error, "signum", signal.SIGINT)
+
+
+def positive_float(value: str) -> float:
+    """argparse type of a size or a rate that must be > 0."""
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
 
 
 def drop_rate(value: str) -> float:

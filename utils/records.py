@@ -24,14 +24,49 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def project_provenance() -> dict[str, Any]:
+    """The project's version, and its git commit (with whether the working tree has uncommitted changes)
+    when the code runs from a git checkout; None where git or the checkout is not available."""
+    import subprocess
+
+    from utils import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    found: dict[str, Any] = {"version": __version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            found["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=30)
+            found["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return found
+
+
+def default_file_mode() -> int:
+    """0666 less the process umask (0644 under the usual 022): the mode open() gives a new file."""
+    try:   # read without changing it (os.umask both sets and returns, which other threads could observe)
+        with open("/proc/self/status", encoding="ascii") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` through a temporary file in the target's folder, then rename it into place."""
+    """Write `text` through a temporary file in the target's folder, then rename it into place.
+    The file gets the mode a plain open() would give it (tempfile's own files are 0600)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
                                          suffix=".tmp", delete=False)
     try:
         with handle:
+            os.fchmod(handle.fileno(), default_file_mode())
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -48,6 +83,13 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def overlapping_path(output: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """True when `output` is `source`, lies inside it, or contains it (links resolved): writing or
+    replacing `output` would then change `source`."""
+    out, src = Path(os.path.realpath(output)), Path(os.path.realpath(source))
+    return out == src or src in out.parents or out in src.parents
 
 
 class OutputExistsError(FileExistsError):
@@ -98,14 +140,40 @@ def publish_folder(staging: Path, target: Path, *, overwrite: bool) -> Path:
     return target
 
 
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging folders ``.<name>.partial-<pid>`` of `target` left by processes that no longer
+    exist (killed by SIGKILL, a crash, a power cut); returns them. A pid that exists, or that belongs to
+    another user (kill answers EPERM), is left alone. Processes on other machines sharing the file system
+    cannot be seen: their pids look dead here, so do not point concurrent runs on several hosts at one folder."""
+    import re
+    import shutil
+
+    pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)$")
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.partial-*"):
+        match = pattern.fullmatch(candidate.name)
+        if not match or int(match.group(1)) == os.getpid() or not candidate.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+        except (PermissionError, OverflowError):
+            pass
+    return removed
+
+
 def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool = True) -> Path:
     """Call ``write(staging_folder)`` on a staging folder next to `target` (``.<name>.partial-<pid>``), then
-    publish it with publish_folder. On any failure the staging folder is removed: nothing half-written
-    ever carries the target's name."""
+    publish it with publish_folder. On any failure (SIGTERM too, where the entry script turns it into an
+    exception: utils/cli.py handle_termination) the staging folder is removed: nothing half-written ever
+    carries the target's name. Staging folders of dead processes are removed first."""
     import shutil
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

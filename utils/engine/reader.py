@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +39,29 @@ class TensorInfo:
     end: int
 
 
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _library_check(path: Path) -> None:
+    """Let the safetensors library parse and validate the header (it memory-maps, reads nothing else)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: rejected by the safetensors library ({error})") from error
+
+
 class SafetensorsFile:
-    """One safetensors file: parsed header, checked against the file size, read tensor by tensor."""
+    """One safetensors file: parsed header, validated as the safetensors library does, read tensor by tensor.
+
+    The header is checked here first (messages name the file and the tensor: not a JSON object, an
+    entry without dtype / shape / data_offsets, negative or reversed offsets, a span that is not the
+    tensor's byte size, tensors that overlap or leave gaps), then ``safetensors.safe_open`` parses and
+    validates it again, so nothing the library would refuse is read; the reads themselves stay positioned
+    reads into fresh buffers."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -56,22 +79,65 @@ class SafetensorsFile:
             header = json.loads(self.header_bytes)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{self.path}: unreadable safetensors header ({error})") from error
-        self.metadata = header.pop("__metadata__", None) or {}
         data_start = 8 + header_len
+        self.metadata = self._metadata(header)
         self.tensors: dict[str, TensorInfo] = {}
+        spans = []
         for name, entry in header.items():
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-            begin, end = entry["data_offsets"]
+            dtype, shape, begin, end = self._entry(name, entry)
             if data_start + end > size:
                 raise CheckpointError(f"{self.path}: truncated safetensors file (tensor {name!r} ends at byte "
                                       f"{data_start + end}, file has {size})")
-            self.tensors[name] = TensorInfo(SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
-                                            data_start + begin, data_start + end)
+            spans.append((begin, end, name))
+            self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+        self._check_layout(spans, size - data_start)
+        _library_check(self.path)
 
-    @property
-    def header_sha256(self) -> str:
-        return hashlib.sha256(self.header_bytes).hexdigest()
+    def _metadata(self, header) -> dict:
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: safetensors header is a JSON {type(header).__name__}, "
+                                  f"not an object of tensor entries")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings")
+        return metadata
+
+    def _entry(self, name: str, entry) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{where}: header entry must have dtype, shape and data_offsets, got {entry!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype}")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets must be two non-negative integers, got {offsets!r}")
+        begin, end = offsets
+        if end < begin:
+            raise CheckpointError(f"{where}: data_offsets {offsets} are reversed")
+        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        nbytes = math.prod(shape) * itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{where}: data_offsets {offsets} span {end - begin} bytes but a {dtype} tensor "
+                                  f"of shape {shape} has {nbytes}")
+        return SAFETENSORS_DTYPES[dtype], tuple(shape), begin, end
+
+    def _check_layout(self, spans: list[tuple[int, int, str]], data_size: int) -> None:
+        """Tensors tile the data section exactly, as the library requires: sorted by offset, each begins
+        where the previous one ends (no overlap, no gap, no bytes of one tensor read as another)."""
+        position, previous = 0, None
+        for begin, end, name in sorted(spans):
+            if begin < position:
+                raise CheckpointError(f"{self.path}: tensor {name!r} (bytes {begin}..{end}) overlaps tensor "
+                                      f"{previous!r} (ends at {position})")
+            if begin > position:
+                raise CheckpointError(f"{self.path}: tensor {name!r} starts at byte {begin}, leaving a gap of "
+                                      f"{begin - position} bytes after {previous or 'the header'}")
+            position, previous = end, name
+        if position != data_size:
+            raise CheckpointError(f"{self.path}: the tensors cover {position} bytes of a {data_size}-byte data "
+                                  f"section")
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor."""
@@ -118,16 +184,27 @@ class CheckpointReader:
 
     def _index_safetensors(self, paths: list[Path]) -> None:
         index_path = self.folder / "model.safetensors.index.json"
-        if index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = _read_weight_map(index_path) if index_path.exists() else None
+        if weight_map is not None:
             paths = [self.folder / f for f in dict.fromkeys(weight_map.values())]
             for path in paths:
-                if not path.exists():
+                if not path.is_file():
                     raise CheckpointError(f"{index_path}: shard {path.name} is missing")
         for path in paths:
             shard = SafetensorsFile(path)
             for name in shard.tensors:
+                if name in self._files:
+                    raise CheckpointError(f"{self.folder}: tensor {name!r} is in both {self._files[name].path.name} "
+                                          f"and {path.name}")
+                if weight_map is not None and weight_map.get(name) != path.name:
+                    raise CheckpointError(f"{index_path}: tensor {name!r} of {path.name} is mapped to "
+                                          f"{weight_map.get(name)!r}")
                 self._files[name] = shard
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._files))
+            if missing:
+                raise CheckpointError(f"{index_path}: tensor {missing[0]!r} is mapped to {weight_map[missing[0]]} "
+                                      f"but that shard does not hold it")
 
     def _index_pickles(self, paths: list[Path]) -> None:
         for path in paths:
@@ -155,13 +232,41 @@ class CheckpointReader:
             return tensor.clone()
         return tensor.reshape(-1)[start:stop].clone()
 
-    def describe_files(self) -> list[dict]:
-        """Name, size and sha256 of the header of every weight file (for the merge manifest)."""
-        shards = {id(f): f for f in self._files.values()}.values()
-        described = [{"file": f.path.name, "bytes": f.path.stat().st_size, "header_sha256": f.header_sha256}
-                     for f in shards]
-        described += [{"file": p.name, "bytes": p.stat().st_size, "header_sha256": None} for p in self._loaded]
-        return described
+    def weight_files(self) -> list[Path]:
+        """Every weight file the tensors are read from, in a fixed order."""
+        shards = {f.path: None for f in self._files.values()}
+        return sorted(shards) + sorted(self._loaded)
+
+
+def file_sha256(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None = None) -> str | None:
+    """sha256 of a file's bytes (what ``sha256sum`` prints, and the hub's LFS oid of a weight file); None
+    when `stop` is set meanwhile. hashlib releases the GIL on large buffers, so this runs beside the
+    merge's worker threads."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            if stop is not None and stop.is_set():
+                return None
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """The index's weight_map (tensor → shard file name in the same folder), checked."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{index_path}: not valid JSON ({error})") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no weight_map (an object mapping tensor names to shard files)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise CheckpointError(f"{index_path}: tensor {name!r} maps to {file!r}, not a .safetensors file "
+                                  f"name in the folder")
+    return weight_map
 
 
 def resolve_checkpoint(name_or_path: str, allow_pickle: bool = False) -> Path:

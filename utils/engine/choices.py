@@ -1,0 +1,5 @@
+"""Choices of the streaming engine's options, importable without torch (entry scripts parse with them
+before the engine, and torch, are imported)."""
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+VOCAB_ALIGNMENTS = ("error", "pad_mean")
