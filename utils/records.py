@@ -175,10 +175,17 @@ def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool = T
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    existed = target.exists()
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         write(staging)
-        return publish_folder(staging, target, overwrite=overwrite)
+        try:
+            return publish_folder(staging, target, overwrite=overwrite)
+        except OutputExistsError as error:
+            if existed:
+                raise
+            raise OutputExistsError(f"{target} appeared while this run was writing; not replaced (pass "
+                                    f"--overwrite to replace it)") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)

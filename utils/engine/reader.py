@@ -133,7 +133,7 @@ class SafetensorsFile:
                                       f"{previous!r} (ends at {position})")
             if begin > position:
                 raise CheckpointError(f"{self.path}: tensor {name!r} starts at byte {begin}, leaving a gap of "
-                                      f"{begin - position} bytes after {previous or 'the header'}")
+                                      f"{begin - position} bytes after {repr(previous) if previous else 'the header'}")
             position, previous = end, name
         if position != data_size:
             raise CheckpointError(f"{self.path}: the tensors cover {position} bytes of a {data_size}-byte data "

@@ -26,7 +26,7 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod
                                    check_method_inputs, dare_one_model, get_method, is_excluded, merge_resolved,
                                    resolve_dare, trim_threshold)
 from utils.cli import resolve_device
-from utils.records import library_versions, overlapping_path, project_provenance, write_folder_atomic
+from utils.records import OutputExistsError, library_versions, overlapping_path, project_provenance, write_folder_atomic
 
 from .allocator import tune_allocator
 from .choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
@@ -150,7 +150,7 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
 
     try:
         write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
-    except FileExistsError as error:  # the output appeared while this run was writing
+    except OutputExistsError as error:  # the output appeared while this run was writing
         raise MergeError(str(error)) from error
     return manifest
 

@@ -8,7 +8,6 @@ parsed flags once (bad input: SystemExit with a one-line message) and build the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from utils.cli import add_dare_arguments, dare_options_from_args
@@ -27,7 +26,8 @@ APPLY_METHODS = ("average_merging", "task_arithmetic", "ties_merging")
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by inference_llms_instruct_math_code.py and merge_llms_instruct_math_code.py."""
     parser.add_argument("--start_index", type=int, default=0, help="first example (Python slice start)")
-    parser.add_argument("--end_index", type=int, default=sys.maxsize, help="end of the slice (exclusive)")
+    parser.add_argument("--end_index", type=int, default=None,
+                        help="end of the slice (exclusive; default: through the last example)")
     parser.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per vLLM engine")
     add_dare_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks and of sampling")
@@ -58,6 +58,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--code_workers", type=int, default=2, help="programs executed in parallel")
     parser.add_argument("--allow_backbone_mismatch", action="store_true",
                         help="proceed when the backbone's architecture or RoPE differs from the fine-tuned model's")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="accept .bin-only checkpoints (read with torch.load(weights_only=True)); refused "
+                             "otherwise, as pickles can run code")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +103,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --evaluate_only: tokenizer folder / hub id (default: the merged folder's)")
     parser.add_argument("--eval_in_child", default="auto", choices=["auto", "always", "never"],
                         help="evaluate each task in a child process (auto: only with vLLM)")
+    parser.add_argument("--files_from", default=None,
+                        help="model whose config.json / tokenizer files go into the merged folder (default: the "
+                             "backbone, as the original)")
     add_evaluation_arguments(parser)
 
 
@@ -111,13 +117,14 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         save_dir=args.save_dir, backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
         seed=args.seed, max_tokens=args.max_tokens, data_dir=args.data_dir, alpaca_eval_path=args.alpaca_eval_path,
-        start_index=args.start_index, end_index=None if args.end_index == sys.maxsize else args.end_index,
+        start_index=args.start_index, end_index=args.end_index,
         code_timeout=args.code_timeout, code_memory_mb=args.code_memory_mb, code_workers=args.code_workers)
 
 
 def checkpoint_settings(args: argparse.Namespace) -> CheckpointSettings:
     return CheckpointSettings(model_dir=args.model_dir, save_dtype=args.save_dtype, merge_device=args.merge_device,
-                              keep_model=args.keep_model, allow_backbone_mismatch=args.allow_backbone_mismatch)
+                              keep_model=args.keep_model, allow_backbone_mismatch=args.allow_backbone_mismatch,
+                              allow_pickle=args.allow_pickle, files_from=getattr(args, "files_from", None))
 
 
 def inference_run(args: argparse.Namespace) -> InferenceRun:

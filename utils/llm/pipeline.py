@@ -47,6 +47,8 @@ class CheckpointSettings:
     merge_device: str = "cpu"
     keep_model: bool = False
     allow_backbone_mismatch: bool = False
+    allow_pickle: bool = False            # read .bin-only checkpoints (torch.load with weights_only=True)
+    files_from: str | None = None         # merge: config/tokenizer source (None: the backbone, as the original)
 
 
 @dataclass
@@ -152,14 +154,17 @@ def _set_threads(num_threads: int | None) -> None:
 
 
 def _stream(base: str, models: list[str], method: str, output_dir: Path, *, options: MergeOptions | None,
-            dare: DareOptions | None, seed: int, checkpoint: CheckpointSettings) -> dict[str, Any]:
-    """One streaming-engine run with the paper's pad-row vocabulary alignment; returns its manifest."""
+            dare: DareOptions | None, seed: int, checkpoint: CheckpointSettings, files_from: str) -> dict[str, Any]:
+    """One streaming-engine run with the paper's pad-row vocabulary alignment; returns its manifest.
+    The engine refuses an output folder that is, contains or lies inside an input, before reading anything
+    (overwrite=True replaces only an earlier result of the same run name); config.json states the dtype
+    of the tensors written."""
     from utils.engine.streaming import StreamMergeJob, run_stream_merge
 
     job = StreamMergeJob(base_model=base, models=models, method=method, output_dir=str(output_dir),
                          options=options or MergeOptions(), dare=dare, seed=seed, dtype=checkpoint.save_dtype,
                          device=checkpoint.merge_device, overwrite=True, vocab_alignment="pad_mean",
-                         files_from=models[0], progress=False)
+                         files_from=files_from, progress=False, allow_pickle=checkpoint.allow_pickle)
     return run_stream_merge(job)
 
 
@@ -186,8 +191,10 @@ def run_inference(run: InferenceRun) -> dict[str, Any]:
             run_config["backbone_resolved"] = backbone
             dare_folder = save_dir / "save_models" / run.dataset_name / save_name
             started = time.perf_counter()
+            # config and tokenizer of the fine-tuned model, as the original saved the DARE'd fine-tuned model
             run_config["dare_manifest"] = _stream(backbone, [finetuned], "dare", dare_folder, options=None,
-                                                  dare=run.dare, seed=run.evaluation.seed, checkpoint=run.checkpoint)
+                                                  dare=run.dare, seed=run.evaluation.seed, checkpoint=run.checkpoint,
+                                                  files_from=finetuned)
             run_config["dare_seconds"] = round(time.perf_counter() - started, 3)
             logger.info("DARE checkpoint written to %s in %.1f s", dare_folder, run_config["dare_seconds"])
             model_path = str(dare_folder)
@@ -244,9 +251,12 @@ def _merge_then_evaluate(run: MergeRun, save_name: str, options: EvalOptions,
     save_dir = Path(options.save_dir)
     folder = save_dir / "save_merge_models" / run.label / save_name
     started = time.perf_counter()
+    # config from the backbone, as the original (merged weights loaded into the pretrained model), unless
+    # --files_from; each task is evaluated with its own model's tokenizer (the first model's without a task)
     run_config["merge_manifest"] = _stream(backbone, models, method, folder, options=merge_options,
                                            dare=run.dare if run.method == "mask_merging" else None,
-                                           seed=options.seed, checkpoint=run.checkpoint)
+                                           seed=options.seed, checkpoint=run.checkpoint,
+                                           files_from=run.checkpoint.files_from or backbone)
     run_config["merge_seconds"] = round(time.perf_counter() - started, 3)
     logger.info("merged checkpoint written to %s in %.1f s", folder, run_config["merge_seconds"])
 
@@ -255,7 +265,7 @@ def _merge_then_evaluate(run: MergeRun, save_name: str, options: EvalOptions,
     keep = run.checkpoint.keep_model
     try:
         for task, datasets in run.groups:
-            tokenizer = tokenizer_of.get(task) if task else None
+            tokenizer = tokenizer_of.get(task, models[0])
             if run.child_command:
                 _evaluate_in_child(run.child_command, folder, task, tokenizer, datasets)
             else:
