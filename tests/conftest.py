@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root on sys.path and tiny random checkpoints built on the fly."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hash_cache_in_a_temporary_folder(tmp_path_factory):
+    """Merges remember their inputs' sha256 (utils/engine/reader.py); tests keep that out of the user's cache."""
+    previous = os.environ.get("MERGELM_HASH_CACHE")
+    os.environ["MERGELM_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash_cache") / "file_sha256.json")
+    yield
+    if previous is None:
+        os.environ.pop("MERGELM_HASH_CACHE", None)
+    else:
+        os.environ["MERGELM_HASH_CACHE"] = previous
 
 
 def save_tiny_llama(folder: Path, seed: int, base: Path | None = None, scale: float = 0.01,

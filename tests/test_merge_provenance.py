@@ -184,3 +184,41 @@ def test_manifest_written_by_an_older_version_is_refused(tmp_path, capsys):
     path.write_text(json.dumps(legacy))
     code, err = _run(["--from_manifest", str(path), "--output_dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "no usable rerun record" in err
+
+
+def test_known_hashes_are_not_recomputed_and_changed_files_are(llama_family, tmp_path, monkeypatch):
+    """A sweep over the same inputs hashes each file once (stat-keyed cache); a rewritten file is hashed again."""
+    import utils.engine.streaming as engine
+
+    monkeypatch.setenv("MERGELM_HASH_CACHE", str(tmp_path / "cache.json"))
+    model = tmp_path / "ft0"
+    shutil.copytree(llama_family["ft0"], model)
+    hashed = []
+    real = engine.file_sha256
+    monkeypatch.setattr(engine, "file_sha256",
+                        lambda path, **kw: hashed.append(Path(path).parent.name) or real(path, **kw))
+    args = ["--base_model", str(llama_family["base"]), "--models", str(model), "--method", "task_arithmetic"]
+    assert _run(args + ["--output_dir", str(tmp_path / "one")])[0] == 0
+    assert sorted(hashed) == ["base", "ft0"]
+    assert _run(args + ["--output_dir", str(tmp_path / "two")])[0] == 0
+    assert sorted(hashed) == ["base", "ft0"]          # nothing hashed again
+    assert _manifest(tmp_path / "one")["inputs"] == _manifest(tmp_path / "two")["inputs"]
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert _run(args + ["--output_dir", str(tmp_path / "three")])[0] == 0
+    assert sorted(hashed) == ["base", "ft0", "ft0"]
+    assert _manifest(tmp_path / "three")["inputs"][1]["files"][0]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_hub_cache_blobs_are_named_by_their_sha256(tmp_path):
+    from utils.engine.reader import known_sha256
+
+    content = b"weights"
+    digest = hashlib.sha256(content).hexdigest()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / digest).write_bytes(content)
+    (tmp_path / "snapshots").mkdir()
+    (tmp_path / "snapshots" / "model.safetensors").symlink_to(tmp_path / "blobs" / digest)
+    assert known_sha256(tmp_path / "snapshots" / "model.safetensors") == digest
