@@ -232,6 +232,16 @@ class CheckpointReader:
             return tensor.clone()
         return tensor.reshape(-1)[start:stop].clone()
 
+    def describe_files(self) -> list[dict]:
+        """Name, size and sha256 of the safetensors header of every weight file. The header names only
+        tensor names, dtypes, shapes and offsets: it tells layouts apart, not weights (a base and its
+        fine-tunes share it); merge manifests record the file's sha256 (file_sha256) instead."""
+        shards = {id(f): f for f in self._files.values()}.values()
+        described = [{"file": f.path.name, "bytes": f.path.stat().st_size,
+                      "header_sha256": hashlib.sha256(f.header_bytes).hexdigest()} for f in shards]
+        described += [{"file": p.name, "bytes": p.stat().st_size, "header_sha256": None} for p in self._loaded]
+        return described
+
     def weight_files(self) -> list[Path]:
         """Every weight file the tensors are read from, in a fixed order."""
         shards = {f.path: None for f in self._files.values()}
