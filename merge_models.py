@@ -11,15 +11,13 @@ written); 130 / 143 interrupted by Ctrl-C / SIGTERM (the staging folder is remov
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
-from contextlib import contextmanager
 
 # light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
 from model_merging_methods.registry import available_methods, get_method
-from utils.cli import HelpFormatter, drop_rate, handle_termination, interrupted_status, positive_float
+from utils.cli import (HelpFormatter, drop_rate, interrupted_status, positive_float, sigterm_as_interrupt,
+                       warnings_to_stderr)
 from utils.engine.choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
 
 STREAMING_METHODS = [name for name in available_methods()
@@ -113,62 +111,38 @@ def job_from_args(args: argparse.Namespace):
                           threads=args.threads, allow_noop=args.allow_noop)
 
 
-def job_from_manifest_file(args: argparse.Namespace):
-    from model_merging_methods import MergeError
-    from utils.engine.streaming import job_from_manifest
-
-    try:
-        with open(args.from_manifest, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise MergeError(f"{args.from_manifest}: not valid JSON ({error})") from error
-    try:
-        return job_from_manifest(manifest, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress,
-                                 threads=args.threads)
-    except MergeError as error:
-        raise MergeError(f"{args.from_manifest}: {error}") from error
-
-
-@contextmanager
-def warnings_to_stderr():
-    """The engine's warnings (no-op settings, clamped threads) as ``merge_models.py: warning: ...`` lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("merge_models.py: warning: %(message)s"))
-    engine = logging.getLogger("mergelm.engine")
-    engine.addHandler(handler)
-    engine.propagate = False
-    try:
-        yield
-    finally:
-        engine.removeHandler(handler)
-        engine.propagate = True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    handle_termination()
     try:
-        from model_merging_methods import MergeError
-        from utils.engine.reader import CheckpointError
-        from utils.engine.streaming import run_stream_merge
-
-        with warnings_to_stderr():
-            try:
-                job = job_from_manifest_file(args) if args.from_manifest else job_from_args(args)
-                manifest = run_stream_merge(job)
-            except (MergeError, CheckpointError) as error:
-                print(f"merge_models.py: error: {error}", file=sys.stderr)
-                return 2
-            except OSError as error:   # the file system refused: read-only, immutable, full, permissions
-                print(f"merge_models.py: error: {error.strerror or error}"
-                      f"{f': {error.filename}' if error.filename else ''}; nothing was written", file=sys.stderr)
-                return 2
+        with sigterm_as_interrupt():
+            return _merge(args)
     except KeyboardInterrupt as error:
         print(f"merge_models.py: interrupted ({error or 'Ctrl-C'}); nothing was written to {args.output_dir}",
               file=sys.stderr)
         return interrupted_status(error)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """Run the merge; user errors become status 2 with one line (interrupts propagate to main)."""
+    from model_merging_methods import MergeError
+    from utils.engine.reader import CheckpointError
+    from utils.engine.streaming import job_from_manifest_file, run_stream_merge
+
+    with warnings_to_stderr("merge_models.py", "mergelm.engine"):
+        try:
+            job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
+                                          progress=not args.no_progress, threads=args.threads)
+                   if args.from_manifest else job_from_args(args))
+            manifest = run_stream_merge(job)
+        except (MergeError, CheckpointError) as error:
+            print(f"merge_models.py: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:   # the file system refused: read-only, immutable, full, permissions
+            print(f"merge_models.py: error: {error.strerror or error}"
+                  f"{f': {error.filename}' if error.filename else ''}; nothing was written", file=sys.stderr)
+            return 2
     print(f"wrote {args.output_dir} ({manifest['output']['num_tensors']} tensors, "
           f"{manifest['wall_seconds']:.1f} s); manifest: {args.output_dir}/merge_manifest.json")
     return 0

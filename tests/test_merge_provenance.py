@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import merge_models

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import merge_models
 from utils.engine.reader import CheckpointError, CheckpointReader, SafetensorsFile
@@ -269,7 +269,8 @@ def _base_args(family, output):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "average_merging", "--weights", "1", "-1"], "average_merging: the model weights [1.0, -1.0] sum to 0 (the merge divides by their sum)"),
+    (["--method", "average_merging", "--weights", "1", "-1"],
+     "average_merging: the model weights [1.0, -1.0] sum to 0 (the merge divides by their sum)"),
     (["--method", "task_arithmetic", "--exclude_param_names_regex", "model.(layers"],
      "invalid exclude regex 'model.(layers': missing ), unterminated subpattern at position 6"),
     (["--method", "task_arithmetic", "--device", "tpu0"], "unknown device 'tpu0' (use cpu, cuda, cuda:N or auto)"),
@@ -324,7 +325,8 @@ def test_file_system_errors_exit_2_with_one_line(llama_family, tmp_path, capsys,
 
     monkeypatch.setattr(records.Path, "mkdir", read_only)
     code, err = _run(_base_args(llama_family, tmp_path / "ro" / "merged") + ["--method", "linear"], capsys)
-    assert code == 2 and err == f"merge_models.py: error: Read-only file system: {tmp_path / 'ro'}; nothing was written\n"
+    assert code == 2
+    assert err == f"merge_models.py: error: Read-only file system: {tmp_path / 'ro'}; nothing was written\n"
 
 
 # ---------------------------------------------------------------- no silent no-ops (13.3)

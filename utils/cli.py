@@ -6,8 +6,10 @@ Scripts parse with these, convert to dataclasses here, and pass only dataclasses
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import signal
+import threading
 
 SUPPRESSED_DEFAULTS = (None, False, argparse.SUPPRESS)
 
@@ -34,12 +36,42 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def handle_termination() -> None:
-    """From now on SIGTERM raises Terminated in the main thread (call it from an entry script's main)."""
-    def raise_terminated(signum, frame):
-        raise Terminated(signum)
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, raise_terminated)
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM raises Terminated in the main thread (an entry script's main wraps its work
+    in it); the previous handler is restored after. Elsewhere than the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def warnings_to_stderr(prog: str, logger_name: str):
+    """Within the block, a library logger's warnings print as ``<prog>: warning: ...`` lines on stderr
+    (once: not also propagated to the root logger)."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    library = logging.getLogger(logger_name)
+    library.addHandler(handler)
+    propagate, library.propagate = library.propagate, False
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.propagate = propagate
 
 
 def interrupted_status(error: KeyboardInterrupt) -> int:

@@ -498,6 +498,18 @@ def job_from_manifest(manifest: dict, output_dir: str, *, overwrite: bool = Fals
     return job
 
 
+def job_from_manifest_file(path: str | os.PathLike, output_dir: str, **settings) -> StreamMergeJob:
+    """job_from_manifest of a merge_manifest.json file; a MergeError names the file."""
+    try:
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MergeError(f"{path}: not valid JSON ({error})") from error
+    try:
+        return job_from_manifest(manifest, output_dir, **settings)
+    except MergeError as error:
+        raise MergeError(f"{path}: {error}") from error
+
+
 def _manifest(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, hashes: list[list[str]],
               plan: list[PlannedTensor], files: list[str], donor_files: dict, reports: list[dict[str, float]],
               seconds: float) -> dict:
