@@ -18,7 +18,7 @@ import sys
 
 from utils.cli import HelpFormatter
 from utils.llm.cli import add_inference_arguments, inference_run
-from utils.llm.pipeline import run_inference
+from utils.llm.pipeline import run_inference, run_with_exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run_inference(inference_run(args))
-    return 0
+    return run_with_exit_status(run_inference, inference_run(args))
 
 
 if __name__ == "__main__":

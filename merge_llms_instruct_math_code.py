@@ -26,7 +26,7 @@ from pathlib import Path
 
 from utils.cli import HelpFormatter
 from utils.llm.cli import add_merge_arguments, merge_run
-from utils.llm.pipeline import run_merge
+from utils.llm.pipeline import run_merge, run_with_exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     child_command = [sys.executable, str(Path(__file__).resolve()), *argv]
-    run_merge(merge_run(args, child_command=child_command))
-    return 0
+    return run_with_exit_status(run_merge, merge_run(args, child_command=child_command))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from utils.llm.prompts import (code_prompt_input, field_input, fill_template, hu
                                mbpp_input)
 from utils.llm.sandbox import SandboxLimits, run_programs
 from utils.llm.scoring import (HUMAN_EVAL_CLEANING, MBPP_CLEANING, CodeCleaning, extract_gsm8k_answer,
-                               extract_math_answer, gsm8k_is_correct, human_eval_program, math_is_correct,
-                               mbpp_program, postprocess_code, split_generation)
+                               extract_gsm8k_flexible, extract_math_answer, extract_math_flexible, fenced_code,
+                               gsm8k_is_correct, human_eval_program, math_is_correct, mbpp_program,
+                               postprocess_code, split_generation)
 from utils.records import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 
@@ -46,6 +47,8 @@ class ScoringContext:
     config: Mapping[str, Any]
     sandbox: SandboxLimits
     workers: int = 2
+    answer_extraction: str = "paper"   # "flexible": also the common final-answer forms (see scoring.py)
+    code_from_fence: bool = False      # chat prompts: code is the answer's first fenced block
 
 
 Rows = list[dict[str, Any]]
@@ -78,12 +81,23 @@ class Benchmark:
             text = code_prompt_input(text, config)
         return fill_template(self.name, text, config)
 
+    def chat_message(self, record: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
+        """The user turn of ``--prompt_format chat``: ``chat.instructions.<name>`` of the YAML with
+        ``{input}`` replaced by the record text (code keeps its spaces: no tab rewrite)."""
+        config = config or load_task_config()
+        instructions = config.get("chat", {}).get("instructions", {})
+        if self.name not in instructions:
+            raise ValueError(f"configs/llm_tasks.yaml: chat.instructions has no entry for {self.name}")
+        return instructions[self.name].replace("{input}", self.prompt_input(record, config))
+
 
 # --- scorers ---------------------------------------------------------------------------------------
 
 def _score_answers(examples: Sequence[Example], generations: Sequence[str], context: ScoringContext, *,
-                   extract: Callable[[str, str], Any], is_correct: Callable[[Any, Any], bool]) -> Rows:
+                   extract: Callable[[str, str], Any], flexible: Callable[[str, str], Any],
+                   is_correct: Callable[[Any, Any], bool]) -> Rows:
     phrase = context.config["scoring"]["answer_phrase"]
+    extract = flexible if context.answer_extraction == "flexible" else extract
     rows = []
     for example, generation in zip(examples, generations):
         extracted = extract(generation, phrase)
@@ -96,8 +110,11 @@ def _score_programs(examples: Sequence[Example], generations: Sequence[str], con
                     gold: Callable[[Example], Any]) -> Rows:
     programs, rows = [], []
     for example, generation in zip(examples, generations):
-        completion, all_code = split_generation(generation, context.config["scoring"]["code_response_marker"])
-        completion = postprocess_code(completion, cleaning)
+        if context.code_from_fence:
+            completion, all_code = fenced_code(generation), generation
+        else:
+            completion, all_code = split_generation(generation, context.config["scoring"]["code_response_marker"])
+            completion = postprocess_code(completion, cleaning)
         programs.append(program(example.record, completion))
         rows.append({"extracted": completion, "all_code": all_code, "gold": gold(example)})
     for row, result in zip(rows, run_programs(programs, context.sandbox, workers=context.workers)):
@@ -129,6 +146,9 @@ def _write_human_eval_samples(folder: Path, examples: Sequence[Example], rows: R
     path = folder.with_name(folder.name + ".jsonl")
     write_jsonl_atomic(path, [{"task_id": example.task_id, "completion": row["extracted"], "all_code": row["all_code"]}
                               for example, row in zip(examples, rows)])
+    # human-eval's evaluate_functional_correctness refuses samples that do not cover every problem of its
+    # problem file: the problems of this slice go next to the samples, for --problem_file.
+    write_jsonl_atomic(folder.with_name(folder.name + "_problems.jsonl"), [example.record for example in examples])
     return path
 
 
@@ -160,11 +180,13 @@ BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
               prompt_input=functools.partial(field_input, "alpaca_eval"), score=_keep_outputs,
               write_standard=_write_model_outputs, result_root="save_gen_instruct_responses_results"),
     Benchmark("gsm8k", load=_from_data_dir(load_gsm8k), prompt_input=functools.partial(field_input, "gsm8k"),
-              score=functools.partial(_score_answers, extract=extract_gsm8k_answer, is_correct=gsm8k_is_correct),
+              score=functools.partial(_score_answers, extract=extract_gsm8k_answer,
+                                    flexible=extract_gsm8k_flexible, is_correct=gsm8k_is_correct),
               write_standard=_no_standard_file, result_root="save_gen_math_results", metric="accuracy",
               counts_invalid=True),
     Benchmark("MATH", load=_from_data_dir(load_math), prompt_input=functools.partial(field_input, "MATH"),
-              score=functools.partial(_score_answers, extract=extract_math_answer, is_correct=math_is_correct),
+              score=functools.partial(_score_answers, extract=extract_math_answer,
+                                    flexible=extract_math_flexible, is_correct=math_is_correct),
               write_standard=_no_standard_file, result_root="save_gen_math_results", metric="accuracy",
               counts_invalid=True),
     Benchmark("human_eval", load=lambda location: load_human_eval(), prompt_input=human_eval_input,

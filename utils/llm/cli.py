@@ -56,6 +56,17 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--code_timeout", type=float, default=3.0, help="seconds per HumanEval/MBPP program")
     parser.add_argument("--code_memory_mb", type=int, default=1024, help="address-space limit per program (MiB)")
     parser.add_argument("--code_workers", type=int, default=2, help="programs executed in parallel")
+    parser.add_argument("--prompt_format", default="paper", choices=["paper", "chat"],
+                        help="paper: the original's templates; chat: the model's own chat template with the task "
+                             "instruction of configs/llm_tasks.yaml (chat.instructions), code taken from fenced blocks")
+    parser.add_argument("--answer_extraction", default="auto", choices=["auto", "paper", "flexible"],
+                        help="GSM8K/MATH answers: paper = after 'The answer is: ' only; flexible = also '#### N', "
+                             "\\boxed{}, 'answer is N', a last number (auto: flexible with chat prompts, else paper)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="restart", action="store_false",
+                        help="continue from the records of an interrupted run with the same settings (the default)")
+    resume.add_argument("--restart", dest="restart", action="store_true",
+                        help="discard the records of an earlier run and generate everything again")
     parser.add_argument("--allow_backbone_mismatch", action="store_true",
                         help="proceed when the backbone's architecture or RoPE differs from the fine-tuned model's")
     parser.add_argument("--allow_pickle", action="store_true",
@@ -118,7 +129,16 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
         seed=args.seed, max_tokens=args.max_tokens, data_dir=args.data_dir, alpaca_eval_path=args.alpaca_eval_path,
         start_index=args.start_index, end_index=args.end_index,
-        code_timeout=args.code_timeout, code_memory_mb=args.code_memory_mb, code_workers=args.code_workers)
+        code_timeout=args.code_timeout, code_memory_mb=args.code_memory_mb, code_workers=args.code_workers,
+        prompt_format=args.prompt_format, answer_extraction=resolve_answer_extraction(args),
+        resume=not args.restart)
+
+
+def resolve_answer_extraction(args: argparse.Namespace) -> str:
+    """``auto``: flexible with chat prompts (chat models rarely use the paper's phrase), else the paper's."""
+    if args.answer_extraction == "auto":
+        return "flexible" if args.prompt_format == "chat" else "paper"
+    return args.answer_extraction
 
 
 def checkpoint_settings(args: argparse.Namespace) -> CheckpointSettings:

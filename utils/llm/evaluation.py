@@ -18,24 +18,33 @@ generator, dataset} read by ``alpaca_eval --model_outputs``), ``<save_name>.json
 one list of completions per problem of the full file, index = position in the file, the format of
 bigcode-evaluation-harness ``--load_generations_path``). All files are written atomically.
 
+Records are appended after every generation call (one batch; each line written whole and flushed to
+disk), so an interrupted or killed run keeps what it finished: re-running the same command resumes
+(``resume``, the default; ``restart`` discards the records). ``run_settings.json`` in the folder holds the
+settings that determine the records (flags except slicing, threads and batching; data checksum; prompt
+and decoding); a resume with different settings is refused naming the first differing one. A torn
+last line (a kill during the write) is dropped with a warning and regenerated. The summary and the
+standard files are computed from the records of the current slice.
+
 Metrics: GSM8K / MATH accuracy = correct / problems; HumanEval / MBPP pass@1 = problems whose single
 greedy completion passes its tests / problems. AlpacaEval has no local metric (win rate needs a judge).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from utils.llm.benchmarks import DataLocation, ScoringContext, get_benchmark
 from utils.llm.data import DatasetSource, Example, slice_examples
 from utils.llm.generation import GenerationBackend, make_backend
 from utils.llm.prompts import dataset_config, generation_params, load_task_config
 from utils.llm.sandbox import SandboxLimits
-from utils.records import library_versions, write_json_atomic, write_jsonl_atomic
+from utils.records import library_versions, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,9 @@ class EvalOptions:
     code_timeout: float = 3.0
     code_memory_mb: int = 1024
     code_workers: int = 2
+    prompt_format: str = "paper"          # "chat": the model's own chat template (see configs/llm_tasks.yaml)
+    answer_extraction: str = "paper"      # "flexible": also #### N, \\boxed{}, a last number
+    resume: bool = True                   # False (--restart): discard the records of an earlier run
     run_config: dict[str, Any] = field(default_factory=dict)
 
     def data_location(self) -> DataLocation:
@@ -80,9 +92,91 @@ class EvalOptions:
         return SandboxLimits(timeout=self.code_timeout, memory_mb=self.code_memory_mb)
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+# Flags that change how fast records are produced, or which of them are used, but not their content.
+NON_RECORD_FLAGS = frozenset({"start_index", "end_index", "num_threads", "batch_size", "code_workers", "keep_model",
+                              "restart", "eval_in_child", "save_dir", "model_dir", "data_dir", "alpaca_eval_path",
+                              "tensor_parallel_size", "merge_device", "device"})
+
+
+class RecordsError(ValueError):
+    """Existing records cannot be resumed: other settings, or a damaged line before the last."""
+
+
+class RecordsFile:
+    """``records.jsonl`` appended one generation call at a time; lines are keyed by the example index."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any], *, resume: bool) -> None:
+        self.path = folder / "records.jsonl"
+        self.settings_path = folder / "run_settings.json"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.done: dict[int, dict[str, Any]] = {}
+        if resume and self.path.exists():
+            self._check_settings(settings)
+            self.done = self._read()
+        else:
+            self.path.unlink(missing_ok=True)
+        write_json_atomic(self.settings_path, settings)
+
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        if not self.settings_path.exists():
+            raise RecordsError(f"{self.path} exists without {self.settings_path.name}; pass --restart to discard it")
+        recorded = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        for key in sorted(set(recorded) | set(settings)):
+            if recorded.get(key) != settings.get(key):
+                raise RecordsError(f"{self.path} was written with {key} = {recorded.get(key)!r}, this run has "
+                                     f"{settings.get(key)!r}; use the same setting to resume, or --restart")
+
+    def _read(self) -> dict[int, dict[str, Any]]:
+        done: dict[int, dict[str, Any]] = {}
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                done[int(row["index"])] = row
+                kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                if any(rest.strip() for rest in lines[number:]):
+                    raise RecordsError(f"{self.path}: line {number} is not a record (only a torn last line is "
+                                     f"repaired); pass --restart to discard the file") from None
+                logger.warning("%s: dropped a torn last line (%d characters); it will be generated again",
+                               self.path, len(line))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        return done
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Each row becomes one line written by a single write call, then flushed to disk."""
+        with open(self.path, "a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.done[int(row["index"])] = row
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _record_settings(dataset: str, options: EvalOptions, params: Any, prompts: list[str],
+                     source: DatasetSource) -> dict[str, Any]:
+    """What determines a record's content: used to refuse a resume with other settings."""
+    arguments = options.run_config.get("arguments", {})
+    return {
+        "dataset": dataset, "save_name": options.save_name, "prompt_format": options.prompt_format,
+        "answer_extraction": options.answer_extraction, "decoding": {**asdict(params), "stop": list(params.stop)},
+        "data_sha256": source.sha256,
+        **{f"--{key}": value for key, value in sorted(arguments.items()) if key not in NON_RECORD_FLAGS},
+    }
+
+
+def _eta(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _prompts(backend: GenerationBackend, benchmark: Any, examples: Sequence[Example], config: dict,
+             prompt_format: str) -> list[str]:
+    if prompt_format == "chat":
+        return [backend.chat_prompt(benchmark.chat_message(example.record, config)) for example in examples]
+    return [benchmark.prompt(example.record, config) for example in examples]
 
 
 def _selected_examples(dataset: str, options: EvalOptions) -> tuple[list[Example], DatasetSource]:
@@ -96,28 +190,57 @@ def _selected_examples(dataset: str, options: EvalOptions) -> tuple[list[Example
 
 
 def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOptions) -> dict[str, Any]:
-    """Run one dataset end to end with ``backend``; returns the summary (also written to disk)."""
+    """Run one dataset end to end with ``backend`` (resuming from its records); returns the summary."""
     config = load_task_config()
     benchmark = get_benchmark(dataset)
     examples, source = _selected_examples(dataset, options)
     entry = dataset_config(dataset, config)
     params = generation_params(dataset, max_tokens=options.max_tokens, seed=options.seed, config=config)
-    prompts = [benchmark.prompt(example.record, config) for example in examples]
-    per_call = int(entry["prompts_per_call"]) if backend.name == "vllm" else len(prompts)
-    tokens_before, seconds_before = backend.stats.generated_tokens, backend.stats.seconds
-    logger.info("%s: generating %d completions (%s)", dataset, len(prompts), params)
-    start = time.perf_counter()
-    generations: list[str] = []
-    for chunk in _chunks(prompts, per_call):
-        generations.extend(backend.generate(chunk, params))
-    generation_seconds = time.perf_counter() - start
-    rows = benchmark.score(examples, generations, ScoringContext(config, options.sandbox_limits(), options.code_workers))
-    scoring_seconds = time.perf_counter() - start - generation_seconds
-
+    if options.prompt_format == "chat":
+        params = replace(params, stop=tuple(config.get("chat", {}).get("stop", [])))
+    prompts = _prompts(backend, benchmark, examples, config, options.prompt_format)
     folder = result_folder(options.save_dir, dataset, options.save_name, options.tasks)
-    records = [{"index": example.index, "task_id": example.task_id, "prompt": prompt, "completion": generation, **row}
-               for example, prompt, generation, row in zip(examples, prompts, generations, rows)]
-    write_jsonl_atomic(folder / "records.jsonl", records)
+    records = RecordsFile(folder, _record_settings(dataset, options, params, prompts, source), resume=options.resume)
+    todo = [position for position, example in enumerate(examples) if example.index not in records.done]
+    resumed = len(examples) - len(todo)
+    per_call = int(entry["prompts_per_call"]) if backend.name == "vllm" else len(prompts)
+    context = ScoringContext(config, options.sandbox_limits(), options.code_workers,
+                             answer_extraction=options.answer_extraction,
+                             code_from_fence=options.prompt_format == "chat")
+    tokens_before, seconds_before = backend.stats.generated_tokens, backend.stats.seconds
+    logger.info("%s: %d problems, %d already in %s, generating %d (%s)", dataset, len(examples), resumed,
+                records.path, len(todo), params)
+    start = time.perf_counter()
+    scoring_seconds = 0.0
+    finished = 0
+    try:
+        for call in backend.schedule([prompts[position] for position in todo], per_call):
+            positions = [todo[member] for member in call]
+            generations = backend.generate([prompts[position] for position in positions], params)
+            scored_at = time.perf_counter()
+            chosen = [examples[position] for position in positions]
+            rows = benchmark.score(chosen, generations, context)
+            scoring_seconds += time.perf_counter() - scored_at
+            records.append([{"index": example.index, "task_id": example.task_id, "prompt": prompts[position],
+                             "completion": generation, **row}
+                            for position, example, generation, row in zip(positions, chosen, generations, rows)])
+            finished += len(positions)
+            elapsed = time.perf_counter() - start
+            tokens = backend.stats.generated_tokens - tokens_before
+            busy = backend.stats.seconds - seconds_before
+            logger.info("%s: %d/%d problems done (%d resumed), %.1f tokens/s, ETA %s", dataset, resumed + finished,
+                        len(examples), resumed, tokens / busy if busy else 0.0,
+                        _eta(elapsed / finished * (len(todo) - finished)))
+    except KeyboardInterrupt:
+        logger.warning("%s: interrupted with %d/%d problems saved in %s; run the same command again to resume "
+                       "(--restart starts over)", dataset, resumed + finished, len(examples), records.path)
+        raise
+    generation_seconds = time.perf_counter() - start - scoring_seconds
+
+    rows = [records.done[example.index] for example in examples]
+    # In the benchmark's order (appends came batch by batch); records of other slices are kept.
+    write_jsonl_atomic(records.path, [records.done[index] for index in sorted(records.done)])
+    generations = [row["completion"] for row in rows]
     generator = options.generator_name or options.save_name
     standard = benchmark.write_standard(folder, examples, rows, generations, source, generator)
 
@@ -137,16 +260,20 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
         "start_index": options.start_index,
         "end_index": options.end_index,
         "seed": options.seed,
+        "prompt_format": options.prompt_format,
+        "answer_extraction": options.answer_extraction,
+        "resumed_examples": resumed,
         "decoding": {**asdict(params), "stop": list(params.stop), "prompts_per_call": per_call,
                      "paper_prompts_per_call": entry["prompts_per_call"], "paper_max_tokens": entry["max_tokens"]},
-        "prompt_template": config["templates"][entry["template"]],
+        "prompt_template": (config["chat"]["instructions"][dataset] if options.prompt_format == "chat"
+                            else config["templates"][entry["template"]]),
         "backend": backend.describe(),
         "throughput": {"generated_tokens": generated_tokens, "generation_seconds": round(generation_seconds, 3),
                        "tokens_per_second": round(generated_tokens / backend_seconds, 3) if backend_seconds else None},
         "scoring_seconds": round(scoring_seconds, 3),
         "code_sandbox": asdict(options.sandbox_limits()) if benchmark.executes_code else None,
         "data": asdict(source),
-        "outputs": {"records": str(folder / "records.jsonl"), "summary": str(folder / "summary.json"),
+        "outputs": {"records": str(records.path), "summary": str(folder / "summary.json"),
                     "standard": str(standard) if standard else None},
         "config": options.run_config,
         "versions": library_versions(),

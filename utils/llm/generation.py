@@ -15,6 +15,8 @@ from __future__ import annotations
 import abc
 import importlib
 import importlib.util
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,6 +26,20 @@ import torch
 from utils.cli import resolve_device
 
 BACKEND_KINDS = ("auto", "vllm", "transformers")
+HEARTBEAT_SECONDS = 30.0   # a long batch logs its progress this often
+
+logger = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    """CPU threads that do not oversubscribe a busy machine: the cores minus the 1-minute load average
+    (at least 1). Oversubscribed torch threads spin on each other and run several times slower."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(round(cores - busy))))
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,23 @@ class GenerationBackend(abc.ABC):
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
         """One completion per prompt, in the same order."""
 
+    def schedule(self, prompts: Sequence[str], per_call: int) -> list[list[int]]:
+        """How the evaluation groups prompts into ``generate`` calls (lists of prompt indices): here runs
+        of ``per_call`` in order. Results are saved after each call, so a call is the unit of resumption."""
+        return [list(range(start, min(start + per_call, len(prompts)))) for start in range(0, len(prompts), per_call)]
+
+    def chat_prompt(self, message: str) -> str:
+        """``message`` as one user turn in the model's own chat template, ready for the assistant's reply."""
+        tokenizer = self.tokenizer_for_chat()
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{getattr(self, 'tokenizer_path', 'the model')}: the tokenizer has no chat template; "
+                             f"use --prompt_format paper")
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    def tokenizer_for_chat(self) -> Any:
+        raise ValueError(f"backend {self.name} has no tokenizer for chat prompts")
+
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """Settings that identify the backend in a run summary."""
@@ -126,6 +159,23 @@ class _StopOnStrings:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _Heartbeat:
+    """A stopping criterion that never stops: logs a long batch's progress every HEARTBEAT_SECONDS."""
+
+    def __init__(self, label: str, prompt_length: int, budget: int, rows: int) -> None:
+        self.label, self.prompt_length, self.budget, self.rows = label, prompt_length, budget, rows
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        now = time.perf_counter()
+        if now - self.last >= HEARTBEAT_SECONDS:
+            self.last = now
+            steps = input_ids.shape[1] - self.prompt_length
+            logger.info("%s: %d/%d new tokens per sequence, %.1f tokens/s (batch of %d)", self.label, steps,
+                        self.budget, steps * self.rows / (now - self.started), self.rows)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class TransformersBackend(GenerationBackend):
     """Batched ``model.generate`` with left padding; prompts are sorted by length into micro-batches
     of ``batch_size`` (results are returned in the original order).
@@ -149,10 +199,10 @@ class TransformersBackend(GenerationBackend):
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.batch_size = batch_size
         self.device = resolve_device(device)
-        if num_threads is not None:
-            if num_threads < 1:
-                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-            torch.set_num_threads(num_threads)
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if self.device.type == "cpu":
+            torch.set_num_threads(num_threads or default_threads())
         config = AutoConfig.from_pretrained(self.model_path)
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         self.dtype = _resolve_dtype(dtype, self.device, config_dtype)
@@ -166,6 +216,16 @@ class TransformersBackend(GenerationBackend):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+
+    def tokenizer_for_chat(self) -> Any:
+        return self.tokenizer
+
+    def schedule(self, prompts: Sequence[str], per_call: int) -> list[list[int]]:
+        """Micro-batches of ``batch_size`` prompts, longest first (the batches ``generate`` itself forms
+        for the whole list), so that saving after every batch changes no result."""
+        lengths = [len(self.tokenizer(prompt)["input_ids"]) for prompt in prompts]
+        order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
+        return [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
@@ -225,6 +285,7 @@ class TransformersBackend(GenerationBackend):
                 raise ValueError(f"prompt of {prompt_length} tokens leaves no room to generate within the model's "
                                  f"{self.max_positions} positions ({self.model_path})")
             criteria = [_StopOnStrings(self.tokenizer, params.stop, prompt_length)] if params.stop else []
+            criteria.append(_Heartbeat(f"batch of {len(members)}", prompt_length, budget, len(members)))
             devices = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(params.seed + batch_index)
@@ -232,7 +293,7 @@ class TransformersBackend(GenerationBackend):
                     input_ids=batch["input_ids"].to(self.device),
                     attention_mask=batch["attention_mask"].to(self.device),
                     generation_config=self._generation_config(params, budget),
-                    stopping_criteria=criteria or None,
+                    stopping_criteria=criteria,
                 )
             new_tokens = output[:, prompt_length:].tolist()
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True,
@@ -282,6 +343,9 @@ class VLLMBackend(GenerationBackend):
         return {"backend": self.name, "model_path": self.model_path, "tokenizer_path": self.tokenizer_path,
                 "tensor_parallel_size": self.tensor_parallel_size, "seed": self.seed, "dtype": self.dtype,
                 "vllm_version": getattr(self._vllm, "__version__", "unknown")}
+
+    def tokenizer_for_chat(self) -> Any:
+        return self._llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
         start = time.perf_counter()

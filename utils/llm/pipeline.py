@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from model_merging_methods import DareOptions, MergeOptions
 from utils.cli import dare_suffix
-from utils.llm.evaluation import EvalOptions, check_datasets, evaluate_model, result_folder
+from utils.llm.evaluation import EvalOptions, RecordsError, check_datasets, evaluate_model, result_folder
 from utils.llm.generation import resolve_backend_kind
 from utils.llm.models import check_backbone, model_label, resolve_model
 from utils.records import write_json_atomic
@@ -113,6 +113,54 @@ def merge_save_name(run: MergeRun, num_models: int) -> str:
     return f"mask_merging/{method_name(run.mask_apply_method)}/mask_{rates}{variant}"
 
 
+def prompt_suffix(options: EvalOptions) -> str:
+    """Result-name suffix of non-paper prompting (empty for the paper's setting, so names stay the original's)."""
+    if options.prompt_format == "paper" and options.answer_extraction == "paper":
+        return ""
+    suffix = f"_prompt_{options.prompt_format}"
+    if options.answer_extraction != ("flexible" if options.prompt_format == "chat" else "paper"):
+        suffix += f"_extract_{options.answer_extraction}"
+    return suffix
+
+
+def run_with_exit_status(function, run) -> int:
+    """Run ``function(run)`` for an entry script: 0 when done; 130 after Ctrl-C or SIGTERM (the records
+    written so far are kept and the log says how to resume); 2 with a one-line message when existing
+    records cannot be resumed."""
+    import sys
+
+    try:
+        with sigterm_as_interrupt():
+            function(run)
+    except KeyboardInterrupt:
+        print("interrupted: finished problems are saved; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except RecordsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what job schedulers send) ends the run like Ctrl-C: records saved so far stay consistent."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def log_to(log_folder: Path) -> Iterator[Path]:
     """INFO to ``<log_folder>/<unix time>.log`` and to the console (the original's log layout)."""
@@ -170,7 +218,8 @@ def _stream(base: str, models: list[str], method: str, output_dir: Path, *, opti
 
 def run_inference(run: InferenceRun) -> dict[str, Any]:
     """Evaluate one model (after DARE when p > 0); returns the benchmark's summary (also written to disk)."""
-    save_name = inference_save_name(run.finetuned_model_name, run.dare, llama2_backbone=run.llama2_backbone)
+    save_name = (inference_save_name(run.finetuned_model_name, run.dare, llama2_backbone=run.llama2_backbone)
+                 + prompt_suffix(run.evaluation))
     save_dir = Path(run.evaluation.save_dir)
     with log_to(save_dir / "save_logs" / run.dataset_name / save_name) as log_path:
         logger.info("configuration: %s", run.arguments)
@@ -210,7 +259,8 @@ def run_inference(run: InferenceRun) -> dict[str, Any]:
 
 def merge_save_name_of(run: MergeRun) -> str:
     """The result name of ``run``: the merge's name, or the evaluated folder's label with evaluate_only."""
-    return merge_save_name(run, len(run.models)) if run.models else model_label(run.evaluate_only or "")
+    name = merge_save_name(run, len(run.models)) if run.models else model_label(run.evaluate_only or "")
+    return name + prompt_suffix(run.evaluation)
 
 
 def run_merge(run: MergeRun) -> dict[str, Any]:

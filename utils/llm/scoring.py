@@ -72,6 +72,35 @@ def extract_gsm8k_answer(completion: str, answer_phrase: str = ANSWER_PHRASE) ->
     return round(value)
 
 
+_FINAL_FORMS = (re.compile(r"####\s*(-?[\d,]*\.?\d+)"),
+                re.compile(r"answer is:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE))
+
+
+def extract_gsm8k_flexible(completion: str, answer_phrase: str = ANSWER_PHRASE) -> int | None:
+    """``--answer_extraction flexible`` (not the paper's): the paper's rule first; if it finds nothing, the
+    last of, in order of preference, ``#### N``, ``answer is N`` (any case), ``\\boxed{N}``, else the last
+    number of the completion. Commas are dropped and the number rounded, as in the paper's rule."""
+    strict = extract_gsm8k_answer(completion, answer_phrase)
+    if strict is not None:
+        return strict
+    candidates = [pattern.findall(completion) for pattern in _FINAL_FORMS]
+    boxed = remove_boxed(last_boxed_only_string(completion))
+    for found in (*candidates, [boxed] if boxed else []):
+        if found:
+            value = extract_gsm8k_answer(answer_phrase + found[-1], answer_phrase)
+            if value is not None:
+                return value
+    return extract_gsm8k_answer(answer_phrase + " ".join(_NUMBER.findall(completion)[-1:]), answer_phrase)
+
+
+def extract_math_flexible(completion: str, answer_phrase: str = ANSWER_PHRASE) -> str | None:
+    """``--answer_extraction flexible``: the paper's rule first, else the content of the last ``\\boxed{}``."""
+    strict = extract_math_answer(completion, answer_phrase)
+    if strict:
+        return strict
+    return remove_boxed(last_boxed_only_string(completion))
+
+
 def gsm8k_is_correct(prediction: int | None, gold: int) -> bool:
     return prediction is not None and float(prediction) == float(gold)
 
@@ -269,6 +298,18 @@ def postprocess_code(completion: str, cleaning: CodeCleaning) -> str:
     if "The answer is:" in completion:
         completion = _cut_phrase(completion, "The answer is:")
     return completion
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def fenced_code(generation: str) -> str:
+    """Code of a chat answer (``--prompt_format chat``): the first fenced block (```python or a bare ```),
+    up to its closing fence or the end of the text; the whole answer when it has no fence. Tabs become
+    four spaces, as in the paper's cleaning."""
+    match = _FENCE.search(generation.replace("\r", ""))
+    code = match.group(1) if match else generation
+    return code.replace("\t", "    ").strip("\n")
 
 
 def human_eval_program(problem: dict, completion: str) -> str:
