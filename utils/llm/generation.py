@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
-
 from utils.cli import resolve_device
 
 BACKEND_KINDS = ("auto", "vllm", "transformers")
@@ -122,9 +120,11 @@ class GenerationBackend(abc.ABC):
         """Release the model (GPU memory included)."""
 
 
-def _resolve_dtype(dtype: str, device: torch.device, config_dtype: Any) -> torch.dtype:
+def _resolve_dtype(dtype: str, device: Any, config_dtype: Any) -> Any:
     """``auto``: float32 on CPU; on GPU the checkpoint's half dtype, float32 checkpoints -> float16
     (what vLLM's ``dtype="auto"`` did for the paper's float32 checkpoints)."""
+    import torch
+
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype != "auto":
         if dtype not in names:
@@ -151,7 +151,9 @@ class _StopOnStrings:
         self.prompt_length = prompt_length
         self.window = max(len(marker) for marker in stop) + 8
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
         generated = input_ids[:, self.prompt_length:]
         tails = generated[:, -self.window:].tolist()
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -166,7 +168,9 @@ class _Heartbeat:
         self.label, self.prompt_length, self.budget, self.rows = label, prompt_length, budget, rows
         self.started = self.last = time.perf_counter()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
         now = time.perf_counter()
         if now - self.last >= HEARTBEAT_SECONDS:
             self.last = now
@@ -191,6 +195,7 @@ class TransformersBackend(GenerationBackend):
     def __init__(self, model_path: str, *, tokenizer_path: str | None = None, device: str = "auto",
                  dtype: str = "auto", batch_size: int = 8, num_threads: int | None = None) -> None:
         super().__init__()
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
@@ -236,6 +241,8 @@ class TransformersBackend(GenerationBackend):
         return ids
 
     def describe(self) -> dict[str, Any]:
+        import torch
+
         return {"backend": self.name, "model_path": self.model_path, "tokenizer_path": self.tokenizer_path,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "batch_size": self.batch_size, "torch_threads": torch.get_num_threads()}
@@ -266,8 +273,15 @@ class TransformersBackend(GenerationBackend):
                 return position
         return len(tokens)
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
+        import torch
+
+        with torch.inference_mode():
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
+        import torch
+
         start = time.perf_counter()
         encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
         order = sorted(range(len(prompts)), key=lambda index: -len(encoded[index]))
@@ -313,6 +327,8 @@ class TransformersBackend(GenerationBackend):
 
     def close(self) -> None:
         self.model = None
+        import torch
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -363,13 +379,19 @@ class VLLMBackend(GenerationBackend):
 
     def close(self) -> None:
         self._llm = None
+        import torch
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
 def vllm_usable() -> bool:
     """True when vLLM is installed and a CUDA GPU is visible (vLLM needs one)."""
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_backend_kind(kind: str) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from model_merging_methods import DareOptions, MergeOptions
-from utils.cli import dare_suffix
+from utils.cli import dare_suffix, interrupted_status, sigterm_as_interrupt
 from utils.llm.evaluation import EvalOptions, RecordsError, check_datasets, evaluate_model, result_folder
 from utils.llm.generation import resolve_backend_kind
 from utils.llm.models import check_backbone, model_label, resolve_model
@@ -124,41 +124,26 @@ def prompt_suffix(options: EvalOptions) -> str:
 
 
 def run_with_exit_status(function, run) -> int:
-    """Run ``function(run)`` for an entry script: 0 when done; 130 after Ctrl-C or SIGTERM (the records
-    written so far are kept and the log says how to resume); 2 with a one-line message when existing
-    records cannot be resumed."""
+    """Run ``function(run)`` for an entry script: 0 when done; 130 / 143 after Ctrl-C / SIGTERM (the records
+    written so far are kept and the log says how to resume); 2 with a one-line message for bad input found
+    while running (records that cannot be resumed, a refused checkpoint or output, a backbone mismatch)."""
     import sys
+
+    from model_merging_methods import MergeError
+    from utils.engine.reader import CheckpointError
+    from utils.llm.models import BackboneMismatchError
 
     try:
         with sigterm_as_interrupt():
             function(run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("interrupted: finished problems are saved; re-run the same command to resume", file=sys.stderr)
-        return 130
-    except RecordsError as error:
+        return interrupted_status(error)
+    except (RecordsError, MergeError, CheckpointError, BackboneMismatchError, FileExistsError,
+            FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (what job schedulers send) ends the run like Ctrl-C: records saved so far stay consistent."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
