@@ -13,10 +13,11 @@ _EXPORTS = {
     "options": ("DareOptions", "MergeError", "MergeOptions", "ResolvedDare", "StateDict"),
     "randomness": ("SEGMENT", "RandomSlot", "derive_seed"),
     "registry": ("REGISTRY", "MergeMethod", "available_methods", "get_method"),
-    "selection": ("kth_smallest", "smallest_mask"),
+    "selection": ("RadixSelect", "count_at_least", "count_below", "high_counts", "kth_largest", "kth_smallest",
+                  "kth_smallest_pieces", "low_counts", "smallest_mask"),
     "slerp": ("slerp_tensor",),
     "task_vector": ("apply_task_vector", "task_vector"),
-    "ties": ("trim_threshold",),
+    "ties": ("trim_rank", "trim_threshold"),
     "validation": ("check_finite", "check_inputs", "is_excluded"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,35 +1,147 @@
-"""Exact order statistics of |x| in O(n): a two-pass radix select on float32 bit patterns.
+"""Exact order statistics of |x| over a sequence of pieces: radix selection on float32 bit patterns.
 
-For non-negative float32 values the int32 bit pattern is monotone in the value, so histograms of the
-high and then the low 16 bits locate the k-th smallest value exactly (about 5x faster than
-``torch.kthvalue`` on CPU, and no sort).
+For finite float32 values the bit pattern of |x| (the int32 view with the sign bit cleared) is monotone
+in |x|, so the k-th smallest |x| is found by counting, without a sort and without holding the values:
+
+1. high pass: a histogram of the high 16 bits (sign 0, 8 exponent bits, 7 mantissa bits: the bfloat16
+   truncation) over every piece locates the bin b that holds the k-th smallest. The histogram also
+   tells, per bin, how many entries have zero low 16 bits, i.e. equal the bin's smallest value b·2^16
+   exactly (every bfloat16 value, and most deltas of two bfloat16 weights of one binade). When the
+   k-th smallest is among those, it is b·2^16 and the selection ends after one pass.
+2. low pass (otherwise): a histogram of the low 16 bits of the entries in bin b, over every piece again,
+   locates the k-th smallest exactly.
+
+Each pass is O(n) in piece-sized temporaries; the counts are integers, so pieces may be counted in any
+order, by any thread, and cut at any boundary, with the same result. Callers that hold a whole tensor use
+kth_smallest / smallest_mask; callers that stream (utils/engine/streaming.py) feed RadixSelect with
+high_counts / low_counts of their own pieces and recompute the pieces for the second pass.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
+
+HIGH_BINS = 1 << 15        # high 16 bits of a non-negative float32 (the sign bit is 0)
+LOW_BINS = 1 << 16
+PIECE = 1 << 20            # elements per piece when a whole tensor is split here (4 MiB of float32)
+_ABS = 0x7FFFFFFF
+
+Pieces = Callable[[], Iterable[torch.Tensor]]   # each call yields the same values again, in any cut
+
+
+def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |values| (float32): monotone in |values| for finite (and infinite) entries."""
+    return values.detach().to(torch.float32).contiguous().view(torch.int32).bitwise_and(_ABS).reshape(-1)
+
+
+def high_counts(values: torch.Tensor) -> torch.Tensor:
+    """The high pass over one piece: int64 counts [2·HIGH_BINS]; entry 2h counts the |x| whose high 16
+    bits are h and low 16 bits 0 (|x| = h·2^16 exactly), entry 2h + 1 the other |x| of bin h."""
+    bits = magnitude_bits(values)
+    inexact = bits.bitwise_and(0xFFFF).ne_(0)
+    keys = torch.add(inexact, bits.bitwise_right_shift_(16), alpha=2)
+    return torch.bincount(keys, minlength=2 * HIGH_BINS)
+
+
+def low_counts(values: torch.Tensor, high_bin: int) -> torch.Tensor:
+    """The low pass over one piece: int64 counts [LOW_BINS] of the low 16 bits of the |x| in `high_bin`."""
+    offsets = magnitude_bits(values).sub_(high_bin << 16).clamp_(-1, LOW_BINS).add_(1)
+    return torch.bincount(offsets, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
+
+
+class RadixSelect:
+    """The k-th smallest (1-based) |x| of n streamed values: add the high_counts of every piece, then,
+    while `needs_low_pass`, the low_counts(piece, high_bin) of every piece; then read `value`."""
+
+    def __init__(self, k: int, n: int):
+        if not 1 <= k <= n:
+            raise ValueError(f"k = {k} is outside [1, {n}]")
+        self.k, self.n = k, n
+        self._high = torch.zeros(2 * HIGH_BINS, dtype=torch.int64)
+        self._low: torch.Tensor | None = None
+        self.high_bin: int | None = None
+        self._value_bits: int | None = None
+
+    def add_high(self, counts: torch.Tensor) -> None:
+        self._high += counts
+
+    def finish_high(self) -> None:
+        """Locate the bin of the k-th smallest; afterwards either `value` is known or a low pass is due."""
+        counted = int(self._high.sum())
+        if counted != self.n:
+            raise ValueError(f"the high pass counted {counted} values, expected {self.n}")
+        cumulative = self._high.cumsum(0)
+        key = int(torch.searchsorted(cumulative, self.k))  # first key whose cumulative count reaches k
+        self.high_bin = key >> 1
+        if key % 2 == 0:  # among the entries equal to the bin's smallest value
+            self._value_bits = self.high_bin << 16
+        else:
+            self._below = int(cumulative[key - 1]) - int(self._high[key - 1])  # entries of lower bins
+            self._low = torch.zeros(LOW_BINS, dtype=torch.int64)
+
+    @property
+    def needs_low_pass(self) -> bool:
+        return self._value_bits is None
+
+    def add_low(self, counts: torch.Tensor) -> None:
+        self._low += counts
+
+    def finish_low(self) -> None:
+        low_bin = int(torch.searchsorted(self._low.cumsum(0), self.k - self._below))
+        self._value_bits = (self.high_bin << 16) | low_bin
+
+    @property
+    def value(self) -> float:
+        if self._value_bits is None:
+            raise RuntimeError("the selection is not finished")
+        return float(torch.tensor([self._value_bits], dtype=torch.int32).view(torch.float32))
+
+
+def pieces_of(values: torch.Tensor, size: int = PIECE) -> Pieces:
+    """A whole tensor as a re-iterable sequence of flat pieces (views, no copy when contiguous)."""
+    flat = values.reshape(-1)
+    return lambda: flat.split(size)
+
+
+def kth_smallest_pieces(pieces: Pieces, k: int, n: int) -> float:
+    """The k-th smallest (1-based) |x| over the n values that `pieces()` yields, in one or two passes."""
+    selection = RadixSelect(k, n)
+    for piece in pieces():
+        selection.add_high(high_counts(piece))
+    selection.finish_high()
+    if selection.needs_low_pass:
+        for piece in pieces():
+            selection.add_low(low_counts(piece, selection.high_bin))
+        selection.finish_low()
+    return selection.value
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> float:
-    """The k-th smallest (1-based) of a flat, non-negative, finite float tensor."""
-    if not 1 <= k <= values.numel():
-        raise ValueError(f"k = {k} is outside [1, {values.numel()}]")
-    bits = values.detach().to(torch.float32).contiguous().view(torch.int32)
-    high = bits >> 16  # [n], in [0, 32767] for non-negative floats
-    cumulative = torch.bincount(high, minlength=1 << 15).cumsum(0)
-    high_bin = int(torch.searchsorted(cumulative, k))
-    below = int(cumulative[high_bin - 1]) if high_bin > 0 else 0
-    low = bits[high == high_bin] & 0xFFFF
-    low_cumulative = torch.bincount(low, minlength=1 << 16).cumsum(0)
-    low_bin = int(torch.searchsorted(low_cumulative, k - below))
-    pattern = torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32)
-    return float(pattern.view(torch.float32))
+    """The k-th smallest (1-based) |x| of a finite float tensor (of its values when they are non-negative)."""
+    return kth_smallest_pieces(pieces_of(values), k, values.numel())
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The k-th largest (1-based) |x|: the (n − k + 1)-th smallest."""
+    return kth_smallest(values, values.numel() - k + 1)
+
+
+def count_below(values: torch.Tensor, threshold: float) -> int:
+    """Number of entries with |x| < threshold (float32 comparison)."""
+    return sum(int(torch.count_nonzero(piece.abs() < threshold)) for piece in pieces_of(values)())
+
+
+def count_at_least(values: torch.Tensor, threshold: float) -> int:
+    """Number of entries with |x| ≥ threshold (float32 comparison): the entries a trim at `threshold` keeps."""
+    return values.numel() - count_below(values, threshold)
 
 
 def smallest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask marking exactly `count` entries of smallest magnitude.
+    """Boolean mask marking exactly `count` entries of smallest magnitude (`magnitudes` ≥ 0, e.g. |x|).
 
-    Entries equal to the threshold are taken in flat index order, so the count is exact even with ties.
-    """
+    Entries equal to the threshold (the count-th smallest) are taken in flat index order, so the count
+    is exact even with ties."""
     flat = magnitudes.reshape(-1)
     if count <= 0:
         return torch.zeros_like(flat, dtype=torch.bool).view(magnitudes.shape)

@@ -4,18 +4,21 @@ from __future__ import annotations
 import torch
 
 from .options import MergeOptions, StateDict
-from .selection import kth_smallest
+from .selection import PIECE, kth_smallest, kth_smallest_pieces
 
 
-def trim_threshold(delta: torch.Tensor, density: float, in_place: bool = False) -> float:
-    """MergeLM's trim threshold: t = the k-th smallest |δ|, k = int(n·(1 − density)); 0 when k = 0.
+def trim_rank(numel: int, density: float) -> int:
+    """k = int(n·(1 − density)): the rank of the trim threshold among the n magnitudes (0: no trim)."""
+    return max(int(numel * (1.0 - density)), 0)
 
-    Entries with |δ| ≥ t are kept (the top n − k + 1 entries, plus ties at t). With in_place, δ is
-    overwritten by |δ| (saves a copy of the tensor)."""
-    k = int(delta.numel() * (1.0 - density))
-    if k == 0:
-        return 0.0
-    return kth_smallest((delta.abs_() if in_place else delta.abs()).reshape(-1), k)
+
+def trim_threshold(delta: torch.Tensor, density: float) -> float:
+    """MergeLM's trim threshold: t = the k-th smallest |δ|, k = trim_rank(n, density); 0 when k = 0.
+
+    Entries with |δ| ≥ t are kept (the top n − k + 1 entries, plus ties at t). Radix selection on
+    the bit patterns of |δ| (selection.py): no sort and no copy of the tensor."""
+    k = trim_rank(delta.numel(), density)
+    return kth_smallest(delta, k) if k else 0.0
 
 
 def ties_merging(base: StateDict, deltas: list[StateDict], options: MergeOptions,
@@ -83,7 +86,11 @@ def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], normalize:
 
 
 def _global_threshold(delta: StateDict, density: float) -> float:
-    return trim_threshold(torch.cat([t.reshape(-1) for t in delta.values()]), density)
+    """trim_threshold of the model's whole flattened delta, selected over its tensors' pieces (no concatenation)."""
+    numel = sum(t.numel() for t in delta.values())
+    k = trim_rank(numel, density)
+    pieces = lambda: (piece for t in delta.values() for piece in t.reshape(-1).split(PIECE))  # noqa: E731
+    return kth_smallest_pieces(pieces, k, numel) if k else 0.0
 
 
 def _majority_sign(deltas: list[StateDict], thresholds: list[dict[str, float]], weights: list[float]) -> float:

@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, ResolvedDare,
-                                   check_method_inputs, dare_one_model, get_method, is_excluded, merge_resolved,
-                                   resolve_dare, trim_threshold)
+from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, RadixSelect,
+                                   ResolvedDare, check_method_inputs, dare_one_model, get_method, high_counts,
+                                   is_excluded, low_counts, merge_resolved, resolve_dare, trim_rank, trim_threshold)
 from utils.cli import resolve_device
 from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
                            write_folder_atomic)
@@ -347,7 +347,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, p
             if in_pieces and planned.name not in row_targets and numel > PIECE:
                 thresholds = None
                 if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
-                    thresholds = _trim_thresholds(inputs, job, resolved, planned.name, densities)
+                    thresholds = _trim_thresholds(inputs, job, resolved, planned.name, numel, densities, pool)
                 for start in range(0, numel, PIECE):
                     pending.append(pool.submit(merge_piece, planned, start, min(start + PIECE, numel), numel,
                                                thresholds))
@@ -373,11 +373,73 @@ def _record(reports: list[dict[str, float]], name: str, fractions: list[float | 
             report[name] = fraction
 
 
-def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, name: str,
-                     densities: list[float]) -> list[dict[str, torch.Tensor]]:
-    """Per model, TIES's trim threshold of this whole tensor, from the same (DARE'd) delta that the
-    in-memory merge computes, so that merging flat pieces gives bit-identical results. One model's
-    tensor is in memory at a time."""
+def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, name: str, numel: int,
+                     densities: list[float], pool: ThreadPoolExecutor) -> list[dict[str, torch.Tensor]]:
+    """Per model, TIES's trim threshold of this whole tensor (ties.trim_threshold), from the same (DARE'd)
+    delta that the merge computes piece by piece, so that merging flat pieces gives bit-identical results.
+
+    Exact radix selection over streamed pieces (model_merging_methods/selection.py): one counting pass
+    of every piece, and a second one only for the models whose k-th smallest |δ| is not the smallest
+    value of its high-16-bit bin. The pieces are re-read and their deltas (DARE draws included: they
+    depend only on the seed, model, tensor and position) recomputed per pass; the workers count pieces
+    in parallel, a few in flight at a time, so memory stays at a few pieces whatever the tensor size.
+    DARE with the l1 rescale (a factor of the whole tensor) keeps the whole-tensor computation."""
+    if resolved.dare is not None and any(d.rescale and d.rescale_mode == "l1" for d in resolved.dare):
+        return _whole_tensor_thresholds(inputs, job, resolved, name, densities)
+    ranks = [trim_rank(numel, d) for d in densities]
+    selections = [RadixSelect(k, numel) if k else None for k in ranks]
+
+    def count(start: int, stop: int, low_pass: bool) -> list[torch.Tensor | None]:
+        base = inputs.readers[0].get(name, start, stop).to(resolved.device).float()
+        counts = []
+        for index, (reader, selection) in enumerate(zip(inputs.readers[1:], selections)):
+            if selection is None or (low_pass and not selection.needs_low_pass):
+                counts.append(None)
+                continue
+            delta = _piece_delta(reader.get(name, start, stop), base, resolved, job.seed, index, (start, numel), name)
+            counts.append(low_counts(delta, selection.high_bin) if low_pass else high_counts(delta))
+        return counts
+
+    def run_pass(low_pass: bool) -> None:
+        in_flight: deque[Future] = deque()
+
+        def add_oldest() -> None:
+            for selection, counts in zip(selections, in_flight.popleft().result()):
+                if counts is not None:
+                    (selection.add_low if low_pass else selection.add_high)(counts.cpu())
+
+        for start in range(0, numel, PIECE):
+            in_flight.append(pool.submit(count, start, min(start + PIECE, numel), low_pass))
+            while len(in_flight) > 2 * resolved.threads:
+                add_oldest()
+        while in_flight:
+            add_oldest()
+
+    if any(selections):
+        run_pass(low_pass=False)
+        for selection in filter(None, selections):
+            selection.finish_high()
+        if any(s is not None and s.needs_low_pass for s in selections):
+            run_pass(low_pass=True)
+            for selection in selections:
+                if selection is not None and selection.needs_low_pass:
+                    selection.finish_low()
+    return [{name: torch.tensor(selection.value if selection is not None else 0.0)} for selection in selections]
+
+
+def _piece_delta(piece: torch.Tensor, base: torch.Tensor, resolved: ResolvedJob, seed: int, index: int,
+                 offset: tuple[int, int], name: str) -> torch.Tensor:
+    """Model `index`'s float32 delta on one flat piece, DARE'd as merge_resolved does it on that piece."""
+    model = piece.to(resolved.device).float()
+    if resolved.dare is None:
+        return model.sub_(base)
+    return dare_one_model({name: model}, {name: base}, resolved.dare[index], on_deltas=True, seed=seed,
+                          model_index=index, offsets={name: offset}).pop(name)
+
+
+def _whole_tensor_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, name: str,
+                             densities: list[float]) -> list[dict[str, torch.Tensor]]:
+    """The thresholds from whole-tensor deltas, one model's tensor in memory at a time."""
     base = inputs.readers[0].get(name).to(resolved.device)   # kept in its own dtype: ops promote exactly
     thresholds = []
     for index, reader in enumerate(inputs.readers[1:]):
@@ -387,7 +449,7 @@ def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob,
         else:
             delta = dare_one_model(model, {name: base}, resolved.dare[index], on_deltas=True, seed=job.seed,
                                    model_index=index).pop(name)
-        thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index], in_place=True))})
+        thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index]))})
         del model, delta
     return thresholds
 

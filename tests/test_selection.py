@@ -1,0 +1,149 @@
+"""Exact radix selection of |x| over streamed pieces (model_merging_methods/selection.py) and its users."""
+import pytest
+import torch
+
+import merge_models
+from model_merging_methods import (DareOptions, RadixSelect, count_at_least, count_below, high_counts, kth_largest,
+                                   kth_smallest, kth_smallest_pieces, low_counts, merge_state_dicts, MergeOptions,
+                                   smallest_mask, trim_threshold)
+from model_merging_methods.selection import pieces_of
+from utils.engine.reader import CheckpointReader
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _cases():
+    g = _generator()
+    n = 30_011
+    weights = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    tuned = (weights.float() + torch.randn(n, generator=g) * 1e-3).to(torch.bfloat16)
+    with_zeros = torch.randn(n, generator=g)
+    with_zeros[::3] = 0.0
+    with_zeros[1::7] = -0.0
+    denormals = torch.randn(n, generator=g) * 1e-39            # below float32's smallest normal 1.2e-38
+    denormals[::5] = torch.finfo(torch.float32).tiny
+    return {
+        "float32": torch.randn(n, generator=g),
+        "bf16 delta": tuned.float() - weights.float(),          # general float32 magnitudes, many ties
+        "bf16 values": torch.randn(n, generator=g).to(torch.bfloat16),
+        "many ties": torch.randint(-3, 4, (n,), generator=g).float() * 0.25,
+        "zeros": with_zeros,
+        "denormals": denormals,
+        "wide range": torch.randn(n, generator=g) * torch.logspace(-30, 30, n),
+        "all equal": torch.full((n,), -0.7),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_kth_smallest_matches_kthvalue_and_sort(case):
+    values = _cases()[case]
+    magnitudes = values.float().abs()
+    ordered = magnitudes.sort().values
+    n = values.numel()
+    for k in [1, 2, 3, n // 3, n // 2, n - 1, n]:
+        expected = torch.kthvalue(magnitudes, k).values.item()
+        assert expected == ordered[k - 1].item()
+        assert kth_smallest(values, k) == expected, (case, k)
+        assert kth_largest(values, n - k + 1) == expected
+        assert count_below(values, expected) < k <= count_below(values, expected) + int((magnitudes == expected).sum())
+        assert count_at_least(values, expected) == n - count_below(values, expected)
+
+
+@pytest.mark.parametrize("case", ["float32", "bf16 delta", "zeros", "denormals", "many ties"])
+def test_pieces_of_any_size_give_the_same_value(case):
+    values = _cases()[case]
+    n = values.numel()
+    for k in [1, n // 2 + 1, n]:
+        found = {kth_smallest_pieces(pieces_of(values, size), k, n) for size in (997, 4096, n)}
+        found.add(kth_smallest_pieces(lambda: [values[:5], values[5:17_000], values[17_000:]], k, n))
+        assert found == {values.float().abs().sort().values[k - 1].item()}
+
+
+def test_one_pass_for_bfloat16_values_two_for_general_float32():
+    def passes(values, k):
+        selection = RadixSelect(k, values.numel())
+        for piece in pieces_of(values, 999)():
+            selection.add_high(high_counts(piece))
+        selection.finish_high()
+        if not selection.needs_low_pass:
+            return 1, selection.value
+        for piece in pieces_of(values, 999)():
+            selection.add_low(low_counts(piece, selection.high_bin))
+        selection.finish_low()
+        return 2, selection.value
+
+    cases = _cases()
+    bf16 = cases["bf16 values"]
+    n = bf16.numel()
+    for k in [1, n // 2, n]:
+        assert passes(bf16, k) == (1, bf16.float().abs().sort().values[k - 1].item())
+    general = cases["float32"]
+    assert passes(general, n // 2) == (2, general.abs().sort().values[n // 2 - 1].item())
+
+
+def test_radix_select_checks_its_inputs():
+    with pytest.raises(ValueError, match="outside"):
+        RadixSelect(0, 10)
+    with pytest.raises(ValueError, match="outside"):
+        RadixSelect(11, 10)
+    selection = RadixSelect(3, 10)
+    selection.add_high(high_counts(torch.ones(9)))
+    with pytest.raises(ValueError, match="counted 9 values, expected 10"):
+        selection.finish_high()
+    with pytest.raises(RuntimeError, match="not finished"):
+        RadixSelect(1, 1).value
+
+
+def test_smallest_mask_is_a_stable_sort_prefix():
+    """Exactly `count` entries, the smallest ones, ties at the threshold taken in index order."""
+    magnitudes = torch.randint(0, 5, (10_007,), generator=_generator(3)).float() * 0.1
+    for count in [0, 1, 2_000, 5_003, 10_006, 10_007]:
+        expected = torch.zeros(10_007, dtype=torch.bool)
+        expected[torch.sort(magnitudes, stable=True).indices[:count]] = True
+        assert torch.equal(smallest_mask(magnitudes, count), expected)
+
+
+def test_trim_threshold_and_global_trim_match_a_sort():
+    g = _generator(4)
+    delta = torch.randn(5_000, generator=g) * torch.rand(5_000, generator=g)
+    for density in [0.0, 0.2, 0.5, 0.9999, 1.0]:
+        k = int(5_000 * (1.0 - density))
+        assert trim_threshold(delta, density) == (delta.abs().sort().values[k - 1].item() if k else 0.0)
+    base = {"a": torch.zeros(3_000), "b": torch.zeros(40, 50)}
+    model = {"a": torch.randn(3_000, generator=g), "b": torch.randn(40, 50, generator=g) * 3}
+    merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.3, ties_trim="global"))
+    every = torch.cat([model["a"], model["b"].reshape(-1)])
+    threshold = every.abs().sort().values[int(5_000 * 0.7) - 1]
+    for name in base:
+        assert torch.equal(merged[name], model[name] * (model[name].abs() >= threshold))
+
+
+@pytest.mark.parametrize("extra, dare", [
+    (["--density", "0.3"], None),
+    (["--density", "0.2", "--drop_rate", "0.5"], DareOptions(drop_rate=0.5)),  # k > the zeros DARE made
+    (["--density", "0.4", "--weight_format", "finetuned_weight", "--drop_rate", "0.2"],
+     DareOptions(drop_rate=0.2, weight_format="finetuned_weight")),
+])
+def test_streamed_thresholds_match_in_memory_ties(llama_family, tmp_path, monkeypatch, extra, dare):
+    """The engine's thresholds, counted over 100-element pieces in worker threads (two passes on these
+    float32 deltas), give the merge that merge_state_dicts computes on whole tensors in memory."""
+    import utils.engine.streaming as engine
+
+    passes = []
+    original = engine.low_counts
+    monkeypatch.setattr(engine, "low_counts", lambda *a: passes.append(1) or original(*a))
+    monkeypatch.setattr(engine, "PIECE", 100)
+    args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
+            str(llama_family["ft1"]), "--method", "ties", "--seed", "2", "--threads", "3",
+            "--output_dir", str(tmp_path / "pieces"), "--no_progress"] + extra
+    assert merge_models.main(args) == 0
+    assert passes  # the low pass ran
+    streamed = {n: CheckpointReader(tmp_path / "pieces").get(n) for n in CheckpointReader(tmp_path / "pieces").names()}
+    readers = [CheckpointReader(llama_family[m]) for m in ("base", "ft0", "ft1")]
+    states = [{n: r.get(n) for n in r.names()} for r in readers]
+    in_memory = merge_state_dicts("ties", states[0], states[1:], MergeOptions(density=float(extra[1])), dare=dare,
+                                  seed=2)
+    assert streamed.keys() == in_memory.keys()
+    assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
