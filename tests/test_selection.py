@@ -147,3 +147,22 @@ def test_streamed_thresholds_match_in_memory_ties(llama_family, tmp_path, monkey
                                   seed=2)
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
+
+
+def test_streamed_l1_rescale_is_per_whole_tensor(llama_family, tmp_path, monkeypatch):
+    """mergekit's l1 rescale multiplies by ||x||_1 / ||x̃||_1 of the whole tensor: a tensor cut into pieces
+    must still get one factor, i.e. the streamed merge equals merge_state_dicts on whole tensors."""
+    import utils.engine.streaming as engine
+
+    monkeypatch.setattr(engine, "PIECE", 100)
+    args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
+            str(llama_family["ft1"]), "--method", "dare_linear", "--density", "0.5", "--rescale_mode", "l1",
+            "--seed", "4", "--threads", "3", "--output_dir", str(tmp_path / "l1"), "--no_progress"]
+    assert merge_models.main(args) == 0
+    reader = CheckpointReader(tmp_path / "l1")
+    streamed = {n: reader.get(n) for n in reader.names()}
+    readers = [CheckpointReader(llama_family[m]) for m in ("base", "ft0", "ft1")]
+    states = [{n: r.get(n) for n in r.names()} for r in readers]
+    in_memory = merge_state_dicts("dare_linear", states[0], states[1:], MergeOptions(density=0.5),
+                                  dare=DareOptions(rescale_mode="l1"), seed=4)
+    assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)

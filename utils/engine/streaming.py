@@ -320,7 +320,10 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, p
         from tqdm import tqdm
         iterator = tqdm(plan, desc=f"merging ({job.method})", unit="tensor")
     method, dare = resolved.method, resolved.dare
-    in_pieces = method.elementwise and (dare is None or dare[0].strategy == "random")
+    # Flat pieces need every output entry to depend only on the same entries of the inputs: magnitude DARE
+    # ranks the whole tensor and the l1 rescale multiplies by a whole-tensor norm ratio, so both go whole.
+    in_pieces = method.elementwise and (dare is None or all(d.strategy == "random" and not
+                                                            (d.rescale and d.rescale_mode == "l1") for d in dare))
     densities = resolved.options.densities(len(job.models))
     thresholds_needed = method.trim_thresholds and min(densities) < 1.0
     kept: dict[str, list[float]] = {}
