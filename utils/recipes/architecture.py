@@ -2,10 +2,12 @@
 
 No list of architectures: the layer prefix is the `<prefix>.<i>.` under which the tensor names count
 0..N−1, where N is the config's layer count (num_hidden_layers, or n_layer / num_layers / n_layers for
-families that name it so). Non-layer tensors are split into those before the layers (embeddings) and
-after them (final norm, lm_head) by the order in which the transformers model declares its parameters
-(instantiated on the meta device: no memory, no weights); when transformers cannot build the model, by
-name (embeddings first). The vocabulary tensors are the input/output embeddings' weights.
+families that name it so). Non-layer tensors are split into those before the layers (the input and
+position embeddings: names with embed / wte / wpe / word_embeddings, output heads excluded) and those
+after them (final norm, lm_head). When no name looks like an embedding, the split follows the order in
+which the transformers model declares its parameters (built on the meta device: no memory, no weights;
+importing the model code is slow, hence only then). The vocabulary tensors are the input embedding and
+the output head (lm_head; for tied checkpoints that lack it, the input embedding stands in).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from .schema import RecipeError
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 NUMBERED = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 EMBEDDING_WORDS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
-VOCAB_WORDS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "lm_head", "embed_out", "output.weight")
+OUTPUT_WORDS = ("lm_head", "embed_out", "output.weight")   # output embeddings (before the embedding words)
+VOCAB_WORDS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
 
 
 @dataclass
@@ -83,24 +86,31 @@ def infer_layout(folder: Path, names: list[str], what: str) -> Layout:
     layout = Layout(Path(folder), config, list(names), key, count, prefix, groups[prefix])
     in_layers = {layout.layer_name(i, s) for i, suffixes in groups[prefix].items() for s in suffixes}
     others = [n for n in names if n not in in_layers]
-    order, input_embedding, output_embedding = _declared_order(Path(folder), config)
-    if order is not None:
-        first_layer = min((order[n] for n in in_layers if n in order), default=None)
-        known = [n for n in others if n in order]
-        if first_layer is not None and len(known) == len(others):
-            layout.pre = sorted((n for n in others if order[n] < first_layer), key=order.get)
-            layout.post = sorted((n for n in others if order[n] > first_layer), key=order.get)
-    if not layout.pre and not layout.post:
-        layout.pre = [n for n in others if any(w in n for w in EMBEDDING_WORDS)]
-        layout.post = [n for n in others if n not in layout.pre]
-    layout.input_embedding = input_embedding if input_embedding else next(
-        (n for n in layout.pre if any(w in n for w in VOCAB_WORDS)), None)
-    layout.output_embedding = output_embedding if output_embedding else next(
-        (n for n in layout.post if any(w in n for w in VOCAB_WORDS)), None)
+    outputs = [n for n in others if any(w in n for w in OUTPUT_WORDS)]
+    inputs = [n for n in others if n not in outputs and any(w in n for w in EMBEDDING_WORDS)]
+    if inputs:   # the usual decoder layout, read from the names alone (no transformers import: it is slow)
+        layout.pre = inputs
+        layout.post = [n for n in others if n not in inputs]
+        layout.input_embedding = next((n for n in inputs if any(w in n for w in VOCAB_WORDS)), inputs[0])
+        layout.output_embedding = outputs[0] if outputs else _tied_output_name(config, layout.input_embedding)
+    else:        # unusual names: the order in which the transformers model declares its parameters
+        order, input_embedding, output_embedding = _declared_order(Path(folder), config)
+        first_layer = min((order[n] for n in in_layers if n in order), default=None) if order else None
+        if first_layer is None or any(n not in order for n in others):
+            raise RecipeError(f"{what}: cannot map this architecture ({config.get('architectures')}): no embedding "
+                              f"tensor among {others} and transformers cannot place them")
+        layout.pre = sorted((n for n in others if order[n] < first_layer), key=order.get)
+        layout.post = sorted((n for n in others if order[n] > first_layer), key=order.get)
+        layout.input_embedding, layout.output_embedding = input_embedding, output_embedding
     layout.vocab = {n for n in (layout.input_embedding, layout.output_embedding) if n}
     if layout.output_embedding and layout.output_embedding not in names and layout.output_embedding in layout.post:
         layout.post.remove(layout.output_embedding)
     return layout
+
+
+def _tied_output_name(config: dict, input_embedding: str) -> str | None:
+    """lm_head.weight for a tied checkpoint that does not store it (an input that has one may supply it)."""
+    return "lm_head.weight" if config.get("tie_word_embeddings", True) else None
 
 
 def _declared_order(folder: Path, config: dict) -> tuple[dict[str, int] | None, str | None, str | None]:
