@@ -105,7 +105,8 @@ def resolve_reference(ref: ModelRef, allow_pickle: bool) -> Path:
         try:
             return resolve_checkpoint(ref.path, allow_pickle)
         except CheckpointError as error:
-            raise RecipeError(f"model {ref}: {error}") from None
+            message = " ".join(str(error).split()).removeprefix(f"{ref.path}: ")
+            raise RecipeError(f"model {ref}: {message}") from None
     try:
         from huggingface_hub import snapshot_download
 
@@ -113,7 +114,7 @@ def resolve_reference(ref: ModelRef, allow_pickle: bool) -> Path:
         return Path(snapshot_download(ref.path, revision=ref.revision, allow_patterns=patterns))
     except Exception as error:  # network, auth, unknown repo or revision: reported the same way
         raise RecipeError(f"model {ref}: not a local folder, and fetching it from the Hugging Face hub failed "
-                          f"({type(error).__name__}: {error})") from None
+                          f"({type(error).__name__}: {' '.join(str(error).split())})") from None
 
 
 def _open(recipe: Recipe, folders: dict[str, Path], allow_pickle: bool) -> dict[str, InputModel]:
