@@ -13,6 +13,7 @@ _EXPORTS = {
     "options": ("DareOptions", "MergeError", "MergeOptions", "ResolvedDare", "StateDict"),
     "randomness": ("SEGMENT", "RandomSlot", "derive_seed"),
     "registry": ("REGISTRY", "MergeMethod", "available_methods", "get_method"),
+    "recipe_registry": ("RECIPE_METHODS", "RecipeMethod", "get_recipe_method"),
     "selection": ("kth_smallest", "smallest_mask"),
     "slerp": ("slerp_tensor",),
     "task_vector": ("apply_task_vector", "task_vector"),
