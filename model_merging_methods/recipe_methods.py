@@ -93,18 +93,29 @@ def _accumulator_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+CHUNK = 1 << 20   # elements per float32 scratch chunk (mergekit's slerp chunk; elementwise results do not depend on it)
+
+
 def linear_tensor(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
     """y = Σ w_i x_i (/ Σ w_i when normalize), accumulated in float32 in input order, cast back.
 
-    No guard against Σ w_i = 0 (as mergekit)."""
-    acc_dtype = _accumulator_dtype(tensors[0])
+    No guard against Σ w_i = 0 (as mergekit). Computed in flat chunks: float32 scratch stays small."""
+    first = tensors[0]
+    acc_dtype = _accumulator_dtype(first)
     w = torch.tensor(weights, dtype=acc_dtype)
-    result = torch.zeros_like(tensors[0], dtype=acc_dtype)
-    for tensor, coefficient in zip(tensors, w.unbind(0)):
-        result.addcmul_(tensor, coefficient)
-    if normalize:
-        result.div_(w.sum())
-    return result.to(tensors[0].dtype)
+    coefficients = w.unbind(0)
+    total = w.sum()
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty(first.numel(), dtype=first.dtype, device=first.device)
+    for start in range(0, first.numel(), CHUNK):
+        stop = start + CHUNK
+        result = torch.zeros(flats[0][start:stop].shape, dtype=acc_dtype, device=first.device)
+        for flat, coefficient in zip(flats, coefficients):
+            result.addcmul_(flat[start:stop].to(acc_dtype), coefficient)  # upcast first: same bits, 2x faster
+        if normalize:
+            result.div_(total)
+        out[start:stop] = result
+    return out.reshape(first.shape)
 
 
 def linear(call: TensorGroupCall) -> torch.Tensor:
@@ -118,24 +129,33 @@ SLERP_DOT_THRESHOLD = 0.9995
 def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's slerp of whole tensors, computed in float32: norms ≤ eps count as 1,
     d = clamp(⟨a/‖a‖, b/‖b‖⟩, −1, 1); |d| > 0.9995 → (1−t)a + tb, else
-    sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ = acos d (unnormalised a, b). t = 0 gives a."""
+    sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ = acos d (unnormalised a, b). t = 0 gives a.
+
+    Norms and the dot product are reduced over chunks of 2^20 elements exactly as mergekit does (the norm
+    of the chunks' norms; the sum of the chunks' dots), so large tensors round the same way."""
     dtype = _accumulator_dtype(a)
-    x, y = a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)
+    x_all, y_all = a.reshape(-1), b.reshape(-1)
     t_ = torch.tensor(t, dtype=dtype)
-    if x.numel() == 0:
-        return ((1 - t_) * x + t_ * y).reshape(a.shape).to(a.dtype)
-    norm_a = torch.linalg.vector_norm(x)
-    norm_b = torch.linalg.vector_norm(y)
+    if x_all.numel() == 0:
+        return ((1 - t_) * x_all.to(dtype) + t_ * y_all.to(dtype)).reshape(a.shape).to(a.dtype)
+    starts = range(0, x_all.numel(), CHUNK)
+    chunk = lambda v, s: v[s:s + CHUNK].to(dtype)  # noqa: E731
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(chunk(x_all, s)) for s in starts]))
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(chunk(y_all, s)) for s in starts]))
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((x / norm_a) * (y / norm_b)).sum().clamp(-1, 1)
+    dot = torch.stack([((chunk(x_all, s) / norm_a) * (chunk(y_all, s) / norm_b)).sum() for s in starts]).sum()
+    dot = dot.clamp(-1, 1)
     if bool(dot.abs() > SLERP_DOT_THRESHOLD):
         coef_a, coef_b = 1 - t_, t_
     else:
         theta = torch.acos(dot)
         sin_theta = torch.sin(theta)
         coef_a, coef_b = torch.sin((1 - t_) * theta) / sin_theta, torch.sin(t_ * theta) / sin_theta
-    return (coef_a * x + coef_b * y).reshape(a.shape).to(a.dtype)
+    out = torch.empty_like(x_all)
+    for s in starts:
+        out[s:s + CHUNK] = coef_a * chunk(x_all, s) + coef_b * chunk(y_all, s)
+    return out.reshape(a.shape)
 
 
 def slerp(call: TensorGroupCall) -> torch.Tensor:

@@ -30,16 +30,24 @@ class RecipeMethod:
     accumulate_fp32: bool = False     # linear/slerp: float32 accumulator, result in the input dtype
     randomized: bool = False          # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"     # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
+    elementwise: str = "never"        # each output entry depends only on the same entry of the inputs (so flat
+                                      # pieces can be merged separately): "always", "never", or "dense" (GTA: when
+                                      # no input is sparsified, i.e. every density ≥ 1)
 
     def parameter(self, name: str) -> RecipeParameter | None:
         return next((p for p in self.parameters if p.name == name), None)
+
+    def is_elementwise(self, per_input: dict[str, dict]) -> bool:
+        if self.elementwise == "dense":
+            return all(values.get("density", 1.0) >= 1 for values in per_input.values())
+        return self.elementwise == "always"
 
 
 def _gta(name: str, pretty: str, paper: str, url: str, sparsification: str | None, consensus: bool,
          normalize: bool, rescale: bool, extra: tuple = ()) -> RecipeMethod:
     return RecipeMethod(name, rm.gta(rm.GtaVariant(sparsification, consensus)), pretty, paper, url,
                         parameters=rm.gta_parameters(normalize, rescale, extra),
-                        randomized=sparsification in ("random", "della"))
+                        randomized=sparsification in ("random", "della"), elementwise="dense")
 
 
 _TA = ("Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)", "https://arxiv.org/abs/2212.04089")
@@ -52,7 +60,7 @@ _METHODS = [
     RecipeMethod("linear", rm.linear, "Linear", "Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
                  "https://arxiv.org/abs/2203.05482", base="ignored",
                  parameters=(RecipeParameter("weight", float, "input"), RecipeParameter("normalize", bool, default=True)),
-                 accumulate_fp32=True),
+                 accumulate_fp32=True, elementwise="always"),
     RecipeMethod("slerp", rm.slerp, "SLERP", "Shoemake 1985, spherical linear interpolation",
                  "https://en.wikipedia.org/wiki/Slerp", min_inputs=2, max_inputs=2,
                  parameters=(RecipeParameter("t", float),), accumulate_fp32=True,
@@ -70,9 +78,11 @@ _METHODS = [
                  parameters=(RecipeParameter("filter_wise", bool, default=False),), missing_tensor="base_or_skip"),
     RecipeMethod("nearswap", rm.nearswap, "NearSwap", "NearSwap (model card of alchemonaut/QuartetAnemoi-70B)",
                  "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", min_inputs=2, max_inputs=2,
-                 parameters=(RecipeParameter("t", float),), missing_tensor="passthrough_base_singleton"),
+                 parameters=(RecipeParameter("t", float),), missing_tensor="passthrough_base_singleton",
+                 elementwise="always"),
     RecipeMethod("passthrough", rm.passthrough, "Passthrough", "copies its single input (layer stacking)", "",
-                 base="ignored", max_inputs=1, parameters=(RecipeParameter("scale", float, "input", None),)),
+                 base="ignored", max_inputs=1, parameters=(RecipeParameter("scale", float, "input", None),),
+                 elementwise="always"),
 ]
 RECIPE_METHODS: dict[str, RecipeMethod] = {method.name: method for method in _METHODS}
 

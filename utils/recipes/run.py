@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,12 +34,13 @@ from utils.records import library_versions, write_folder_atomic
 
 from .architecture import infer_layout
 from .card import model_card
-from .planner import InputModel, Plan, output_config, plan_recipe, warn
+from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
 from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
 
 NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
               "pytorch_model.bin.index.json"}
+PIECE = 1 << 22   # elements per streamed piece of an elementwise merge (16 MiB in float32)
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json"}
@@ -156,7 +159,7 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
 
     tune_allocator()
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, job.threads))
+    torch.set_num_threads(1)   # parallelism comes from job.threads workers merging different groups
     try:
         write_folder_atomic(output, write, overwrite=overwrite)
     except FileExistsError as error:
@@ -168,15 +171,22 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
 
 def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
            staging: Path, job: RecipeJob, device: torch.device) -> list[str]:
+    """Merge every planned group and write it in plan order.
+
+    `job.threads` workers each read and merge one group (torch ops single-threaded: on a busy machine
+    intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are written
+    in order with at most `threads` groups in flight, so peak memory stays a few tensor groups."""
     method = get_recipe_method(recipe.merge_method)
     planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
     writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size)
-    groups = plan.groups
+    progress = None
     if job.progress:
         from tqdm import tqdm
-        groups = tqdm(groups, desc=f"merging ({recipe.merge_method})", unit="tensor")
-    for group in groups:
-        tensors = {ref: inputs[ref].reader.get(name) for ref, name in group.sources.items()}
+        progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
+
+    def merge(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> torch.Tensor:
+        span = piece or (None, None)
+        tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
         if group.vocab and vocabulary is not None:
             tensors = permute_rows(vocabulary, tensors, group.base, group.name)
         tensors = {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
@@ -188,8 +198,36 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             merged = run_group(passthrough if group.passthrough else method.function, call)
         except MergeError as error:
             raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
-        writer.write(group.name, merged.to(group.dtype) if merged.is_floating_point() else merged)
-        del tensors, call, merged
+        return merged.to(group.dtype) if merged.is_floating_point() else merged
+
+    def pieces(group: PlannedGroup) -> list[Optional[tuple[int, int]]]:
+        """Flat pieces for large tensors of elementwise merges (read piece by piece), else the whole tensor."""
+        numel = PlannedTensor(group.name, group.dtype, group.shape).nbytes // group.dtype.itemsize
+        whole = group.vocab and vocabulary is not None
+        if whole or numel <= PIECE or not (group.passthrough or method.is_elementwise(group.per_input)):
+            return [None]
+        return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)]
+
+    pending: deque[tuple[PlannedGroup, bool, bool, Future]] = deque()
+
+    def write_oldest() -> None:
+        group, part, last, future = pending.popleft()
+        writer.write(group.name, future.result(), part=part)
+        if progress is not None and last:
+            progress.update()
+
+    limit = 2 * max(1, job.threads)
+    with ThreadPoolExecutor(max(1, job.threads)) as pool:
+        for group in plan.groups:
+            spans = pieces(group)
+            for index, span in enumerate(spans):
+                pending.append((group, span is not None, index == len(spans) - 1, pool.submit(merge, group, span)))
+                while len(pending) >= (limit if span is not None else max(1, job.threads)):
+                    write_oldest()
+        while pending:
+            write_oldest()
+    if progress is not None:
+        progress.close()
     return writer.finish()
 
 
