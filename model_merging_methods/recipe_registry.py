@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from . import recipe_methods as rm
 from .options import MergeError
 from .recipe_methods import RecipeParameter, TensorGroupCall
@@ -19,7 +21,7 @@ from .recipe_methods import RecipeParameter, TensorGroupCall
 @dataclass(frozen=True)
 class RecipeMethod:
     name: str
-    function: Callable[[TensorGroupCall], "torch.Tensor"]  # noqa: F821
+    function: Callable[[TensorGroupCall], torch.Tensor]
     pretty_name: str
     paper: str
     url: str

@@ -19,7 +19,7 @@ from model_merging_methods.recipe_registry import RecipeMethod, get_recipe_metho
 
 from .architecture import Layout
 from .parameters import resolve
-from .schema import ModelRef, Recipe, RecipeError, SliceSource
+from .schema import Recipe, RecipeError, SliceSource
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -264,6 +264,3 @@ def output_config(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], voc
             config.pop(key)
     return config
 
-
-def parse_ref(ref: str) -> ModelRef:
-    return ModelRef.parse(ref)

@@ -259,14 +259,10 @@ class Recipe(_Strict):
 
 
 def _path_text(loc: tuple) -> str:
+    """('slices', 0, 'sources', 1, 'layer_range') → 'slices[0].sources[1].layer_range'."""
     text = ""
     for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif part in ("function-after[_same_lengths(), OutputSlice]",) or "[" in str(part) and "(" in str(part):
-            continue
-        else:
-            text += ("." if text else "") + str(part)
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + str(part)
     return text or "(top level)"
 
 
@@ -274,7 +270,8 @@ def _format_validation(error: ValidationError, source: str) -> str:
     """The first problem of a pydantic error, as 'file: key.path: message'."""
     problems = []
     for item in error.errors():
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("function-" in p or p in
+        # drop pydantic's names of union alternatives and validators from the location
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or "-" in p or p in
                                                                             ("str", "int", "bool", "float"))))
         message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if item["type"] == "extra_forbidden":
