@@ -187,10 +187,11 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     def merge(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> torch.Tensor:
         span = piece or (None, None)
         tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
-        if group.vocab and vocabulary is not None:
-            tensors = permute_rows(vocabulary, tensors, group.base, group.name)
+        # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
         tensors = {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
                    for ref, t in tensors.items()}
+        if group.vocab and vocabulary is not None:
+            tensors = permute_rows(vocabulary, tensors, group.base, group.name)
         call = TensorGroupCall(tensors, group.base, group.params, group.per_input,
                                {ref: RandomSlot(job.seed, inputs[ref].index, group.name) for ref in tensors}
                                if method.randomized else {})

@@ -153,6 +153,7 @@ def permute_rows(vocabulary: Vocabulary, tensors: dict[str, torch.Tensor], base:
     for tensor in tensors.values():
         dtype = torch.promote_types(dtype, tensor.dtype)
     shape = tuple(tensors[models[0]].shape[1:])
+    device = tensors[models[0]].device
     vocab = vocabulary.vocab
     index = torch.stack([vocabulary.permutations[m] for m in models])           # [models, vocab]
     for model, row in zip(models, index):
@@ -175,7 +176,7 @@ def permute_rows(vocabulary: Vocabulary, tensors: dict[str, torch.Tensor], base:
             elif base in have:
                 spec = TokenSpec(source=base)
             else:
-                row = torch.zeros(shape, dtype=dtype)
+                row = torch.zeros(shape, dtype=dtype, device=device)
                 for model in have:
                     row = row + tensors[model][vocabulary.permutations[model][token_id]]
                 defaults[token] = row / len(have)
@@ -183,12 +184,12 @@ def permute_rows(vocabulary: Vocabulary, tensors: dict[str, torch.Tensor], base:
         defaults[token] = _source_row(vocabulary, tensors, spec, token, token_id, shape, dtype)
     out = {}
     for model, row_index, has in zip(models, index, present):
-        new = torch.zeros((vocabulary.rows, *shape), dtype=dtype)
+        new = torch.zeros((vocabulary.rows, *shape), dtype=dtype, device=device)
         keep = has.clone()
         for token in forced:
             keep[vocab[token]] = False
         ids = keep.nonzero().squeeze(1)
-        new[ids] = tensors[model].to(dtype)[row_index[ids]]
+        new[ids.to(device)] = tensors[model].to(dtype)[row_index[ids].to(device)]
         for token, row in defaults.items():
             token_id = vocab[token]
             if not bool(keep[token_id]):
@@ -203,7 +204,7 @@ def _source_row(vocabulary: Vocabulary, tensors: dict[str, torch.Tensor], spec: 
                 shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     source = spec.source
     if isinstance(source, ZeroSource):
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=next(iter(tensors.values())).device)
     model = source.model if isinstance(source, ModelTokenSource) else source
     if model not in tensors:
         raise RecipeError(f"tokenizer.tokens[{token!r}]: source model {model!r} does not supply this tensor")
