@@ -175,6 +175,9 @@ def test_two_stage_recipe_uses_and_reuses_the_intermediate(cwd, capsys):
     assert run(args + ["--overwrite"])[0] == 0
     assert "reusing" in capsys.readouterr().out
     assert (cwd / "inter" / "chat-slerp" / "model.safetensors").stat().st_mtime_ns == before
+    changed = write(cwd / "changed.yml", (RECIPES / "two-stage.yml").read_text().replace("t: 0.5", "t: 0.25"))
+    code, err = run(["--config", changed, "--output_dir", "final2", "--intermediate_dir", "inter"], capsys)
+    assert code == 2 and "holds another recipe" in err and not (cwd / "final2").exists()
 
 
 def test_tied_gpt2_stacking_finds_its_layers_without_a_list(cwd):

@@ -5,7 +5,7 @@ Reading (utils/engine/reader.py: positioned reads, no memory map), writing (util
 headers computed up front, each tensor written as soon as it is merged) and publishing
 (utils/records.write_folder_atomic: a staging folder renamed into place) are the engine's.
 Multi-document recipes run in dependency order; a document's output goes to `intermediate_dir/<name>`
-(reused when a finished one is there) and the last document's to `output_dir`.
+(reused when it was made from the same document text) and the last document's to `output_dir`.
 """
 from __future__ import annotations
 
@@ -80,15 +80,32 @@ def run_recipe_job(job: RecipeJob) -> list[dict]:
     manifests = []
     for recipe in ordered:
         target = outputs.get(recipe.name, Path(job.output_dir))
-        if recipe.name in outputs and (target / "merge_manifest.json").exists():
-            print(f"reusing {target} for {recipe.name!r} (found a finished merge there)")
+        if recipe.name in outputs and _reusable(target, text_of[id(recipe)], job.overwrite):
+            print(f"reusing {target} for {recipe.name!r} (a finished merge of the same document)")
             folders[recipe.name] = target
             continue
         manifests.append(run_recipe(recipe, text_of[id(recipe)], target, folders, job, device,
-                                    overwrite=job.overwrite or recipe.name in outputs))
+                                    overwrite=job.overwrite))
         if recipe.name:
             folders[recipe.name] = target
     return manifests
+
+
+def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
+    """An intermediate output is reused when its manifest records the same document text; a folder there
+    that this tool did not make from that text is only replaced with --overwrite."""
+    if not folder.exists():
+        return False
+    try:
+        recorded = json.loads((folder / "merge_manifest.json").read_text())["recipe"]["text"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded == text:
+        return True
+    if not overwrite:
+        why = "another recipe" if recorded is not None else "something else (no recipe manifest)"
+        raise RecipeError(f"intermediate folder {folder} holds {why}; pass --overwrite to rebuild it")
+    return False
 
 
 def _resolve_references(recipes: list[Recipe], outputs: dict[str, Path], job: RecipeJob) -> dict[str, Path]:
