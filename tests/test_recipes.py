@@ -97,6 +97,11 @@ def test_slerp_gradients_per_module_and_t0_outside_the_layers(cwd):
 
 def test_ties_example_matches_the_formula(cwd):
     assert run(["--config", str(RECIPES / "ties.yml"), "--output_dir", "out"])[0] == 0
+    card = (cwd / "out" / "README.md").read_text()
+    assert "**TIES** (`ties`, mergekit semantics)" in card and "arXiv 2306.01708" in card
+    assert "- models/base (base)" in card and "- models/code" in card and (RECIPES / "ties.yml").read_text() in card
+    assert 'AutoModelForCausalLM.from_pretrained("out")' in card
+    assert (cwd / "out" / "mergekit_config.yml").read_text() == (RECIPES / "ties.yml").read_text()
     out, base, chat, code = weights("out"), weights("models/base"), weights("models/chat"), weights("models/code")
     name = "model.layers.1.mlp.down_proj.weight"
     b, x, y = (m[name].bfloat16() for m in (base, chat, code))
