@@ -303,3 +303,21 @@ def test_example_recipes_parse_with_the_schema():
         recipes, texts = load_recipe_file(path)
         assert len(recipes) == len(texts) == len(list(yaml.safe_load_all(path.read_text())))
         assert all(recipe.merge_method in texts[i] for i, recipe in enumerate(recipes))
+
+
+def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, monkeypatch):
+    import utils.recipes.run as recipe_run
+
+    for recipe in ("tokenizer-union.yml", "passthrough-depth-up.yml"):
+        assert run(["--config", str(RECIPES / recipe), "--output_dir", f"whole-{recipe}"])[0] == 0
+    recipe = write(cwd / "ta.yml", "models:\n  - model: models/base\n  - model: models/chat\n    parameters: {weight: 0.6}\n"
+                   "  - model: models/code\n    parameters: {weight: 0.5}\nmerge_method: task_arithmetic\n"
+                   "base_model: models/base\ndtype: bfloat16\n")
+    assert run(["--config", recipe, "--output_dir", "whole-ta"])[0] == 0
+    monkeypatch.setattr(recipe_run, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
+    for name in ("tokenizer-union.yml", "passthrough-depth-up.yml", "ta.yml"):
+        source = str(RECIPES / name) if name != "ta.yml" else recipe
+        assert run(["--config", source, "--output_dir", f"pieces-{name}"])[0] == 0
+        whole = weights(f"whole-{name}" if name != "ta.yml" else "whole-ta")
+        pieces = weights(f"pieces-{name}")
+        assert whole.keys() == pieces.keys() and all(torch.equal(whole[n], pieces[n]) for n in whole)
