@@ -4,6 +4,7 @@ Example:
     python merge_models.py --base_model base/ --models ft_a/ ft_b/ --method task_arithmetic \
         --drop_rate 0.9 --scaling_coefficient 1.0 --output_dir merged/
     python merge_models.py --from_manifest merged/merge_manifest.json --output_dir again/
+    python merge_models.py --config configs/recipes/ties.yml --output_dir merged/   # a mergekit-style recipe
 
 Exit status: 0 written; 2 bad input (a one-line message names the file, tensor or value; nothing is
 written); 130 / 143 interrupted by Ctrl-C / SIGTERM (the staging folder is removed).
@@ -23,6 +24,11 @@ from utils.engine.choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
 STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]
 MANIFEST_FLAGS = {"from_manifest", "output_dir", "overwrite", "threads", "no_progress"}
+# flags that describe a merge; a recipe (--config) describes it instead, so they cannot be combined with it
+METHOD_FLAGS = ("--base_model", "--models", "--method", "--from_manifest", "--weights", "--scaling_coefficient",
+                "--drop_rate", "--weight_mask_rate", "--no_rescale", "--rescale_mode", "--mask_strategy",
+                "--weight_format", "--density", "--ties_normalize", "--slerp_t", "--dtype",
+                "--exclude_param_names_regex", "--vocab_alignment", "--files_from", "--allow_noop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=STREAMING_METHODS, help="registry name of the merge (required)")
     parser.add_argument("--output_dir", required=True,
                         help="folder to create (written atomically); must not be, contain or lie inside an input")
+    parser.add_argument("--config", default=None, metavar="RECIPE",
+                        help="a mergekit-compatible YAML recipe instead of the method flags (README 'Recipes')")
+    parser.add_argument("--intermediate_dir", default=None,
+                        help="multi-document recipes: where earlier documents' outputs go (reused when made from "
+                             "the same document)")
     parser.add_argument("--from_manifest", default=None, metavar="MANIFEST",
                         help="re-run the merge a merge_manifest.json records (same weights, bit for bit); "
                              "refused if an input's sha256 changed. Takes only --output_dir, --overwrite, "
@@ -79,8 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What argparse cannot say alone: --models/--method unless --from_manifest, which takes nothing else."""
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """What argparse cannot say alone: a recipe takes no method flags; --models/--method unless
+    --from_manifest, which takes nothing else."""
+    if args.config is not None:
+        given = [a.split("=")[0] for a in argv if a.split("=")[0] in METHOD_FLAGS]
+        if given:
+            parser.error(f"--config takes the merge from the recipe; remove {', '.join(dict.fromkeys(given))}")
+        return
+    if args.intermediate_dir is not None:
+        parser.error("--intermediate_dir is for multi-document recipes (--config)")
     if args.from_manifest is None:
         missing = [flag for flag, value in (("--models", args.models), ("--method", args.method)) if not value]
         if missing:
@@ -114,7 +133,7 @@ def job_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_arguments(parser, args)
+    check_arguments(parser, args, sys.argv[1:] if argv is None else argv)
     try:
         with sigterm_as_interrupt():
             return _merge(args)
@@ -122,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge_models.py: interrupted ({error or 'Ctrl-C'}); nothing was written to {args.output_dir}",
               file=sys.stderr)
         return interrupted_status(error)
+
+
+def recipe_job_from_args(args: argparse.Namespace):
+    from utils.recipes.run import RecipeJob  # imported only for recipes: flag runs skip pydantic and YAML
+
+    return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
+                     seed=args.seed, device=args.device, threads=args.threads,
+                     max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
+                     allow_pickle=args.allow_pickle, progress=not args.no_progress)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -132,10 +160,15 @@ def _merge(args: argparse.Namespace) -> int:
 
     with warnings_to_stderr("merge_models.py", "mergelm.engine"):
         try:
-            job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
-                                          progress=not args.no_progress, threads=args.threads)
-                   if args.from_manifest else job_from_args(args))
-            manifest = run_stream_merge(job)
+            if args.config:
+                from utils.recipes.run import run_recipe_job
+
+                manifest = run_recipe_job(recipe_job_from_args(args))[-1]   # the last document's: the output
+            else:
+                job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
+                                              progress=not args.no_progress, threads=args.threads)
+                       if args.from_manifest else job_from_args(args))
+                manifest = run_stream_merge(job)
         except (MergeError, CheckpointError) as error:
             print(f"merge_models.py: error: {error}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ _EXPORTS = {
     "options": ("DareOptions", "MergeError", "MergeOptions", "ResolvedDare", "StateDict"),
     "randomness": ("SEGMENT", "RandomSlot", "derive_seed"),
     "registry": ("REGISTRY", "MergeMethod", "available_methods", "get_method"),
+    "recipe_registry": ("RECIPE_METHODS", "RecipeMethod", "get_recipe_method"),
     "selection": ("RadixSelect", "count_at_least", "count_below", "high_counts", "kth_largest", "kth_smallest",
                   "kth_smallest_pieces", "low_counts", "smallest_mask"),
     "slerp": ("slerp_tensor",),

@@ -2,6 +2,10 @@
 
 Functions are named as ``"module:function"`` inside this package and imported on first call, so that
 listing methods and checking a job's options needs no torch (entry scripts answer --help at once).
+
+This registry serves merge_models.py --method and the library (the paper's methods; `linear`/`ties` are
+aliases of the paper's average_merging/ties_merging). A recipe's `merge_method:` is looked up in the recipe
+namespace instead, `recipe_registry.get_recipe_method`: mergekit's names with mergekit's semantics.
 """
 from __future__ import annotations
 

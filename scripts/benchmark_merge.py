@@ -44,6 +44,35 @@ METHODS = {
 }
 
 
+# recipe label → YAML for (models, layers of the fixture): run with merge_models.py --config and with mergekit
+def _recipe_linear(models, layers):
+    return "merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: 1.0}}\n" for m in models)
+
+
+def _recipe_ties(models, layers):
+    return f"merge_method: ties\nbase_model: {models[0]}\ndtype: bfloat16\nmodels:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for m in models[1:])
+
+
+def _recipe_slerp(models, layers):
+    return (f"merge_method: slerp\nbase_model: {models[0]}\ndtype: bfloat16\nslices:\n  - sources:\n"
+            f"      - {{model: {models[0]}, layer_range: [0, {layers}]}}\n"
+            f"      - {{model: {models[1]}, layer_range: [0, {layers}]}}\n"
+            "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
+            "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\n")
+
+
+def _recipe_passthrough(models, layers):
+    return (f"merge_method: passthrough\ndtype: bfloat16\nslices:\n"
+            f"  - sources: [{{model: {models[0]}, layer_range: [0, {layers}]}}]\n"
+            f"  - sources: [{{model: {models[1]}, layer_range: [0, {max(1, layers // 2)}]}}]\n")
+
+
+RECIPES = {"linear": _recipe_linear, "ties": _recipe_ties, "slerp-gradients": _recipe_slerp,
+           "passthrough-1.5x": _recipe_passthrough}
+
+
 def layer_count(params_billion: float) -> int:
     per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
     embeddings = 2 * VOCAB * HIDDEN + HIDDEN
@@ -160,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (median reported)")
     parser.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable (another venv)")
     parser.add_argument("--json_out", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--recipes", nargs="*", default=[], choices=list(RECIPES),
+                        help="also time these recipes (merge_models.py --config, and mergekit on the same file)")
+    parser.add_argument("--skip_floor", action="store_true", help="do not time the torch floor")
     parser.add_argument("--floor_only", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -190,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:16s} {tool:20s} {wall:8.2f} s {rss:6.2f} GiB", flush=True)
 
     floor = lambda out: [sys.executable, __file__, "--floor_only", *map(str, models), str(out)]  # noqa: E731
-    measure("linear", "torch floor", floor)
-    measure("linear", "torch floor 1 thread", floor, {"OMP_NUM_THREADS": "1"})
+    if not args.skip_floor:
+        measure("linear", "torch floor", floor)
+        measure("linear", "torch floor 1 thread", floor, {"OMP_NUM_THREADS": "1"})
     for label in args.methods:
         method = METHODS[label]
         inputs = (["--base_model", str(models[0]), "--models", *map(str, models[1:])] if method.on_base
@@ -203,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
             mergekit_config(method, models, config)
             measure(label, "mergekit", lambda out, config=config: [
                 args.mergekit, str(config), str(out), "--random-seed", "0", "--no-write-model-card",
+                "--no-copy-tokenizer"])
+    for label in args.recipes:
+        recipe = work / f"recipe-{label}.yml"
+        recipe.write_text(RECIPES[label](models, layer_count(args.params)))
+        measure(f"recipe {label}", "merge_models --config", lambda out, recipe=recipe: [
+            sys.executable, str(ROOT / "merge_models.py"), "--config", str(recipe), "--output_dir", str(out),
+            "--no_progress"])
+        if args.mergekit:
+            measure(f"recipe {label}", "mergekit", lambda out, recipe=recipe: [
+                args.mergekit, str(recipe), str(out), "--random-seed", "0", "--no-write-model-card",
                 "--no-copy-tokenizer"])
     print("\n| method | tool | wall (s) | peak RSS (GiB) |\n|---|---|---|---|")
     for row in rows:

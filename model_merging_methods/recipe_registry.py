@@ -1,0 +1,97 @@
+"""The recipe namespace of the registry: mergekit's method names with mergekit's semantics.
+
+`get_method` (registry.py) keeps serving merge_models.py's --method names (the paper's methods and their
+aliases: `ties` → the paper's ties_merging). A recipe's `merge_method` is looked up here instead, so
+`merge_method: ties` means mergekit's TIES. Each entry carries the capabilities callers branch on:
+the base-model policy, the input counts, the parameters (scope, default, required), the compute dtype
+rule, whether masks are random, and what happens when an optional tensor is missing from some inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import recipe_methods as rm
+from .options import MergeError
+from .recipe_methods import RecipeParameter, TensorGroupCall
+
+
+@dataclass(frozen=True)
+class RecipeMethod:
+    name: str
+    function: Callable[[TensorGroupCall], torch.Tensor]
+    pretty_name: str
+    paper: str
+    url: str
+    base: str = "required"            # "required" | "ignored" (a given base is one more input)
+    min_inputs: int = 1               # counting the base
+    max_inputs: int | None = None
+    parameters: tuple[RecipeParameter, ...] = ()
+    accumulate_fp32: bool = False     # linear/slerp: float32 accumulator, result in the input dtype
+    randomized: bool = False          # masks drawn per tensor from (seed, input, tensor name)
+    missing_tensor: str = "error"     # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
+    elementwise: str = "never"        # each output entry depends only on the same entry of the inputs (so flat
+                                      # pieces can be merged separately): "always", "never", or "dense" (GTA: when
+                                      # no input is sparsified, i.e. every density ≥ 1)
+
+    def parameter(self, name: str) -> RecipeParameter | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+    def is_elementwise(self, per_input: dict[str, dict]) -> bool:
+        if self.elementwise == "dense":
+            return all(values.get("density", 1.0) >= 1 for values in per_input.values())
+        return self.elementwise == "always"
+
+
+def _gta(name: str, pretty: str, paper: str, url: str, sparsification: str | None, consensus: bool,
+         normalize: bool, rescale: bool, extra: tuple = ()) -> RecipeMethod:
+    return RecipeMethod(name, rm.gta(rm.GtaVariant(sparsification, consensus)), pretty, paper, url,
+                        parameters=rm.gta_parameters(normalize, rescale, extra),
+                        randomized=sparsification in ("random", "della"), elementwise="dense")
+
+
+_TA = ("Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)", "https://arxiv.org/abs/2212.04089")
+_TIES = ("Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)", "https://arxiv.org/abs/2306.01708")
+_DARE = ("Yu et al. 2024, Language Models are Super Mario / DARE (arXiv 2311.03099)", "https://arxiv.org/abs/2311.03099")
+_CRUMBS = ("Davari & Belilovsky 2023, Model Breadcrumbs (arXiv 2312.06795)", "https://arxiv.org/abs/2312.06795")
+_DELLA = ("Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)", "https://arxiv.org/abs/2406.11617")
+
+_METHODS = [
+    RecipeMethod("linear", rm.linear, "Linear", "Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
+                 "https://arxiv.org/abs/2203.05482", base="ignored",
+                 parameters=(RecipeParameter("weight", float, "input"), RecipeParameter("normalize", bool, default=True)),
+                 accumulate_fp32=True, elementwise="always"),
+    RecipeMethod("slerp", rm.slerp, "SLERP", "Shoemake 1985, spherical linear interpolation",
+                 "https://en.wikipedia.org/wiki/Slerp", min_inputs=2, max_inputs=2,
+                 parameters=(RecipeParameter("t", float),), accumulate_fp32=True,
+                 missing_tensor="passthrough_singleton"),
+    _gta("task_arithmetic", "Task Arithmetic", *_TA, None, False, False, False),
+    _gta("ties", "TIES", *_TIES, "magnitude", True, True, False),
+    _gta("dare_ties", "DARE TIES", *_DARE, "random", True, False, True),
+    _gta("dare_linear", "Linear DARE", *_DARE, "random", False, False, True),
+    _gta("breadcrumbs", "Model Breadcrumbs", *_CRUMBS, "outliers", False, False, False, rm.GAMMA),
+    _gta("breadcrumbs_ties", "Model Breadcrumbs with TIES", *_CRUMBS, "outliers", True, False, False, rm.GAMMA),
+    _gta("della", "DELLA", *_DELLA, "della", True, True, True, rm.EPSILON),
+    _gta("della_linear", "Linear DELLA", *_DELLA, "della", False, False, True, rm.EPSILON),
+    RecipeMethod("model_stock", rm.model_stock, "Model Stock", "Jang et al. 2024, Model Stock (arXiv 2403.19522)",
+                 "https://arxiv.org/abs/2403.19522", min_inputs=3,
+                 parameters=(RecipeParameter("filter_wise", bool, default=False),), missing_tensor="base_or_skip"),
+    RecipeMethod("nearswap", rm.nearswap, "NearSwap", "NearSwap (model card of alchemonaut/QuartetAnemoi-70B)",
+                 "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", min_inputs=2, max_inputs=2,
+                 parameters=(RecipeParameter("t", float),), missing_tensor="passthrough_base_singleton",
+                 elementwise="always"),
+    RecipeMethod("passthrough", rm.passthrough, "Passthrough", "copies its single input (layer stacking)", "",
+                 base="ignored", max_inputs=1, parameters=(RecipeParameter("scale", float, "input", None),),
+                 elementwise="always"),
+]
+RECIPE_METHODS: dict[str, RecipeMethod] = {method.name: method for method in _METHODS}
+
+
+def get_recipe_method(name: str) -> RecipeMethod:
+    """A recipe's merge_method (mergekit's name and semantics); an unknown name lists the valid ones."""
+    method = RECIPE_METHODS.get(name)
+    if method is None:
+        raise MergeError(f"unknown merge_method {name!r}; valid: {', '.join(sorted(RECIPE_METHODS))}")
+    return method

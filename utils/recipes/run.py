@@ -1,0 +1,332 @@
+"""Run a recipe file through the streaming engine: plan everything first, then read, merge and write one
+output tensor at a time (peak memory: one tensor group — each input's tensor, temporaries, the result).
+
+Reading (utils/engine/reader.py: positioned reads, no memory map), writing (utils/engine/writer.py: shard
+headers computed up front, each tensor written as soon as it is merged) and publishing
+(utils/records.write_folder_atomic: a staging folder renamed into place) are the engine's.
+Multi-document recipes run in dependency order; a document's output goes to `intermediate_dir/<name>`
+(reused when it was made from the same document text) and the last document's to `output_dir`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from model_merging_methods import MergeError
+from model_merging_methods.randomness import RandomSlot
+from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
+from model_merging_methods.recipe_registry import get_recipe_method
+from utils.cli import resolve_device
+from utils.engine.allocator import tune_allocator
+from utils.engine.reader import WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, resolve_checkpoint
+from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
+from utils.records import library_versions, write_folder_atomic
+
+from .architecture import infer_layout
+from .card import model_card
+from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
+from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
+from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
+
+NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
+              "pytorch_model.bin.index.json"}
+PIECE = 1 << 20   # elements per streamed piece of an elementwise merge (4 MiB in float32: stays in cache, as the flag engine)
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json"}
+
+
+@dataclass
+class RecipeJob:
+    config: str
+    output_dir: str
+    intermediate_dir: Optional[str] = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    max_shard_size: int = 5 * 2**30
+    overwrite: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
+
+
+def run_recipe_job(job: RecipeJob) -> list[dict]:
+    """Validate the whole file (schema, names, references) before any tensor is read, then run each
+    document; returns the manifests of the documents run (reused intermediates are skipped)."""
+    recipes, texts = load_recipe_file(job.config)
+    text_of = {id(r): t for r, t in zip(recipes, texts)}
+    try:
+        device = resolve_device(job.device)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    ordered = run_order(recipes) if len(recipes) > 1 else recipes
+    if len(recipes) > 1 and not job.intermediate_dir:
+        raise RecipeError(f"{job.config}: a multi-document recipe needs --intermediate_dir (where the outputs of "
+                          f"{', '.join(r.name for r in ordered[:-1])} go)")
+    outputs = {r.name: Path(job.intermediate_dir) / r.name for r in ordered[:-1]} if len(recipes) > 1 else {}
+    if Path(job.output_dir).exists() and not job.overwrite:
+        raise RecipeError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
+    folders = _resolve_references(recipes, outputs, job)
+    manifests = []
+    for recipe in ordered:
+        target = outputs.get(recipe.name, Path(job.output_dir))
+        if recipe.name in outputs and _reusable(target, text_of[id(recipe)], job.overwrite):
+            print(f"reusing {target} for {recipe.name!r} (a finished merge of the same document)")
+            folders[recipe.name] = target
+            continue
+        manifests.append(run_recipe(recipe, text_of[id(recipe)], target, folders, job, device,
+                                    overwrite=job.overwrite))
+        if recipe.name:
+            folders[recipe.name] = target
+    return manifests
+
+
+def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
+    """An intermediate output is reused when its manifest records the same document text; a folder there
+    that this tool did not make from that text is only replaced with --overwrite."""
+    if not folder.exists():
+        return False
+    try:
+        recorded = json.loads((folder / "merge_manifest.json").read_text())["recipe"]["text"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded == text:
+        return True
+    if not overwrite:
+        why = "another recipe" if recorded is not None else "something else (no recipe manifest)"
+        raise RecipeError(f"intermediate folder {folder} holds {why}; pass --overwrite to rebuild it")
+    return False
+
+
+def _resolve_references(recipes: list[Recipe], outputs: dict[str, Path], job: RecipeJob) -> dict[str, Path]:
+    """Local folder or hub snapshot of every reference that is not an earlier document's name."""
+    folders: dict[str, Path] = {}
+    for recipe in recipes:
+        for ref in recipe.referenced_models():
+            parsed = ModelRef.parse(ref)
+            if parsed.path in outputs or ref in folders:
+                continue
+            folders[ref] = resolve_reference(parsed, job.allow_pickle)
+    return folders
+
+
+def resolve_reference(ref: ModelRef, allow_pickle: bool) -> Path:
+    if ref.revision is None or Path(ref.path).expanduser().is_dir():
+        try:
+            return resolve_checkpoint(ref.path, allow_pickle)
+        except CheckpointError as error:
+            message = " ".join(str(error).split()).removeprefix(f"{ref.path}: ")
+            raise RecipeError(f"model {ref}: {message}") from None
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(ref.path, revision=ref.revision, allow_patterns=patterns))
+    except Exception as error:  # network, auth, unknown repo or revision: reported the same way
+        raise RecipeError(f"model {ref}: not a local folder, and fetching it from the Hugging Face hub failed "
+                          f"({type(error).__name__}: {' '.join(str(error).split())})") from None
+
+
+def _open(recipe: Recipe, folders: dict[str, Path], allow_pickle: bool) -> dict[str, InputModel]:
+    inputs = {}
+    for index, ref in enumerate(recipe.referenced_models()):
+        folder = folders[ref] if ref in folders else folders[ModelRef.parse(ref).path]  # a document's name
+        try:
+            reader = CheckpointReader(folder, allow_pickle)
+        except CheckpointError as error:
+            raise RecipeError(f"model {ref}: {error}") from None
+        inputs[ref] = InputModel(ref, Path(folder), reader, infer_layout(folder, reader.names(), f"model {ref}"), index)
+    return inputs
+
+
+def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path], job: RecipeJob,
+               device: torch.device, overwrite: bool) -> dict:
+    """Plan one document (every check), then stream its merge into `output`; returns its manifest."""
+    started = time.time()
+    inputs = _open(recipe, folders, job.allow_pickle)
+    configs = {ref: model.layout.config for ref, model in inputs.items()}
+    vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in inputs.items()}, configs)
+    plan = plan_recipe(recipe, inputs, vocabulary.rows if vocabulary else None)
+    warn(plan.warnings)
+    template = _chat_template(recipe, vocabulary, inputs, plan)
+    config = output_config(recipe, plan, inputs, vocabulary.rows if vocabulary else None)
+    manifest: dict = {}
+
+    def write(staging: Path) -> None:
+        files = _merge(recipe, plan, inputs, vocabulary, staging, job, device)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_tokenizer(recipe, vocabulary, template, inputs[plan.donor].folder, staging)
+        _copy_other_files(inputs[plan.donor].folder, staging)
+        version = code_version()
+        (staging / "README.md").write_text(model_card(recipe, text, output.name, version,
+                                                       {r: _revision(m.folder) for r, m in inputs.items()}))
+        (staging / "mergekit_config.yml").write_text(text)
+        manifest.update(_manifest(recipe, text, plan, inputs, vocabulary, files, job, version, time.time() - started))
+        (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    tune_allocator()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)   # parallelism comes from job.threads workers merging different groups
+    try:
+        write_folder_atomic(output, write, overwrite=overwrite)
+    except FileExistsError as error:
+        raise RecipeError(str(error)) from None
+    finally:
+        torch.set_num_threads(previous)
+    return manifest
+
+
+def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
+           staging: Path, job: RecipeJob, device: torch.device) -> list[str]:
+    """Merge every planned group and write it in plan order.
+
+    `job.threads` workers each read and merge one group (torch ops single-threaded: on a busy machine
+    intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are written
+    in order with at most `threads` groups in flight, so peak memory stays a few tensor groups."""
+    method = get_recipe_method(recipe.merge_method)
+    planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
+    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size)
+    progress = None
+    if job.progress:
+        from tqdm import tqdm
+        progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
+
+    def merge(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> torch.Tensor:
+        span = piece or (None, None)
+        tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
+        # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
+        tensors = {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
+                   for ref, t in tensors.items()}
+        if group.vocab and vocabulary is not None:
+            tensors = permute_rows(vocabulary, tensors, group.base, group.name)
+        call = TensorGroupCall(tensors, group.base, group.params, group.per_input,
+                               {ref: RandomSlot(job.seed, inputs[ref].index, group.name) for ref in tensors}
+                               if method.randomized else {})
+        try:
+            merged = run_group(passthrough if group.passthrough else method.function, call)
+        except MergeError as error:
+            raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
+        return merged.to(group.dtype) if merged.is_floating_point() else merged
+
+    def pieces(group: PlannedGroup) -> list[Optional[tuple[int, int]]]:
+        """Flat pieces for large tensors of elementwise merges (read piece by piece), else the whole tensor."""
+        numel = PlannedTensor(group.name, group.dtype, group.shape).nbytes // group.dtype.itemsize
+        whole = group.vocab and vocabulary is not None
+        if whole or numel <= PIECE or not (group.passthrough or method.is_elementwise(group.per_input)):
+            return [None]
+        return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)]
+
+    pending: deque[tuple[PlannedGroup, bool, bool, Future]] = deque()
+
+    def write_oldest() -> None:
+        group, part, last, future = pending.popleft()
+        writer.write(group.name, future.result(), part=part)
+        if progress is not None and last:
+            progress.update()
+
+    limit = 2 * max(1, job.threads)
+    with ThreadPoolExecutor(max(1, job.threads)) as pool:
+        for group in plan.groups:
+            spans = pieces(group)
+            for index, span in enumerate(spans):
+                pending.append((group, span is not None, index == len(spans) - 1, pool.submit(merge, group, span)))
+                while len(pending) >= (limit if span is not None else max(1, job.threads)):
+                    write_oldest()
+        while pending:
+            write_oldest()
+    if progress is not None:
+        progress.close()
+    return writer.finish()
+
+
+def _chat_template(recipe: Recipe, vocabulary: Optional[Vocabulary], inputs: dict[str, InputModel],
+                   plan: Plan) -> Optional[str]:
+    if recipe.chat_template is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizers = []
+    for model in inputs.values():
+        try:
+            tokenizers.append(AutoTokenizer.from_pretrained(str(model.folder)))
+        except Exception:  # inputs without a loadable tokenizer do not vote for `auto`
+            continue
+    return chat_template_text(recipe, tokenizers)
+
+
+def _write_tokenizer(recipe: Recipe, vocabulary: Optional[Vocabulary], template: Optional[str], donor: Path,
+                     staging: Path) -> None:
+    """The built tokenizer; else the donor's re-saved with the requested chat template; else the donor's files."""
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else None
+    if tokenizer is None and recipe.chat_template is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(donor))
+        except Exception as error:
+            raise RecipeError(f"chat_template: cannot load the tokenizer of {donor} ({error})") from None
+    if tokenizer is None:
+        for path in donor.iterdir():
+            if path.is_file() and path.name in TOKENIZER_FILES:
+                shutil.copyfile(path, staging / path.name)
+        return
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(staging))
+
+
+def _copy_other_files(donor: Path, staging: Path) -> None:
+    """generation_config.json and other small files of the donor that the output lacks (no weights)."""
+    for path in donor.iterdir():
+        if (path.is_file() and path.name not in NOT_COPIED and path.name not in TOKENIZER_FILES
+                and not path.name.endswith(WEIGHT_SUFFIXES) and not (staging / path.name).exists()):
+            shutil.copyfile(path, staging / path.name)
+
+
+def _revision(folder: Path) -> Optional[str]:
+    """The hub snapshot's commit when the folder is one (…/snapshots/<sha>), else None."""
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
+def code_version() -> str:
+    """This checkout's git commit (the library's version), or 'unknown' outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        return f"git {result.stdout.strip()}" if result.returncode == 0 and result.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _manifest(recipe: Recipe, text: str, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
+              files: list[str], job: RecipeJob, version: str, seconds: float) -> dict:
+    method = get_recipe_method(recipe.merge_method)
+    return {
+        "tool": "merge_models --config (recipe, streaming engine)",
+        "created_unix": time.time(),
+        "recipe": {"text": text, "resolved": recipe.model_dump(exclude_none=True)},
+        "method": {"name": method.name, "semantics": "mergekit 0.1.5", "paper": method.paper,
+                   "randomized": method.randomized},
+        "arguments": asdict(job),
+        "seed": job.seed,
+        "code_version": version,
+        "versions": library_versions(),
+        "inputs": [{"reference": ref, "path": str(m.folder), "layers": m.layout.num_layers,
+                    "revision": _revision(m.folder), "files": m.reader.describe_files()} for ref, m in inputs.items()],
+        "output": {"files": files, "num_tensors": len(plan.groups), "num_layers": plan.num_layers,
+                   "config_from": plan.donor, "vocab_rows": vocabulary.rows if vocabulary else None,
+                   "total_bytes": sum(PlannedTensor(g.name, g.dtype, g.shape).nbytes for g in plan.groups)},
+        "warnings": plan.warnings,
+        "wall_seconds": round(seconds, 3),
+    }
