@@ -370,14 +370,17 @@ _NOT_SECRET = frozenset(("PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TERM", "USER
                          "LANG", "LANGUAGE", "SHLVL", "_", "TMPDIR", "VIRTUAL_ENV"))
 
 
-def scrub(text: str, limit: int) -> str:
-    """The last ``limit`` characters of ``text`` with every value (8+ characters) of the parent's
-    environment variables replaced by ``[redacted]``, except paths that exist and ``_NOT_SECRET``."""
+def scrub(text: str, limit: int, *, keep_start: bool = False) -> str:
+    """``text`` with every value (8+ characters) of the parent's environment variables replaced by
+    ``[redacted]`` (except paths that exist and ``_NOT_SECRET``), then cut to ``limit`` characters: the
+    last ones, or with ``keep_start`` the first ones (an error line starts with the exception's type)."""
     for name, value in os.environ.items():
         if len(value) >= 8 and name not in _NOT_SECRET and not name.startswith("LC_") and value in text \
                 and not os.path.exists(value):
             text = text.replace(value, "[redacted]")
-    return text[-limit:]
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + "..." if keep_start else text[-limit:]
 
 
 def _minimal_environment(folder: str) -> dict[str, str]:
@@ -437,9 +440,11 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
         status_r, status_w = os.pipe()
         secret_r, secret_w = os.pipe()
         report_r, report_w = os.pipe()
-        pipes.extend((status_r, status_w, secret_r, secret_w, report_r, report_w))
-        os.write(secret_w, secret)
-        os.close(secret_w)
+        pipes.extend((status_r, status_w, secret_r, report_r, report_w))
+        try:
+            os.write(secret_w, secret)
+        finally:
+            os.close(secret_w)  # closed once only: its number may belong to another thread's pipe next
         runner = [interpreter, "-I", "-B", "-c", _RUNNER, str(status_w), str(secret_r), str(limits.memory_mb * 2**20),
                   repr(float(limits.timeout)), str(limits.file_size_mb * 2**20), str(limits.open_files)]
         stdout_path, stderr_path = os.path.join(folder, ".stdout"), os.path.join(folder, ".stderr")
@@ -494,7 +499,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
             status = "failed"
             error = _last_line(err) or f"exit status {returncode}"
         return ExecutionResult(passed=status == "passed", status=status, returncode=returncode,
-                               error=scrub(error, ERROR_LIMIT), stdout=scrub(out, OUTPUT_LIMIT),
+                               error=scrub(error, ERROR_LIMIT, keep_start=True), stdout=scrub(out, OUTPUT_LIMIT),
                                stderr=scrub(err, OUTPUT_LIMIT), seconds=round(seconds, 3), stray_processes=stray)
     finally:
         for fd in pipes:
