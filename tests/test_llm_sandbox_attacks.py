@@ -120,7 +120,7 @@ INTROSPECTION = [
     ("import gc\ngc.get_referrers(1)\n", "'gc.get_referrers' is not allowed"),
     ("import sys\nsys.settrace(lambda *a: None)\n", "'sys.settrace' is not allowed"),
     ("import sys\nsys.setprofile(lambda *a: None)\n", "'sys.setprofile' is not allowed"),
-    ("import signal\nsignal.signal(signal.SIGALRM, lambda s, f: None)\n", "'signal.signal' is not allowed"),
+    ("import signal\nsignal.signal(signal.SIGALRM, lambda s, f: None)\n", "signal.signal' is not allowed"),
     ("import _signal\n_signal.signal(14, lambda s, f: None)\n", "'_signal.signal' is not allowed"),
     ("(lambda: 0).__code__.replace(co_consts=(1,))\n", "'code.__new__' is not allowed"),
     ("import sys\nsys.modules['__main__']._main()\n", "has no attribute '_main'"),
@@ -163,7 +163,10 @@ SPAWNERS = {
     "pty by file": ("import importlib.util, sysconfig\nspec = importlib.util.spec_from_file_location('p', "
                     "sysconfig.get_paths()['stdlib'] + '/pty.py')\nm = importlib.util.module_from_spec(spec)\n"
                     "spec.loader.exec_module(m)\nm.fork()\n"),
-    "fork_exec import": "import _posixsubprocess\n",
+    "fork_exec import": "import _posixsubprocess\n_posixsubprocess.fork_exec(*range(23))\n",
+    "fork_exec re-import": "import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess\n",
+    "asyncio subprocess": ("import asyncio\nasyncio.run(asyncio.create_subprocess_exec('sleep', '{t}', "
+                           "start_new_session=True))\n"),
     "fork_exec via subprocess": "import subprocess\nsubprocess._fork_exec(*range(23))\n",
     "fork_exec by file": ("import importlib.util, os, sys\n"
                           "path = [os.path.join(d, f) for d in sys.path if os.path.isdir(d) for f in os.listdir(d) if f.startswith('_posixsubprocess')][0]\n"

@@ -29,7 +29,7 @@ Isolation of the runner:
 * process creation removed before the program runs: ``fork``, ``forkpty``, ``posix_spawn[p]``,
   ``exec*``, ``spawn*``, ``system``, ``popen`` are replaced by refusing stubs in ``os``, ``posix`` and
   every loaded module that holds them, ``_posixsubprocess.fork_exec`` and ``signal.signal`` likewise;
-  importing ``_posixsubprocess``, ``ctypes``/``_ctypes``, ``cffi``, ``pty``, ``_tkinter``,
+  loading ``_posixsubprocess`` again, importing ``ctypes``/``_ctypes``, ``cffi``, ``pty``, ``_tkinter``,
   sub-interpreters and the ``_test*`` C modules is refused, and re-creating an already loaded built-in
   module (a fresh ``posix`` with ``fork``) through ``_imp.create_builtin`` is refused;
 * an audit hook (``sys.addaudithook``; it cannot be removed) refuses: writes, deletions, renames and other
@@ -66,7 +66,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-# The supervisor: subreaper, starts the runner, forwards SIGTERM as a kill, then sweeps its descendants.
+# The supervisor: subreaper, starts the runner (fork + exec; SIGTERM is held until the child's pid is known
+# and then kills it), then sweeps its descendants.
 # argv: report fd, status fd, secret fd, "--", runner command. Writes "<runner returncode> <killed>" to report.
 _SUPERVISOR = r'''
 import os, signal, sys, time
@@ -77,23 +78,33 @@ try:
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 except (ImportError, OSError, AttributeError):
     pass
-import resource, subprocess
+import resource
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-stop_requested = []
 child = None
 
 def stop(signum, frame):
-    stop_requested.append(signum)
     if child is not None:
-        child.kill()
+        os.kill(child, signal.SIGKILL)
 
 signal.signal(signal.SIGTERM, stop)
-child = subprocess.Popen(command, pass_fds=(status_fd, secret_fd), close_fds=True)
-if stop_requested:
-    child.kill()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+child = os.fork()
+if child == 0:
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.close(report_fd)
+        os.set_inheritable(status_fd, True)
+        os.set_inheritable(secret_fd, True)
+        os.execvp(command[0], command)
+    finally:
+        os._exit(127)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 os.close(status_fd)
 os.close(secret_fd)
-returncode = child.wait()
+os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # the runner has ended; reaped below, SIGTERM held
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+returncode = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
 
 def descendants(root):
     parents = {}
@@ -137,8 +148,9 @@ os.write(report_fd, f"{returncode} {len(killed)}\n".encode())
 # The runner. argv: status fd, secret fd, address space (bytes), timeout (s), file size (bytes), descriptors.
 _RUNNER = r'''
 def _install_guard(root, read_roots, marker, status_fd, finish):
-    import _imp, builtins, importlib.machinery, os, posix, signal, _signal, subprocess, sys, types
-    import _posixsubprocess
+    # types reads tb_frame when imported, so it is loaded before the hook; subprocess, signal and the rest
+    # are not: they find the stubs below when the program imports them.
+    import _imp, importlib.machinery, os, posix, _posixsubprocess, _signal, sys, types
     realpath, fspath, sep, write, audit = os.path.realpath, os.fspath, os.sep, os.write, sys.audit
     create_builtin, ModuleSpec = _imp.create_builtin, importlib.machinery.ModuleSpec
     BuiltinImporter = importlib.machinery.BuiltinImporter
@@ -246,7 +258,7 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
                      "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "_spawnvef", "system", "popen")
     banned = {}
     for module, names in ((os, process_names), (posix, process_names), (_posixsubprocess, ("fork_exec",)),
-                          (signal, ("signal",)), (_signal, ("signal",))):
+                          (_signal, ("signal",))):
         for name in names:
             value = module.__dict__.get(name)
             if value is not None and id(value) not in banned:
@@ -259,7 +271,6 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
             entry = banned.get(id(value))
             if entry is not None and entry[0] is value:
                 namespace[key] = stub(entry[1])
-    sys.modules.pop("_posixsubprocess", None)
 
     def guarded_create_builtin(spec):
         box = []
