@@ -39,22 +39,23 @@ Isolation of the runner:
   libraries; changing resource limits; frame and object introspection that could reach the runner's
   state (``sys._getframe`` raises ``ValueError`` as the standard library expects, ``tb_frame`` /
   ``gi_frame`` / ``cr_frame`` / ``ag_frame``, ``sys.settrace`` / ``setprofile``, ``gc.get_objects`` /
-  ``get_referrers`` / ``get_referents``, new audit hooks, new code objects).
+  ``get_referrers`` / ``get_referents``, new audit hooks).
 
 Only a short, scrubbed tail of the program's output is kept (``error`` ≤ 500 characters, ``stdout`` /
 ``stderr`` ≤ 2000; values of the parent's environment variables are replaced by ``[redacted]``).
 
 What it does not stop: the guard is pure Python inside the program's own interpreter. Crafted bytecode
-(``marshal.loads`` stays allowed because imports need it) or a bug in CPython can defeat it; there is no
-network, mount or user namespace (sockets are refused by the hook only); as root ``RLIMIT_NPROC`` has no
-effect; without Linux ``prctl`` and ``/proc`` the process sweep only covers the process group. Run
-evaluations of untrusted models inside a container or VM as well.
+(``code.replace`` and ``marshal.loads`` stay allowed: ``types.coroutine``/asyncio and imports need them)
+or a bug in CPython can defeat it; there is no network, mount or user namespace (sockets are refused by
+the hook only); as root ``RLIMIT_NPROC`` has no effect; without Linux ``prctl`` and ``/proc`` the process
+sweep only covers the process group. Run evaluations of untrusted models inside a container or VM as well.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import math
 import os
+import re
 import secrets
 import select
 import shutil
@@ -168,7 +169,7 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
         "socket.bind", "socket.getaddrinfo", "ctypes.dlsym", "ctypes.cdata", "resource.setrlimit",
         "resource.prlimit", "webbrowser.open", "urllib.Request", "os.chroot", "sys.settrace",
         "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "code.__new__", "sqlite3.enable_load_extension", "sqlite3.load_extension", "os.startfile"))
+        "sqlite3.enable_load_extension", "sqlite3.load_extension", "os.startfile"))
     frame_attributes = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"))
     path_events = {
         "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.link": (0, 1),
@@ -434,9 +435,15 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+_WARNING_LINE = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
 def _last_line(text: str) -> str:
+    """The exception line of a traceback: the last unindented line that is not a warning printed at
+    shutdown (``sys:1: RuntimeWarning: ...``); else the last line."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    reasons = [line for line in lines if not line[0].isspace() and not _WARNING_LINE.match(line)]
+    return (reasons or lines or [""])[-1]
 
 
 def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python: str | None = None) -> ExecutionResult:
