@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import sysconfig
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -271,6 +273,33 @@ def test_stored_text_is_short_and_scrubbed(monkeypatch):
     for text in (result.error, result.stdout, result.stderr):
         assert secret not in text
     assert "[redacted]" in result.stdout
+
+
+@pytest.mark.parametrize("program", [
+    # a descriptor of an allowed directory, then a relative write through dir_fd
+    "import os, sysconfig\nfd = os.open(sysconfig.get_paths()['stdlib'], os.O_RDONLY)\n"
+    "os.open('escaped_probe.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n",
+    "import os\nos.chdir('/')\nopen('tmp/escaped_probe.txt', 'w')\n",
+    "import os\nfd = os.open('/', os.O_RDONLY)\nos.fchdir(fd)\n",
+    "import os\nos.mkdir('a')\nos.chdir('a')\nfd = os.open('..', os.O_RDONLY)\n",
+    "import os\nos.symlink('/proc/self/environ', 'link')\nopen('link').read()\n",
+    "import os\nos.mkdir('a')\nfd = os.open('.', os.O_RDONLY)\nos.chdir('a')\n"
+    "os.open('../../escaped_probe.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n",
+])
+def test_path_checks_cannot_be_sidestepped(program):
+    result = run_program(program, FAST)
+    assert result.status == "failed" and "not allowed" in result.error, result.error
+    places = (sysconfig.get_paths()["stdlib"], "/", "/tmp", tempfile.gettempdir())
+    assert not any(os.path.exists(os.path.join(place, "escaped_probe.txt")) for place in places)
+
+
+def test_directory_work_inside_the_folder_is_allowed():
+    program = ("import os, shutil, tempfile\nos.makedirs('a/b')\nopen('a/b/f.txt', 'w').write('1')\n"
+               "os.chdir('a')\nassert open('b/f.txt').read() == '1'\nos.chdir(os.environ['HOME'])\n"
+               "shutil.rmtree('a')\nwith tempfile.TemporaryDirectory() as d:\n"
+               "    open(os.path.join(d, 'x'), 'w').write('2')\nassert not os.path.exists('a')\n")
+    result = run_program(program, FAST)
+    assert result.passed, result.stderr
 
 
 def test_reads_inside_folder_and_standard_library_are_allowed():

@@ -33,7 +33,8 @@ Isolation of the runner:
   sub-interpreters and the ``_test*`` C modules is refused, and re-creating an already loaded built-in
   module (a fresh ``posix`` with ``fork``) through ``_imp.create_builtin`` is refused;
 * an audit hook (``sys.addaudithook``; it cannot be removed) refuses: writes, deletions, renames and other
-  file changes outside the folder; reads outside the folder, the interpreter's installation and its
+  file changes outside the folder, symbolic links, relative paths with ``..``, changing to a directory
+  outside the folder, opening a directory outside it (a ``dir_fd`` for ``os.open``); reads outside the folder, the interpreter's installation and its
   ``sys.path`` (so ``/proc/<ppid>/environ``, ``/sys`` and the user's home are refused); ``subprocess``,
   ``os.system``, ``os.exec*``, ``os.fork``, ``os.kill``, signals to other threads; sockets; loading native
   libraries; changing resource limits; frame and object introspection that could reach the runner's
@@ -152,7 +153,9 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
     # types reads tb_frame when imported, so it is loaded before the hook; subprocess, signal and the rest
     # are not: they find the stubs below when the program imports them.
     import _imp, importlib.machinery, os, posix, _posixsubprocess, _signal, sys, types
-    realpath, fspath, sep, write, audit = os.path.realpath, os.fspath, os.sep, os.write, sys.audit
+    realpath, isabs, isdir, fspath, write, audit = \
+        os.path.realpath, os.path.isabs, os.path.isdir, os.fspath, os.write, sys.audit
+    sep, altsep = os.sep, os.altsep or os.sep
     create_builtin, ModuleSpec = _imp.create_builtin, importlib.machinery.ModuleSpec
     BuiltinImporter = importlib.machinery.BuiltinImporter
     write_roots = (root,)
@@ -169,23 +172,34 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
         "socket.bind", "socket.getaddrinfo", "ctypes.dlsym", "ctypes.cdata", "resource.setrlimit",
         "resource.prlimit", "webbrowser.open", "urllib.Request", "os.chroot", "sys.settrace",
         "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "sqlite3.enable_load_extension", "sqlite3.load_extension", "os.startfile"))
+        "os.symlink", "sqlite3.enable_load_extension", "sqlite3.load_extension", "os.startfile"))
     frame_attributes = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"))
     path_events = {
         "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.link": (0, 1),
-        "os.symlink": (1,), "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
+        "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
         "os.chflags": (0,), "os.lchflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
         "os.mkfifo": (0,), "os.mknod": (0,), "shutil.rmtree": (0,), "shutil.copyfile": (1,),
         "shutil.copytree": (1,), "shutil.move": (0, 1), "shutil.chown": (0,), "sqlite3.connect": (0,),
     }
     finished = []
 
+    def resolve(path):
+        """Absolute real path, or None for a relative path with '..': relative paths are resolved against
+        the working directory here but against ``dir_fd`` by ``os.open(..., dir_fd=)``, which the event
+        does not show; without '..' (and with symlinks refused) both stay inside the folder."""
+        path = fspath(path)
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+        if not isabs(path) and ".." in path.replace(altsep, sep).split(sep):
+            return None
+        return realpath(path)
+
     def within(path, roots, files):
         if isinstance(path, int):
             return True
-        resolved = realpath(fspath(path))
-        if isinstance(resolved, bytes):
-            resolved = resolved.decode("utf-8", "surrogateescape")
+        resolved = resolve(path)
+        if resolved is None:
+            return False
         return resolved in files or any(resolved == top or resolved.startswith(top + sep) for top in roots)
 
     def refused_module(name, filename):
@@ -218,6 +232,14 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
             elif not within(path, read_roots, read_files):
                 raise PermissionError(f"sandbox: reading outside the working folder and the Python "
                                       f"installation is not allowed: {path!r}")
+            elif not isinstance(path, int) and not within(path, write_roots, write_files) and isdir(resolve(path)):
+                # a directory descriptor outside would let os.open(name, dir_fd=) write there
+                raise PermissionError(f"sandbox: opening directories outside the working folder is not allowed: "
+                                      f"{path!r}")
+        elif event == "os.chdir":
+            if isinstance(args[0], int) or not within(args[0], write_roots, ()):
+                raise PermissionError(f"sandbox: changing to a directory outside the working folder is not "
+                                      f"allowed: {args[0]!r}")
         elif event in ("os.listdir", "os.scandir"):
             path = args[0] if args and args[0] is not None else "."
             if not within(path, read_roots, read_files):
