@@ -194,6 +194,11 @@ SPAWNERS = {
     "re-import posix": "import sys\ndel sys.modules['posix']\nimport posix\nposix.fork()\n",
     "reload os": "import importlib, os\nimportlib.reload(os)\nos.fork()\n",
     "sub-interpreter": "import _xxsubinterpreters\n",
+    "own extension module": ("import importlib.util, shutil, sys, os\n"
+                             "src = [os.path.join(d, f) for d in sys.path if os.path.isdir(d) for f in os.listdir(d) "
+                             "if f.startswith('_json.')][0]\nshutil.copyfile(src, '_json.so')\n"
+                             "spec = importlib.util.spec_from_file_location('_json', os.path.abspath('_json.so'))\n"
+                             "importlib.util.module_from_spec(spec)\n"),
     "tcl exec": "import tkinter\ntkinter.Tcl().eval('exec sleep {t} &')\n",
 }
 

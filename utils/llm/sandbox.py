@@ -34,7 +34,8 @@ Isolation of the runner:
   module (a fresh ``posix`` with ``fork``) through ``_imp.create_builtin`` is refused;
 * an audit hook (``sys.addaudithook``; it cannot be removed) refuses: writes, deletions, renames and other
   file changes outside the folder, symbolic links, relative paths with ``..``, changing to a directory
-  outside the folder, opening a directory outside it (a ``dir_fd`` for ``os.open``); reads outside the folder, the interpreter's installation and its
+  outside the folder, opening a directory outside it (a ``dir_fd`` for ``os.open``); extension modules
+  from outside the Python installation (a ``.so`` the program wrote); reads outside the folder, the interpreter's installation and its
   ``sys.path`` (so ``/proc/<ppid>/environ``, ``/sys`` and the user's home are refused); ``subprocess``,
   ``os.system``, ``os.exec*``, ``os.fork``, ``os.kill``, signals to other threads; sockets; loading native
   libraries; changing resource limits; frame and object introspection that could reach the runner's
@@ -159,6 +160,7 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
     create_builtin, ModuleSpec = _imp.create_builtin, importlib.machinery.ModuleSpec
     BuiltinImporter = importlib.machinery.BuiltinImporter
     write_roots = (root,)
+    install_roots = tuple(top for top in read_roots if top != root)
     write_files = ("/dev/null",)
     read_files = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -245,8 +247,13 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
             if not within(path, read_roots, read_files):
                 raise PermissionError(f"sandbox: listing outside the working folder is not allowed: {path!r}")
         elif event == "import":
-            if refused_module(args[0], args[1] if len(args) > 1 else None):
+            filename = args[1] if len(args) > 1 else None
+            if refused_module(args[0], filename):
                 raise ImportError(f"sandbox: importing {args[0]!r} is not allowed")
+            if filename is not None and not within(filename, install_roots, ()):
+                # only extension modules (native code) raise this event with a file name
+                raise ImportError(f"sandbox: loading native code from outside the Python installation is "
+                                  f"not allowed: {filename!r}")
         elif event == "object.__getattr__":
             if len(args) > 1 and args[1] in frame_attributes:
                 raise PermissionError(f"sandbox: reading '{args[1]}' is not allowed")
