@@ -229,7 +229,7 @@ def test_supervisor_kills_detached_descendants(tmp_path):
     secret_r, secret_w = os.pipe()
     try:
         supervisor = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r), "--",
+            [sys.executable, "-I", "-S", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r), "60", "--",
              "sh", "-c", script], pass_fds=(report_w, status_w, secret_r), cwd=tmp_path, start_new_session=True)
         for fd in (report_w, status_w, secret_r):
             os.close(fd)
@@ -241,6 +241,28 @@ def test_supervisor_kills_detached_descendants(tmp_path):
     assert report[0] == "0" and int(report[1]) >= 4
     time.sleep(0.1)
     assert _processes_with(token) == []
+
+
+def test_supervisor_wall_ceiling(tmp_path):
+    """Without the parent (killed, say), the supervisor still ends a runner that sleeps, at its ceiling."""
+    import subprocess
+
+    report_r, report_w = os.pipe()
+    status_r, status_w = os.pipe()
+    secret_r, secret_w = os.pipe()
+    start = time.monotonic()
+    try:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r), "1", "--",
+             "sleep", "60"], pass_fds=(report_w, status_w, secret_r), cwd=tmp_path, start_new_session=True)
+        for fd in (report_w, status_w, secret_r):
+            os.close(fd)
+        supervisor.wait(timeout=30)
+        report = os.read(report_r, 100).decode().split()
+    finally:
+        for fd in (report_r, status_r, secret_w):
+            os.close(fd)
+    assert report[0] == "-9" and time.monotonic() - start < 20
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="RLIMIT_NPROC does not apply to root")

@@ -70,12 +70,13 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 # The supervisor: subreaper, starts the runner (fork + exec; SIGTERM is held until the child's pid is known
-# and then kills it), then sweeps its descendants.
-# argv: report fd, status fd, secret fd, "--", runner command. Writes "<runner returncode> <killed>" to report.
+# and then kills it, as does the wall ceiling), then sweeps its descendants.
+# argv: report fd, status fd, secret fd, ceiling (s), "--", runner command.
+# Writes "<runner returncode> <processes killed>" to the report fd.
 _SUPERVISOR = r'''
 import os, signal, sys, time
-report_fd, status_fd, secret_fd = (int(value) for value in sys.argv[1:4])
-command = sys.argv[5:]
+report_fd, status_fd, secret_fd, ceiling = (int(value) for value in sys.argv[1:5])
+command = sys.argv[6:]
 try:
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
@@ -90,6 +91,8 @@ def stop(signum, frame):
         os.kill(child, signal.SIGKILL)
 
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGALRM, stop)  # the wall ceiling holds even if the parent is gone
+signal.alarm(ceiling)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 child = os.fork()
 if child == 0:
@@ -498,8 +501,8 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
         launched = time.monotonic()
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
             process = subprocess.Popen(
-                [interpreter, "-I", "-S", "-B", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r), "--",
-                 *runner], cwd=folder, env=_minimal_environment(folder), stdin=subprocess.DEVNULL, stdout=stdout,
+                [interpreter, "-I", "-S", "-B", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r),
+                 str(int(math.ceil(limits.startup_timeout + limits.timeout)) + 5), "--", *runner], cwd=folder, env=_minimal_environment(folder), stdin=subprocess.DEVNULL, stdout=stdout,
                 stderr=stderr, pass_fds=(report_w, status_w, secret_r), start_new_session=True)
         for fd in (status_w, secret_r, report_w):
             os.close(fd)
