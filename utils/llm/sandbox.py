@@ -35,8 +35,9 @@ Isolation of the runner:
 * an audit hook (``sys.addaudithook``; it cannot be removed) refuses: writes, deletions, renames and other
   file changes outside the folder, symbolic links, relative paths with ``..``, changing to a directory
   outside the folder, opening a directory outside it (a ``dir_fd`` for ``os.open``); extension modules
-  from outside the Python installation (a ``.so`` the program wrote); reads outside the folder, the interpreter's installation and its
-  ``sys.path`` (so ``/proc/<ppid>/environ``, ``/sys`` and the user's home are refused); ``subprocess``,
+  from outside the Python installation (a ``.so`` the program wrote); reads outside the folder, the
+  interpreter's installation and its ``sys.path`` (so ``/proc/<ppid>/environ``, ``/sys`` and the user's
+  home are refused); ``subprocess``,
   ``os.system``, ``os.exec*``, ``os.fork``, ``os.kill``, signals to other threads; sockets; loading native
   libraries; changing resource limits; frame and object introspection that could reach the runner's
   state (``sys._getframe`` raises ``ValueError`` as the standard library expects, ``tb_frame`` /
@@ -453,6 +454,12 @@ def _read_available(fd: int, wait: float) -> bytes:
         data += chunk
 
 
+def _read_available_until(fd: int, expected: bytes, wait: float) -> bool:
+    """True once ``expected`` (one byte) is read from ``fd``; False on EOF, other data or ``wait`` seconds."""
+    ready, _, _ = select.select([fd], [], [], wait)
+    return bool(ready) and os.read(fd, 1) == expected
+
+
 def _stop(process: subprocess.Popen) -> None:
     """Ask the supervisor to kill the runner and sweep; kill its whole group if it does not end."""
     try:
@@ -500,10 +507,12 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
         stdout_path, stderr_path = os.path.join(folder, ".stdout"), os.path.join(folder, ".stderr")
         launched = time.monotonic()
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+            ceiling = int(math.ceil(limits.startup_timeout + limits.timeout)) + 5
             process = subprocess.Popen(
                 [interpreter, "-I", "-S", "-B", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r),
-                 str(int(math.ceil(limits.startup_timeout + limits.timeout)) + 5), "--", *runner], cwd=folder, env=_minimal_environment(folder), stdin=subprocess.DEVNULL, stdout=stdout,
-                stderr=stderr, pass_fds=(report_w, status_w, secret_r), start_new_session=True)
+                 str(ceiling), "--", *runner], cwd=folder, env=_minimal_environment(folder),
+                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=(report_w, status_w, secret_r),
+                start_new_session=True)
         for fd in (status_w, secret_r, report_w):
             os.close(fd)
             pipes.remove(fd)
@@ -537,7 +546,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
         cpu_killed = returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not timed_out and not completed
         if completed:
             status, error = "passed", ""
-        elif not ready and returncode is None:
+        elif not ready:  # the program never ran: a syntax error, or a start-up that took too long
             status, error = "failed", _last_line(err) or f"the runner did not start within {limits.startup_timeout:g} s"
         elif timed_out or cpu_killed:
             status, error = "timeout", f"timed out after {limits.timeout:g} s"
@@ -558,12 +567,6 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
             except OSError:
                 pass
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _read_available_until(fd: int, expected: bytes, wait: float) -> bool:
-    """True once ``expected`` (one byte) is read from ``fd``; False on EOF, other data or ``wait`` seconds."""
-    ready, _, _ = select.select([fd], [], [], wait)
-    return bool(ready) and os.read(fd, 1) == expected
 
 
 def run_programs(programs: Sequence[str], limits: SandboxLimits = SandboxLimits(), *,
