@@ -5,6 +5,7 @@ Each attack is a real program run through :func:`run_program`; the assertions ch
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -333,3 +334,28 @@ def test_reads_inside_folder_and_standard_library_are_allowed():
     program = ("import os, json, sysconfig\nopen('data.txt', 'w').write('1')\nassert open('data.txt').read() == '1'\n"
                "assert os.listdir('.')\nassert open(os.path.join(sysconfig.get_paths()['stdlib'], 'os.py')).read()\n")
     assert run_program(program, FAST).passed
+
+
+# --- through the evaluation pipeline ---
+
+def test_human_eval_scoring_ignores_main_blocks_and_early_exits(tmp_path):
+    """HumanEval/0 answered correctly with a demo block that loops forever (a spelling the original's
+    post-processing does not cut) passes; HumanEval/1 answered with os._exit(0) fails."""
+    from llm_helpers import ScriptedBackend
+    from utils.llm.data import load_human_eval
+    from utils.llm.evaluation import EvalOptions, evaluate_dataset, result_folder
+
+    first = load_human_eval()[0][0].record
+
+    def reply(prompt):
+        if first["entry_point"] in prompt:
+            return ("```python\n" + first["prompt"] + first["canonical_solution"]
+                    + "\nif __name__ == '__main__':\n    while True:\n        input()\n```")
+        return "```python\nimport os\nos._exit(0)\n```"
+    options = EvalOptions(save_dir=str(tmp_path), save_name="scripted", end_index=2, code_timeout=2.0)
+    summary = evaluate_dataset(ScriptedBackend(reply), "human_eval", options)
+    assert summary["metrics"]["pass@1"] == 0.5
+    rows = [json.loads(line) for line in
+            (result_folder(tmp_path, "human_eval", "scripted") / "records.jsonl").read_text().splitlines()]
+    assert [row["execution"]["status"] for row in rows] == ["passed", "failed"]
+    assert "completion marker" in rows[1]["execution"]["error"] and len(rows[1]["execution"]["error"]) <= ERROR_LIMIT
