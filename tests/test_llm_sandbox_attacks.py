@@ -13,7 +13,6 @@ import sysconfig
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
