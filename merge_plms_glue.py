@@ -6,7 +6,9 @@ single setting). Heads (.*classifier.*) are excluded from the merge and every ta
 own head. Settings are selected on --select_on (validation = 10% held out of GLUE train, the default;
 test = GLUE dev, the original protocol) and winners are reported on the test split (GLUE dev).
 mask_merging = DARE (--weight_mask_rate grid, --use_weight_rescale, --mask_strategy, --weight_format)
-followed by --mask_apply_method with that method's winning hyperparameters (read from its result file).
+followed by --mask_apply_method with that method's winning hyperparameters (read from its result file):
+each task's drop rate is searched on that task's own winning setting (the original protocol); with
+--mask_merging_search wide every task chooses among all the method's winning settings (a larger search).
 
 Outputs, under --save_dir:
   save_merge_results/<tasks>/<method>[/<apply_method>]/<lm><suffix>.json        winners + all settings
@@ -19,7 +21,7 @@ import itertools
 
 from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, resolve_device
 from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
-from utils.glue.search import BASE_METHODS, MERGING_METHODS, FlagSetting, MergeRunOptions, MethodOptions, run_merge_search
+from utils.glue.search import BASE_METHODS, MASK_SEARCHES, MERGING_METHODS, FlagSetting, MergeRunOptions, MethodOptions, run_merge_search
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -38,10 +40,14 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim fraction (keep the top 1 − r of |δ|) (grid none)")
     add_dare_arguments(parser)
     parser.add_argument("--mask_apply_method", default="average_merging", choices=BASE_METHODS, help="method applied after DARE in mask_merging")
+    parser.add_argument("--mask_merging_search", default="per_task", choices=MASK_SEARCHES,
+                        help="mask_merging: per_task (the original) searches the drop rate on each task's own winning setting of the "
+                             "apply method; wide lets every task choose among all the apply method's winning settings × rates")
     parser.add_argument("--merge_grid", default="paper", help="grid of configs/glue.yaml merge_grids (paper, small, ...) or none (= the flags)")
     parser.add_argument("--select_on", choices=["validation", "test"], default="validation", help="split the grid is searched on (test = the original protocol)")
     parser.add_argument("--batch_size", type=int, default=config["training"]["batch_size"], help="evaluation and statistics batch size")
-    parser.add_argument("--seed", type=int, default=merging["seed"], help="seed reset before every merge (DARE masks, statistics data order)")
+    parser.add_argument("--seed", type=int, default=merging["seed"], help="seed of the DARE masks and of the Fisher/RegMean example order; the examples depend only on "
+                        "(seed, count), so a setting re-run alone reproduces its grid result")
     parser.add_argument("--learning_rate", type=float, default=None, help="learning rate in the checkpoint names (default: the config's table)")
     parser.add_argument("--max_seq_length", type=int, default=config["training"]["max_seq_length"], help="truncation length in tokens")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N train examples for statistics")
@@ -63,7 +69,7 @@ def options_from_args(args: argparse.Namespace, groups: list[list[str]]) -> Merg
         seed=args.seed, learning_rate=args.learning_rate, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, glue_dir=args.glue_dir,
         save_dir=args.save_dir, allow_pickle=args.allow_pickle, progress=not args.no_progress,
-        flags={**vars(args), "progress": not args.no_progress},
+        flags={**vars(args), "progress": not args.no_progress}, mask_search=args.mask_merging_search,
     )
 
 

@@ -4,6 +4,9 @@ Outputs (under --save_dir, folder names as the original MergeLM):
   save_models/<task>/<lm>_lr<lr>[_run<r>]/            best checkpoint (safetensors) + tokenizer
   save_model_results/<task>/<name>/<name>.json        resolved config, seeds, versions, history, metrics
 Multitask mode uses the folder <auxiliary>_<target> and saves the encoder plus one head per task.
+Training is transformers' Trainer with the original's TrainingArguments (torchrun / accelerate launch work).
+An existing checkpoint folder is evaluated, not retrained, when this script (training_state.json) or the
+original code (trainer_state.json) wrote it; any other existing folder is refused (exit 2) unless --overwrite.
 """
 from __future__ import annotations
 
@@ -30,7 +33,11 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N examples of the train split")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples of validation and test")
     parser.add_argument("--group_by_length", action="store_true", help="batch train examples of similar length (HF Trainer option; faster on CPU; off in the paper)")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even if the checkpoint exists (default: evaluate the existing one)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="Trainer mixed precision (fp32 = the paper)")
+    parser.add_argument("--report_to", nargs="*", default=[], help="Trainer logging integrations (tensorboard, wandb, ...; default none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain and replace an existing checkpoint folder (default: evaluate one this script or the original "
+                             "code wrote, refuse any other folder)")
     add_run_arguments(parser, save_dir_help="root of save_models/ and save_model_results/")
     return parser
 
@@ -56,7 +63,7 @@ def options_from_args(args: argparse.Namespace, tasks: list[str]) -> TrainOption
         seed=args.seed, max_seq_length=args.max_seq_length, group_by_length=args.group_by_length, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle, glue_dir=args.glue_dir, max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, save_dir=args.save_dir, progress=not args.no_progress,
-        flags={**vars(args), "progress": not args.no_progress},
+        flags={**vars(args), "progress": not args.no_progress}, precision=args.precision, report_to=tuple(args.report_to),
     )
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .options import DareOptions, MergeOptions, ResolvedDare, StateDict
 from .randomness import RandomSlot
-from .selection import smallest_mask
+from .selection import kth_smallest, smallest_mask
 from .validation import check_inputs, is_excluded
 
 if TYPE_CHECKING:
@@ -24,7 +24,8 @@ def dare_tensor(x: torch.Tensor, dare: ResolvedDare, slot: RandomSlot,
     """Drop entries of x with rate p = dare.drop_rate and rescale the survivors; returns (x̂, number kept).
 
     random:    m ~ Bernoulli(p), x̃ = x ⊙ (1 − m)   (u ~ U[0,1) from `slot`, drop iff u < p)
-    magnitude: drop exactly int(n·p) entries of smallest |x|
+    magnitude: k = int(n·p); exact_count: drop exactly k entries of smallest |x|;
+               original (MergeLM): drop every |x| ≤ t, t = k-th smallest |x| (ties at t too; k = 0 keeps all)
     rescale:   paper x̂ = x̃ / (1 − p);  l1 (mergekit) x̂ = x̃ · Σ|x| / Σ|x̃| (skipped if either sum < 1e-7)
     With in_place, x is overwritten by x̂ (the l1 mode still copies).
     """
@@ -33,6 +34,10 @@ def dare_tensor(x: torch.Tensor, dare: ResolvedDare, slot: RandomSlot,
         return x, x.numel()
     if dare.strategy == "random":
         keep = slot.uniform(x.numel()).ge_(p).view(x.shape).to(x.device)  # 1.0 = kept
+    elif dare.magnitude_rule == "original":
+        count = int(x.numel() * p)
+        magnitudes = x.abs()
+        keep = (magnitudes > kth_smallest(magnitudes.reshape(-1), count)).to(torch.float32) if count else torch.ones_like(x, dtype=torch.float32)
     else:
         keep = (~smallest_mask(x.abs(), int(x.numel() * p))).to(torch.float32)
     kept = count_ones(keep)

@@ -13,6 +13,7 @@ StateDict = dict[str, "torch.Tensor"]
 MASK_STRATEGIES = ("random", "magnitude")
 WEIGHT_FORMATS = ("delta_weight", "finetuned_weight")
 RESCALE_MODES = ("paper", "l1")
+MAGNITUDE_RULES = ("exact_count", "original")
 TIES_TRIMS = ("per_tensor", "global")
 TIES_NORMALIZATIONS = ("count", "weights")
 
@@ -37,7 +38,10 @@ class DareOptions:
 
     For each tensor x (a delta δ = θ_ft − θ_pre, or θ_ft itself with ``finetuned_weight``):
     ``random``: m ~ Bernoulli(p) elementwise, x̃ = x ⊙ (1 − m);
-    ``magnitude``: drop exactly int(n·p) entries of smallest |x| (ties: lower flat index first);
+    ``magnitude``: k = int(n·p); ``magnitude_rule="exact_count"`` (default) drops exactly k entries of
+    smallest |x| (ties: lower flat index first); ``"original"`` (MergeLM's rule) drops every entry with
+    |x| ≤ t, t = the k-th smallest |x|, so ties at t are all dropped (more than k entries when |x| repeats,
+    e.g. fp16 deltas; nothing is dropped when k = 0, where MergeLM's ``kthvalue`` raised);
     rescale ``paper``: x̂ = x̃ / (1 − p); ``l1`` (mergekit): x̂ = x̃ · Σ|x| / Σ|x̃|.
     ``rescale=False`` is the paper's "DropOnly". p = 0 is the identity.
     """
@@ -47,18 +51,20 @@ class DareOptions:
     strategy: str = "random"
     weight_format: str = "delta_weight"
     rescale_mode: str = "paper"
+    magnitude_rule: str = "exact_count"
 
     def resolve(self, num_models: int) -> tuple[ResolvedDare, ...]:
         """Validate once and resolve to one ResolvedDare per model (a scalar rate is broadcast)."""
         _check_choice("mask_strategy", self.strategy, MASK_STRATEGIES)
         _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
         _check_choice("rescale_mode", self.rescale_mode, RESCALE_MODES)
+        _check_choice("magnitude_rule", self.magnitude_rule, MAGNITUDE_RULES)
         rates = per_model(self.drop_rate, num_models, "drop_rate")
         for index, p in enumerate(rates):
             if not 0.0 <= p < 1.0:
                 raise MergeError(f"drop rate {p} for model {index} is outside [0, 1)")
-        return tuple(ResolvedDare(p, bool(self.rescale), self.strategy, self.weight_format, self.rescale_mode)
-                     for p in rates)
+        return tuple(ResolvedDare(p, bool(self.rescale), self.strategy, self.weight_format, self.rescale_mode,
+                                  self.magnitude_rule) for p in rates)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class ResolvedDare:
     strategy: str
     weight_format: str
     rescale_mode: str
+    magnitude_rule: str = "exact_count"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ def ties_merging(base: StateDict, deltas: list[StateDict], options: MergeOptions
        flattened delta. `statistics[k][name]`, when given, holds a precomputed per-tensor t_k (the
        streaming engine computes it on the whole tensor and then merges flat pieces).
     2. elect: s = sign(Σ_k w_k δ̃_k); where the sum is 0, s = +1 per tensor (as mergekit), or the
-       majority sign sign(Σ s) of the whole model with global trim (as MergeLM / the TIES code).
+       majority sign sign(Σ s) of the whole model with global trim (as MergeLM / the TIES code; when
+       Σ s is itself 0 the elected sign is 0 there, as MergeLM, so those coordinates merge to 0).
     3. disjoint merge over agreeing non-zero entries a_k = [sign(δ̃_k) = s]:
        ``count`` (paper):  Σ_k a_k w_k δ̃_k / max(Σ_k a_k, 1)
        ``weights`` (mergekit): Σ_k a_k w_k δ̃_k / Σ_k a_k w_k   (0 → 1)
@@ -94,11 +95,12 @@ def _global_threshold(delta: StateDict, density: float) -> float:
 
 
 def _majority_sign(deltas: list[StateDict], thresholds: list[dict[str, float]], weights: list[float]) -> float:
-    """sign(Σ over all coordinates of sign(Σ_k w_k δ̃_k)), +1 on a tie."""
+    """sign(Σ over all coordinates of sign(Σ_k w_k δ̃_k)); 0 on a tie (MergeLM's ``torch.sign`` of the
+    sum: zero-sum coordinates then elect 0 and merge to 0)."""
     total = 0.0
     for name in deltas[0]:
         summed = torch.zeros_like(deltas[0][name])
         for delta, t, weight in zip(deltas, thresholds, weights):
             summed.add_(delta[name] * (delta[name].abs() >= t[name]), alpha=weight)
         total += float(torch.sign(summed).sum())
-    return 1.0 if total >= 0 else -1.0
+    return 1.0 if total > 0 else -1.0 if total < 0 else 0.0

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-GLUE_DIR = Path(__file__).resolve().parents[2] / "shared/data/glue"
+# The shared folder next to the checkout (main checkout) or next to the folder of the worktrees.
+GLUE_DIR = next((root / "shared/data/glue" for root in Path(__file__).resolve().parents[2:4] if (root / "shared/data/glue").is_dir()),
+                Path(__file__).resolve().parents[2] / "shared/data/glue")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -63,6 +63,34 @@ def test_magnitude_drops_exact_count_even_with_ties():
     assert torch.equal(out.abs(), torch.tensor([0.5, 0, 0, 0.1, 2.0, 0.1, 0.3, 0.1]))
 
 
+def test_magnitude_original_rule_drops_every_tie_at_the_threshold():
+    # MergeLM: k = int(n·p), t = k-th smallest |x|, drop every |x| ≤ t. Five |x| = 0.1 ties: all go.
+    x = torch.tensor([0.5, -0.1, 0.1, 0.1, 2.0, -0.1, 0.3, 0.1])
+    for p in (0.25, 0.5):
+        out, kept = dare_tensor(x, _dare(p, strategy="magnitude", rescale=False, magnitude_rule="original"), _generator())
+        assert kept == 3 and torch.equal(out, torch.tensor([0.5, 0, 0, 0, 2.0, 0, 0.3, 0]))
+    out, kept = dare_tensor(x, _dare(0.5, strategy="magnitude", magnitude_rule="original"), _generator())
+    assert torch.equal(out, torch.tensor([1.0, 0, 0, 0, 4.0, 0, 0.6, 0]))          # rescaled by 1/(1 − p)
+    out, kept = dare_tensor(x[:3], _dare(0.2, strategy="magnitude", magnitude_rule="original"), _generator())
+    assert kept == 3 and torch.equal(out, x[:3] / 0.8)                             # k = 0: nothing dropped
+    with pytest.raises(MergeError, match="unknown magnitude_rule 'exact'"):
+        DareOptions(drop_rate=0.5, magnitude_rule="exact").resolve(1)
+
+
+def test_magnitude_rule_flag_reaches_dare_options():
+    import argparse
+
+    from utils.cli import add_dare_arguments, dare_options_from_args, dare_suffix
+
+    parser = argparse.ArgumentParser()
+    add_dare_arguments(parser)
+    options = dare_options_from_args(parser.parse_args(["--weight_mask_rate", "0.5", "--mask_strategy", "magnitude",
+                                                        "--magnitude_rule", "original"]))
+    assert options.magnitude_rule == "original" and options.strategy == "magnitude"
+    assert dare_suffix(options) == "_mask_0.5_rescale_False_strategy_magnitude_magnitude_rule_original"
+    assert dare_options_from_args(parser.parse_args([])).magnitude_rule == "exact_count"
+
+
 def test_magnitude_count_below_one_keeps_everything():
     x = torch.tensor([1.0, 2.0, 3.0])
     out, kept = dare_tensor(x, _dare(0.2, strategy="magnitude", rescale=False), _generator())

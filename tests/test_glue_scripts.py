@@ -53,6 +53,11 @@ def test_train_single_task_outputs(ws):
     assert result["config"]["learning_rate"] == 0.001 and result["seeds"]["run_seed"] == 42
     assert {"torch", "transformers", "numpy", "scikit-learn"} <= set(result["versions"])
     assert len(result["training"]["history"]) == 2 and result["training"]["best_epoch"] in (1, 2)
+    scores = [epoch["validation_score"] for epoch in result["training"]["history"]]
+    assert result["training"]["best_epoch"] == 1 + scores.index(max(scores))           # first best epoch restored
+    arguments = result["training"]["training_arguments"]                              # transformers' Trainer
+    assert arguments["load_best_model_at_end"] and arguments["metric_for_best_model"] == "main_score" and arguments["eval_strategy"] == "epoch"
+    assert (folder / "training_state.json").is_file() and not list(folder.parent.glob(".*"))  # the Trainer's work folder is gone
     best = result["training"]["history"][result["training"]["best_epoch"] - 1]["validation"]["mrpc"]
     assert result["validation_metrics"]["mrpc"]["averaged_scores"] == pytest.approx(best["averaged_scores"])
     test = result["test_metrics"]["mrpc"]
@@ -204,3 +209,82 @@ def test_mask_merging_needs_apply_method_result(ws, tmp_path, capsys):
                              "regmean_merging", "--save_dir", str(tmp_path), *ws.common[:-2]], capsys,
                 "needs regmean_merging's result file")
     assert not (tmp_path / "save_merge_results").exists()
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("fisher_merging", lambda n: ["--nums_fisher_examples", n, "--fisher_scaling_coefficients", "1.0", "1.0"]),
+    ("regmean_merging", lambda n: ["--nums_regmean_examples", n, "--reduce_non_diagonal_ratio", "1.0"]),
+])
+def test_statistics_examples_depend_only_on_seed_and_count(ws, tmp_path, method, flags):
+    """Every setting of a grid with several example counts, re-run alone (--merge_grid none), gives the
+    same metrics bit for bit: the statistics' examples do not depend on the settings merged before."""
+    config = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "glue.yaml", encoding="utf-8"))
+    config["merge_grids"]["counts"] = {"fisher_merging": {"fisher_scaling_coefficient": [1.0], "nums_fisher_examples": [16, 32, 48]},
+                                       "regmean_merging": {"nums_regmean_examples": [16, 32, 48], "reduce_non_diagonal_ratio": [1.0]}}
+    path = tmp_path / "counts.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    shutil.copytree(ws.save / "save_models", tmp_path / "save_models")
+    common = ["--config", str(path), "--dataset_names", "mrpc", "stsb", "--merging_method_name", method, "--select_on", "test",
+              "--save_dir", str(tmp_path), *ws.common[:-2], "--batch_size", "16"]
+    grid = merge_main([*common, "--merge_grid", "counts"])[0]
+    assert len(grid["settings"]) == 3
+    axis = "nums_fisher_examples" if method == "fisher_merging" else "nums_regmean_examples"
+    for record in grid["settings"]:
+        alone = merge_main([*common, "--merge_grid", "none", *flags(str(record["setting"][axis]))])[0]["settings"][0]
+        assert alone["selection_metrics"] == record["selection_metrics"], record["name"]
+    losses = {record["selection_metrics"]["mrpc"]["loss"] for record in grid["settings"]}
+    assert len(losses) == 3                                        # the counts do change the merge
+
+
+def test_mask_merging_searches_each_task_on_its_own_base_setting(ws, tmp_path):
+    """Default (the original's protocol): task t's DARE + X winner is the best drop rate on X's winning
+    setting for t. --mask_merging_search wide lets t choose among all of X's winning settings."""
+    shutil.copytree(ws.save / "save_models", tmp_path / "save_models")
+    apply_file = tmp_path / "save_merge_results" / "mrpc_stsb" / "task_arithmetic" / "tiny-bert_grid_small_select_on_test.json"
+    settings = [{"scaling_coefficient": value} for value in (0.3, 0.5, 1.0)]
+
+    def write_apply_winners(chosen: dict) -> None:
+        apply_file.parent.mkdir(parents=True, exist_ok=True)
+        apply_file.write_text(json.dumps({"winners": {c: {"setting": s} for c, s in chosen.items()}}), encoding="utf-8")
+
+    write_apply_winners(dict(zip(["mean", "mrpc", "stsb"], settings)))
+    common = ["--dataset_names", "mrpc", "stsb", "--merging_method_name", "mask_merging", "--mask_apply_method", "task_arithmetic",
+              "--merge_grid", "small", "--select_on", "test", "--use_weight_rescale", "--save_dir", str(tmp_path), *ws.common[:-2]]
+    wide = merge_main([*common, "--mask_merging_search", "wide"])[0]
+    assert len(wide["settings"]) == 9
+    for criterion, winner in wide["winners"].items():
+        assert winner["selection_scores"][criterion] == max(r["selection_scores"][criterion] for r in wide["settings"])
+    # give every criterion a base setting other than the one its wide search picked
+    own = {c: next(s for s in settings if s != w["setting"]) for c, w in wide["winners"].items()}
+    write_apply_winners(own)
+    per_task = merge_main(common)[0]
+    for criterion, winner in per_task["winners"].items():
+        assert winner["setting"] == own[criterion]
+        candidates = [r for r in per_task["settings"] if r["setting"] == own[criterion]]
+        assert winner["selection_scores"][criterion] == max(r["selection_scores"][criterion] for r in candidates)
+        assert winner["selection_scores"][criterion] <= wide["winners"][criterion]["selection_scores"][criterion]
+    folder = tmp_path / "save_merge_results" / "mrpc_stsb" / "mask_merging" / "task_arithmetic"
+    assert (folder / "tiny-bert_grid_small_select_on_test.json").is_file()
+    assert (folder / "tiny-bert_grid_small_select_on_test_search_wide.json").is_file()
+
+
+def test_train_never_deletes_a_folder_it_did_not_write(ws, tmp_path, capsys):
+    args = ["--dataset_name", "mrpc", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(tmp_path), *ws.common]
+    folder = tmp_path / "save_models" / "mrpc" / NAME
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
+    expect_exit(train_main, args, capsys, str(folder), "not written by train_plms_glue.py", "--overwrite", code=2)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not (tmp_path / "save_model_results").exists()
+    # a checkpoint of the original code (its marker is trainer_state.json) is evaluated as it is, as the original did
+    shutil.rmtree(folder)
+    shutil.copytree(ws.save / "save_models" / "mrpc" / NAME, folder)
+    (folder / "training_state.json").unlink()
+    (folder / "trainer_state.json").write_text("{}", encoding="utf-8")
+    result = train_main(args)[0]
+    trained = read_json(ws.save / "save_model_results" / "mrpc" / NAME / f"{NAME}.json")
+    assert result["training"]["written_by"] == "original MergeLM"
+    assert result["test_metrics"]["mrpc"]["loss"] == pytest.approx(trained["test_metrics"]["mrpc"]["loss"], rel=1e-5)
+    assert (folder / "trainer_state.json").is_file() and not (folder / "training_state.json").exists()
+    # --overwrite retrains and replaces it
+    train_main([*args, "--overwrite"])
+    assert (folder / "training_state.json").is_file() and not (folder / "trainer_state.json").exists()

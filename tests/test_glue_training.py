@@ -10,7 +10,7 @@ from glue_helpers import write_word_tokenizer
 from utils.glue.data import GlueSplit, load_glue_config
 from utils.glue.checkpoints import checkpoint_name, task_learning_rate
 from utils.glue.search import expand_grid, setting_name
-from utils.glue.training import LengthGroupedSampler, MultiTaskModel, batch_loss, encode_split, make_loader, optimizer_groups
+from utils.glue.training import MultiTaskModel, batch_loss, encode_split, make_loader, training_arguments, training_history
 
 CONFIG = load_glue_config()
 ROWS = {"stsb": CONFIG["tasks"]["stsb"], "mnli": CONFIG["tasks"]["mnli"]}
@@ -38,15 +38,48 @@ def test_multitask_model_pads_narrow_heads():
     assert torch.allclose(logits[1], model.heads["mnli"](pooled[1:])[0], atol=1e-6)
 
 
-def test_weight_decay_skips_biases_and_layernorm():
-    from transformers import BertConfig, BertForSequenceClassification
+def test_trainer_gets_the_original_training_arguments(tmp_path):
+    """The original's TrainingArguments: LR, warm-up ratio 0.06, weight decay 0.01, epochs, batch size,
+    evaluation and saving each epoch, best epoch restored on the validation score, group_by_length option."""
+    from types import SimpleNamespace
 
-    model = BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
-    decay, plain = optimizer_groups(model, 0.01)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all("LayerNorm" in names[id(p)] or names[id(p)].endswith("bias") for p in plain["params"])
-    assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in decay["params"])
-    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    options = SimpleNamespace(num_epochs=3, batch_size=16, group_by_length=True, report_to=(), progress=False, precision="fp32")
+    args = training_arguments(options, CONFIG, 5e-5, 43, tmp_path / "work", torch.device("cpu"))
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (5e-5, 3, 16, 16)
+    assert args.get_warmup_steps(100) == 6 and args.get_warmup_steps(101) == 7           # ceil(0.06 · T)
+    assert (args.weight_decay, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.01, 0.9, 0.999, 1e-8, 1.0)
+    assert args.lr_scheduler_type == "linear" and args.optim == "adamw_torch" and args.seed == 43
+    assert args.eval_strategy == "epoch" and args.save_strategy == "epoch" and args.load_best_model_at_end
+    assert args.metric_for_best_model == "main_score" and args.greater_is_better
+    assert args.train_sampling_strategy == "group_by_length" and not args.bf16 and not args.fp16 and args.use_cpu
+    options.group_by_length = False
+    assert training_arguments(options, CONFIG, 1e-5, 42, tmp_path, torch.device("cpu")).train_sampling_strategy == "random"
+
+
+def test_training_history_from_the_trainer_log():
+    log = [
+        {"loss": 0.7, "epoch": 1.0, "step": 6},
+        {"eval_mrpc_loss": 0.6, "eval_mrpc_accuracy": 0.5, "eval_mrpc_runtime": 1.0, "eval_mrpc_samples_per_second": 9.0, "epoch": 1.0, "step": 6},
+        {"eval_stsb_loss": 2.0, "eval_stsb_pearson": 0.1, "epoch": 1.0, "step": 6},
+        {"eval_main_score": 0.3, "epoch": 1.0, "step": 6},
+        {"loss": 0.5, "epoch": 2.0, "step": 12},
+        {"eval_mrpc_loss": 0.4, "eval_mrpc_accuracy": 0.75, "epoch": 2.0, "step": 12},
+        {"eval_stsb_loss": 1.0, "eval_stsb_pearson": 0.2, "epoch": 2.0, "step": 12},
+        {"eval_main_score": 0.475, "epoch": 2.0, "step": 12},
+        {"train_runtime": 3.0, "train_loss": 0.6, "epoch": 2.0, "step": 12},
+    ]
+    history = training_history(log, ["mrpc", "stsb"])
+    assert [h["epoch"] for h in history] == [1, 2] and [h["train_loss"] for h in history] == [0.7, 0.5]
+    assert history[0]["validation"] == {"mrpc": {"loss": 0.6, "accuracy": 0.5}, "stsb": {"loss": 2.0, "pearson": 0.1}}
+    assert history[1]["validation_score"] == 0.475
+
+
+def test_no_hand_written_training_loop_is_left():
+    import utils.glue.training as training
+
+    for name in ("train_model", "optimizer_groups", "TrainingSettings", "LengthGroupedSampler"):
+        assert not hasattr(training, name), name
+    assert "Trainer" in [base.__name__ for base in training.make_trainer_class().__mro__]
 
 
 def test_eval_batches_cover_every_example_once(tmp_path):
@@ -80,19 +113,6 @@ def test_paper_grids():
     assert setting_name({"scaling_coefficient": 0.3, "nums": [256, 512]}) == "scaling_coefficient_0.3_nums_256_512"
     with pytest.raises(ValueError, match="empty grid: axis 'x' of here"):
         expand_grid({"x": []}, "here")
-
-
-def test_length_grouped_sampler_is_a_seeded_permutation_longest_first():
-    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 1, 2]
-    sampler = LengthGroupedSampler(lengths, batch_size=2, generator=torch.Generator().manual_seed(0), mega_batch_mult=3)
-    first, second = list(sampler), list(sampler)
-    assert sorted(first) == list(range(12)) and sorted(second) == list(range(12)) and first != second
-    assert lengths[first[0]] == 10
-    for start in range(0, 12, 6):  # inside each mega-batch (after the first element) lengths decrease
-        block = [lengths[i] for i in first[start + 1 : start + 6]]
-        assert block == sorted(block, reverse=True)
-    again = list(LengthGroupedSampler(lengths, 2, torch.Generator().manual_seed(0), mega_batch_mult=3))
-    assert again == first
 
 
 def test_result_names_follow_the_original():

@@ -64,6 +64,18 @@ def test_ties_zero_sum_sign_rules():
     assert global_trim["a"].item() == -1.0                    # the model-wide majority sign is −
 
 
+def test_ties_global_zero_majority_elects_zero_as_mergelm():
+    # δ1 = [1, 1, -2], δ2 = [-1, 1, -2]: Σ = [0, 2, -4] → signs [0, +, −]; Σ signs = 0, so MergeLM's
+    # majority sign is torch.sign(0) = 0: coordinate 0 elects 0, nothing agrees, it merges to 0
+    # (a +1 tie-break would keep δ1's 1 there).
+    base = {"w": torch.zeros(3)}
+    models = [{"w": torch.tensor([1.0, 1.0, -2.0])}, {"w": torch.tensor([-1.0, 1.0, -2.0])}]
+    merged = merge_state_dicts("ties", base, models, MergeOptions(ties_trim="global", density=1.0, scaling_coefficient=0.5))
+    assert torch.equal(merged["w"], torch.tensor([0.0, 0.5, -1.0]))
+    per_tensor = merge_state_dicts("ties", base, models, MergeOptions(density=1.0, scaling_coefficient=0.5))
+    assert torch.equal(per_tensor["w"], torch.tensor([0.5, 0.5, -1.0]))    # per tensor: Σ = 0 elects +1
+
+
 def test_ties_global_trim_uses_whole_model_threshold():
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     model = {"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3, 0.4])}

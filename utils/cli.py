@@ -105,6 +105,9 @@ def add_dare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="divide kept entries by 1 − p (DARE); without it: DropOnly")
     parser.add_argument("--mask_strategy", choices=["random", "magnitude"], default="random",
                         help="random: Bernoulli(p) drop; magnitude: drop the smallest |x|")
+    parser.add_argument("--magnitude_rule", choices=["exact_count", "original"], default="exact_count",
+                        help="magnitude only, k = int(n·p): exact_count drops exactly k entries; original (MergeLM) drops "
+                             "every |x| ≤ the k-th smallest |x| (all ties at the threshold, so more than k on repeated values)")
 
 
 def dare_options_from_args(args: argparse.Namespace):
@@ -112,12 +115,13 @@ def dare_options_from_args(args: argparse.Namespace):
     from model_merging_methods import DareOptions
 
     return DareOptions(drop_rate=args.weight_mask_rate, rescale=args.use_weight_rescale,
-                       strategy=args.mask_strategy, weight_format=args.weight_format)
+                       strategy=args.mask_strategy, weight_format=args.weight_format, magnitude_rule=args.magnitude_rule)
 
 
 def dare_suffix(options, *, always_rescale: bool = False, searched_rate: bool = False) -> str:
     """The original's result-name suffix of a DARE setting: ``_mask_<p>_rescale_<bool>`` (nothing at p = 0
-    unless `always_rescale`), then ``_strategy_magnitude`` and ``_weight_format_finetuned_weight`` when set.
+    unless `always_rescale`), then ``_strategy_magnitude`` (plus ``_magnitude_rule_original`` for that rule) and
+    ``_weight_format_finetuned_weight`` when set.
 
     `searched_rate`: the rate is a searched grid axis named per setting (GLUE merge search), so it is left
     out, and rescaling (DARE's default) is named only when off (``_rescale_False``)."""
@@ -129,6 +133,7 @@ def dare_suffix(options, *, always_rescale: bool = False, searched_rate: bool = 
         name = f"_mask_{options.drop_rate}_rescale_{options.rescale}"
     if options.strategy == "magnitude":
         name += f"_strategy_{options.strategy}"
+        name += "_magnitude_rule_original" if options.magnitude_rule == "original" else ""
     if options.weight_format == "finetuned_weight":
         name += f"_weight_format_{options.weight_format}"
     return name

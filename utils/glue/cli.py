@@ -47,8 +47,8 @@ def check_tasks(parser: argparse.ArgumentParser, config: dict, tasks) -> None:
 
 @contextmanager
 def user_errors():
-    """Quiet transformers' logging; a user error of the run (bad data, value, file) exits with its message
-    (MergeError is a ValueError)."""
+    """Quiet transformers' logging; a user error of the run (bad data, value, file) exits with status 2 and
+    its one-line message on stderr (MergeError is a ValueError)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -56,4 +56,5 @@ def user_errors():
     try:
         yield
     except (GlueDataError, ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}") from error
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error

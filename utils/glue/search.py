@@ -9,9 +9,16 @@ the test split (GLUE dev). ``select_on="validation"`` (default) selects on the 1
 ``select_on="test"`` selects on GLUE dev itself, as the original code does.
 
 ``mask_merging`` (DARE + X) reads X's winning hyperparameters from X's result file for the same tasks
-(as the original), and searches the drop rate on top of them. DARE is applied to each model first (seeded
+(as the original), and searches the drop rate on top of them. ``mask_search="per_task"`` (default, the
+original's protocol): the winner for task t is the best drop rate on top of X's winning setting for t
+(and the ``mean`` winner the best rate on top of X's ``mean`` winner), so each task gets X's best setting ×
+the rate grid, as in the paper. ``mask_search="wide"`` (an extension, named in the result file): every
+criterion selects among all of X's distinct winning settings (each task's and the mean's) × the rate grid,
+a larger search than the paper's that can inflate DARE's gains. DARE is applied to each model first (seeded
 per model and tensor by the library) and Fisher / RegMean statistics are then collected on the DARE'd
-models, as in the original.
+models, as in the original. The statistics' examples depend only on the seed and the count: each
+statistic reads a fresh train loader shuffled by the seed (the original reset the order before each
+merge), so a winning setting re-run alone (``--merge_grid none``) reproduces its grid result bit for bit.
 
 Outputs, under the save folder:
   save_merge_results/<tasks>/<method>[/<apply_method>]/<lm><suffix>.json        winners + all settings
@@ -20,11 +27,13 @@ Outputs, under the save folder:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,13 +151,15 @@ def per_model_examples(value, num_models: int, what: str) -> list[int]:
 
 @dataclass
 class TaskMember:
-    """One fine-tuned task model taking part in a merge, with its data loaders."""
+    """One fine-tuned task model taking part in a merge, with its data loaders. ``statistics_loader``
+    makes a fresh train loader whose order comes from the merge seed alone, so the examples a Fisher /
+    RegMean statistic sees depend only on (seed, count), never on the settings merged before it."""
 
     task: str
     row: dict
     model: torch.nn.Module
     state: dict
-    train_loader: object = None
+    statistics_loader: Callable[[], object] | None = None
     eval_loaders: dict = field(default_factory=dict)
 
 
@@ -190,7 +201,7 @@ class MergeSearch:
                 member.model.load_state_dict(self.with_own_head(member, state))
                 collect = diagonal_fisher if method == "fisher_merging" else regmean_gram_matrices
                 self._statistics_cache[key] = collect(
-                    member.model, member.train_loader, count, self.device, exclude_regex=self.exclude_regex, progress=self.options.progress
+                    member.model, member.statistics_loader(), count, self.device, exclude_regex=self.exclude_regex, progress=self.options.progress
                 )
                 member.model.load_state_dict(member.state)
             result.append(self._statistics_cache[key])
@@ -235,20 +246,25 @@ def scores_of(members: list[TaskMember], results: dict[str, dict]) -> dict[str, 
     return scores
 
 
-def select_winners(records: list[dict], criteria: list[str]) -> dict[str, int]:
-    """Index of the best record per criterion (first best wins: later ones must be strictly better)."""
+def select_winners(records: list[dict], criteria: list[str], candidates: dict[str, dict] | None = None) -> dict[str, int]:
+    """Index of the best record per criterion (first best wins: later ones must be strictly better).
+
+    ``candidates[criterion]``, when given, is the only base setting that criterion may select from
+    (mask_merging's per-task protocol); otherwise every record competes."""
     winners = {}
     for criterion in criteria:
         best = None
         for index, record in enumerate(records):
+            if candidates is not None and record["setting"] != candidates[criterion]:
+                continue
             if best is None or record["selection_scores"][criterion] > records[best]["selection_scores"][criterion]:
                 best = index
         winners[criterion] = best
     return winners
 
 
-def read_apply_method_winners(path: Path, apply_method: str) -> list[dict]:
-    """Distinct winning settings (overall and per task) of the base method's result JSON."""
+def read_apply_method_winners(path: Path, apply_method: str) -> dict[str, dict]:
+    """The winning setting per criterion (``mean`` and each task) of the base method's result JSON."""
     if not path.is_file():
         raise FileNotFoundError(
             f"mask_merging with {apply_method} needs {apply_method}'s result file {path}; run merge_plms_glue.py "
@@ -256,11 +272,10 @@ def read_apply_method_winners(path: Path, apply_method: str) -> list[dict]:
         )
     with open(path, encoding="utf-8") as handle:
         payload = json.load(handle)
-    settings = []
-    for winner in payload["winners"].values():
-        if winner["setting"] not in settings:
-            settings.append(winner["setting"])
-    return settings
+    return {criterion: winner["setting"] for criterion, winner in payload["winners"].items()}
+
+
+MASK_SEARCHES = ("per_task", "wide")
 
 
 @dataclass(frozen=True)
@@ -289,6 +304,7 @@ class MergeRunOptions:
     allow_pickle: bool
     progress: bool
     flags: dict
+    mask_search: str = "per_task"
 
     @property
     def base_method(self) -> str:
@@ -323,6 +339,7 @@ def result_suffix(options: MergeRunOptions, for_apply_method: bool = False) -> s
     suffix += "" if options.select_on == "validation" else f"_select_on_{options.select_on}"
     if options.method == "mask_merging" and not for_apply_method:
         suffix += dare_suffix(options.dare, searched_rate=True)
+        suffix += "" if options.mask_search == "per_task" or options.grid == "none" else f"_search_{options.mask_search}"
     return suffix
 
 
@@ -337,30 +354,39 @@ def _grid(config: dict, name: str) -> dict:
     return config["merge_grids"][name]
 
 
-def grid_settings(options: MergeRunOptions, config: dict, tasks) -> tuple[str, list[tuple[dict, float]]]:
-    """(base method, [(base setting, DARE rate)]) to search; validates rates and grids."""
+def grid_settings(options: MergeRunOptions, config: dict, tasks) -> tuple[str, list[tuple[dict, float]], dict[str, dict] | None]:
+    """(base method, [(base setting, DARE rate)] to search, the base setting each criterion selects from
+    (None: all compete)); validates rates and grids."""
     method = options.method
     if method == "mask_merging":
         apply = options.apply_method
+        if options.mask_search not in MASK_SEARCHES:
+            raise ValueError(f"unknown mask_merging search '{options.mask_search}'; known: {', '.join(MASK_SEARCHES)}")
         if options.grid == "none":
-            base_settings = [cli_setting(apply, options.flag_setting)]
-            rates = [options.dare.drop_rate]
-        else:
-            grid = _grid(config, options.grid)
-            rates = expand_grid(grid["mask_merging"], f"merge grid '{options.grid}' mask_merging")
-            rates = [check_drop_rate(r["weight_mask_rate"], "mask_merging weight_mask_rate") for r in rates]
-            short = model_short_name(options.language_model_name)
-            apply_file = result_dir(options, tasks, apply, None) / f"{short}{result_suffix(options, for_apply_method=True)}.json"
-            base_settings = read_apply_method_winners(apply_file, apply)
-        return apply, [(setting, rate) for setting in base_settings for rate in rates]
+            return apply, [(cli_setting(apply, options.flag_setting), options.dare.drop_rate)], None
+        grid = _grid(config, options.grid)
+        rates = expand_grid(grid["mask_merging"], f"merge grid '{options.grid}' mask_merging")
+        rates = [check_drop_rate(r["weight_mask_rate"], "mask_merging weight_mask_rate") for r in rates]
+        short = model_short_name(options.language_model_name)
+        apply_file = result_dir(options, tasks, apply, None) / f"{short}{result_suffix(options, for_apply_method=True)}.json"
+        base_winners = read_apply_method_winners(apply_file, apply)
+        missing = [criterion for criterion in ("mean", *tasks) if criterion not in base_winners]
+        if missing:
+            raise ValueError(f"{apply_file} has no winner for {', '.join(missing)}")
+        base_settings = []
+        for setting in base_winners.values():
+            if setting not in base_settings:
+                base_settings.append(setting)
+        candidates = base_winners if options.mask_search == "per_task" else None
+        return apply, [(setting, rate) for setting in base_settings for rate in rates], candidates
     if options.grid == "none":
-        return method, [(cli_setting(method, options.flag_setting), 0.0)]
+        return method, [(cli_setting(method, options.flag_setting), 0.0)], None
     grid = _grid(config, options.grid)
     if method not in grid:
         raise ValueError(f"merge grid '{options.grid}' has no entry for {method}")
     axes = grid[method]
     settings = expand_grid(axes, f"merge grid '{options.grid}' {method}") if axes else [{}]
-    return method, [(setting, 0.0) for setting in settings]
+    return method, [(setting, 0.0) for setting in settings], None
 
 
 def load_member(task: str, row: dict, checkpoint: Path, data: dict, options: MergeRunOptions, needs_train: bool) -> TaskMember:
@@ -376,7 +402,7 @@ def load_member(task: str, row: dict, checkpoint: Path, data: dict, options: Mer
         member.eval_loaders[split] = make_loader(encode_split(tokenizer, data[split], row, options.max_seq_length), tokenizer, options.batch_size, shuffle=False)
     if needs_train:
         encoded = encode_split(tokenizer, data["train"], row, options.max_seq_length)
-        member.train_loader = make_loader(encoded, tokenizer, options.batch_size, shuffle=True, seed=options.seed)
+        member.statistics_loader = functools.partial(make_loader, encoded, tokenizer, options.batch_size, shuffle=True, seed=options.seed)
     return member
 
 
@@ -385,7 +411,7 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
     started = time.time()
     short = model_short_name(options.language_model_name)
     exclude = config["exclude_param_names_regex"]
-    method, settings = grid_settings(options, config, tasks)
+    method, settings, candidates = grid_settings(options, config, tasks)
     needs_train = method in STATISTICS_AXIS
     members = [load_member(task, task_info(config, task), checkpoints[task], data[task], options, needs_train) for task in tasks]
     base_model = load_classifier(options.language_model_name, allow_pickle=options.allow_pickle, num_labels=members[0].row["num_labels"])
@@ -413,7 +439,7 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
         records.append(record)
         print(f"{'_'.join(tasks)} {options.method} {record['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["selection_scores"].items()))
     winners = {}
-    for criterion, index in select_winners(records, ["mean", *tasks]).items():
+    for criterion, index in select_winners(records, ["mean", *tasks], candidates).items():
         record = records[index]
         if "test_metrics" not in record:
             test = record["selection_metrics"] if options.select_on == "test" else search.evaluate(search.merge(method, record["setting"], record["weight_mask_rate"]), "test")

@@ -1,20 +1,25 @@
-"""Tokenisation, models, losses, a plain torch fine-tuning loop, evaluation, and the training runs of
-train_plms_glue.py (checkpoint + result JSON per run) for GLUE.
+"""Tokenisation, models, losses, evaluation, and the training runs of train_plms_glue.py (checkpoint +
+result JSON per run) for GLUE, trained with transformers' ``Trainer`` as the original MergeLM.
 
 Losses (as the original MergeLM):
   single task: cross-entropy on the logits when the head has more than one output, else MSE between the
   squeezed logit and the score (STS-B);
   multitask: for each task present in the batch, that task's loss on its rows (CE on the task's first
   ``num_labels`` logit columns, or MSE on column 0 for STS-B); the per-task losses are SUMMED.
-Optimisation (HF Trainer defaults the original relied on): AdamW (β = 0.9, 0.999, ε = 1e-8) with weight
-decay 0.01 on all parameters except biases and LayerNorm weights; learning rate warmed up linearly over
-ceil(0.06 · T) steps then decayed linearly to 0 at T = epochs · batches per epoch; gradient norm clipped
-at 1.0. After every epoch the model is evaluated on the validation split and the best epoch (strictly
-higher main score; multitask: mean over tasks) is restored at the end.
+Optimisation: the original's ``TrainingArguments`` (configs/glue.yaml "training"): learning rate from the
+table, linear warm-up over ceil(0.06 · T) steps then linear decay to 0, weight decay 0.01 (not on biases and
+LayerNorm weights), AdamW (β = 0.9, 0.999, ε = 1e-8; transformers 5 has only torch's AdamW, ``adamw_torch``,
+where the original's 4.33 used its own ``adamw_hf``: the same update up to where ε enters), gradient norm
+clipped at 1.0, evaluation and checkpointing each epoch on the validation split, and the best epoch
+(``load_best_model_at_end``; ``metric_for_best_model`` = the mean over the tasks of their main validation
+score, strictly higher wins) restored at the end. ``group_by_length`` is the Trainer's length-grouped sampler.
+The Trainer's epoch checkpoints go to a working folder next to the checkpoint that the run removes when
+it ends; the project's checkpoint folder holds the best model only (safetensors).
 """
 from __future__ import annotations
 
-import math
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from utils.cli import set_random_seed
@@ -82,44 +87,21 @@ def length_sorted_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-class LengthGroupedSampler(Sampler):
-    """HF Trainer's ``group_by_length`` order: a random permutation cut into mega-batches of
-    50 · batch_size examples, each sorted by decreasing length (the longest example first overall), so
-    batches hold examples of similar length and need less padding. A new permutation every epoch."""
-
-    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50):
-        self.lengths, self.generator, self.size = lengths, generator, mega_batch_mult * batch_size
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        megabatches = [sorted(order[i : i + self.size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), self.size)]
-        if megabatches:
-            longest = max(range(len(megabatches)), key=lambda m: self.lengths[megabatches[m][0]])
-            megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
-        return iter([index for megabatch in megabatches for index in megabatch])
-
-
 def _lengths(dataset: Dataset) -> list[int]:
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
     return [len(item["input_ids"]) for part in parts for item in part.features]
 
 
-def make_loader(dataset: Dataset, tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0, group_by_length: bool = False) -> DataLoader:
-    """DataLoader with dynamic padding.
+def make_loader(dataset: Dataset, tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    """DataLoader with dynamic padding (training itself uses the Trainer's loaders).
 
-    shuffle=True (training, statistics): random order from a torch Generator seeded with ``seed``
-    (``group_by_length``: ``LengthGroupedSampler``, an option of the HF Trainer, off in the paper).
+    shuffle=True (statistics): random order from a torch Generator seeded with ``seed``, the same order
+    for every loader made with the same seed.
     shuffle=False (evaluation): batches of similar length (``length_sorted_batches``).
     """
     collate = make_collator(tokenizer)
     if shuffle:
         generator = torch.Generator().manual_seed(seed)
-        if group_by_length:
-            sampler = LengthGroupedSampler(_lengths(dataset), batch_size, generator)
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
     return DataLoader(dataset, batch_sampler=length_sorted_batches(dataset, batch_size), collate_fn=collate)
 
@@ -202,84 +184,107 @@ def evaluate_task(model: nn.Module, loader: DataLoader, task_row: dict, device, 
     return {"loss": loss, **task_metrics(task_row, logits, labels)}
 
 
-@dataclass
-class TrainingSettings:
-    learning_rate: float
-    num_epochs: int
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    progress: bool = True
+def make_trainer_class():
+    """``Trainer`` with MergeLM's losses (``batch_loss``) and a per-task validation: each task's split is
+    evaluated with its own metrics (``eval_<task>_<metric>``) and ``eval_main_score`` = the mean over the
+    tasks of their main scores is what ``metric_for_best_model`` selects on."""
+    from transformers import Trainer
+
+    class _GlueTrainer(Trainer):
+        def __init__(self, *args, task_rows: dict[str, dict], validation_sets: dict[str, Dataset], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.task_rows, self.validation_sets = task_rows, validation_sets
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model_logits(model, inputs)
+            loss = batch_loss(logits, inputs, self.task_rows)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+            metrics, scores = {}, []
+            for task, dataset in self.validation_sets.items():
+                row = self.task_rows[task]
+                self.compute_metrics = lambda prediction, row=row: task_metrics(row, prediction.predictions, prediction.label_ids)
+                prefix = f"{metric_key_prefix}_{task}"
+                result = super().evaluate(dataset, ignore_keys, prefix)
+                metrics.update(result)
+                scores.append(main_score(row, _strip_prefix(result, prefix)))
+            metrics[f"{metric_key_prefix}_main_score"] = float(np.mean(scores))
+            self.log({f"{metric_key_prefix}_main_score": metrics[f"{metric_key_prefix}_main_score"]})
+            return metrics
+
+    return _GlueTrainer
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter except biases and LayerNorm parameters (HF Trainer's rule)."""
-    no_decay = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            no_decay.update(f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters(recurse=False))
-    decay, plain = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (plain if name in no_decay or name.endswith("bias") else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+TRAINER_RUNTIME_KEYS = ("runtime", "samples_per_second", "steps_per_second")
 
 
-def train_model(
-    model: nn.Module,
-    train_loader: DataLoader,
-    validation_loaders: dict[str, DataLoader],
-    tasks: dict[str, dict],
-    settings: TrainingSettings,
-    device,
-) -> dict:
-    """Fine-tune ``model`` in place; returns the history and the restored best epoch.
+def _strip_prefix(metrics: dict, prefix: str) -> dict[str, float]:
+    """``{metric: value}`` of one task from the Trainer's ``<prefix>_<metric>`` keys (runtime keys left out)."""
+    start = f"{prefix}_"
+    return {key[len(start):]: value for key, value in metrics.items()
+            if key.startswith(start) and key[len(start):] not in TRAINER_RUNTIME_KEYS}
 
-    ``validation_loaders`` maps each task to its validation loader; the epoch score is the mean of the
-    tasks' main scores, and the best epoch (strict improvement) is restored at the end.
-    """
-    from transformers import get_linear_schedule_with_warmup
 
-    model.to(device)
-    total_steps = len(train_loader) * settings.num_epochs
-    if total_steps == 0:
-        raise ValueError("no training steps: the train split or the number of epochs is empty")
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, settings.weight_decay),
-        lr=settings.learning_rate,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        eps=settings.adam_epsilon,
+def training_history(log_history: list[dict], tasks: list[str]) -> list[dict]:
+    """One entry per epoch from the Trainer's log: train loss, each task's validation metrics, the score."""
+    by_step: dict[int, dict] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None or "train_runtime" in entry:
+            continue
+        record = by_step.setdefault(step, {"epoch": int(round(entry["epoch"])), "step": step, "validation": {}})
+        if "loss" in entry:
+            record["train_loss"] = entry["loss"]
+        for task in tasks:
+            metrics = _strip_prefix(entry, f"eval_{task}")
+            if metrics:
+                record["validation"][task] = metrics
+        if "eval_main_score" in entry:
+            record["validation_score"] = entry["eval_main_score"]
+    return [record for _, record in sorted(by_step.items()) if "validation_score" in record]
+
+
+def training_arguments(options: "TrainOptions", config: dict, learning_rate: float, seed: int, output_dir: Path, device):
+    """The original's ``TrainingArguments`` (module docstring) from the config's "training" values."""
+    from transformers import TrainingArguments
+
+    training = config["training"]
+    return TrainingArguments(
+        output_dir=str(output_dir), learning_rate=learning_rate, num_train_epochs=options.num_epochs,
+        per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
+        warmup_steps=float(training["warmup_ratio"]),  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=training["weight_decay"], adam_beta1=training["adam_beta1"], adam_beta2=training["adam_beta2"],
+        adam_epsilon=training["adam_epsilon"], max_grad_norm=training["max_grad_norm"], lr_scheduler_type="linear",
+        optim="adamw_torch", eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model="main_score", greater_is_better=True,
+        save_total_limit=1, save_only_model=True, seed=seed,
+        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        label_names=["labels"], remove_unused_columns=False, report_to=list(options.report_to) or "none",
+        disable_tqdm=not options.progress, use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
+        bf16=options.precision == "bf16", fp16=options.precision == "fp16",
     )
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * settings.warmup_ratio), total_steps)
-    history, best_score, best_state, best_epoch = [], -math.inf, None, None
-    for epoch in range(1, settings.num_epochs + 1):
-        model.train()
-        losses = []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{settings.num_epochs}", disable=not settings.progress)
-        for batch in bar:
-            batch = to_device(batch, device)
-            loss = batch_loss(model_logits(model, batch), batch, tasks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        validation = {
-            task: evaluate_task(model, loader, tasks[task], device, progress=settings.progress, description=f"validate {task}")
-            for task, loader in validation_loaders.items()
-        }
-        score = float(np.mean([main_score(tasks[task], metrics) for task, metrics in validation.items()]))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "validation": validation, "validation_score": score})
-        if score > best_score:
-            best_score, best_epoch = score, epoch
-            best_state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return {"history": history, "best_epoch": best_epoch, "best_validation_score": best_score, "total_steps": total_steps}
+
+
+def train_with_trainer(model: nn.Module, tokenizer, train_set: Dataset, validation_sets: dict[str, Dataset], rows: dict[str, dict],
+                       arguments) -> dict:
+    """Fine-tune ``model`` with the Trainer; the best epoch's weights are loaded into the returned model's
+    place (``model`` is trained in place). Returns the history and the best epoch."""
+    trainer = make_trainer_class()(
+        model=model, args=arguments, train_dataset=train_set, eval_dataset=validation_sets, data_collator=make_collator(tokenizer),
+        processing_class=tokenizer, task_rows=rows, validation_sets=validation_sets,
+    )
+    output = trainer.train()
+    history = training_history(trainer.state.log_history, list(rows))
+    best = next((record for record in history if record["step"] == trainer.state.best_global_step), None)
+    return {
+        "trainer": trainer,
+        "history": history,
+        "best_epoch": None if best is None else best["epoch"],
+        "best_validation_score": trainer.state.best_metric,
+        "total_steps": trainer.state.max_steps,
+        "train_loss": output.training_loss,
+    }
 
 
 @dataclass(frozen=True)
@@ -305,6 +310,8 @@ class TrainOptions:
     save_dir: str
     progress: bool
     flags: dict
+    precision: str = "fp32"
+    report_to: tuple[str, ...] = ()
 
 
 def build_model(options: TrainOptions, rows: dict[str, dict]):
@@ -318,9 +325,33 @@ def build_model(options: TrainOptions, rows: dict[str, dict]):
     return load_classifier(options.language_model_name, allow_pickle=options.allow_pickle, num_labels=row["num_labels"])
 
 
-def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target: Path) -> None:
-    """Write the checkpoint folder (model, multitask heads, tokenizer, training_state.json) atomically,
-    replacing the one this run re-trained."""
+STATE_FILE = "training_state.json"          # written by save_trained: the folder is this project's
+ORIGINAL_STATE_FILE = "trainer_state.json"  # the original MergeLM's marker of a trained checkpoint
+
+
+class CheckpointNotOursError(ValueError):
+    """A checkpoint folder exists that this project did not write (and --overwrite was not given)."""
+
+
+def existing_checkpoint(model_dir: Path, options: TrainOptions) -> str | None:
+    """What to do with an existing checkpoint folder: None (absent, or --overwrite: train), "ours" (written
+    by save_trained: evaluate it), "original" (a single-task folder of the original code, which has
+    ``trainer_state.json``: evaluate it, as the original did). Anything else is refused, never deleted."""
+    if options.overwrite or not model_dir.exists():
+        return None
+    if (model_dir / STATE_FILE).is_file():
+        return "ours"
+    if (model_dir / ORIGINAL_STATE_FILE).is_file() and not options.multitask:
+        return "original"
+    raise CheckpointNotOursError(
+        f"checkpoint folder {model_dir} exists but was not written by train_plms_glue.py (no {STATE_FILE}"
+        + ("" if options.multitask else f" or {ORIGINAL_STATE_FILE}") + "); pass --overwrite to replace it, or move it away"
+    )
+
+
+def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target: Path, overwrite: bool) -> None:
+    """Write the checkpoint folder (model, multitask heads, tokenizer, training_state.json) atomically;
+    an existing folder is replaced only with ``overwrite``."""
     from safetensors.torch import save_file
 
     def write(folder: Path) -> None:
@@ -332,13 +363,14 @@ def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target
         else:
             save_pretrained_safetensors(model, folder)
         tokenizer.save_pretrained(folder)
-        write_json_atomic(folder / "training_state.json", {"best_epoch": training["best_epoch"], "history": training["history"]})
+        write_json_atomic(folder / STATE_FILE, {"best_epoch": training["best_epoch"], "history": training["history"]})
 
-    write_folder_atomic(target, write, overwrite=True)
+    write_folder_atomic(target, write, overwrite=overwrite)
 
 
-def load_trained(model_dir: Path, rows: dict[str, dict]):
-    """A checkpoint written by save_trained (single-task classifier or multitask encoder + heads)."""
+def load_trained(model_dir: Path, rows: dict[str, dict], allow_pickle: bool = False):
+    """A checkpoint written by save_trained (single-task classifier or multitask encoder + heads), or a
+    single-task checkpoint of the original code (pickled weights need ``allow_pickle``)."""
     if (model_dir / "multitask_heads.safetensors").is_file():
         from safetensors.torch import load_file
         from transformers import AutoModel
@@ -348,11 +380,13 @@ def load_trained(model_dir: Path, rows: dict[str, dict]):
         for task, head in model.heads.items():
             head.load_state_dict({name: heads[f"{task}.{name}"] for name in head.state_dict()})
         return model
-    return load_classifier(model_dir)
+    return load_classifier(model_dir, allow_pickle=allow_pickle)
 
 
 def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device, run: int) -> dict:
     """Train (or reuse) run ``run`` (seed + run) and write its checkpoint and result JSON; returns the result."""
+    import shutil
+
     tasks = list(options.tasks)
     short = model_short_name(options.language_model_name)
     rows = {task: task_info(config, task) for task in tasks}
@@ -364,23 +398,30 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
     set_random_seed(seed)
     encoded = {task: {split: encode_split(tokenizer, data[task][split], rows[task], options.max_seq_length) for split in data[task]} for task in tasks}
     train_set = ConcatDataset([encoded[task]["train"] for task in tasks]) if len(tasks) > 1 else encoded[tasks[0]]["train"]
-    train_loader = make_loader(train_set, tokenizer, options.batch_size, shuffle=True, seed=seed, group_by_length=options.group_by_length)
     eval_loaders = {split: {task: make_loader(encoded[task][split], tokenizer, options.batch_size, shuffle=False) for task in tasks}
                     for split in ("validation", "test")}
     started = time.time()
-    reused = model_dir.is_dir() and (model_dir / "training_state.json").is_file() and not options.overwrite
-    if reused:
-        model = load_trained(model_dir, rows)
-        training = {"reused_checkpoint": str(model_dir)}
+    existing = existing_checkpoint(model_dir, options)
+    trainer = None
+    if existing is not None:
+        model = load_trained(model_dir, rows, allow_pickle=options.allow_pickle)
+        training = {"reused_checkpoint": str(model_dir), "written_by": "train_plms_glue.py" if existing == "ours" else "original MergeLM"}
     else:
+        if len(train_set) == 0:
+            raise ValueError("no training steps: the train split is empty")
         model = build_model(options, rows)
-        settings = TrainingSettings(
-            learning_rate=learning_rate,
-            num_epochs=options.num_epochs,
-            **{key: config["training"][key] for key in ("warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")},
-            progress=options.progress,
-        )
-        training = train_model(model, train_loader, eval_loaders["validation"], rows, settings, device)
+        # The Trainer's epoch checkpoints: a working folder of this run, removed when the run ends.
+        work_dir = model_dir.parent / f".{model_dir.name}.trainer-{os.getpid()}"
+        arguments = training_arguments(options, config, learning_rate, seed, work_dir, device)
+        try:
+            training = train_with_trainer(model, tokenizer, train_set, {task: encoded[task]["validation"] for task in tasks}, rows, arguments)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        trainer = training.pop("trainer")
+        model = trainer.model
+        training["training_arguments"] = json.loads(arguments.to_json_string())
+    if trainer is not None and not trainer.is_world_process_zero():
+        return {}
     model.to(device)
     test = {task: evaluate_task(model, loader, rows[task], device, progress=options.progress, description=f"test {task}")
             for task, loader in eval_loaders["test"].items()}
@@ -397,22 +438,29 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
         "wall_time_s": time.time() - started,
         "checkpoint": str(model_dir),
     }
-    if not reused:
-        save_trained(model, tokenizer, rows, training, model_dir)
+    if existing is None:
+        save_trained(model, tokenizer, rows, training, model_dir, overwrite=options.overwrite)
     write_json_atomic(result_path, result)
     return result
 
 
 def run_training(options: TrainOptions, config: dict, device) -> list[dict]:
-    """Load the tasks' splits and the tokenizer once, then train every run; prints each run's test metrics."""
+    """Check every run's checkpoint folder (refuse folders this project did not write before training
+    anything), load the tasks' splits and the tokenizer once, then train every run; prints each run's
+    test metrics."""
     from transformers import AutoTokenizer
 
+    short = model_short_name(options.language_model_name)
+    learning_rate = task_learning_rate(config, short, options.tasks[-1], options.learning_rate)
+    for run in range(options.num_runs):
+        existing_checkpoint(checkpoint_dir(options.save_dir, list(options.tasks), checkpoint_name(short, learning_rate, run)), options)
     data = {task: load_task_splits(task, config, options.glue_dir, max_train_samples=options.max_train_samples,
                                    max_eval_samples=options.max_eval_samples) for task in options.tasks}
     tokenizer = AutoTokenizer.from_pretrained(options.language_model_name)
     results = []
     for run in range(options.num_runs):
         result = train_run(options, config, data, tokenizer, device, run)
-        print(f"run {run}: test " + ", ".join(f"{task}: {m}" for task, m in result["test_metrics"].items()))
+        if result:
+            print(f"run {run}: test " + ", ".join(f"{task}: {m}" for task, m in result["test_metrics"].items()))
         results.append(result)
     return results
