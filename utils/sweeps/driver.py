@@ -1,0 +1,212 @@
+"""Plan, run and inspect a sweep: expansion, flag check, resume, batching into blocks, launch, status.
+
+Resume: a setting is done when its record (``<folder>/sweep_record.json``) says ``done`` and the
+recorded resolved config equals the one the script's parser gives now; done settings are skipped unless
+``force``. Any other setting (no record, failed, or a changed flag/default) runs again.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils.sweeps import launchers
+from utils.sweeps.parsing import resolve
+from utils.sweeps.runner import Block, SettingRun, record_path
+from utils.sweeps.spec import Setting, SweepError, SweepSpec, expand, flags_to_argv, load_spec
+
+
+@dataclass
+class PlannedSetting:
+    setting: Setting
+    resolved_config: dict[str, Any]
+    argv: list[str]
+    state: str = "pending"  # done / failed / stale / pending
+    record: dict | None = None
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    root: Path
+    settings: list[PlannedSetting] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"done": 0, "failed": 0, "pending": 0}
+        for item in self.settings:
+            counts["pending" if item.state == "stale" else item.state] += 1
+        return counts
+
+
+def read_record(folder: Path) -> dict | None:
+    path = record_path(folder)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan(spec_path: str | Path, output_root: str | Path | None = None) -> Plan:
+    """Expand the sweep, check every setting with the script's parser, and read existing records."""
+    spec = load_spec(spec_path)
+    settings = expand(spec, output_root)
+    root = Path(output_root if output_root is not None else spec.output_root)
+    result = Plan(spec, root)
+    cache: dict = {}
+    for setting in settings:
+        argv = setting.argv(spec.output_flag)
+        flags = dict(setting.flags)
+        if spec.output_flag:
+            flags[spec.output_flag] = str(setting.folder)
+        where = f"sweep '{spec.name}' setting {setting.id} ({_describe(setting)})"
+        resolved = resolve(spec.module(), flags, where, cache)
+        item = PlannedSetting(setting, resolved, argv)
+        record = read_record(setting.folder)
+        if record is not None:
+            item.record = record
+            if record.get("status") == "done":
+                item.state = "done" if record.get("resolved_config") == resolved else "stale"
+            elif record.get("status") == "failed":
+                item.state = "failed"
+        result.settings.append(item)
+    if spec.batch:
+        _check_batch_flags(spec, result, cache)
+    return result
+
+
+def _describe(setting: Setting) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.varying.items()) or setting.id
+
+
+def _check_batch_flags(spec: SweepSpec, sweep_plan: Plan, cache: dict) -> None:
+    """The script must have each batch list flag (checked on one batched call)."""
+    first = sweep_plan.settings[0].setting
+    flags = {**first.flags, **{list_flag: [first.flags[flag]] for flag, list_flag in spec.batch.items()}}
+    resolve(spec.module(), flags, f"sweep '{spec.name}' batch {spec.batch}", cache)
+
+
+def product_blocks(points: list[tuple], axes: int) -> list[list[list]]:
+    """Partition distinct value tuples into blocks that are full Cartesian products.
+
+    Returns, per block, the list of values of each axis; the blocks' products are disjoint and cover
+    ``points`` exactly (so one batched call per block runs each setting once)."""
+    if axes == 1:
+        return [[sorted({point[0] for point in points}, key=_order)]]
+    rests: dict[Any, set] = {}
+    for point in points:
+        rests.setdefault(point[0], set()).add(point[1:])
+    clusters: dict[frozenset, list] = {}
+    for value, rest in rests.items():
+        clusters.setdefault(frozenset(rest), []).append(value)
+    blocks = []
+    for rest, firsts in clusters.items():
+        for sub in product_blocks(sorted(rest, key=_order), axes - 1):
+            blocks.append([sorted(firsts, key=_order), *sub])
+    return blocks
+
+
+def _order(value):
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def make_blocks(spec: SweepSpec, items: list[PlannedSetting], cwd: str) -> list[Block]:
+    """One block per setting, or (with ``batch``) one per product of batched values sharing other flags."""
+    def single(item: PlannedSetting) -> SettingRun:
+        return SettingRun(item.setting.id, str(item.setting.folder), item.setting.flags, item.setting.labels,
+                          item.argv, item.resolved_config)
+
+    if not spec.batch:
+        return [Block(spec.name, spec.module(), item.argv, [single(item)], cwd) for item in items]
+    batched = list(spec.batch)
+    groups: dict[str, list[PlannedSetting]] = {}
+    for item in items:
+        rest = {k: v for k, v in item.setting.flags.items() if k not in batched}
+        groups.setdefault(_order(rest), []).append(item)
+    blocks = []
+    for members in groups.values():
+        decoded = {_order(m.setting.flags[flag]): m.setting.flags[flag] for m in members for flag in batched}
+        by_point = {tuple(_order(m.setting.flags[flag]) for flag in batched): m for m in members}
+        for block_axes in product_blocks(list(by_point), len(batched)):
+            covered = [by_point[point] for point in itertools.product(*block_axes)]
+            first = covered[0].setting
+            flags = {k: v for k, v in first.flags.items() if k not in batched}
+            if spec.output_flag:
+                flags[spec.output_flag] = str(first.folder)
+            for flag, axis_values in zip(batched, block_axes):
+                flags[spec.batch[flag]] = [decoded[value] for value in axis_values]
+            blocks.append(Block(spec.name, spec.module(), flags_to_argv(flags), [single(m) for m in covered], cwd))
+    return blocks
+
+
+@dataclass
+class RunOptions:
+    launcher: str = "local"
+    force: bool = False
+    workers: int | None = None
+    slurm: launchers.SlurmOptions | None = None
+    ray_address: str | None = None
+    ray_num_cpus: float | None = None
+    ray_num_gpus: float | None = None
+    ray_local_cpus: int | None = None
+    dry_run: bool = False
+
+
+def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | None = None, echo=print) -> Plan:
+    """Run the sweep's settings that are not done (all with ``force``); returns the updated plan."""
+    sweep_plan = plan(spec_path, output_root)
+    spec = sweep_plan.spec
+    todo = [item for item in sweep_plan.settings if options.force or item.state != "done"]
+    skipped = len(sweep_plan.settings) - len(todo)
+    blocks = make_blocks(spec, todo, os.getcwd())
+    echo(f"sweep {spec.name}: {len(sweep_plan.settings)} settings, {skipped} done and skipped, {len(todo)} to run "
+         f"in {len(blocks)} call(s) ({options.launcher})")
+    if options.dry_run or not blocks:
+        for block in blocks:
+            echo(f"  python {spec.script} " + " ".join(block.argv))
+        return sweep_plan
+    by_id = {item.setting.id: item for item in sweep_plan.settings}
+
+    def report(records: list[dict]) -> None:
+        for record in records:
+            item = by_id[record["id"]]
+            item.record, item.state = record, record["status"]
+            line = f"  {record['status']:6s} {record['id']} {_describe(item.setting)} ({record['wall_time_s']:.1f} s)"
+            if record["status"] != "done":
+                last = (record["error"] or "").strip().splitlines()
+                line += f", exit status {record['exit_status']}" + (f": {last[-1]}" if last else "")
+            echo(line)
+
+    if options.launcher == "local":
+        launchers.run_local(blocks, options.workers or spec.local.workers, report)
+    elif options.launcher == "slurm":
+        slurm = options.slurm or launchers.SlurmOptions()
+        folder = sweep_plan.root / ".submitit"
+        ids = launchers.run_slurm(blocks, slurm, folder, spec.name, report)
+        echo(f"submitted {len(ids)} job(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}; logs in {folder}")
+    elif options.launcher == "ray":
+        launchers.run_ray(blocks, options.ray_address if options.ray_address is not None else spec.ray.address,
+                          options.ray_num_cpus if options.ray_num_cpus is not None else spec.ray.num_cpus,
+                          options.ray_num_gpus if options.ray_num_gpus is not None else spec.ray.num_gpus, report,
+                          local_cpus=options.ray_local_cpus)
+    else:
+        raise SweepError(f"unknown launcher '{options.launcher}' (local, slurm, ray)")
+    return sweep_plan
+
+
+def status_text(sweep_plan: Plan, lines: int = 5) -> str:
+    """done / failed / pending counts and the last lines of every failure."""
+    counts = sweep_plan.counts()
+    stale = sum(item.state == "stale" for item in sweep_plan.settings)
+    out = [f"sweep {sweep_plan.spec.name} ({sweep_plan.root}): {len(sweep_plan.settings)} settings: "
+           f"{counts['done']} done, {counts['failed']} failed, {counts['pending']} pending"
+           + (f" ({stale} of them done with a different resolved config)" if stale else "")]
+    for item in sweep_plan.settings:
+        if item.state == "failed":
+            record = item.record or {}
+            out.append(f"failed {item.setting.id} [{_describe(item.setting)}] exit status {record.get('exit_status')}, log {record.get('log')}:")
+            error = (record.get("error") or "").rstrip().splitlines()[-lines:]
+            out += [f"    {line}" for line in error]
+    return "\n".join(out)
