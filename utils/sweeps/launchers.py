@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -79,11 +80,25 @@ def run_slurm(blocks: list[Block], options: SlurmOptions, folder: Path, name: st
     elif options.gpus_per_node:
         parameters["gpus_per_node"] = options.gpus_per_node
     executor.update_parameters(**parameters)
-    jobs = executor.map_array(run_block, blocks)
+    with _repository_on_pythonpath():  # the job unpickles run_block: it must import utils.sweeps
+        jobs = executor.map_array(run_block, blocks)
     if options.wait or options.cluster == "debug":
         for job in jobs:
             report(job.result())
     return [str(job.job_id) for job in jobs]
+
+
+@contextlib.contextmanager
+def _repository_on_pythonpath():
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), previous]))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:

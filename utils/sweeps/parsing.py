@@ -45,7 +45,6 @@ def load_parser(module_name: str, argv: list[str]) -> argparse.ArgumentParser:
     else:
         parser = build()
     parser.error = _raise  # report instead of printing usage and exiting
-    parser.exit_on_error = False
     return parser
 
 
