@@ -8,12 +8,14 @@ and, with --use_weight_rescale, divides the kept ones by (1 − p). DARE = rando
 random without rescale. Heads (regex .*classifier.*) are left untouched. Masks are seeded by --seed.
 Writes save_model_results/<task>/<name>/<name>.json, with the original's name:
   <lm>_lr<lr>_inference_mask_<p>[_rescale_<bool>][_strategy_magnitude][_weight_format_finetuned_weight][_seed<s>]
+--weight_mask_rates / --seeds evaluate several rates / mask seeds of one variant from one load of the
+weights; each (rate, seed) writes the file, with the config, of a call with that single rate and seed.
 """
 from __future__ import annotations
 
 import argparse
 
-from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, resolve_device
+from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, drop_rate, resolve_device
 from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
 from utils.glue.inference import InferenceOptions, run_inference
 
@@ -25,6 +27,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=config["training"]["batch_size"], help="evaluation batch size")
     add_dare_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    parser.add_argument("--weight_mask_rates", type=drop_rate, nargs="+", default=None,
+                        help="several drop rates evaluated from one load (replaces --weight_mask_rate)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several mask seeds evaluated from one load (replaces --seed)")
     parser.add_argument("--learning_rate", type=float, default=None, help="learning rate in the checkpoint name (default: the config's table)")
     parser.add_argument("--eval_splits", nargs="+", choices=["validation", "test"], default=["test"], help="splits to evaluate (test = GLUE dev)")
     parser.add_argument("--max_seq_length", type=int, default=config["training"]["max_seq_length"], help="truncation length in tokens")
@@ -39,6 +44,8 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         seed=args.seed, eval_splits=tuple(args.eval_splits), learning_rate=args.learning_rate, batch_size=args.batch_size,
         max_seq_length=args.max_seq_length, max_eval_samples=args.max_eval_samples, glue_dir=args.glue_dir,
         save_dir=args.save_dir, allow_pickle=args.allow_pickle, progress=not args.no_progress, flags=dict(vars(args)),
+        batch_rates=tuple(args.weight_mask_rates) if args.weight_mask_rates else None,
+        batch_seeds=tuple(args.seeds) if args.seeds else None, batch_flags=("weight_mask_rates", "seeds"),
     )
 
 

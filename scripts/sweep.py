@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.cli import HelpFormatter  # noqa: E402
-from utils.sweeps import RunOptions, SlurmOptions, SweepError, plan, run, status_text  # noqa: E402
+from utils.sweeps import RunOptions, SlurmOptions, SweepError, load_spec, parse_overrides, plan, run, status_text  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (run_parser, status_parser):
         sub.add_argument("sweep", help="sweep YAML file")
         sub.add_argument("--output_root", default=None, help="folder of the settings' folders (default: the sweep's output_root)")
+        sub.add_argument("--set", action="append", default=None, metavar="FLAG=VALUE",
+                         help="set a fixed flag of the script (value read as YAML; repeatable), e.g. --set save_dir=runs")
     status_parser.add_argument("--lines", type=int, default=5, help="last log lines shown per failure")
     run_parser.add_argument("--launcher", choices=["local", "slurm", "ray"], default="local", help="where settings run")
     run_parser.add_argument("--force", action="store_true", help="rerun settings that are already done")
@@ -58,11 +60,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "status":
-            print(status_text(plan(args.sweep, args.output_root), lines=args.lines))
+            print(status_text(plan(args.sweep, args.output_root, parse_overrides(args.set)), lines=args.lines))
             return 0
-        from utils.sweeps import load_spec
-
-        defaults = load_spec(args.sweep).slurm
+        overrides = parse_overrides(args.set)
+        defaults = load_spec(args.sweep, overrides).slurm
         pick = lambda flag, default: default if flag is None else flag  # noqa: E731
         options = RunOptions(
             launcher=args.launcher, force=args.force, workers=args.workers, dry_run=args.dry_run,
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                                array_parallelism=pick(args.array_parallelism, defaults.array_parallelism),
                                additional_parameters=defaults.additional_parameters,
                                cluster=None if args.slurm_cluster == "slurm" else args.slurm_cluster, wait=args.wait),
-            ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus)
+            ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus, overrides=overrides)
         result = run(args.sweep, options, args.output_root)
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)

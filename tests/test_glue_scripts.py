@@ -94,6 +94,27 @@ def test_inference_plain_dare_and_variants(ws):
     assert (ws.save / "save_model_results" / "stsb" / name / f"{name}.json").is_file()
 
 
+def test_inference_batch_of_rates_and_seeds_equals_single_calls(ws, tmp_path):
+    """--weight_mask_rates / --seeds load once and write, per (rate, seed), what a single call writes."""
+    save = tmp_path / "batch"
+    save.mkdir()
+    (save / "save_models").symlink_to(ws.save / "save_models", target_is_directory=True)
+    flags = ["--dataset_names", "mrpc", "--use_weight_rescale", *ws.common[:-2]]
+    batched = inference_main([*flags, "--weight_mask_rates", "0.0", "0.3", "0.9", "--seeds", "0", "2", "--save_dir", str(save)])
+    assert [(p["config"]["weight_mask_rate"], p["config"]["seed"]) for p in batched] == [(0.0, 0), (0.0, 2), (0.3, 0), (0.3, 2), (0.9, 0), (0.9, 2)]
+    assert all(p["config"]["weight_mask_rates"] is None and p["config"]["seeds"] is None for p in batched)
+    for payload in batched[2:]:
+        rate, seed = payload["config"]["weight_mask_rate"], payload["config"]["seed"]
+        single = inference_main([*flags, "--weight_mask_rate", str(rate), "--seed", str(seed), "--save_dir", str(ws.save)])[0]
+        assert payload["metrics"] == single["metrics"]
+        assert {k: v for k, v in payload["config"].items() if k not in ("save_dir", "checkpoint")} == \
+            {k: v for k, v in single["config"].items() if k not in ("save_dir", "checkpoint")}
+        name = f"{NAME}_inference_mask_{rate}_rescale_True" + (f"_seed{seed}" if seed else "")
+        assert read_json(save / "save_model_results" / "mrpc" / name / f"{name}.json")["metrics"] == single["metrics"]
+    assert batched[0]["metrics"] == batched[1]["metrics"]  # p = 0: the fine-tuned model, whatever the seed
+    assert batched[2]["metrics"] != batched[3]["metrics"]  # different masks
+
+
 def test_merge_average_matches_manual_average(ws):
     args = ["--dataset_names", "mrpc", "stsb", "--merging_method_name", "average_merging", "--merge_grid", "none",
             "--select_on", "test", "--save_dir", str(ws.save), *ws.common[:-2]]

@@ -202,3 +202,16 @@ def test_ray_local_cluster(workdir):
     result = run(path, RunOptions(launcher="ray", ray_local_cpus=1))
     assert result.counts() == {"done": 1, "failed": 1, "pending": 0}
     assert (workdir / "res" / "toy_x1.0_seed0_a.json").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_expand_and_pass_their_scripts_parsers(path, tmp_path):
+    """Every shipped sweep is valid: its flags are the script's, its settings do not collide, its batches exist."""
+    result = plan(path, output_root=tmp_path)
+    assert result.counts()["pending"] == len(result.settings) > 0
+    from utils.sweeps.driver import make_blocks
+
+    blocks = make_blocks(result.spec, result.settings, str(tmp_path))
+    assert sum(len(block.settings) for block in blocks) == len(result.settings)
+    if path.stem == "minilm_mrpc_drop":  # 8 rates × 3 seeds × 3 variants, p = 0 once: 3 calls
+        assert len(result.settings) == 66 and len(blocks) == 3

@@ -6,16 +6,21 @@ With a drop rate p > 0 every non-head parameter is replaced by
 where M drops entries (random: Bernoulli(p) per entry; magnitude: the int(n·p) smallest |x| per tensor)
 and, with rescaling, divides the kept ones by (1 − p) (model_merging_methods.dare_state_dict). Heads
 (the config's exclude regex) are left untouched. Masks are seeded by the run's seed.
+
+Several (rate, seed) settings of one variant can be evaluated from one load of each task's checkpoint and
+of the base (``batch_rates`` / ``batch_seeds``; utils/glue/dropping.py): each setting writes the result
+file, with the config, that a call with that single rate and seed writes, and the same metrics.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from model_merging_methods import DareOptions, dare_state_dict
-from utils.cli import dare_suffix, set_random_seed
+from model_merging_methods import DareOptions
+from utils.cli import dare_suffix
 from utils.glue.checkpoints import check_head, load_classifier, model_result_path, task_checkpoint
 from utils.glue.data import load_task_splits, task_info
+from utils.glue.dropping import DropSetting, drop_settings, evaluate_drop_settings
 from utils.glue.search import check_same_architecture
 from utils.glue.training import encode_split, evaluate_task, make_loader
 from utils.records import library_versions, write_json_atomic
@@ -39,6 +44,14 @@ class InferenceOptions:
     allow_pickle: bool
     progress: bool
     flags: dict
+    batch_rates: tuple[float, ...] | None = None  # several drop rates from one load (replace dare.drop_rate)
+    batch_seeds: tuple[int, ...] | None = None  # several mask seeds from one load (replace seed)
+    batch_flags: tuple[str, ...] = ()  # names of the list flags in ``flags``, recorded as None per setting
+
+    def settings(self) -> list[DropSetting]:
+        rates = list(self.batch_rates) if self.batch_rates else [self.dare.drop_rate]
+        seeds = list(self.batch_seeds) if self.batch_seeds else [self.seed]
+        return drop_settings(rates, seeds, self.dare.rescale, self.dare.strategy, self.dare.weight_format)
 
 
 def result_name(checkpoint: str, dare: DareOptions, seed: int) -> str:
@@ -59,31 +72,43 @@ def run_inference(options: InferenceOptions, config: dict, device) -> list[dict]
         checkpoint = task_checkpoint(options.save_dir, config, options.language_model_name, task, options.learning_rate)
         check_head(AutoConfig.from_pretrained(str(checkpoint)), checkpoint, task, row)
         jobs.append((task, row, data, checkpoint))
+    settings = options.settings()
     outputs = []
     for task, row, data, checkpoint in jobs:
         started = time.time()
         model = load_classifier(checkpoint, allow_pickle=options.allow_pickle)
-        if options.dare.drop_rate > 0.0:
+        base = None
+        if any(setting.options.drop_rate > 0.0 for setting in settings):
             base = load_classifier(options.language_model_name, allow_pickle=options.allow_pickle, num_labels=row["num_labels"]).state_dict()
             check_same_architecture(base, model.state_dict(), options.language_model_name, str(checkpoint), exclude)
-            set_random_seed(options.seed)
-            model.load_state_dict(dare_state_dict(model.state_dict(), base, options.dare, seed=options.seed, model_index=0, exclude_regex=exclude))
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        metrics = {}
-        for split in options.eval_splits:
-            loader = make_loader(encode_split(tokenizer, data[split], row, options.max_seq_length), tokenizer, options.batch_size, shuffle=False)
-            metrics[split] = evaluate_task(model.to(device), loader, row, device, progress=options.progress, description=f"{split} {task}")
-        name = result_name(checkpoint.name, options.dare, options.seed)
-        payload = {
-            "script": "inference_plms_glue.py",
-            "config": {**options.flags, "task": task, "checkpoint": str(checkpoint), "exclude_param_names_regex": exclude},
-            "seeds": {"mask_seed": options.seed, "split_seed": config["splits"]["split_seed"]},
-            "versions": library_versions(),
-            "num_examples": {split: len(data[split]) for split in options.eval_splits},
-            "metrics": metrics,
-            "wall_time_s": time.time() - started,
-        }
-        path = write_json_atomic(model_result_path(options.save_dir, [task], name), payload)
-        print(f"{task} {name}: " + "; ".join(f"{split} {m}" for split, m in metrics.items()) + f" -> {path}")
-        outputs.append(payload)
+        loaders = {split: make_loader(encode_split(tokenizer, data[split], row, options.max_seq_length), tokenizer, options.batch_size, shuffle=False)
+                   for split in options.eval_splits}
+        model.to(device)
+        load_seconds = time.time() - started
+
+        def evaluate(dropped) -> dict:
+            return {split: evaluate_task(dropped, loader, row, device, progress=options.progress, description=f"{split} {task}")
+                    for split, loader in loaders.items()}
+
+        started = time.time()
+        for setting, metrics in evaluate_drop_settings(model, base, settings, evaluate, exclude):
+            name = result_name(checkpoint.name, setting.options, setting.seed)
+            flags = {**options.flags, "weight_mask_rate": setting.options.drop_rate, "seed": setting.seed,
+                     **{flag: None for flag in options.batch_flags}}
+            payload = {
+                "script": "inference_plms_glue.py",
+                "config": {**flags, "task": task, "checkpoint": str(checkpoint), "exclude_param_names_regex": exclude},
+                "seeds": {"mask_seed": setting.seed, "split_seed": config["splits"]["split_seed"]},
+                "versions": library_versions(),
+                "num_examples": {split: len(data[split]) for split in options.eval_splits},
+                "metrics": metrics,
+                "wall_time_s": time.time() - started + (load_seconds if len(settings) == 1 else 0.0),
+            }
+            if len(settings) > 1:
+                payload["batch"] = {"settings": len(settings), "load_seconds": load_seconds}
+            path = write_json_atomic(model_result_path(options.save_dir, [task], name), payload)
+            print(f"{task} {name}: " + "; ".join(f"{split} {m}" for split, m in metrics.items()) + f" -> {path}")
+            outputs.append(payload)
+            started = time.time()
     return outputs

@@ -11,6 +11,7 @@ _EXPORTS = {
     "Plan": "driver", "RunOptions": "driver", "plan": "driver", "run": "driver", "status_text": "driver",
     "SlurmOptions": "launchers",
     "Setting": "spec", "SweepError": "spec", "SweepSpec": "spec", "expand": "spec", "load_spec": "spec", "setting_id": "spec",
+    "parse_overrides": "spec",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -49,9 +49,10 @@ def read_record(folder: Path) -> dict | None:
         return None
 
 
-def plan(spec_path: str | Path, output_root: str | Path | None = None) -> Plan:
-    """Expand the sweep, check every setting with the script's parser, and read existing records."""
-    spec = load_spec(spec_path)
+def plan(spec_path: str | Path, output_root: str | Path | None = None, overrides: dict | None = None) -> Plan:
+    """Expand the sweep (``overrides``: fixed flags set from the command line), check every setting with
+    the script's parser, and read existing records."""
+    spec = load_spec(spec_path, overrides)
     settings = expand(spec, output_root)
     root = Path(output_root if output_root is not None else spec.output_root)
     result = Plan(spec, root)
@@ -152,11 +153,12 @@ class RunOptions:
     ray_num_gpus: float | None = None
     ray_local_cpus: int | None = None
     dry_run: bool = False
+    overrides: dict | None = None
 
 
 def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | None = None, echo=print) -> Plan:
     """Run the sweep's settings that are not done (all with ``force``); returns the updated plan."""
-    sweep_plan = plan(spec_path, output_root)
+    sweep_plan = plan(spec_path, output_root, options.overrides)
     spec = sweep_plan.spec
     todo = [item for item in sweep_plan.settings if options.force or item.state != "done"]
     skipped = len(sweep_plan.settings) - len(todo)

@@ -217,8 +217,23 @@ def setting_id(script: str, flags: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep file; SweepError names the file and the failing keys."""
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["flag=value", ...]`` (value read as YAML: 0.5, true, [a, b], null) as a dict of fixed flags."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep or not FLAG_NAME.match(name):
+            raise SweepError(f"--set {item!r}: expected flag=value (the flag without its leading --)")
+        try:
+            overrides[name] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise SweepError(f"--set {item!r}: value is not valid YAML: {error}") from error
+    return overrides
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``overrides`` replace or add fixed flags (``--set``).
+    SweepError names the file and the failing keys."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -228,6 +243,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SweepError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep file must be a mapping (name, script, fixed, axes, ...)")
+    if overrides:
+        data["fixed"] = {**(data.get("fixed") or {}), **overrides}
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as error:
