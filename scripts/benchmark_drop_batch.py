@@ -1,14 +1,14 @@
 """Speed-up of evaluating several DARE settings of one model from one load (--weight_mask_rates / --seeds).
 
-Runs the GLUE demo's DARE settings (configs/glue.yaml demo.drop_settings, the DARE entry: rates × mask
-seeds on the demo's drop task) on an already fine-tuned demo checkpoint, three ways:
+Runs the GLUE demo's DARE settings (configs/sweeps/minilm_mrpc_drop.yml, variant DARE, p > 0: rates × mask
+seeds of the MRPC model) on the demo's fine-tuned checkpoint, three ways:
   processes: one `python inference_plms_glue.py` process per setting (a sweep without batch);
   calls:     one main(argv) call per setting in this process (weights loaded per setting);
-  batched:   one main(argv) call with all rates and seeds (weights loaded once; what the sweep's batch does).
+  batched:   one main(argv) call with all rates and seeds (weights loaded once; the sweep's batch mode).
 and prints the wall time of each, per setting, and the speed-ups. The batched metrics must equal the
-per-setting ones (checked).
+per-setting ones (checked). Results go to a temporary folder (the demo's files are not touched).
 
-    python scripts/benchmark_drop_batch.py --save_dir save_glue_demo [--glue_dir DIR] [--skip_processes]
+    python scripts/benchmark_drop_batch.py [--save_dir save_glue_demo] [--glue_dir DIR] [--skip_processes]
 """
 from __future__ import annotations
 
@@ -26,28 +26,28 @@ if str(REPO) not in sys.path:
 
 from inference_plms_glue import main as inference_main  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
-from utils.glue.data import load_glue_config  # noqa: E402
+from utils.sweeps import expand, load_spec  # noqa: E402
+from utils.sweeps.spec import flags_to_argv  # noqa: E402
+
+SWEEP = REPO / "configs" / "sweeps" / "minilm_mrpc_drop.yml"
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--save_dir", default="save_glue_demo", help="the demo's output folder (with save_models/ and the model link)")
-    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(REPO.parent / "shared" / "data" / "glue")), help="local GLUE folder")
-    parser.add_argument("--config", default=None, help="GLUE config YAML (default: configs/glue.yaml)")
-    parser.add_argument("--device", default="cpu", help="device of the evaluation")
+    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default: the sweep file's)")
+    parser.add_argument("--device", default=None, help="device of the evaluation (default: the sweep file's)")
     parser.add_argument("--skip_processes", action="store_true", help="do not time one process per setting")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    demo = load_glue_config(args.config)["demo"]
-    variant = next(v for v in demo["drop_settings"] if v["name"] == "DARE")
-    rates, seeds = variant["weight_mask_rate"], variant["seeds"]
-    settings = [(rate, seed) for rate in rates for seed in seeds]
     save_dir = Path(args.save_dir)
-    common = ["--language_model_name", str(save_dir / demo["language_model"]), "--dataset_names", demo["drop_task"], "--glue_dir", args.glue_dir,
-              "--device", args.device, "--no_progress", "--batch_size", str(demo["batch_size"]), "--max_seq_length", str(demo["max_seq_length"]),
-              "--max_eval_samples", str(demo["max_eval_samples"]), "--learning_rate", str(demo["learning_rate"]), "--use_weight_rescale",
-              "--mask_strategy", variant["mask_strategy"], "--weight_format", variant["weight_format"]]
-    common += ["--config", args.config] if args.config else []
+    overrides = {"save_dir": str(save_dir), "language_model_name": str(save_dir / "all-MiniLM-L6-v2")}
+    overrides.update({k: v for k, v in (("glue_dir", args.glue_dir), ("device", args.device)) if v is not None})
+    settings = [s for s in expand(load_spec(SWEEP, overrides)) if s.labels.get("variant") == "DARE" and s.flags["weight_mask_rate"] > 0]
+    rates = sorted({s.flags["weight_mask_rate"] for s in settings})
+    seeds = sorted({s.flags["seed"] for s in settings})
+    common = flags_to_argv({k: v for k, v in settings[0].flags.items() if k not in ("weight_mask_rate", "seed", "save_dir")})
+    pairs = [(s.flags["weight_mask_rate"], s.flags["seed"]) for s in settings]
     with tempfile.TemporaryDirectory(prefix="drop_batch_") as scratch:
         # results go to scratch folders that see the demo's checkpoints (nothing of the demo is rewritten)
         folders = {}
@@ -58,13 +58,13 @@ def main(argv=None) -> dict:
         times, metrics = {}, {}
         if not args.skip_processes:
             started = time.perf_counter()
-            for rate, seed in settings:
+            for rate, seed in pairs:
                 command = [sys.executable, str(REPO / "inference_plms_glue.py"), *common, "--weight_mask_rate", str(rate), "--seed", str(seed),
                            "--save_dir", str(folders["processes"])]
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             times["processes"] = time.perf_counter() - started
         started = time.perf_counter()
-        for rate, seed in settings:
+        for rate, seed in pairs:
             payload = inference_main([*common, "--weight_mask_rate", str(rate), "--seed", str(seed), "--save_dir", str(folders["calls"])])[0]
             metrics[(rate, seed)] = payload["metrics"]
         times["calls"] = time.perf_counter() - started
@@ -75,10 +75,10 @@ def main(argv=None) -> dict:
         key = (payload["config"]["weight_mask_rate"], payload["config"]["seed"])
         if payload["metrics"] != metrics[key]:
             raise SystemExit(f"error: batched metrics differ from the single call's at rate {key[0]}, seed {key[1]}")
-    print(f"\nGLUE demo DARE settings: {demo['language_model']} on {demo['drop_task']}, rates {rates} × seeds {seeds} "
-          f"= {len(settings)} settings, {demo['max_eval_samples']} eval examples, device {args.device}")
+    print(f"\nGLUE demo DARE settings ({SWEEP.name}): rates {rates} × seeds {seeds} = {len(pairs)} settings, "
+          f"{settings[0].flags['max_eval_samples']} eval examples, device {settings[0].flags['device']}")
     for way, seconds in times.items():
-        print(f"  {way:9s} {seconds:7.1f} s total, {seconds / len(settings):6.2f} s per setting")
+        print(f"  {way:9s} {seconds:7.1f} s total, {seconds / len(pairs):6.2f} s per setting")
     print(f"  speed-up of batched: {times['calls'] / times['batched']:.2f}x over one call per setting"
           + (f", {times['processes'] / times['batched']:.2f}x over one process per setting" if "processes" in times else ""))
     print("  batched metrics identical to the per-setting calls: yes")

@@ -309,3 +309,38 @@ def test_train_never_deletes_a_folder_it_did_not_write(ws, tmp_path, capsys):
     # --overwrite retrains and replaces it
     train_main([*args, "--overwrite"])
     assert (folder / "training_state.json").is_file() and not (folder / "trainer_state.json").exists()
+
+
+def test_drop_sweep_with_batch_and_aggregation(ws, tmp_path, monkeypatch):
+    """A drop-rate sweep of inference_plms_glue.py (batched: one process per variant) and its aggregation."""
+    import yaml
+
+    from utils.aggregation import aggregate
+    from utils.sweeps import RunOptions, plan, run
+
+    monkeypatch.chdir(tmp_path)
+    save = tmp_path / "sweep_save"
+    save.mkdir()
+    (save / "save_models").symlink_to(ws.save / "save_models", target_is_directory=True)
+    fixed = {"language_model_name": str(ws.lm), "glue_dir": str(ws.glue), "device": "cpu", "no_progress": True, "learning_rate": 0.001,
+             "save_dir": str(save), "dataset_names": ["mrpc"]}  # ws.common[:-2] as flags
+    spec = {"name": "tiny_drop", "script": "inference_plms_glue.py", "output_root": "sweeps", "fixed": fixed,
+            "axes": {"variant": {"labels": ["DARE", "DropOnly"], "zip": {"use_weight_rescale": [True, False]}},
+                     "weight_mask_rate": [0.0, 0.5, 0.9]},
+            "seeds": [0, 1], "exclude": [{"weight_mask_rate": 0.0, "variant": "DropOnly"}],
+            "batch": {"weight_mask_rate": "weight_mask_rates", "seed": "seeds"}}
+    path = tmp_path / "tiny_drop.yml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    result = run(path, RunOptions(workers=1))
+    assert result.counts() == {"done": 10, "failed": 0, "pending": 0}
+    assert sorted(item.record["block_size"] for item in result.settings) == [4] * 4 + [6] * 6  # 2 calls
+    assert plan(path).counts()["done"] == 10
+    outputs = aggregate([save], tmp_path / "summary")
+    groups = [g for g in outputs.groups if g["is_main"] and g["kind"] == "drop"]
+    dare = next(g for g in groups if g["variant"] == "DARE" and g["drop_rate"] == 0.5)
+    assert dare["n"] == 2 and dare["seeds"] == [0, 1]
+    single = inference_main(["--dataset_names", "mrpc", "--use_weight_rescale", "--weight_mask_rate", "0.5", "--seed", "1",
+                             "--save_dir", str(ws.save), *ws.common[:-2]])[0]
+    swept = [r["value"] for r in outputs.rows if (r["variant"], r["drop_rate"], r["seed"], r["metric"]) == ("DARE", 0.5, 1, "averaged_scores")]
+    assert swept == [single["metrics"]["test"]["averaged_scores"]]
+    assert "| DropOnly |" in (tmp_path / "summary" / "tables.md").read_text() and (tmp_path / "summary" / "drop_rate.png").is_file()
