@@ -215,3 +215,18 @@ def test_shipped_sweeps_expand_and_pass_their_scripts_parsers(path, tmp_path):
     assert sum(len(block.settings) for block in blocks) == len(result.settings)
     if path.stem == "minilm_mrpc_drop":  # 8 rates × 3 seeds × 3 variants, p = 0 once: 3 calls
         assert len(result.settings) == 66 and len(blocks) == 3
+
+
+def test_set_overrides_fixed_flags(workdir):
+    from utils.sweeps import parse_overrides
+
+    path = sweep_file(workdir)
+    overrides = parse_overrides(["mode=b", "save_dir=elsewhere", "fail_at=null"])
+    assert overrides == {"mode": "b", "save_dir": "elsewhere", "fail_at": None}
+    result = plan(path, overrides=overrides)
+    assert all(item.resolved_config["mode"] == "b" and item.resolved_config["save_dir"] == "elsewhere" for item in result.settings)
+    assert {item.setting.id for item in result.settings}.isdisjoint({item.setting.id for item in plan(path).settings})
+    with pytest.raises(SweepError, match="expected flag=value"):
+        parse_overrides(["--mode b"])
+    with pytest.raises(SweepError, match="both fixed and varied"):
+        plan(path, overrides={"x": 1.0})
