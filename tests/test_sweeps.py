@@ -77,6 +77,7 @@ def test_expansion_cross_zip_range_seeds_exclude_and_stable_ids(tmp_path):
     ({"axes": {"v": {"zip": {"x": [1, 2], "mode": ["a"]}}}}, "zipped lists differ in length"),
     ({"exclude": [{"nothing": 1}]}, "which no axis varies"),
     ({"script": "../evil.py"}, "entry script at the repository root"),
+    ({"batch": {"x": "xs"}, "output_flag": "save_dir", "fixed": {}}, "batch and output_flag cannot be combined"),
 ])
 def test_bad_sweep_files_are_reported(tmp_path, overrides, message):
     with pytest.raises(SweepError, match=message):
@@ -230,3 +231,13 @@ def test_set_overrides_fixed_flags(workdir):
         parse_overrides(["--mode b"])
     with pytest.raises(SweepError, match="both fixed and varied"):
         plan(path, overrides={"x": 1.0})
+
+
+def test_output_flag_gives_each_setting_its_folder(workdir):
+    path = sweep_file(workdir, fixed={}, output_flag="save_dir", output="x{x}_seed{seed}", axes={"x": [1.0, 2.0]}, seeds=[0])
+    result = run(path, RunOptions(workers=1))
+    assert result.counts()["done"] == 2
+    for x in (1.0, 2.0):
+        folder = workdir / "out" / f"x{x}_seed0"
+        assert (folder / "sweep_record.json").is_file() and (folder / f"toy_x{x}_seed0_a.json").is_file()
+        assert json.loads((folder / "sweep_record.json").read_text())["resolved_config"]["save_dir"] == str(Path("out") / f"x{x}_seed0")

@@ -134,8 +134,6 @@ def make_blocks(spec: SweepSpec, items: list[PlannedSetting], cwd: str) -> list[
             covered = [by_point[point] for point in itertools.product(*block_axes)]
             first = covered[0].setting
             flags = {k: v for k, v in first.flags.items() if k not in batched}
-            if spec.output_flag:
-                flags[spec.output_flag] = str(first.folder)
             for flag, axis_values in zip(batched, block_axes):
                 flags[spec.batch[flag]] = [decoded[value] for value in axis_values]
             blocks.append(Block(spec.name, spec.module(), flags_to_argv(flags), [single(m) for m in covered], cwd))

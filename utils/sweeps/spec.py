@@ -285,6 +285,8 @@ def expand(spec: SweepSpec, output_root: str | Path | None = None) -> list[Setti
         unknown = [key for key in entry if key not in owners and key not in axis_names]
         if unknown:
             raise SweepError(f"sweep '{spec.name}': exclude entry {entry} names {unknown}, which no axis varies")
+    if spec.batch and spec.output_flag:
+        raise SweepError(f"sweep '{spec.name}': batch and output_flag cannot be combined (a batched call has one output folder)")
     for flag in spec.batch:
         if flag not in owners:
             raise SweepError(f"sweep '{spec.name}': batch flag '{flag}' is not varied by any axis")
