@@ -8,7 +8,7 @@ seeds of the MRPC model) on the demo's fine-tuned checkpoint, three ways:
 and prints the wall time of each, per setting, and the speed-ups. The batched metrics must equal the
 per-setting ones (checked). Results go to a temporary folder (the demo's files are not touched).
 
-    python scripts/benchmark_drop_batch.py [--save_dir save_glue_demo] [--glue_dir DIR] [--skip_processes]
+    python scripts/benchmark_drop_batch.py [--save_dir save_glue_demo] [--glue_dir DIR] [--skip_processes] [--rates 0.5 0.9]
 """
 from __future__ import annotations
 
@@ -38,12 +38,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default: the sweep file's)")
     parser.add_argument("--device", default=None, help="device of the evaluation (default: the sweep file's)")
     parser.add_argument("--skip_processes", action="store_true", help="do not time one process per setting")
+    parser.add_argument("--rates", type=float, nargs="+", default=None, help="time only these of the sweep's DARE rates (a busy machine)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     save_dir = Path(args.save_dir)
     overrides = {"save_dir": str(save_dir), "language_model_name": str(save_dir / "all-MiniLM-L6-v2")}
     overrides.update({k: v for k, v in (("glue_dir", args.glue_dir), ("device", args.device)) if v is not None})
-    settings = [s for s in expand(load_spec(SWEEP, overrides)) if s.labels.get("variant") == "DARE" and s.flags["weight_mask_rate"] > 0]
+    settings = [s for s in expand(load_spec(SWEEP, overrides)) if s.labels.get("variant") == "DARE" and s.flags["weight_mask_rate"] > 0
+                and (args.rates is None or s.flags["weight_mask_rate"] in args.rates)]
+    if not settings:
+        raise SystemExit(f"error: none of --rates {args.rates} is a DARE rate of {SWEEP}")
     rates = sorted({s.flags["weight_mask_rate"] for s in settings})
     seeds = sorted({s.flags["seed"] for s in settings})
     common = flags_to_argv({k: v for k, v in settings[0].flags.items() if k not in ("weight_mask_rate", "seed", "save_dir")})
