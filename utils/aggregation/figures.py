@@ -16,7 +16,7 @@ from pathlib import Path
 
 from utils.records import write_text_atomic
 from utils.aggregation.collect import AVERAGE
-from utils.aggregation.tables import METHOD_LABELS, METHOD_ORDER, VARIANT_ORDER, _order
+from utils.aggregation.tables import METHOD_LABELS, METHOD_ORDER, VARIANT_ORDER, sort_key
 
 COLORS = {"DARE": "tab:blue", "DropOnly": "tab:orange", "magnitude": "tab:green", "fine-tuned weights": "tab:red",
           "magnitude + rescale": "tab:olive", "fine-tuned weights (no rescale)": "tab:purple"}
@@ -58,7 +58,7 @@ def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title:
     for axis, (domain, model, task) in zip(axes[0], panels):
         members = [g for g in drops if (g["domain"], g["model"], g["task"]) == (domain, model, task)]
         baseline = next((g for g in members if g["variant"] == "fine-tuned"), None)
-        variants = sorted({g["variant"] for g in members if g["variant"] != "fine-tuned"}, key=lambda v: _order(v, VARIANT_ORDER))
+        variants = sorted({g["variant"] for g in members if g["variant"] != "fine-tuned"}, key=lambda v: sort_key(v, VARIANT_ORDER))
         for variant in variants:
             points = sorted((g for g in members if g["variant"] == variant), key=lambda g: g["drop_rate"])
             if baseline is not None:
@@ -101,7 +101,7 @@ def merge_figure(groups: list[dict], path: Path, split: str = "test", title: str
     sources: set[str] = set()
     for axis, (domain, model, tasks) in zip(axes[0], panels):
         members = [g for g in merges if (g["domain"], g["model"], g["tasks"]) == (domain, model, tasks)]
-        methods = sorted({g["method"] for g in members}, key=lambda m: _order(m, METHOD_ORDER))
+        methods = sorted({g["method"] for g in members}, key=lambda m: sort_key(m, METHOD_ORDER))
         positions = np.arange(len(methods))
         for offset, dare, color in ((-0.2, False, "tab:gray"), (0.2, True, "tab:blue")):
             cells = [next((g for g in members if g["method"] == m and g["dare"] == dare), None) for m in methods]

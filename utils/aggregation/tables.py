@@ -47,7 +47,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
     return result
 
 
-def _order(value, order: list[str]) -> tuple:
+def sort_key(value, order: list[str]) -> tuple:
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
@@ -118,7 +118,7 @@ def merge_tables(groups: list[dict], split: str = "test") -> list[Table]:
                 continue
             used += single
             rows.append([f"fine-tuned ({task})", *[fmt(single[0]) if column == task and single else "–" for column in columns]])
-        methods = sorted({g["method"] for g in members}, key=lambda m: _order(m, METHOD_ORDER))
+        methods = sorted({g["method"] for g in members}, key=lambda m: sort_key(m, METHOD_ORDER))
         for method in methods:
             for dare in (False, True):
                 cells = {g["task"]: g for g in members if g["method"] == method and g["dare"] == dare}
@@ -143,7 +143,7 @@ def drop_rate_tables(groups: list[dict], split: str = "test") -> list[Table]:
         members = [g for g in drops if (g["domain"], g["model"], g["task"]) == (domain, model, task)]
         rates = sorted({g["drop_rate"] for g in members})
         baseline = next((g for g in members if g["variant"] == "fine-tuned"), None)
-        variants = sorted({g["variant"] for g in members if g["variant"] != "fine-tuned"}, key=lambda v: _order(v, VARIANT_ORDER))
+        variants = sorted({g["variant"] for g in members if g["variant"] != "fine-tuned"}, key=lambda v: sort_key(v, VARIANT_ORDER))
         rows = []
         for variant in variants:
             cells = {g["drop_rate"]: g for g in members if g["variant"] == variant}
