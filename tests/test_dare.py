@@ -190,3 +190,34 @@ def test_dare_methods_take_their_rate_from_density_once():
     assert [d.drop_rate for d in dare] == [0.2, 0.2]                  # an explicit rate wins over density
     dare, options = resolve_dare(get_method("ties_merging"), MergeOptions(density=0.5), DareOptions(), 2)
     assert dare is None and options.density == 0.5                   # rate 0 everywhere: no DARE at all
+
+
+def test_drop_settings_from_one_load_match_single_calls_and_skip_identical_ones():
+    """utils/glue/dropping.py: each setting's weights are those of dare_state_dict on the kept fine-tuned
+    state; rate 0 and magnitude settings that differ only in the seed are evaluated once."""
+    from model_merging_methods import dare_state_dict
+    from utils.glue.dropping import drop_settings, evaluate_drop_settings
+
+    torch.manual_seed(0)
+    base = {"layer.weight": torch.randn(6, 5), "classifier.weight": torch.randn(2, 5)}
+    finetuned = {name: tensor + 0.1 * torch.randn_like(tensor) for name, tensor in base.items()}
+    model = torch.nn.Module()
+    model.layer, model.classifier = torch.nn.Linear(5, 6, bias=False), torch.nn.Linear(5, 2, bias=False)
+    model.load_state_dict(finetuned)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return {name: tensor.clone() for name, tensor in m.state_dict().items()}
+
+    for strategy, expected_calls in (("random", 5), ("magnitude", 3)):  # rate 0 once; magnitude once per rate
+        calls.clear()
+        settings = drop_settings([0.0, 0.3, 0.8], [0, 1], rescale=True, strategy=strategy, weight_format="delta_weight")
+        results = list(evaluate_drop_settings(model, base, settings, evaluate, [".*classifier.*"]))
+        assert len(results) == 6 and len(calls) == expected_calls
+        for setting, state in results:
+            expected = finetuned if setting.options.drop_rate == 0.0 else dare_state_dict(
+                finetuned, base, setting.options, seed=setting.seed, model_index=0, exclude_regex=[".*classifier.*"])
+            assert all(torch.equal(state[name], expected[name]) for name in finetuned)
+        assert torch.equal(results[2][1]["layer.weight"], results[3][1]["layer.weight"]) == (strategy == "magnitude")
+        assert all(torch.equal(model.state_dict()[name], finetuned[name]) for name in finetuned)  # restored
