@@ -37,13 +37,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--save_dir", default="save_glue_demo", help="the demo's output folder (with save_models/ and the model link)")
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default: the sweep file's)")
     parser.add_argument("--device", default=None, help="device of the evaluation (default: the sweep file's)")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluated examples (default: the sweep file's)")
     parser.add_argument("--skip_processes", action="store_true", help="do not time one process per setting")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="time only these of the sweep's DARE rates (a busy machine)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     save_dir = Path(args.save_dir)
     overrides = {"save_dir": str(save_dir), "language_model_name": str(save_dir / "all-MiniLM-L6-v2")}
-    overrides.update({k: v for k, v in (("glue_dir", args.glue_dir), ("device", args.device)) if v is not None})
+    overrides.update({k: v for k, v in (("glue_dir", args.glue_dir), ("device", args.device), ("max_eval_samples", args.max_eval_samples))
+                      if v is not None})
     settings = [s for s in expand(load_spec(SWEEP, overrides)) if s.labels.get("variant") == "DARE" and s.flags["weight_mask_rate"] > 0
                 and (args.rates is None or s.flags["weight_mask_rate"] in args.rates)]
     if not settings:
