@@ -29,13 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="results_summary", help="output folder")
     parser.add_argument("--split", default="test", help="split shown in tables and figures (test = GLUE dev)")
     parser.add_argument("--title", default=None, help="figure title")
+    parser.add_argument("--figure_metric", default=None, help="also draw drop_rate_<metric>.png for this metric (e.g. loss)")
     parser.add_argument("--quiet", action="store_true", help="do not print the tables")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    outputs = aggregate(args.paths, args.out, split=args.split, figure_title=args.title)
+    outputs = aggregate(args.paths, args.out, split=args.split, figure_title=args.title, figure_metric=args.figure_metric)
     for warning in outputs.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not outputs.rows:

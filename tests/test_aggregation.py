@@ -101,9 +101,9 @@ def test_groups_have_known_means_and_stds(results):
 
 def test_aggregate_writes_tables_figures_and_tidy_files(results, tmp_path):
     out = tmp_path / "summary"
-    outputs = aggregate([results], out)
+    outputs = aggregate([results], out, figure_metric="loss")
     for name in ("results_tidy.csv", "results_tidy.jsonl", "results_groups.csv", "tables.md", "tables.tex", "drop_rate.png",
-                 "merge.png", "drop_rate.sources.txt", "merge.sources.txt", "skipped.txt"):
+                 "merge.png", "drop_rate_loss.png", "drop_rate.sources.txt", "merge.sources.txt", "skipped.txt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "drop_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "results_tidy.csv", encoding="utf-8") as handle:

@@ -42,7 +42,7 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def aggregate(paths: Iterable[str | os.PathLike], out: str | os.PathLike, split: str = "test",
-              figure_title: str | None = None) -> AggregateOutputs:
+              figure_title: str | None = None, figure_metric: str | None = None) -> AggregateOutputs:
     collector = collect(paths)
     groups = group_rows(collector.rows)
     tables = all_tables(groups, split)
@@ -59,4 +59,8 @@ def aggregate(paths: Iterable[str | os.PathLike], out: str | os.PathLike, split:
         path = function(groups, out / f"{name}.png", split, figure_title)
         if path is not None:
             files[f"figure_{name}"] = path
+    if figure_metric:
+        path = drop_rate_figure(groups, out / f"drop_rate_{figure_metric}.png", split, figure_title, metric=figure_metric)
+        if path is not None:
+            files[f"figure_drop_rate_{figure_metric}"] = path
     return AggregateOutputs(collector.rows, groups, tables, collector.warnings, files)

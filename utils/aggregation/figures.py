@@ -47,8 +47,10 @@ def _save(figure, path: Path, sources: list[str]) -> Path:
     return path
 
 
-def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title: str | None = None) -> Path | None:
-    drops = [g for g in groups if g["kind"] == "drop" and g["is_main"] and g["split"] == split]
+def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title: str | None = None,
+                     metric: str | None = None) -> Path | None:
+    """``metric``: plot this metric (e.g. loss) instead of each task's main metric; values ×100 unless loss."""
+    drops = [g for g in groups if g["kind"] == "drop" and g["split"] == split and (g["metric"] == metric if metric else g["is_main"])]
     panels = sorted({(g["domain"], g["model"], g["task"]) for g in drops})
     if not panels:
         return None
@@ -64,8 +66,9 @@ def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title:
             if baseline is not None:
                 points = [baseline, *points]
             rates = [0.0 if g is baseline else g["drop_rate"] for g in points]
-            means = [100 * g["mean"] for g in points]
-            stds = [100 * g["std"] for g in points]
+            scale = 1.0 if metric == "loss" else 100.0
+            means = [scale * g["mean"] for g in points]
+            stds = [scale * g["std"] for g in points]
             color = COLORS.get(variant)
             axis.plot(rates, means, marker="o", markersize=3, label=variant, color=color)
             axis.fill_between(rates, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2, color=color)
@@ -74,7 +77,7 @@ def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title:
             axis.axhline(100 * baseline["mean"], color="gray", linestyle="--", label="fine-tuned")
             sources |= set(baseline["sources"])
         axis.set_xlabel("drop rate p")
-        axis.set_ylabel(f"{members[0]['metric']} ×100 ({split})")
+        axis.set_ylabel(f"{members[0]['metric']}{'' if metric == 'loss' else ' ×100'} ({split})")
         axis.set_title(f"{model} on {task}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
