@@ -155,3 +155,29 @@ def smallest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
         ties &= ties.cumsum(0) <= needed
     mask |= ties
     return mask.view(magnitudes.shape)
+
+
+def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
+    """The k-th smallest (1-based) of a flat, non-negative, finite float32 tensor, for every k in `ks`.
+
+    kth_smallest for several k at once: the histogram of the high 16 bits is built once and shared,
+    so q order statistics cost one full pass plus one pass per distinct high bin (no size limit, no sort)."""
+    n = values.numel()
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"k = {k} is outside [1, {n}]")
+    bits = values.detach().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    high = bits >> 16
+    cumulative = torch.bincount(high, minlength=1 << 15).cumsum(0)
+    positions = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype)).tolist()
+    low_cumulatives: dict[int, torch.Tensor] = {}
+    results = []
+    for k, high_bin in zip(ks, positions):
+        below = int(cumulative[high_bin - 1]) if high_bin > 0 else 0
+        if high_bin not in low_cumulatives:
+            low = bits[high == high_bin] & 0xFFFF
+            low_cumulatives[high_bin] = torch.bincount(low, minlength=1 << 16).cumsum(0)
+        low_bin = int(torch.searchsorted(low_cumulatives[high_bin], k - below))
+        pattern = torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32)
+        results.append(float(pattern.view(torch.float32)))
+    return results
