@@ -51,6 +51,17 @@ def test_tensor_statistics_closed_form():
     assert stats["quantiles"] == {"q0": 0.0, "q0.5": 0.0, "q0.9": pytest.approx(2.8), "q1": 4.0}
 
 
+def test_histogram_bins_are_quarter_powers_of_two():
+    from utils.analysis.statistics import Histogram
+
+    histogram = Histogram()
+    histogram.add(torch.tensor([0.0, 1.0, 1.1, 1.3, 2.0, 0.0, 1e-3]))
+    result = histogram.to_json()
+    assert result["exact_zeros"] == 2
+    assert result["bins"][1:] == [[1.0, 1.25, 2], [1.25, 1.5, 1], [2.0, 2.5, 1]]
+    assert result["bins"][0][0] <= 1e-3 < result["bins"][0][1] and result["bins"][0][2] == 1
+
+
 def test_unchanged_fraction_is_relative_to_the_base_and_constant_tensors_have_no_shape_moments():
     delta = torch.tensor([1e-7, 1e-3, 0.0, 1.0])
     stats = tensor_statistics(delta, torch.tensor([1.0, 1e4, 0.0, 1.0]), [0.5], 1e-6)
@@ -226,7 +237,9 @@ def test_outputs_tables_summaries_report_and_figures(llama_family, tmp_path, cap
     assert pairwise[0]["scope"] == "global" and float(pairwise[0]["cosine"]) == pytest.approx(
         analysis["pairwise"][0]["cosine"])
     histogram = analysis["models"][0]["histogram"]
-    assert sum(histogram["counts"]) + histogram["exact_zeros"] == analysis["models"][0]["global"]["numel"]
+    assert sum(b[2] for b in histogram["bins"]) + histogram["exact_zeros"] == analysis["models"][0]["global"]["numel"]
+    assert all(b[0] < b[1] <= c[0] for b, c in zip(histogram["bins"], histogram["bins"][1:]))
+    assert histogram["bins"][-1][0] <= analysis["models"][0]["global"]["max_abs"] < histogram["bins"][-1][1]
     assert not list(tmp_path.glob(".out.partial-*"))
 
 

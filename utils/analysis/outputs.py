@@ -13,7 +13,6 @@ from pathlib import Path
 from utils.records import write_folder_atomic
 
 from .grouping import KINDS
-from .statistics import histogram_edges
 
 FIGURES = {
     "layer_l2": "figures/layer_l2.png",
@@ -195,19 +194,27 @@ def write_figures(analysis: dict, folder: Path) -> dict[str, str]:
         axis.legend(fontsize="small")
         save(figure, "layer_cosine")
 
-    # |δ| histogram on log10 bins
-    edges = histogram_edges().numpy()
-    centres = (edges[:-1] + edges[1:]) / 2
+    # |δ| histogram, log10 scale: fraction of entries per decade (bins are 1/4 of a power of two)
     figure, axis = plt.subplots(figsize=(7, 4))
     for model in models:
-        counts = np.array(model["histogram"]["counts"], dtype=float)
-        total = counts.sum() + model["histogram"]["exact_zeros"]
-        axis.step(centres, counts / max(total, 1.0), where="mid",
-                  label=f"{model['label']} (exact zeros: {model['histogram']['exact_zeros'] / max(total, 1):.2%})")
+        bins, zeros = model["histogram"]["bins"], model["histogram"]["exact_zeros"]
+        total = max(sum(b[2] for b in bins) + zeros, 1)
+        edges, density = [], []
+        for lower, upper, count in bins:           # empty bins between listed ones are drawn at 0
+            low, high = math.log10(max(lower, 1e-45)), math.log10(upper)
+            if edges and edges[-1] < low:
+                density.append(np.nan)
+                edges.append(low)
+            elif not edges:
+                edges.append(low)
+            density.append(count / total / (high - low))
+            edges.append(high)
+        if density:
+            axis.stairs(density, edges, baseline=None, label=f"{model['label']} (exact zeros: {zeros / total:.2%})")
     axis.set_yscale("log")
     axis.set_xlabel("log10 |δ|")
-    axis.set_ylabel("fraction of entries")
-    axis.set_title("Distribution of |δ| (log scale)")
+    axis.set_ylabel("fraction of entries per decade")
+    axis.set_title("Distribution of |δ|")
     axis.legend(fontsize="small")
     save(figure, "histogram")
     return written

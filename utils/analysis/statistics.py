@@ -15,8 +15,7 @@ import torch
 from model_merging_methods.selection import order_statistics
 
 CHUNK = 1 << 22
-# |δ| histogram: fixed log10 bins shared by every tensor and model, so histograms add up exactly
-HIST_LOW, HIST_HIGH, HIST_BINS = -12.0, 4.0, 160
+HIST_SHIFT = 21  # |δ| histogram bins: float32 bit patterns >> 21 (shared by every tensor and model)
 
 
 class AnalysisError(ValueError):
@@ -49,28 +48,33 @@ def exact_quantiles(values: torch.Tensor, quantiles: list[float]) -> list[float]
             for lower, fraction in positions]
 
 
-def histogram_edges() -> torch.Tensor:
-    return torch.linspace(HIST_LOW, HIST_HIGH, HIST_BINS + 1, dtype=torch.float64)
+def histogram_edge(index: int) -> float:
+    """Lower edge of histogram bin `index`: the float32 whose bit pattern is index << HIST_SHIFT."""
+    return float(torch.tensor([index << HIST_SHIFT], dtype=torch.int32).view(torch.float32))
 
 
 @dataclass
 class Histogram:
-    """Counts of log10|δ| in the fixed bins (values outside go to the first/last bin), plus exact zeros."""
-    counts: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+    """Exact histogram of |δ| on float32 bit patterns: bin = bits >> HIST_SHIFT, i.e. 2^(23 − HIST_SHIFT)
+    = 4 bins per power of two (edges 2^e·{1, 1.25, 1.5, 1.75}), found with one shift and one bincount.
+    Exact zeros are counted apart (bin 0 would also hold subnormals)."""
+    counts: dict[int, int] = field(default_factory=dict)
     zeros: int = 0
 
     def add(self, absolute: torch.Tensor) -> None:
-        nonzero = absolute[absolute != 0]
-        self.zeros += absolute.numel() - nonzero.numel()
-        if nonzero.numel():
-            logs = torch.log10(nonzero.double()).clamp_(HIST_LOW, HIST_HIGH - 1e-12)
-            bins = ((logs - HIST_LOW) * (HIST_BINS / (HIST_HIGH - HIST_LOW))).long()
-            for index, count in enumerate(torch.bincount(bins.cpu(), minlength=HIST_BINS).tolist()):
-                self.counts[index] += count
+        bits = absolute.to(torch.float32).contiguous().view(torch.int32)
+        zeros = int((bits == 0).sum())
+        self.zeros += zeros
+        found = torch.bincount((bits >> HIST_SHIFT).reshape(-1).cpu(), minlength=1 << (31 - HIST_SHIFT))
+        found[0] -= zeros
+        indices = found.nonzero().reshape(-1)
+        for index, count in zip(indices.tolist(), found[indices].tolist()):
+            self.counts[index] = self.counts.get(index, 0) + count
 
     def to_json(self) -> dict:
-        return {"log10_edges": [round(float(e), 6) for e in histogram_edges()], "counts": self.counts,
-                "exact_zeros": self.zeros}
+        """Non-empty bins as [lower edge, upper edge, count], in increasing order, and the exact zeros."""
+        return {"bins": [[histogram_edge(i), histogram_edge(i + 1), self.counts[i]] for i in sorted(self.counts)],
+                "exact_zeros": self.zeros, "binning": "4 bins per power of two (float32 bit patterns)"}
 
 
 def _chunks(tensor: torch.Tensor):
@@ -88,35 +92,37 @@ def tensor_statistics(delta: torch.Tensor, base: torch.Tensor, quantiles: list[f
     m_r = Σ(δ−μ)^r/n (None when δ is constant); zero_fraction = #{δ = 0}/n; unchanged_fraction =
     #{|δ| ≤ rel_tol·|θ_base|}/n (exact zeros always count); base_l2 = ‖θ_base‖₂; relative_l2 = l2/base_l2;
     quantiles of |δ| (exact_quantiles). `histogram` receives |δ|.
+    Sums are taken per chunk of CHUNK elements in the computation dtype (torch's pairwise summation) and
+    accumulated across chunks in Python floats (float64).
     """
     n = delta.numel()
-    s1 = s_abs = s_sq = 0.0
-    max_abs, zeros, unchanged, base_sq = 0.0, 0, 0, 0.0
+    s1 = s_abs = s_sq = base_sq = 0.0
+    max_abs, zeros, unchanged = 0.0, 0, 0
     base_flat = base.reshape(-1)
     for start, piece in _chunks(delta):
-        wide = piece.double()
-        absolute = wide.abs()
-        s1 += float(wide.sum())
+        absolute = piece.abs()
+        s1 += float(piece.sum())
         s_abs += float(absolute.sum())
-        s_sq += float(wide.square().sum())
+        s_sq += float(torch.dot(piece, piece))
         if absolute.numel():
             max_abs = max(max_abs, float(absolute.max()))
-        zeros += int((piece == 0).sum())
-        base_piece = base_flat[start:start + piece.numel()].double()
-        unchanged += int((absolute <= rel_tol * base_piece.abs()).logical_or_(piece == 0).sum())
-        base_sq += float(base_piece.square().sum())
+        is_zero = piece == 0
+        zeros += int(is_zero.sum())
+        base_piece = base_flat[start:start + piece.numel()]
+        unchanged += int((absolute <= base_piece.abs().mul_(rel_tol)).logical_or_(is_zero).sum())
+        base_sq += float(torch.dot(base_piece, base_piece))
         if histogram is not None:
             histogram.add(absolute)
     mean = s1 / n if n else math.nan
     m2 = m3 = m4 = 0.0
     for _, piece in _chunks(delta):
-        centred = piece.double() - mean
+        centred = piece - mean
         squared = centred.square()
         m2 += float(squared.sum())
-        m3 += float((squared * centred).sum())
-        m4 += float(squared.square().sum())
+        m3 += float(torch.dot(squared, centred))
+        m4 += float(torch.dot(squared, squared))
     variance = m2 / n if n else math.nan
-    constant = n == 0 or variance <= 0.0 or variance <= (abs(mean) * 1e-15) ** 2
+    constant = n == 0 or variance <= 0.0 or variance <= (abs(mean) * 1e-12) ** 2
     base_l2 = math.sqrt(base_sq)
     values = exact_quantiles(delta.reshape(-1).abs(), quantiles)
     return {
@@ -140,7 +146,7 @@ def pair_statistics(a: torch.Tensor, b: torch.Tensor) -> dict:
     b_flat = b.reshape(-1)
     for start, piece in _chunks(a):
         other = b_flat[start:start + piece.numel()]
-        dot += float((piece.double() * other.double()).sum())
+        dot += float(torch.dot(piece, other))
         product_sign = torch.sign(piece) * torch.sign(other)
         agree += int((product_sign > 0).sum())
         both += int((product_sign != 0).sum())
