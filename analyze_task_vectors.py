@@ -15,7 +15,7 @@ import sys
 
 from utils.analysis import COMPUTE_DTYPES, DEFAULT_QUANTILES, AnalysisError, AnalysisOptions, run_analysis
 from utils.cli import HelpFormatter
-from utils.engine.checkpoints import CheckpointError
+from utils.engine.reader import CheckpointError
 from utils.records import OutputExistsError
 
 

@@ -1,6 +1,6 @@
 """Task-vector analysis: δ_i = θ_i − θ_base for every model, streamed tensor by tensor.
 
-For each tensor the base and every model's tensor are read (utils/engine/checkpoints.py), the task
+For each tensor the base and every model's tensor are read (utils/engine/reader.py), the task
 vectors computed in the computation dtype, their statistics, pairwise dot products and sign agreement
 taken, and everything but the running sums dropped: peak memory is the base tensor, one δ per model and
 a few chunk temporaries, whatever the model size.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from model_merging_methods.dare import is_excluded
-from utils.engine.checkpoints import CheckpointReader, resolve_checkpoint
+from model_merging_methods import is_excluded
+from utils.engine.reader import CheckpointReader, resolve_checkpoint
 from utils.records import OutputExistsError, library_versions
 
 from .grouping import KINDS, NO_LAYER, LayerGrouping, kind_of

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from utils.engine.checkpoints import CheckpointReader
+from utils.engine.reader import CheckpointReader
 
 from .statistics import CHUNK, AnalysisError
 
