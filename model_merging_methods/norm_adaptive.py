@@ -8,9 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .options import MergeError, MergeOptions, StateDict
-
-NORM_MODES = ("linear", "power", "exp")
+from .options import NORM_MODES, MergeError, MergeOptions, StateDict
 
 
 def norm_adaptive_weights(norms: Sequence[float], mode: str = "exp", alpha: float = 1.5,

@@ -49,3 +49,132 @@ def test_zero_norms():
         norm_adaptive_weights([-1.0, 2.0], "linear")
     with pytest.raises(MergeError, match="unknown norm mode 'cubic'"):
         norm_adaptive_weights([1.0], "cubic")
+
+
+# ---- the merge ------------------------------------------------------------------------------------------
+
+def _family():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(4, 3), "b": torch.randn(3), "step": torch.tensor(7)}
+    deltas = [{"w": torch.randn(4, 3) * s, "b": torch.randn(3) * s} for s in (0.1, 1.0)]
+    models = [{**{n: base[n] + d[n] for n in d}, "step": torch.tensor(7)} for d in deltas]
+    return base, models, deltas
+
+
+@pytest.mark.parametrize("mode", ["linear", "power", "exp"])
+def test_merge_is_task_arithmetic_with_norm_weights(mode):
+    from model_merging_methods import MergeOptions, merge_state_dicts
+
+    base, models, deltas = _family()
+    norms = [math.sqrt(sum(float(d[n].double().square().sum()) for n in d)) for d in deltas]
+    merged = merge_state_dicts("norm_adaptive", base, models, MergeOptions(norm_mode=mode, scaling_coefficient=0.8))
+    weights = norm_adaptive_weights(norms, mode)
+    for name in ("w", "b"):
+        expected = base[name] + 0.8 * (weights[0] * deltas[0][name] + weights[1] * deltas[1][name])
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+    assert torch.equal(merged["step"], base["step"])
+    assert weights[0] > weights[1]          # the smaller task vector weighs more
+    given = merge_state_dicts("norm_adaptive", base, models, MergeOptions(norm_mode=mode, scaling_coefficient=0.8,
+                                                                          norms=norms))
+    assert all(torch.equal(given[n], merged[n]) for n in merged)
+
+
+def test_zero_task_vector_in_the_merge():
+    from model_merging_methods import MergeOptions, merge_state_dicts
+
+    base, models, deltas = _family()
+    unchanged = {n: t.clone() for n, t in base.items()}
+    # linear: the zero model gets weight 0, so the merge is the one without it
+    with_zero = merge_state_dicts("norm_adaptive", base, [models[0], unchanged, models[1]], MergeOptions(norm_mode="linear"))
+    without = merge_state_dicts("norm_adaptive", base, models, MergeOptions(norm_mode="linear"))
+    assert all(torch.allclose(with_zero[n], without[n], atol=1e-7) for n in ("w", "b"))
+    # exp: the zero model keeps weight exp(0)/Σ, which scales the others' share down
+    norms = [math.sqrt(sum(float(d[n].double().square().sum()) for n in d)) for d in deltas]
+    weights = norm_adaptive_weights([norms[0], 0.0, norms[1]], "exp")
+    merged = merge_state_dicts("norm_adaptive", base, [models[0], unchanged, models[1]], MergeOptions(norm_mode="exp"))
+    expected = base["w"] + weights[0] * deltas[0]["w"] + weights[2] * deltas[1]["w"]
+    assert torch.allclose(merged["w"], expected, atol=1e-6) and weights[1] > 0
+    with pytest.raises(MergeError, match="every task vector has L2 norm 0"):
+        merge_state_dicts("norm_adaptive", base, [unchanged, unchanged], MergeOptions())
+    with pytest.raises(MergeError, match="got 1 norms for 2 models"):
+        merge_state_dicts("norm_adaptive", base, models, MergeOptions(norms=[1.0]))
+    with pytest.raises(MergeError, match="norm -2.0 of model 1"):
+        merge_state_dicts("norm_adaptive", base, models, MergeOptions(norms=[1.0, -2.0]))
+
+
+# ---- merge_models.py --------------------------------------------------------------------------------------
+
+def _merge(args, capsys=None):
+    import merge_models
+
+    code = merge_models.main(args + ["--no_progress"])
+    return code, (capsys.readouterr().err if capsys else "")
+
+
+def _load(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_cli_norms_computed_read_from_analysis_or_given_agree(llama_family, tmp_path):
+    import analyze_task_vectors
+    from model_merging_methods import MergeOptions, merge_state_dicts
+    from utils.engine.reader import CheckpointReader
+
+    def weights(folder):
+        reader = CheckpointReader(folder)
+        return {name: reader.get(name) for name in reader.names()}
+
+    base, ft0, ft1 = (str(llama_family[k]) for k in ("base", "ft0", "ft1"))
+    common = ["--base_model", base, "--models", ft0, ft1, "--method", "norm_adaptive", "--norm_mode", "power",
+              "--norm_alpha", "2", "--scaling_coefficient", "1.5"]
+    assert _merge([*common, "--output_dir", str(tmp_path / "computed")])[0] == 0
+    analysis_dir = tmp_path / "analysis"
+    assert analyze_task_vectors.main(["--base_model", base, "--models", ft0, ft1, "--output_dir", str(analysis_dir),
+                                      "--no_figures", "--no_progress"]) == 0
+    assert _merge([*common, "--output_dir", str(tmp_path / "from_file"), "--norms_from",
+                   str(analysis_dir / "analysis.json")])[0] == 0
+    computed = json.loads((tmp_path / "computed" / "merge_manifest.json").read_text())["norm_adaptive"]
+    from_file = json.loads((tmp_path / "from_file" / "merge_manifest.json").read_text())["norm_adaptive"]
+    analysis = json.loads((analysis_dir / "analysis.json").read_text())
+    assert from_file["norms"] == [m["global"]["l2"] for m in analysis["models"]]
+    assert computed["norms"] == pytest.approx(from_file["norms"], rel=1e-6)
+    assert computed["source"].startswith("computed") and from_file["source"].startswith("read from")
+    assert computed["weights"] == pytest.approx(norm_adaptive_weights(computed["norms"], "power", alpha=2.0))
+    expected = merge_state_dicts("norm_adaptive", weights(llama_family["base"]),
+                                 [weights(llama_family["ft0"]), weights(llama_family["ft1"])],
+                                 MergeOptions(norm_mode="power", norm_alpha=2.0, scaling_coefficient=1.5))
+    merged, read = _load(tmp_path / "computed"), _load(tmp_path / "from_file")
+    for name in expected:
+        assert torch.equal(merged[name], expected[name]), name
+        assert torch.allclose(read[name], expected[name], atol=1e-6), name
+    assert _merge([*common, "--output_dir", str(tmp_path / "given"), "--norms", "1", "3"])[0] == 0
+    given = json.loads((tmp_path / "given" / "merge_manifest.json").read_text())["norm_adaptive"]
+    assert given["weights"] == pytest.approx([0.9, 0.1]) and given["source"] == "given"
+
+
+def test_cli_bad_norm_inputs(llama_family, tmp_path, capsys):
+    import analyze_task_vectors
+
+    base, ft0, ft1 = (str(llama_family[k]) for k in ("base", "ft0", "ft1"))
+    analysis_dir = tmp_path / "analysis"
+    assert analyze_task_vectors.main(["--base_model", base, "--models", ft0, "--output_dir", str(analysis_dir),
+                                      "--no_figures", "--no_progress"]) == 0
+    common = ["--base_model", base, "--models", ft0, ft1, "--method", "norm_adaptive"]
+    code, err = _merge([*common, "--output_dir", str(tmp_path / "o1"), "--norms_from", str(analysis_dir)], capsys)
+    assert code == 2 and "does not list model" in err and ft1 in err
+    code, err = _merge([*common, "--output_dir", str(tmp_path / "o2"), "--norms", "1"], capsys)
+    assert code == 2 and "got 1 values for 2 models" in err
+    code, err = _merge([*common, "--output_dir", str(tmp_path / "o3"), "--norms", "0", "0"], capsys)
+    assert code == 2 and "every task vector has L2 norm 0" in err
+    code, err = _merge([*common, "--output_dir", str(tmp_path / "o4"), "--norms_from", str(tmp_path / "none.json")],
+                       capsys)
+    assert code == 2 and "none.json" in err
+    code, err = _merge(["--base_model", base, "--models", ft0, "--method", "task_arithmetic", "--output_dir",
+                        str(tmp_path / "o5"), "--norms", "1"], capsys)
+    assert code == 2 and "norm_adaptive" in err
+    code, err = _merge(["--base_model", base, "--models", base, base, "--method", "norm_adaptive",
+                        "--output_dir", str(tmp_path / "o6")], capsys)
+    assert code == 2 and "every task vector has L2 norm 0" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
