@@ -170,8 +170,8 @@ def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
     bits = values.detach().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
     high = bits >> 16
     cumulative = torch.bincount(high, minlength=1 << 15).cumsum(0)
-    positions = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype))
-    wanted = torch.zeros(1 << 15, dtype=torch.bool)
+    positions = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype, device=bits.device))
+    wanted = torch.zeros(1 << 15, dtype=torch.bool, device=bits.device)
     wanted[positions] = True
     selected = wanted[high]  # a table lookup: much faster than torch.isin
     selected_high, selected_low = high[selected], bits[selected] & 0xFFFF
