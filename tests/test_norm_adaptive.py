@@ -2,9 +2,11 @@
 the merge itself, and its command line (norms computed in a first pass, read from analysis.json, or typed)."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from model_merging_methods.norm_adaptive import norm_adaptive_weights
 from model_merging_methods.options import MergeError
@@ -177,4 +179,12 @@ def test_cli_bad_norm_inputs(llama_family, tmp_path, capsys):
     code, err = _merge(["--base_model", base, "--models", base, base, "--method", "norm_adaptive",
                         "--output_dir", str(tmp_path / "o6")], capsys)
     assert code == 2 and "every task vector has L2 norm 0" in err
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
+    broken = tmp_path / "broken"
+    shutil.copytree(ft1, broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"][1, 2] = float("inf")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    code, err = _merge(["--base_model", base, "--models", ft0, str(broken), "--method", "norm_adaptive",
+                        "--output_dir", str(tmp_path / "o7")], capsys)
+    assert code == 2 and "model 1" in err and "model.layers.0.mlp.up_proj.weight" in err and "not finite" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))

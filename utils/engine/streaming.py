@@ -303,7 +303,11 @@ def _task_vector_norms(inputs: Inputs, resolved: ResolvedJob, names: list[str],
         for tensors in pieces:
             base = tensors[0].to(resolved.device)
             for index, tensor in enumerate(tensors[1:]):
-                squares[index] += squared_norm(tensor.to(resolved.device), base)
+                square = squared_norm(tensor.to(resolved.device), base)
+                if not math.isfinite(square):
+                    raise MergeError(f"the task vector of {inputs.labels[index + 1]} ({inputs.sources[index + 1]}) "
+                                     f"is not finite (NaN/Inf) in tensor {name!r}")
+                squares[index] += square
     return [math.sqrt(s) for s in squares]
 
 
