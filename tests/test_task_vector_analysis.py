@@ -288,3 +288,24 @@ def test_existing_output_missing_model_and_bad_quantile(llama_family, tmp_path, 
     assert code == 2 and "nowhere" in err
     code, err = _run([*args, "--output_dir", str(tmp_path / "o3"), "--quantiles", "1.5"], capsys)
     assert code == 2 and "quantile 1.5" in err
+
+
+def test_task_model_wrapping_the_backbone_is_aligned_by_prefix(bert_family, tmp_path, capsys):
+    """A classifier checkpoint (names under ``bert.`` plus a head) against the bare pretrained encoder."""
+    def wrap(state):
+        wrapped = {f"bert.{n}": t for n, t in state.items()}
+        wrapped["classifier.weight"] = torch.ones(2, 16)
+        return wrapped
+
+    wrapped = _copy_with(bert_family["ft0"], tmp_path / "wrapped", wrap)
+    args = ["--base_model", str(bert_family["base"]), "--no_figures"]
+    code, err = _run([*args, "--models", str(wrapped), "--output_dir", str(tmp_path / "o1")], capsys)
+    assert code == 2 and "'classifier.weight'" in err and "--exclude_param_names_regex" in err
+    assert _run([*args, "--models", str(wrapped), "--exclude_param_names_regex", "classifier.*",
+                 "--output_dir", str(tmp_path / "o2")])[0] == 0
+    assert _run([*args, "--models", str(bert_family["ft0"]), "--output_dir", str(tmp_path / "o3")])[0] == 0
+    aligned = json.loads((tmp_path / "o2" / "analysis.json").read_text())
+    plain = json.loads((tmp_path / "o3" / "analysis.json").read_text())
+    assert aligned["model_name_prefix"] == "bert." and plain["model_name_prefix"] == ""
+    assert aligned["models"][0]["global"] == plain["models"][0]["global"]
+    assert aligned["grouping"]["stacks"] == {"encoder.layer": 2}

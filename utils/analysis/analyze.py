@@ -92,35 +92,54 @@ def open_sources(base_model: str, models: list[str], allow_pickle: bool) -> tupl
                   for label, source in zip(labels, models)]
 
 
-def analysed_names(base: _Source, models: list[_Source], exclude_regex: list[str]) -> tuple[list[str], dict]:
-    """The base's float tensors that are not excluded, after checking that every model has exactly the
-    base's tensors with the same shapes. Returns them and the skipped names with the reason."""
-    base_names = base.reader.names()
-    reference = set(base_names)
-    for model in models:
-        names = set(model.reader.names())
-        missing = [n for n in base_names if n not in names]
-        if missing:
-            raise AnalysisError(f"tensor {missing[0]!r} of the base ({base.source}) is missing from model "
-                                f"{model.label} ({model.source})")
-        extra = sorted(names - reference)
-        if extra:
-            raise AnalysisError(f"tensor {extra[0]!r} of model {model.label} ({model.source}) is not in the base "
-                                f"({base.source})")
-        for name in base_names:
-            if model.reader.info(name)[1] != base.reader.info(name)[1]:
-                raise AnalysisError(f"shape mismatch for tensor {name!r}: {base.reader.info(name)[1]} in the base "
-                                    f"({base.source}) vs {model.reader.info(name)[1]} in model {model.label} "
-                                    f"({model.source})")
+def name_prefix(base_names: list[str], model_names: set[str]) -> str | None:
+    """The prefix p with p + name in the model for every base name ('' when the names agree): a task model
+    often wraps the pretrained backbone (BertForSequenceClassification's ``bert.`` around BertModel's names).
+    None when there is no such prefix."""
+    if all(name in model_names for name in base_names):
+        return ""
+    first = base_names[0]
+    candidates = {m[:-len(first)] for m in model_names if m.endswith("." + first)}
+    for prefix in sorted(candidates, key=len):
+        if all(prefix + name in model_names for name in base_names):
+            return prefix
+    return None
+
+
+def analysed_names(base: _Source, models: list[_Source], exclude_regex: list[str]) -> tuple[list[str], dict, str]:
+    """The base's float tensors that are not excluded, after checking that every model holds each of them
+    (under one common name prefix, see name_prefix) with the same shape, and no other float tensor that is
+    not excluded. Returns the names, the skipped base names with the reason, and the models' prefix."""
     kept, skipped = [], {}
-    for name in base_names:
+    for name in base.reader.names():
         if is_excluded(name, exclude_regex):
             skipped[name] = "excluded"
         elif not base.reader.info(name)[0].is_floating_point:
             skipped[name] = f"not a float tensor ({base.reader.info(name)[0]})"
         else:
             kept.append(name)
-    return kept, skipped
+    if not kept:
+        raise AnalysisError("no tensor to analyse: every tensor of the base is excluded or not floating point")
+    prefix = name_prefix(kept, set(models[0].reader.names()))
+    for model in models:
+        names = set(model.reader.names())
+        missing = [n for n in kept if (prefix or "") + n not in names]
+        if prefix is None or missing:
+            missing = missing or kept
+            raise AnalysisError(f"tensor {missing[0]!r} of the base ({base.source}) is missing from model "
+                                f"{model.label} ({model.source})")
+        expected = {prefix + n for n in kept}
+        extra = sorted(n for n in names - expected if model.reader.info(n)[0].is_floating_point
+                       and not is_excluded(n, exclude_regex) and not is_excluded(n[len(prefix):], exclude_regex))
+        if extra:
+            raise AnalysisError(f"tensor {extra[0]!r} of model {model.label} ({model.source}) is not in the base "
+                                f"({base.source}); exclude it with --exclude_param_names_regex if it is a task head")
+        for name in kept:
+            if model.reader.info(prefix + name)[1] != base.reader.info(name)[1]:
+                raise AnalysisError(f"shape mismatch for tensor {name!r}: {base.reader.info(name)[1]} in the base "
+                                    f"({base.source}) vs {model.reader.info(prefix + name)[1]} in model {model.label} "
+                                    f"({model.source})")
+    return kept, skipped, prefix
 
 
 class _Sums:
@@ -166,9 +185,7 @@ def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
     """The whole analysis as a JSON-ready dict (no files written)."""
     options.validate()
     base, models = open_sources(options.base_model, options.models, options.allow_pickle)
-    names, skipped = analysed_names(base, models, list(options.exclude_regex))
-    if not names:
-        raise AnalysisError("no tensor to analyse: every tensor is excluded or not floating point")
+    names, skipped, prefix = analysed_names(base, models, list(options.exclude_regex))
     config = read_config(base.reader.folder) or read_config(models[0].reader.folder)
     grouping = LayerGrouping.from_names(base.reader.names(), config)
     dtype, device = COMPUTE_DTYPES[options.dtype], torch.device(options.device)
@@ -183,7 +200,7 @@ def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
         theta = base.reader.get(name).to(device=device, dtype=dtype)
         deltas = []
         for index, model in enumerate(models):
-            delta = model.reader.get(name).to(device=device, dtype=dtype).sub_(theta)
+            delta = model.reader.get(prefix + name).to(device=device, dtype=dtype).sub_(theta)
             if not bool(torch.isfinite(delta).all()):
                 raise AnalysisError(f"task vector of model {model.label} ({model.source}) is not finite (NaN/Inf) "
                                     f"in tensor {name!r}")
@@ -195,7 +212,9 @@ def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
         for i, j in sums.pairs:
             sums.add_pair((i, j), layer, pair_statistics(deltas[i], deltas[j]))
         del theta, deltas
-    return _assemble(options, base, models, names, skipped, grouping, sums, tensors)
+    analysis = _assemble(options, base, models, names, skipped, grouping, sums, tensors)
+    analysis["model_name_prefix"] = prefix
+    return analysis
 
 
 def _group_json(values: list) -> dict:
