@@ -9,7 +9,7 @@ import torch
 from .dare import dare_one_model, resolve_dare
 from .options import DareOptions, MergeError, MergeOptions, ResolvedDare, StateDict
 from .registry import MergeMethod, get_method
-from .task_vector import task_vector_norms
+from .norm_adaptive import task_vector_norms
 from .validation import check_finite, check_inputs, is_excluded, is_finite
 
 

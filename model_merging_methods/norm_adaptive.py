@@ -8,7 +8,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
+
 from .options import NORM_MODES, MergeError, MergeOptions, StateDict
+from .validation import is_excluded
 
 
 def norm_adaptive_weights(norms: Sequence[float], mode: str = "exp", alpha: float = 1.5,
@@ -73,3 +76,15 @@ def norm_adaptive_merging(base: StateDict, deltas: list[StateDict], options: Mer
             acc.add_(delta[name], alpha=weight)
         merged[name] = acc.mul_(options.scaling_coefficient).add_(pre)
     return merged
+
+
+def squared_norm(finetuned: torch.Tensor, base: torch.Tensor) -> float:
+    """‖θ_ft − θ_pre‖₂² of one tensor (or flat piece): δ in float32, its squares summed in float64."""
+    return float((finetuned.float() - base.float()).double().square().sum())
+
+
+def task_vector_norms(base: StateDict, models: list[StateDict], exclude_regex: Sequence[str] = ()) -> list[float]:
+    """‖θ_k − θ_pre‖₂ of every model over the base's float tensors not excluded (sums of squared_norm, so the
+    streaming engine, summing the same squares piece by piece, finds the same norms)."""
+    names = [n for n, t in base.items() if t.is_floating_point() and not is_excluded(n, exclude_regex)]
+    return [math.sqrt(sum(squared_norm(model[n], base[n]) for n in names)) for model in models]

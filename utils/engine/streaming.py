@@ -28,7 +28,7 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod
                                    ResolvedDare, check_method_inputs, dare_one_model, get_method, high_counts,
                                    is_excluded, low_counts, merge_resolved, norm_adaptive_weights, resolve_dare,
                                    trim_rank, trim_threshold)
-from model_merging_methods.task_vector import squared_norm
+from model_merging_methods.norm_adaptive import squared_norm
 from utils.cli import resolve_device
 from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
                            write_folder_atomic)
