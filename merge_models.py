@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--threads, --no_progress")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta; default 1 each)")
-    parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES")
+    parser.add_argument("--scaling_coefficient", type=float, default=1.0,
+                        help="λ of task arithmetic / TIES / norm_adaptive")
     parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=drop_rate, nargs="+", default=[0.0],
                         help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first "
                              "(default: 0, no DARE)")
@@ -65,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 1, nothing trimmed or dropped)")
     parser.add_argument("--ties_normalize", choices=["count", "weights"], default="count",
                         help="count: paper's disjoint mean; weights: mergekit's sum of agreeing weights")
+    parser.add_argument("--norm_mode", choices=["linear", "power", "exp"], default="exp",
+                        help="norm_adaptive weights from the task vectors' L2 norms L: linear 1/L, power L^-alpha, "
+                             "exp exp(-beta L / mean L); normalised to sum 1")
+    parser.add_argument("--norm_alpha", type=float, default=1.5, help="norm_adaptive power exponent alpha")
+    parser.add_argument("--norm_beta", type=float, default=1.0, help="norm_adaptive exp rate beta")
+    norms = parser.add_mutually_exclusive_group()
+    norms.add_argument("--norms", type=float, nargs="+", default=None,
+                       help="norm_adaptive: the L2 norm of each model's task vector (default: computed in a first pass)")
+    norms.add_argument("--norms_from", default=None,
+                       help="norm_adaptive: analysis.json of analyze_task_vectors.py (or its folder) to read the norms from")
     parser.add_argument("--slerp_t", type=float, default=0.5, help="SLERP t (0 = base, 1 = the model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every DARE mask (with model index, tensor name)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the base's)")
@@ -120,14 +131,16 @@ def job_from_args(args: argparse.Namespace):
                        strategy=args.mask_strategy, weight_format=args.weight_format,
                        rescale_mode=args.rescale_mode)
     options = MergeOptions(weights=args.weights, scaling_coefficient=args.scaling_coefficient,
-                           density=single(args.density), ties_normalize=args.ties_normalize, slerp_t=args.slerp_t)
+                           density=single(args.density), ties_normalize=args.ties_normalize, slerp_t=args.slerp_t,
+                           norm_mode=args.norm_mode, norm_alpha=args.norm_alpha, norm_beta=args.norm_beta,
+                           norms=args.norms)
     return StreamMergeJob(base_model=args.base_model, models=args.models, method=args.method,
                           output_dir=args.output_dir, options=options, dare=dare, seed=args.seed,
                           dtype=args.dtype, device=args.device, exclude_regex=args.exclude_param_names_regex,
                           overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
                           max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), progress=not args.no_progress,
-                          threads=args.threads, allow_noop=args.allow_noop)
+                          threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Merge fine-tuned GLUE task models with average / task arithmetic / Fisher / RegMean / TIES, ± DARE.
+"""Merge fine-tuned GLUE task models with average / task arithmetic / Fisher / RegMean / TIES / norm-adaptive, ± DARE.
 
 Each group of tasks (--dataset_names, or every pair of the eight tasks) is merged for every setting of
 the method's grid (configs/glue.yaml, "paper" grid by default; --merge_grid none uses the flags as the
@@ -30,7 +30,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--language_model_name", default="roberta-base", help="pretrained encoder θ_pre (hub id or folder); also names the checkpoints")
     parser.add_argument("--dataset_names", nargs="+", default=None, help="tasks whose models are merged together (default: every pair of the eight tasks)")
     parser.add_argument("--merging_method_name", default="average_merging", choices=MERGING_METHODS, help="merging method")
-    parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES (grid none)")
+    parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES / norm_adaptive (grid none)")
     parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=None, help="examples for each model's Fisher (grid none)")
     parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=None, help="per-model Fisher coefficients c_k (grid none; default 1/K)")
     parser.add_argument("--normalize_fisher_weight", action="store_true", help="scale each model's coefficient by 1/(‖F_k‖ + ε), normalised")
@@ -38,6 +38,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--nums_regmean_examples", type=int, nargs="+", default=None, help="examples for each model's Gram matrices (grid none)")
     parser.add_argument("--reduce_non_diagonal_ratio", type=float, default=1.0, help="RegMean α: off-diagonal Gram entries × α (grid none)")
     parser.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim fraction (keep the top 1 − r of |δ|) (grid none)")
+    parser.add_argument("--norm_mode", choices=["linear", "power", "exp"], default="exp", help="norm_adaptive weights from the task vectors' L2 norms (grid none)")
+    parser.add_argument("--norm_alpha", type=float, default=1.5, help="norm_adaptive power exponent α (grid none)")
+    parser.add_argument("--norm_beta", type=float, default=1.0, help="norm_adaptive exp rate β (grid none)")
     add_dare_arguments(parser)
     parser.add_argument("--mask_apply_method", default="average_merging", choices=BASE_METHODS, help="method applied after DARE in mask_merging")
     parser.add_argument("--mask_merging_search", default="per_task", choices=MASK_SEARCHES,
@@ -64,7 +67,8 @@ def options_from_args(args: argparse.Namespace, groups: list[list[str]]) -> Merg
         method=args.merging_method_name, apply_method=args.mask_apply_method, grid=args.merge_grid, select_on=args.select_on,
         dare=dare_options_from_args(args),
         flag_setting=FlagSetting(args.scaling_coefficient, args.param_value_mask_rate, args.nums_fisher_examples,
-                                 args.fisher_scaling_coefficients, args.nums_regmean_examples, args.reduce_non_diagonal_ratio),
+                                 args.fisher_scaling_coefficients, args.nums_regmean_examples, args.reduce_non_diagonal_ratio,
+                                 args.norm_mode, args.norm_alpha, args.norm_beta),
         methods=MethodOptions(args.ties_trim, args.ties_normalize, args.normalize_fisher_weight, args.minimal_fisher_weight),
         seed=args.seed, learning_rate=args.learning_rate, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, glue_dir=args.glue_dir,

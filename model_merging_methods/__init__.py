@@ -11,6 +11,7 @@ _EXPORTS = {
     "dare": ("dare_model", "dare_one_model", "dare_state_dict", "dare_tensor", "dare_tensors", "resolve_dare"),
     "merge": ("check_method_inputs", "merge_resolved", "merge_state_dicts"),
     "options": ("DareOptions", "MergeError", "MergeOptions", "ResolvedDare", "StateDict"),
+    "norm_adaptive": ("norm_adaptive_weights", "task_vector_norms"),
     "randomness": ("SEGMENT", "RandomSlot", "derive_seed"),
     "registry": ("REGISTRY", "MergeMethod", "available_methods", "get_method"),
     "recipe_registry": ("RECIPE_METHODS", "RecipeMethod", "get_recipe_method"),

@@ -1,6 +1,7 @@
 """merge_state_dicts: validation, exclusion, DARE, then the registered method."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from .dare import dare_one_model, resolve_dare
 from .options import DareOptions, MergeError, MergeOptions, ResolvedDare, StateDict
 from .registry import MergeMethod, get_method
+from .norm_adaptive import task_vector_norms
 from .validation import check_finite, check_inputs, is_excluded, is_finite
 
 
@@ -43,7 +45,9 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
     reference. `report`, when given, receives per model the kept fraction of every DARE'd tensor.
     `offsets[name] = (start, total)` marks a tensor as the flat piece [start, start + n) of a larger
     one (the streaming engine's pieces); only elementwise methods may be given pieces.
-    The options are validated and resolved here, once; merge_resolved does the work.
+    The options are validated and resolved here, once; merge_resolved does the work. Methods that need
+    the global task-vector norms (norm_adaptive) get ‖θ_k − θ_pre‖₂ over the merged tensors, before DARE,
+    when options.norms is None.
     """
     spec = get_method(method)
     options.validate()
@@ -52,6 +56,9 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
     resolved, options = resolve_dare(spec, options, dare, len(models))
     check_method_inputs(spec, base is not None, len(models), None if statistics is None else len(statistics),
                         resolved, options)
+    if spec.global_norms and options.norms is None:
+        check_inputs(base, models, exclude_regex)
+        options = replace(options, norms=task_vector_norms(base, models, exclude_regex))
     return merge_resolved(spec, base, models, options, resolved, seed=seed, exclude_regex=exclude_regex,
                           statistics=statistics, report=report, out_dtype=out_dtype, offsets=offsets)
 

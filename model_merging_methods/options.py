@@ -1,6 +1,7 @@
 """Option groups shared by every merge method, and the library's error type."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -16,6 +17,7 @@ RESCALE_MODES = ("paper", "l1")
 MAGNITUDE_RULES = ("exact_count", "original")
 TIES_TRIMS = ("per_tensor", "global")
 TIES_NORMALIZATIONS = ("count", "weights")
+NORM_MODES = ("linear", "power", "exp")
 
 
 class MergeError(ValueError):
@@ -93,6 +95,10 @@ class MergeOptions:
     fisher_normalize: bool = False
     fisher_eps: float = 1e-6
     regmean_alpha: float = 1.0
+    norm_mode: str = "exp"                   # norm_adaptive: linear | power | exp
+    norm_alpha: float = 1.5                  # norm_adaptive power: w ∝ L^(−α)
+    norm_beta: float = 1.0                   # norm_adaptive exp: w ∝ exp(−β·L/mean(L))
+    norms: Sequence[float] | None = None     # norm_adaptive: global ‖δ_k‖₂ (None: computed from the models)
 
     def model_weights(self, num_models: int, default: float) -> list[float]:
         if self.weights is None:
@@ -113,6 +119,10 @@ class MergeOptions:
             raise MergeError(f"slerp t = {self.slerp_t} is outside [0, 1]")
         if not 0.0 <= self.regmean_alpha <= 1.0:
             raise MergeError(f"regmean alpha = {self.regmean_alpha} is outside [0, 1]")
+        _check_choice("norm_mode", self.norm_mode, NORM_MODES)
+        for index, norm in enumerate(self.norms or ()):
+            if not math.isfinite(norm) or norm < 0:
+                raise MergeError(f"norm {norm} of model {index} is not a finite number ≥ 0")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -44,6 +44,7 @@ class MergeMethod:
     options_used: tuple[str, ...] = ()   # MergeOptions fields the method reads (recorded in manifests)
     weights_normalized: bool = False     # divides by Σ w_k: weights summing to 0 are refused
     noop_when: NoopPredicate | None = None   # (resolved options, resolved DARE, models) → Noop or None
+    global_norms: bool = False       # needs options.norms = the whole-model ‖δ_k‖₂ (computed when not given)
 
     def implementation(self) -> Callable:
         """The method's function (imported on first use when registered by name)."""
@@ -120,6 +121,10 @@ _METHODS = [
                 streamable=False, options_used=("fisher_coefficients", "fisher_normalize", "fisher_eps")),
     MergeMethod("regmean_merging", "fisher_regmean:regmean_merging", "Jin et al. 2023, RegMean (arXiv 2212.09849)",
                 needs_base=False, statistics="gram", options_used=("regmean_alpha",)),
+    MergeMethod("norm_adaptive", "norm_adaptive:norm_adaptive_merging",
+                "task-vector toolkits' adaptive merge: task arithmetic weighted by a decreasing function of ‖δ_k‖₂",
+                elementwise=True, on_deltas=True, global_norms=True,
+                options_used=("scaling_coefficient", "norm_mode", "norm_alpha", "norm_beta", "norms")),
     MergeMethod("dare", "linear:passthrough_single", "Yu et al. 2024, DARE on a single model (arXiv 2311.03099)",
                 max_models=1, elementwise=True, noop_when=_dare_single_noop),
 ]

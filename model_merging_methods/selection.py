@@ -155,3 +155,31 @@ def smallest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
         ties &= ties.cumsum(0) <= needed
     mask |= ties
     return mask.view(magnitudes.shape)
+
+
+def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
+    """The k-th smallest (1-based) of a flat, non-negative, finite float32 tensor, for every k in `ks`.
+
+    kth_smallest for several k at once: one histogram of the high 16 bits locates every k's high bin,
+    then one more pass gathers the entries of those few bins, whose low-16-bit histograms finish the
+    job. Exact for any size (no sort)."""
+    n = values.numel()
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"k = {k} is outside [1, {n}]")
+    bits = values.detach().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    high = bits >> 16
+    cumulative = torch.bincount(high, minlength=1 << 15).cumsum(0)
+    positions = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype, device=bits.device))
+    wanted = torch.zeros(1 << 15, dtype=torch.bool, device=bits.device)
+    wanted[positions] = True
+    selected = wanted[high]  # a table lookup: much faster than torch.isin
+    selected_high, selected_low = high[selected], bits[selected] & 0xFFFF
+    results = []
+    for k, high_bin in zip(ks, positions.tolist()):
+        below = int(cumulative[high_bin - 1]) if high_bin > 0 else 0
+        low_cumulative = torch.bincount(selected_low[selected_high == high_bin], minlength=1 << 16).cumsum(0)
+        low_bin = int(torch.searchsorted(low_cumulative, k - below))
+        pattern = torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32)
+        results.append(float(pattern.view(torch.float32)))
+    return results

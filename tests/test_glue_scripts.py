@@ -141,7 +141,8 @@ def test_merge_average_matches_manual_average(ws):
     assert (stem.parent / f"{stem.name}_settings" / "default.json").is_file()
 
 
-@pytest.mark.parametrize("method, grid_size", [("task_arithmetic", 4), ("ties_merging", 4), ("fisher_merging", 1), ("regmean_merging", 2)])
+@pytest.mark.parametrize("method, grid_size", [("task_arithmetic", 4), ("ties_merging", 4), ("fisher_merging", 1), ("regmean_merging", 2),
+                                               ("norm_adaptive", 4)])
 def test_merge_methods_and_dare(ws, method, grid_size):
     base = ["--dataset_names", "mrpc", "stsb", "--merge_grid", "small", "--nums_fisher_examples", "32",
             "--save_dir", str(ws.save), *ws.common[:-2], "--batch_size", "16"]

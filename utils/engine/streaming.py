@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,9 @@ import torch
 
 from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, RadixSelect,
                                    ResolvedDare, check_method_inputs, dare_one_model, get_method, high_counts,
-                                   is_excluded, low_counts, merge_resolved, resolve_dare, trim_rank, trim_threshold)
+                                   is_excluded, low_counts, merge_resolved, norm_adaptive_weights, resolve_dare,
+                                   trim_rank, trim_threshold)
+from model_merging_methods.norm_adaptive import squared_norm
 from utils.cli import resolve_device
 from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
                            write_folder_atomic)
@@ -70,6 +73,7 @@ class StreamMergeJob:
     allow_noop: bool = False   # run a dare_* method whose settings drop nothing (else refused)
     # role ("base", "model 0", ...) → weight file name → sha256 the inputs must still have (--from_manifest)
     expected_sha256: dict[str, dict[str, str]] | None = None
+    norms_from: str | None = None     # norm_adaptive: analysis.json (or its folder) holding the norms
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def run_stream_merge(job: StreamMergeJob) -> dict:
 def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     inputs = _open_inputs(job)
     plan, row_targets = _plan(inputs, job)
+    norms_record = None
+    if resolved.method.global_norms:
+        resolved, norms_record = _resolve_norms(job, resolved, inputs, plan, row_targets)
     manifest: dict = {}
 
     def write(staging: Path) -> None:
@@ -139,6 +146,8 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
         donor_files = _copy_model_files(inputs, job, plan, row_targets, staging)
         manifest.update(_manifest(job, resolved, inputs, hashes, plan, files, donor_files, reports,
                                   time.time() - started))
+        if norms_record is not None:
+            manifest["norm_adaptive"] = norms_record
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
     try:
@@ -210,6 +219,12 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
         raise MergeError(f"max shard size must be positive, got {job.max_shard_size} bytes")
     if job.threads <= 0:
         raise MergeError(f"threads must be at least 1, got {job.threads}")
+    if (job.norms_from is not None or job.options.norms is not None) and not method.global_norms:
+        raise MergeError(f"norms (--norms / --norms_from) are for norm_adaptive, not {job.method}")
+    if job.norms_from is not None and job.options.norms is not None:
+        raise MergeError("give the norms (--norms) or a file to read them from (--norms_from), not both")
+    if job.options.norms is not None and len(job.options.norms) != len(job.models):
+        raise MergeError(f"--norms: got {len(job.options.norms)} values for {len(job.models)} models")
     warnings = []
     threads = job.threads
     if threads > available_cpus():
@@ -246,6 +261,54 @@ def _check_output_is_not_an_input(job: StreamMergeJob, inputs: dict[str, str | o
         if overlapping_path(job.output_dir, source):
             raise MergeError(f"output folder {job.output_dir} overlaps the {role} input {source}: it would "
                              f"replace or be written into that input; choose another --output_dir")
+
+
+def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, plan: list[PlannedTensor],
+                   row_targets: dict[str, int]) -> tuple[ResolvedJob, dict]:
+    """norm_adaptive's global norms ‖θ_k − θ_pre‖₂ over the merged tensors (before DARE): as given, read
+    from an analysis.json (matched to the inputs, utils/analysis/norms.py), or computed here in a first
+    streaming pass. Returns the job with options.norms set, and the manifest's record of them."""
+    options = resolved.options
+    if job.norms_from is not None:
+        from utils.analysis import AnalysisError, norms_from_analysis
+        try:
+            norms = norms_from_analysis(job.norms_from, inputs.readers[0], inputs.sources[0], inputs.readers[1:],
+                                        inputs.sources[1:], job.exclude_regex)
+        except AnalysisError as error:
+            raise MergeError(str(error)) from error
+        source = f"read from {job.norms_from}"
+    elif options.norms is not None:
+        norms, source = [float(n) for n in options.norms], "given"
+    else:
+        names = [p.name for p in plan if inputs.reference.info(p.name)[0].is_floating_point
+                 and not is_excluded(p.name, job.exclude_regex)]
+        norms, source = _task_vector_norms(inputs, resolved, names, row_targets), "computed (first streaming pass)"
+    weights = norm_adaptive_weights(norms, options.norm_mode, options.norm_alpha, options.norm_beta)
+    record = {"norms": norms, "source": source, "mode": options.norm_mode, "alpha": options.norm_alpha,
+              "beta": options.norm_beta, "weights": weights, "scaling_coefficient": options.scaling_coefficient}
+    return replace(resolved, options=replace(options, norms=tuple(norms))), record
+
+
+def _task_vector_norms(inputs: Inputs, resolved: ResolvedJob, names: list[str],
+                       row_targets: dict[str, int]) -> list[float]:
+    """‖θ_k − θ_pre‖₂ per model, read piece by piece (rows padded as the merge pads them)."""
+    squares = [0.0] * (len(inputs.readers) - 1)
+    for name in names:
+        if name in row_targets:
+            pieces = [[pad_rows_with_mean(r.get(name), row_targets[name]) for r in inputs.readers]]
+        else:
+            numel = math.prod(inputs.reference.info(name)[1])
+            pieces = ([r.get(name, start, min(start + PIECE, numel)) for r in inputs.readers]
+                      for start in range(0, numel, PIECE))
+        for tensors in pieces:
+            base = tensors[0].to(resolved.device)
+            for index, tensor in enumerate(tensors[1:]):
+                square = squared_norm(tensor.to(resolved.device), base)
+                if not math.isfinite(square):
+                    raise MergeError(f"the task vector of {inputs.labels[index + 1]} ({inputs.sources[index + 1]}) "
+                                     f"is not finite (NaN/Inf) in tensor {name!r}")
+                squares[index] += square
+    return [math.sqrt(s) for s in squares]
 
 
 def _open_inputs(job: StreamMergeJob) -> Inputs:

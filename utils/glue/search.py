@@ -47,7 +47,7 @@ from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices
 from utils.glue.training import encode_split, evaluate_task, make_loader
 from utils.records import library_versions, write_json_atomic
 
-BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging")
+BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging", "norm_adaptive")
 MERGING_METHODS = (*BASE_METHODS, "mask_merging")
 STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples"}
 
@@ -99,6 +99,9 @@ class FlagSetting:
     fisher_scaling_coefficients: tuple[float, ...] | None = None
     nums_regmean_examples: tuple[int, ...] | None = None
     reduce_non_diagonal_ratio: float = 1.0
+    norm_mode: str = "exp"
+    norm_alpha: float = 1.5
+    norm_beta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ def merge_options(method: str, setting: dict, num_models: int, methods: MethodOp
         )
     if method == "regmean_merging":
         return MergeOptions(regmean_alpha=float(setting["reduce_non_diagonal_ratio"]))
+    if method == "norm_adaptive":  # the norms: ‖δ_k‖₂ over the merged (non-head) tensors, computed by the library
+        return MergeOptions(scaling_coefficient=float(setting["scaling_coefficient"]), norm_mode=str(setting["norm_mode"]),
+                            norm_alpha=float(setting.get("norm_alpha", 1.5)), norm_beta=float(setting.get("norm_beta", 1.0)))
     return MergeOptions()
 
 
@@ -329,6 +335,9 @@ def cli_setting(method: str, flags: FlagSetting) -> dict:
         if flags.nums_regmean_examples is None:
             raise ValueError("regmean_merging with --merge_grid none needs --nums_regmean_examples")
         return {"nums_regmean_examples": list(flags.nums_regmean_examples), "reduce_non_diagonal_ratio": flags.reduce_non_diagonal_ratio}
+    if method == "norm_adaptive":
+        return {"scaling_coefficient": flags.scaling_coefficient, "norm_mode": flags.norm_mode,
+                "norm_alpha": flags.norm_alpha, "norm_beta": flags.norm_beta}
     return {}
 
 
