@@ -17,7 +17,6 @@ import argparse
 
 from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, drop_rate, resolve_device
 from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
-from utils.glue.inference import InferenceOptions, run_inference
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -39,6 +38,8 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
+    from utils.glue.inference import InferenceOptions  # torch loads only after parsing (fast --help)
+
     return InferenceOptions(
         language_model_name=args.language_model_name, tasks=tuple(args.dataset_names), dare=dare_options_from_args(args),
         seed=args.seed, eval_splits=tuple(args.eval_splits), learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -56,6 +57,8 @@ def main(argv=None) -> list[dict]:
     check_tasks(parser, config, args.dataset_names)
     options = options_from_args(args)
     with user_errors():
+        from utils.glue.inference import run_inference
+
         return run_inference(options, config, resolve_device(args.device, args.gpu))
 
 

@@ -14,7 +14,6 @@ import argparse
 
 from utils.cli import HelpFormatter, resolve_device
 from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
-from utils.glue.training import TrainOptions, run_training
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -57,6 +56,8 @@ def check_args(args, config: dict, parser: argparse.ArgumentParser) -> list[str]
 
 
 def options_from_args(args: argparse.Namespace, tasks: list[str]) -> TrainOptions:
+    from utils.glue.training import TrainOptions  # torch loads only after parsing (fast --help)
+
     return TrainOptions(
         language_model_name=args.language_model_name, tasks=tuple(tasks), multitask=args.multitask_training,
         learning_rate=args.learning_rate, batch_size=args.batch_size, num_epochs=args.num_epochs, num_runs=args.num_runs,
@@ -73,6 +74,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     tasks = check_args(args, config, parser)
     with user_errors():
+        from utils.glue.training import run_training
+
         return run_training(options_from_args(args, tasks), config, resolve_device(args.device, args.gpu))
 
 
