@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         failed += result.counts()["failed"]
-    outputs = aggregate([save_dir], save_dir / "summary", title="all-MiniLM-L6-v2, GLUE demo")
+    outputs = aggregate([save_dir], save_dir / "summary", figure_title="all-MiniLM-L6-v2, GLUE demo")
     for table in outputs.tables:
         print(table.markdown())
     print("written: " + ", ".join(str(path) for path in outputs.files.values()))
