@@ -13,10 +13,7 @@ import argparse
 import sys
 
 from utils.cli import HelpFormatter
-from utils.engine.reader import CheckpointError
-from utils.engine.streaming import DTYPES
-from utils.moe import MoEConfigError, MoEError, MoEJob, load_moe_config, run_moe_build
-from utils.records import OutputExistsError
+from utils.engine.choices import DTYPE_NAMES
 
 
 def positive_int(value: str) -> int:
@@ -31,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="MoE config (YAML, mergekit-moe keys)")
     parser.add_argument("--output_dir", required=True, help="folder to create (written atomically)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the hidden-state gates are computed")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                         help="output dtype; overrides the config's dtype (default: config, else the base's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of random gates and expert noise (with the tensor name)")
@@ -45,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def job_from_args(args: argparse.Namespace) -> MoEJob:
+def job_from_args(args: argparse.Namespace):
+    from utils.moe import MoEJob, load_moe_config  # torch loads only after parsing (fast --help)
+
     config, text = load_moe_config(args.config)
     return MoEJob(config=config, config_text=text, output_dir=args.output_dir, seed=args.seed, dtype=args.dtype,
                   device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
@@ -55,6 +54,10 @@ def job_from_args(args: argparse.Namespace) -> MoEJob:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from utils.engine.reader import CheckpointError
+    from utils.moe import MoEConfigError, MoEError, run_moe_build
+    from utils.records import OutputExistsError
+
     try:
         manifest = run_moe_build(job_from_args(args))
     except (MoEConfigError, MoEError, CheckpointError, OutputExistsError) as error:
