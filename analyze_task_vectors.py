@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.analysis import COMPUTE_DTYPES, DEFAULT_QUANTILES, AnalysisError, AnalysisOptions, run_analysis
+from utils.analysis.defaults import COMPUTE_DTYPE_NAMES, DEFAULT_QUANTILES
 from utils.cli import HelpFormatter
-from utils.engine.reader import CheckpointError
-from utils.records import OutputExistsError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", required=True, help="fine-tuned models: folders or hub ids")
     parser.add_argument("--output_dir", required=True, help="folder to create (refused if it exists)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPE_NAMES), default="float32",
                         help="computation dtype of δ (sums are float64 in any case)")
     parser.add_argument("--exclude_param_names_regex", nargs="*", default=[],
                         help="tensors matching any regex (re.match) are left out")
@@ -43,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
+    from utils.analysis import AnalysisOptions  # torch loads only after parsing (fast --help)
+
     return AnalysisOptions(base_model=args.base_model, models=args.models, output_dir=args.output_dir,
                            device=args.device, dtype=args.dtype, exclude_regex=args.exclude_param_names_regex,
                            quantiles=tuple(args.quantiles), top_k=args.top_k, rel_tol=args.rel_tol,
@@ -51,6 +51,10 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from utils.analysis import AnalysisError, run_analysis
+    from utils.engine.reader import CheckpointError
+    from utils.records import OutputExistsError
+
     try:
         analysis = run_analysis(options_from_args(args), progress=not args.no_progress)
     except (AnalysisError, CheckpointError, OutputExistsError) as error:

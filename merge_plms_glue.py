@@ -20,8 +20,8 @@ import argparse
 import itertools
 
 from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, resolve_device
-from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
-from utils.glue.search import BASE_METHODS, MASK_SEARCHES, MERGING_METHODS, FlagSetting, MergeRunOptions, MethodOptions, run_merge_search
+from utils.glue.cli import (BASE_METHODS, MASK_SEARCHES, MERGING_METHODS, add_run_arguments, check_tasks,
+                            config_from_argv, user_errors)
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -62,6 +62,8 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace, groups: list[list[str]]) -> MergeRunOptions:
+    from utils.glue.search import FlagSetting, MergeRunOptions, MethodOptions  # torch loads after parsing
+
     return MergeRunOptions(
         language_model_name=args.language_model_name, groups=tuple(tuple(group) for group in groups),
         method=args.merging_method_name, apply_method=args.mask_apply_method, grid=args.merge_grid, select_on=args.select_on,
@@ -88,6 +90,8 @@ def main(argv=None) -> list[dict]:
     groups = [tasks] if args.dataset_names else [list(pair) for pair in itertools.combinations(tasks, 2)]
     options = options_from_args(args, groups)
     with user_errors():
+        from utils.glue.search import run_merge_search
+
         return run_merge_search(options, config, resolve_device(args.device, args.gpu))
 
 

@@ -1,9 +1,23 @@
-"""Task-vector analysis (statistics, layer grouping, pairwise cosine) and the norms of norm-adaptive merging."""
-from .analyze import COMPUTE_DTYPES, DEFAULT_QUANTILES, AnalysisOptions, analyze, run_analysis
-from .grouping import KINDS, NO_LAYER, LayerGrouping, kind_of
-from .norms import norms_from_analysis, stream_task_vector_norms
-from .statistics import AnalysisError, exact_quantiles, tensor_statistics
+"""Task-vector analysis (statistics, layer grouping, pairwise cosine) and the norms of norm-adaptive merging.
 
-__all__ = ["AnalysisError", "AnalysisOptions", "COMPUTE_DTYPES", "DEFAULT_QUANTILES", "KINDS", "LayerGrouping",
-           "NO_LAYER", "analyze", "exact_quantiles", "kind_of", "norms_from_analysis", "run_analysis",
-           "stream_task_vector_norms", "tensor_statistics"]
+Names are loaded on first use (torch is imported only then), so importing ``utils.analysis.defaults`` for a
+command line stays fast."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "analyze": ("COMPUTE_DTYPES", "AnalysisOptions", "analyze", "run_analysis"),
+    "defaults": ("COMPUTE_DTYPE_NAMES", "DEFAULT_QUANTILES"),
+    "grouping": ("KINDS", "NO_LAYER", "LayerGrouping", "kind_of"),
+    "norms": ("norms_from_analysis", "stream_task_vector_norms"),
+    "statistics": ("AnalysisError", "exact_quantiles", "tensor_statistics"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

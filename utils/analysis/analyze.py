@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .defaults import COMPUTE_DTYPE_NAMES, DEFAULT_QUANTILES
+
 from model_merging_methods import is_excluded
 from utils.engine.reader import CheckpointReader, resolve_checkpoint
 from utils.records import OutputExistsError, library_versions
@@ -24,8 +26,7 @@ from utils.records import OutputExistsError, library_versions
 from .grouping import KINDS, NO_LAYER, LayerGrouping, kind_of
 from .statistics import AnalysisError, Histogram, cosine, pair_statistics, tensor_statistics
 
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DEFAULT_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 
 
 @dataclass(frozen=True)

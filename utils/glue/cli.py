@@ -7,6 +7,11 @@ from contextlib import contextmanager
 
 from utils.glue.data import GlueDataError, load_glue_config
 
+# Declared here, not in search.py, so that the scripts' parsers need no torch (fast --help).
+BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging", "norm_adaptive")
+MERGING_METHODS = (*BASE_METHODS, "mask_merging")
+MASK_SEARCHES = ("per_task", "wide")   # mask_merging: each task on its own best base setting (the original), or wider
+
 
 def add_run_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> None:
     """Flags every GLUE script shares: data, outputs, config, device, pickles, progress bars."""

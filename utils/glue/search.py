@@ -40,6 +40,7 @@ import torch
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, check_inputs, dare_state_dict, is_excluded, merge_state_dicts
 from utils.cli import dare_suffix, set_random_seed
+from utils.glue.cli import BASE_METHODS, MASK_SEARCHES, MERGING_METHODS  # noqa: F401 (re-exported)
 from utils.glue.checkpoints import load_classifier, model_short_name, task_checkpoint
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score
@@ -47,8 +48,6 @@ from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices
 from utils.glue.training import encode_split, evaluate_task, make_loader
 from utils.records import library_versions, write_json_atomic
 
-BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging", "norm_adaptive")
-MERGING_METHODS = (*BASE_METHODS, "mask_merging")
 STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples"}
 
 
@@ -281,7 +280,6 @@ def read_apply_method_winners(path: Path, apply_method: str) -> dict[str, dict]:
     return {criterion: winner["setting"] for criterion, winner in payload["winners"].items()}
 
 
-MASK_SEARCHES = ("per_task", "wide")
 
 
 @dataclass(frozen=True)
