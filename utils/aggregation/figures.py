@@ -47,6 +47,17 @@ def _save(figure, path: Path, sources: list[str]) -> Path:
     return path
 
 
+def _finish(plt, figure, path: Path, title: str | None, sources: set[str]) -> Path:
+    """Title, source footer, layout, save (with its sources file), close."""
+    if title:
+        figure.suptitle(title)
+    _footer(figure, sorted(sources))
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    saved = _save(figure, path, sorted(sources))
+    plt.close(figure)
+    return saved
+
+
 def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title: str | None = None,
                      metric: str | None = None) -> Path | None:
     """``metric``: plot this metric (e.g. loss) instead of each task's main metric; values ×100 unless loss."""
@@ -81,13 +92,7 @@ def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title:
         axis.set_title(f"{model} on {task}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    if title:
-        figure.suptitle(title)
-    _footer(figure, sorted(sources))
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    saved = _save(figure, path, sorted(sources))
-    plt.close(figure)
-    return saved
+    return _finish(plt, figure, path, title, sources)
 
 
 def merge_figure(groups: list[dict], path: Path, split: str = "test", title: str | None = None) -> Path | None:
@@ -120,10 +125,4 @@ def merge_figure(groups: list[dict], path: Path, split: str = "test", title: str
         axis.set_ylim(max(0.0, low - 10), None)
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize=7)
-    if title:
-        figure.suptitle(title)
-    _footer(figure, sorted(sources))
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    saved = _save(figure, path, sorted(sources))
-    plt.close(figure)
-    return saved
+    return _finish(plt, figure, path, title, sources)
