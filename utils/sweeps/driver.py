@@ -182,7 +182,8 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
     if options.launcher == "local":
         launchers.run_local(blocks, options.workers or spec.local.workers, report)
     elif options.launcher == "slurm":
-        slurm = options.slurm or launchers.SlurmOptions()
+        # without explicit options, the sweep file's own slurm section (not the dataclass defaults)
+        slurm = options.slurm or launchers.SlurmOptions(**spec.slurm.model_dump())
         folder = sweep_plan.root / ".submitit"
         ids = launchers.run_slurm(blocks, slurm, folder, spec.name, report)
         echo(f"submitted {len(ids)} job(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}; logs in {folder}")
