@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate_dir", default=None,
                         help="multi-document recipes: where earlier documents' outputs go (reused when made from "
                              "the same document)")
+    parser.add_argument("--tie_order", choices=["index", "argsort"], default="index",
+                        help="recipes: which entries tied at a rank cut-off (ties, breadcrumbs*) are kept: the first "
+                             "in flat order (a stable sort, as mergekit on CUDA; streams) or torch.argsort's "
+                             "(mergekit on the CPU, bit for bit; holds whole tensors: several GiB for 7B+)")
     parser.add_argument("--from_manifest", default=None, metavar="MANIFEST",
                         help="re-run the merge a merge_manifest.json records (same weights, bit for bit); "
                              "refused if an input's sha256 changed. Takes only --output_dir, --overwrite, "
@@ -109,8 +113,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         if given:
             parser.error(f"--config takes the merge from the recipe; remove {', '.join(dict.fromkeys(given))}")
         return
-    if args.intermediate_dir is not None:
-        parser.error("--intermediate_dir is for multi-document recipes (--config)")
+    for flag, value in (("--intermediate_dir", args.intermediate_dir is not None), ("--tie_order", args.tie_order != "index")):
+        if value:
+            parser.error(f"{flag} is for recipes (--config)")
     if args.from_manifest is None:
         missing = [flag for flag, value in (("--models", args.models), ("--method", args.method)) if not value]
         if missing:
@@ -162,7 +167,7 @@ def recipe_job_from_args(args: argparse.Namespace):
     return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
                      seed=args.seed, device=args.device, threads=args.threads,
                      max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
-                     allow_pickle=args.allow_pickle, progress=not args.no_progress)
+                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order)
 
 
 def _merge(args: argparse.Namespace) -> int:

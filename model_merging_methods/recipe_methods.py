@@ -11,17 +11,26 @@ None); `params` are the resolved global values and `per_input[id]` the resolved 
 Randomised methods (dare_*, della*) draw their masks from `slots[id]` (model_merging_methods/randomness.py:
 the draw depends only on seed, input position and tensor name), so masks differ from mergekit's
 global-RNG draws by design; the deterministic ones reproduce mergekit's arithmetic operation by
-operation (same dtypes, same reduction order, same torch sort), i.e. the same bits on the same torch.
+operation (same dtypes, same reduction order), i.e. the same bits on the same torch.
+
+One choice is ours: which of the entries tied at a rank cut-off (TIES' k-th largest |δ|, Breadcrumbs'
+window ends) are kept. mergekit takes torch.argsort's order, which torch leaves unspecified for equal
+values: on CUDA (more than 32 entries) the sort is stable, so the first ties in flat order are kept; on
+the CPU it is an introsort whose order depends on the whole tensor. Our default, tie_order "index", keeps
+the first ties in flat order (a stable sort, mergekit on CUDA) and lets a tensor stream in pieces
+(selection.KeepRule); tie_order "argsort" runs torch.argsort on the whole tensor, i.e. mergekit on the
+CPU, bit for bit. Only entries equal to the cut-off can differ between the two.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from .options import MergeError
 from .randomness import RandomSlot
+from .selection import KeepRule, RankStat, pieces_of, rank_statistics, rank_window_rule, top_k_rule
 
 REQUIRED = object()  # marks a parameter without a default
 
@@ -76,6 +85,9 @@ class TensorGroupCall:
     params: dict[str, Any] = field(default_factory=dict)
     per_input: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: dict[str, RandomSlot] = field(default_factory=dict)
+    tie_order: str = "index"                    # "index" | "argsort" (see the module docstring)
+    # a streamed piece: per non-base input, its sparsification prepared from whole-tensor statistics
+    piece_sparsifiers: Optional[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = None
 
     @property
     def non_base(self) -> list[str]:
@@ -167,24 +179,78 @@ def slerp(call: TensorGroupCall) -> torch.Tensor:
 # generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*, della*): in the compute dtype
 
 
+def l1_norm(values: torch.Tensor) -> float:
+    """Σ|x|, accumulated in float64 over flat 2^20-element pieces in order (so a streamed tensor, whose
+    pieces are the same, gets the same sum)."""
+    return sum(float(piece.abs().sum(dtype=torch.float64)) for piece in pieces_of(values)())
+
+
+def rescale_factor(before: float, after: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """mergekit's L1 rescale Σ|δ| / Σ|δ ⊙ m| as a 0-dim tensor of `dtype` (both sums rounded to it first);
+    None (no rescale) when either rounded sum is < 1e-7."""
+    before_t, after_t = torch.tensor(before, dtype=dtype), torch.tensor(after, dtype=dtype)
+    if before_t < 1e-7 or after_t < 1e-7:
+        return None
+    return before_t / after_t
+
+
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """δ ⊙ m, times Σ|δ| / Σ|δ ⊙ m| when rescaling (skipped when either sum is < 1e-7)."""
+    """δ ⊙ m, times Σ|δ| / Σ|δ ⊙ m| when rescaling (skipped when either sum is < 1e-7). The sums are
+    float64 (mergekit sums in the tensor's dtype: the factor can differ by its last bit)."""
     masked = delta * mask
     if not rescale:
         return masked
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+    factor = rescale_factor(l1_norm(delta), l1_norm(masked), delta.dtype)
+    return masked if factor is None else masked * factor
 
 
-def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the k = max(1, int(density·n)) largest |δ| (first k of torch.argsort(|δ|, descending) over the
-    flattened tensor: torch's tie order, as mergekit); density ≥ 1 returns δ, density ≤ 0 zeros."""
+@dataclass(frozen=True)
+class RankCut:
+    """A sparsifier that keeps entries by the rank of |δ| in the whole tensor.
+
+    magnitude (TIES): the k = max(1, int(density·n)) largest; outliers (Model Breadcrumbs): keep =
+    int(density·n), top = int(gamma·n), bottom = max(0, n − keep − top), ascending positions
+    [bottom, bottom + keep) (drops the smallest and the largest). `ranks(n)` are the order statistics
+    (1-based, ascending) it needs; `rule(n, stats)` turns them into a KeepRule (ties in flat order)."""
+
+    kind: str              # "magnitude" | "outliers"
+    density: float
+    gamma: float = 0.0
+
+    def ranks(self, n: int) -> list[int]:
+        if self.kind == "magnitude":
+            return [n - max(1, int(self.density * n)) + 1] if self.density > 0 else []
+        bottom, keep = self._window(n)
+        return [bottom + 1, bottom + keep] if keep else []
+
+    def rule(self, n: int, stats: list[RankStat]) -> KeepRule:
+        if self.kind == "magnitude":
+            return top_k_rule(n, max(1, int(self.density * n)), stats[0]) if self.density > 0 else KeepRule.nothing()
+        bottom, keep = self._window(n)
+        return rank_window_rule(bottom, keep, *stats) if keep else KeepRule.nothing()
+
+    def _window(self, n: int) -> tuple[int, int]:
+        keep, top = int(self.density * n), int(self.gamma * n)
+        return max(0, n - keep - top), keep
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """The whole tensor's keep-mask (ties in flat order), by radix selection: no sort."""
+        magnitudes = delta.abs().float()
+        return self.rule(delta.numel(), rank_statistics(delta, self.ranks(delta.numel()))).mask(magnitudes)
+
+
+def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = False,
+                       tie_order: str = "index") -> torch.Tensor:
+    """Keep the k = max(1, int(density·n)) largest |δ| of the flattened tensor (RankCut "magnitude");
+    of the entries equal to the k-th largest, the first in flat order (tie_order "index") or the first
+    of torch.argsort(|δ|, descending) on this device ("argsort", mergekit's own call); density ≥ 1
+    returns δ, density ≤ 0 zeros."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
+    if tie_order == "index":
+        return _rescaled(delta, RankCut("magnitude", density).mask(delta).to(delta.dtype), rescale)
     k = max(1, int(density * delta.numel()))
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     magnitudes = delta.abs().reshape(-1)
@@ -194,11 +260,15 @@ def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = Fals
     return _rescaled(delta, mask.reshape_as(delta), rescale)
 
 
-def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Model Breadcrumbs: keep = int(density·n), top = int(gamma·n), bottom = max(0, n − keep − top); keep
-    positions [bottom, bottom + keep) of |δ| sorted ascending (drops the smallest and the largest)."""
+def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False,
+                      tie_order: str = "index") -> torch.Tensor:
+    """Model Breadcrumbs (RankCut "outliers"): keep = int(density·n), top = int(gamma·n), bottom =
+    max(0, n − keep − top); keep ascending positions [bottom, bottom + keep) of |δ| (drops the smallest
+    and the largest), ties in flat order ("index") or in torch.sort's order ("argsort", mergekit's)."""
     if density >= 1:
         return delta
+    if tie_order == "index":
+        return _rescaled(delta, RankCut("outliers", density, gamma).mask(delta).to(delta.dtype), rescale)
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
@@ -226,6 +296,38 @@ def sparsify_random(delta: torch.Tensor, density: float, slot: RandomSlot, resca
     return _rescaled(delta.to(work), mask, rescale).to(delta.dtype)
 
 
+@dataclass(frozen=True)
+class PieceSparsifier:
+    """One input's sparsification of one flat piece of a tensor, prepared from whole-tensor statistics
+    (the streamed form of sparsify_magnitude / sparsify_outliers / sparsify_random, same bits):
+    `rule` (a RankCut's KeepRule) with `tie_offsets(counts)` giving, per tie window, the entries equal to
+    its value in the earlier pieces; or DARE draws from `slot` (the piece's positions) at `density`.
+    `factor` is the whole tensor's L1 rescale factor (rescale_factor), None for none."""
+
+    rule: Optional[KeepRule] = None
+    tie_offsets: Optional[Callable[[list[int]], list[int]]] = None
+    slot: Optional[RandomSlot] = None
+    density: float = 1.0
+    factor: Optional[torch.Tensor] = None
+
+    def masked(self, delta: torch.Tensor) -> torch.Tensor:
+        """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
+        if self.rule is not None:
+            return delta * self.rule.mask(delta.abs().float(), self.tie_offsets)
+        work = _draw_dtype(delta)
+        mask = (self.slot.uniform(delta.numel()).view(delta.shape).to(delta.device) < self.density).to(work)
+        return delta.to(work) * mask
+
+    def work_dtype(self, delta: torch.Tensor) -> torch.dtype:
+        return delta.dtype if self.rule is not None else _draw_dtype(delta)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        masked = self.masked(delta)
+        if self.factor is not None:
+            masked = masked * self.factor
+        return masked.to(delta.dtype)
+
+
 def sparsify_della(delta: torch.Tensor, density: float, epsilon: float, slot: RandomSlot,
                    rescale: bool = False) -> torch.Tensor:
     """DELLA magnitude-ranked sampling, per row (last axis; 1-D = one row): ranks of |δ| min-max normalised
@@ -248,6 +350,20 @@ def sparsify_della(delta: torch.Tensor, density: float, epsilon: float, slot: Ra
     return _rescaled(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
 
 
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch accumulates a sum of `dtype` values in (float64 for float64, else float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sum_in_order(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Σ terms accumulated from 0 in torch's accumulation dtype, in list order, rounded once to `dtype`:
+    the bits of torch.stack(terms).sum(dim=0) (tests/test_recipe_methods.py checks it), without the stack."""
+    total = torch.zeros(terms[0].shape, dtype=_opmath(dtype), device=terms[0].device)
+    for term in terms:
+        total += term
+    return total.to(dtype)
+
+
 def gta_tensor(base: torch.Tensor, others: list[torch.Tensor], weights: list[float],
                sparsify: Callable[[int, torch.Tensor], torch.Tensor] | None, consensus: bool,
                normalize: bool, lam: float = 1.0, int8_mask: bool = False) -> torch.Tensor:
@@ -255,36 +371,37 @@ def gta_tensor(base: torch.Tensor, others: list[torch.Tensor], weights: list[flo
     δ_i = sparsify_i(x_i − b); Δ_i = w_i δ_i (w cast to the dtype);
     consensus (TIES "sum" election): s = sign(Σ Δ_i) (0 → +), m_i = [sign Δ_i = s], mixed = Σ m_i Δ_i,
     div = Σ m_i w_i (0 → 1); otherwise mixed = Σ Δ_i, div = Σ w_i (|div| < 1e-8 → 1);
-    normalize: mixed /= div; y = b + λ·mixed. Cross-model sums are single reductions over the stack.
-    int8_mask only changes the sign tensors' dtype (memory), never the result."""
+    normalize: mixed /= div; y = b + λ·mixed. Each cross-model sum is accumulated in torch's reduction
+    dtype in model order and rounded once, as mergekit's sum over the stacked models (same bits, one
+    tensor per model instead of the stack). int8_mask (mergekit's memory option) changes nothing here."""
     if not others:
         return base
-    deltas = base.new_empty((len(others), *base.shape))
+    dtype = base.dtype
+    w = torch.tensor(weights, dtype=dtype, device=base.device)
+    deltas = []
     for index, other in enumerate(others):
         delta = other - base
-        deltas[index] = sparsify(index, delta) if sparsify is not None else delta
-    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > w.dim():
-        w.unsqueeze_(-1)
-    deltas.mul_(w)
+        delta = sparsify(index, delta) if sparsify is not None else delta
+        deltas.append(delta.mul_(w[index]) if delta is not other else delta * w[index])
     if consensus:
-        mask_dtype = torch.int8 if int8_mask else base.dtype
-        signs = deltas.sign().to(mask_dtype)
-        majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-        mask = signs == majority
-        del signs
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        # s_i = sign(Δ_i) equals the elected ±1 exactly when Δ_i · s > 0 (0 and NaN never agree)
+        majority = (_sum_in_order(deltas, dtype) >= 0).to(dtype).mul_(2).sub_(1)
+        agree = [delta * majority > 0 for delta in deltas]
+        mixed = _sum_in_order([delta * mask for delta, mask in zip(deltas, agree)], dtype)
+        divisor = torch.zeros(base.shape, dtype=_opmath(dtype), device=base.device)
+        for weight, mask in zip(w.tolist(), agree):
+            divisor.add_(mask, alpha=weight)
+        divisor = divisor.to(dtype)
         divisor[divisor == 0] = 1
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
+        mixed = _sum_in_order(deltas, dtype)
+        divisor = w.sum(dim=0, keepdim=True)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed /= divisor
     if lam != 1:
         mixed *= lam
-    return (base + mixed).to(base.dtype)
+    return (base + mixed).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -302,13 +419,15 @@ def gta(variant: GtaVariant) -> Callable[[TensorGroupCall], torch.Tensor]:
 
         def sparsify(index: int, delta: torch.Tensor) -> torch.Tensor:
             key = others[index]
+            if call.piece_sparsifiers is not None:
+                return call.piece_sparsifiers[key](delta)
             kind = variant.sparsification
             if kind == "magnitude":
-                return sparsify_magnitude(delta, density[index], rescale)
+                return sparsify_magnitude(delta, density[index], rescale, call.tie_order)
             if kind == "random":
                 return sparsify_random(delta, density[index], call.slots[key], rescale)
             if kind == "outliers":
-                return sparsify_outliers(delta, density[index], call.per_input[key]["gamma"], rescale)
+                return sparsify_outliers(delta, density[index], call.per_input[key]["gamma"], rescale, call.tie_order)
             return sparsify_della(delta, density[index], call.per_input[key]["epsilon"], call.slots[key], rescale)
 
         return gta_tensor(call.tensors[call.base], [call.tensors[k] for k in others], call.values("weight", others),
@@ -397,7 +516,8 @@ def gta_parameters(normalize: bool, rescale: bool, extra: tuple = ()) -> tuple[R
 
 GAMMA = (RecipeParameter("gamma", float, "non_base", 0.01),)
 EPSILON = (RecipeParameter("epsilon", float, "non_base", 0.15),)
-__all__ = ["GtaVariant", "RecipeParameter", "TensorGroupCall", "gta", "gta_parameters", "gta_tensor", "linear",
+__all__ = ["GtaVariant", "PieceSparsifier", "RankCut", "RecipeParameter", "TensorGroupCall", "l1_norm",
+           "rescale_factor", "gta", "gta_parameters", "gta_tensor", "linear",
            "linear_tensor", "model_stock", "model_stock_tensor", "nearswap", "nearswap_tensor", "passthrough",
            "run_group", "slerp", "slerp_tensor", "sparsify_della", "sparsify_magnitude", "sparsify_outliers",
            "sparsify_random", "REQUIRED", "GAMMA", "EPSILON"]

@@ -9,7 +9,7 @@ rule, whether masks are random, and what happens when an optional tensor is miss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -33,23 +33,33 @@ class RecipeMethod:
     randomized: bool = False          # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"     # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
     elementwise: str = "never"        # each output entry depends only on the same entry of the inputs (so flat
-                                      # pieces can be merged separately): "always", "never", or "dense" (GTA: when
-                                      # no input is sparsified, i.e. every density ≥ 1)
+                                      # pieces can be merged separately): "always", "never", or "gta" (see piece_mode)
+    sparsification: Optional[str] = None   # GTA methods: None | "magnitude" | "outliers" | "random" | "della"
 
     def parameter(self, name: str) -> RecipeParameter | None:
         return next((p for p in self.parameters if p.name == name), None)
 
-    def is_elementwise(self, per_input: dict[str, dict]) -> bool:
-        if self.elementwise == "dense":
-            return all(values.get("density", 1.0) >= 1 for values in per_input.values())
-        return self.elementwise == "always"
+    def piece_mode(self, params: dict, per_input: dict[str, dict], tie_order: str = "index") -> str:
+        """How a large tensor of this method can stream: "elementwise" (flat pieces merged independently),
+        "statistics" (flat pieces, once each input's whole-tensor statistics are known: its RankCut rule
+        for magnitude / outlier cuts with tie_order "index", its L1 rescale factor), or "whole"."""
+        if self.elementwise != "gta":
+            return "elementwise" if self.elementwise == "always" else "whole"
+        if all(values.get("density", 1.0) >= 1 for values in per_input.values()):
+            return "elementwise"                     # nothing is sparsified
+        if self.sparsification == "random":
+            return "statistics" if params.get("rescale") else "elementwise"   # draws depend on position only
+        if self.sparsification in ("magnitude", "outliers") and tie_order == "index":
+            return "statistics"
+        return "whole"                               # della's per-row ranks; torch.argsort's tie order
 
 
 def _gta(name: str, pretty: str, paper: str, url: str, sparsification: str | None, consensus: bool,
          normalize: bool, rescale: bool, extra: tuple = ()) -> RecipeMethod:
     return RecipeMethod(name, rm.gta(rm.GtaVariant(sparsification, consensus)), pretty, paper, url,
                         parameters=rm.gta_parameters(normalize, rescale, extra),
-                        randomized=sparsification in ("random", "della"), elementwise="dense")
+                        randomized=sparsification in ("random", "della"), elementwise="gta",
+                        sparsification=sparsification)
 
 
 _TA = ("Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)", "https://arxiv.org/abs/2212.04089")

@@ -18,6 +18,7 @@ high_counts / low_counts of their own pieces and recompute the pieces for the se
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -38,6 +39,11 @@ def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
 def high_counts(values: torch.Tensor) -> torch.Tensor:
     """The high pass over one piece: int64 counts [2·HIGH_BINS]; entry 2h counts the |x| whose high 16
     bits are h and low 16 bits 0 (|x| = h·2^16 exactly), entry 2h + 1 the other |x| of bin h."""
+    if values.dtype == torch.bfloat16:   # its bits are float32's high 16: every value is exact, no float32 copy
+        counts = torch.zeros(2 * HIGH_BINS, dtype=torch.int64, device=values.device)
+        bits = values.detach().contiguous().view(torch.int16).reshape(-1).to(torch.int32).bitwise_and_(0x7FFF)
+        counts[0::2] = torch.bincount(bits, minlength=HIGH_BINS)
+        return counts
     bits = magnitude_bits(values)
     inexact = bits.bitwise_and(0xFFFF).ne_(0)
     keys = torch.add(inexact, bits.bitwise_right_shift_(16), alpha=2)
@@ -76,6 +82,8 @@ class RadixSelect:
         self.high_bin = key >> 1
         if key % 2 == 0:  # among the entries equal to the bin's smallest value
             self._value_bits = self.high_bin << 16
+            self._less = int(cumulative[key - 1]) if key else 0
+            self._equal = int(self._high[key])
         else:
             self._below = int(cumulative[key - 1]) - int(self._high[key - 1])  # entries of lower bins
             self._low = torch.zeros(LOW_BINS, dtype=torch.int64)
@@ -88,14 +96,117 @@ class RadixSelect:
         self._low += counts
 
     def finish_low(self) -> None:
-        low_bin = int(torch.searchsorted(self._low.cumsum(0), self.k - self._below))
+        low_cumulative = self._low.cumsum(0)
+        low_bin = int(torch.searchsorted(low_cumulative, self.k - self._below))
         self._value_bits = (self.high_bin << 16) | low_bin
+        self._less = self._below + (int(low_cumulative[low_bin - 1]) if low_bin else 0)
+        self._equal = int(self._low[low_bin])
 
     @property
     def value(self) -> float:
         if self._value_bits is None:
             raise RuntimeError("the selection is not finished")
         return float(torch.tensor([self._value_bits], dtype=torch.int32).view(torch.float32))
+
+    @property
+    def statistic(self) -> "RankStat":
+        """The selected value with the number of entries strictly below it and equal to it."""
+        return RankStat(self.value, self._less, self._equal)
+
+
+@dataclass(frozen=True)
+class RankStat:
+    """An order statistic of |x|: its value, and how many entries are strictly smaller / equal to it."""
+
+    value: float
+    less: int
+    equal: int
+
+
+def rank_statistics(values: torch.Tensor, ks: list[int]) -> list[RankStat]:
+    """RankStat of the k-th smallest |x| (1-based) of a whole tensor, for each k (radix selection)."""
+    pieces, n = pieces_of(values), values.numel()
+    selections = [RadixSelect(k, n) for k in ks]
+    for piece in pieces():
+        counts = high_counts(piece)
+        for selection in selections:
+            selection.add_high(counts)
+    for selection in selections:
+        selection.finish_high()
+    pending = [s for s in selections if s.needs_low_pass]
+    for piece in pieces() if pending else ():
+        for selection in pending:
+            selection.add_low(low_counts(piece, selection.high_bin))
+    for selection in pending:
+        selection.finish_low()
+    return [selection.statistic for selection in selections]
+
+
+@dataclass(frozen=True)
+class TieWindow:
+    """Of the entries with |x| == value, keep those whose tie index (how many entries with |x| == value
+    come before it in flat order) lies in [start, stop)."""
+
+    value: float
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """Which entries a rank-based cut keeps, stated so that flat pieces can apply it one at a time:
+    entries with low < |x| < high, plus the tie windows. A stable sort puts equal values in flat order,
+    so "the first r of the entries equal to the cut-off" is a window [0, r) — the same entries on every
+    machine, and the same whether the tensor is held whole or streamed (pieces pass the number of
+    entries equal to each window value in the pieces before them)."""
+
+    low: float
+    high: float
+    windows: tuple[TieWindow, ...] = ()
+
+    def mask(self, magnitudes: torch.Tensor,
+             tie_offsets: Callable[[list[int]], list[int]] | None = None) -> torch.Tensor:
+        """Boolean keep-mask of one piece of |x| (float32). A streamed piece passes `tie_offsets`: called
+        with this piece's count of entries equal to each window value, it returns the counts of the
+        earlier pieces (the whole tensor: None, i.e. zeros). Scratch beyond the mask is proportional to
+        the number of ties."""
+        ties = [(magnitudes == window.value).view(-1) for window in self.windows]
+        counts = [int(torch.count_nonzero(tie)) for tie in ties]
+        offsets = tie_offsets(counts) if tie_offsets is not None else [0] * len(self.windows)
+        keep = magnitudes > self.low
+        if self.high != float("inf"):
+            keep &= magnitudes < self.high
+        flat = keep.view(-1)
+        for window, tie, count, before in zip(self.windows, ties, counts, offsets):
+            if before >= window.stop or window.start >= window.stop:
+                continue                                  # the window was filled by earlier pieces
+            if window.start <= before and before + count <= window.stop:
+                flat |= tie                               # every tie of this piece is inside the window
+            else:
+                positions = torch.nonzero(tie).squeeze(1)
+                first = min(max(0, window.start - before), positions.numel())
+                flat[positions[first:max(first, window.stop - before)]] = True
+        return keep
+
+    @classmethod
+    def nothing(cls) -> "KeepRule":
+        return cls(float("inf"), float("-inf"))
+
+
+def top_k_rule(n: int, k: int, cut: RankStat) -> KeepRule:
+    """The k largest |x| as a stable descending sort takes them: every entry above the cut-off (the
+    k-th largest, i.e. the (n − k + 1)-th smallest `cut`), then the first entries equal to it."""
+    greater = n - cut.less - cut.equal
+    return KeepRule(cut.value, float("inf"), (TieWindow(cut.value, 0, k - greater),))
+
+
+def rank_window_rule(first: int, count: int, low: RankStat, high: RankStat) -> KeepRule:
+    """Ascending positions [first, first + count) of a stable sort of |x|; `low` / `high` are the
+    (first + 1)-th and (first + count)-th smallest."""
+    if low.value == high.value:
+        return KeepRule(low.value, low.value, (TieWindow(low.value, first - low.less, first + count - low.less),))
+    return KeepRule(low.value, high.value, (TieWindow(low.value, first - low.less, low.equal),
+                                            TieWindow(high.value, 0, first + count - high.less)))
 
 
 def pieces_of(values: torch.Tensor, size: int = PIECE) -> Pieces:

@@ -119,3 +119,50 @@ def test_ties_method_through_the_registry_reads_per_input_parameters():
     # y keeps its largest entry: Δy = [3, 0]; Δx = [2, -1]; Σ = [5, -1] → signs [+, -];
     # agreeing: x everywhere, y at 0 only (a zero never agrees) → mixed [5, -1] / weights [4, 1]
     assert torch.equal(ties.function(call), T([1.25, -1.0]))
+
+
+def _gta_stacked(base, others, weights, consensus, normalize, lam):
+    """mergekit's generalized task arithmetic written as it is there (a stack of the models' deltas and
+    reductions over it): the reference that gta_tensor's per-model accumulation must match bit for bit."""
+    deltas = torch.stack([other - base for other in others])
+    w = torch.tensor(weights, dtype=deltas.dtype).unsqueeze(-1)
+    deltas = deltas * w
+    if consensus:
+        signs = deltas.sign().to(base.dtype)
+        mask = signs == (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mixed, divisor = (deltas * mask).sum(dim=0), (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = deltas.sum(dim=0), w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed *= lam
+    return (base + mixed).to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gta_accumulation_per_model_is_bitwise_the_stacked_reduction(dtype):
+    generator = torch.Generator().manual_seed(7)
+    n = 200_000
+    base = (torch.randn(n, generator=generator) * 0.02).to(dtype)
+    base[::11] = 0.0
+    base[5::11] = -0.0
+    for models in (2, 3, 5):
+        others = [(base.double() + torch.randn(n, generator=generator, dtype=torch.float64) * 1e-3).to(dtype)
+                  for _ in range(models)]
+        for other in others:
+            other[::3] = base[::3]                      # zero deltas: no sign, never agree
+        weights = [0.7, -0.3, 1.3, 0.5, 0.2][:models]
+        for consensus in (True, False):
+            for normalize, lam in ((True, 1.0), (False, 0.8)):
+                got = gta_tensor(base, others, weights, None, consensus, normalize, lam)
+                want = _gta_stacked(base, others, weights, consensus, normalize, lam)
+                assert got.dtype == dtype
+                assert torch.equal(_bits(got), _bits(want)), (models, consensus, normalize)
+
+
+def _bits(tensor):
+    """The bit patterns (so that −0 and +0 differ)."""
+    return tensor.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])

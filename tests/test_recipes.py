@@ -321,3 +321,66 @@ def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
         whole = weights(f"whole-{name}" if name != "ta.yml" else "whole-ta")
         pieces = weights(f"pieces-{name}")
         assert whole.keys() == pieces.keys() and all(torch.equal(whole[n], pieces[n]) for n in whole)
+
+
+SPARSIFYING = {
+    "ties": "merge_method: ties\nparameters: {normalize: true}\n",
+    "ties-rescale": "merge_method: ties\nparameters: {rescale: true, lambda: 0.9}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nparameters: {gamma: 0.05}\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nparameters: {gamma: 0.2, rescale: true}\n",
+    "dare_ties": "merge_method: dare_ties\n",                                # L1 rescale (the default)
+    "dare_linear": "merge_method: dare_linear\nparameters: {rescale: false}\n",  # draws only: elementwise
+}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, monkeypatch, dtype):
+    """ties / breadcrumbs* / dare_* stream large tensors in pieces with whole-tensor statistics (rank cuts
+    with ties in flat order, L1 rescale factors): bit-identical to merging whole tensors, and the pieces
+    really were used (the run reads pieces and the statistics passes ran)."""
+    import utils.recipes.run as recipe_run
+    import utils.recipes.statistics as statistics
+
+    models = ("  - model: models/base\n  - model: models/chat\n    parameters: {weight: 0.6, density: 0.4}\n"
+              "  - model: models/code\n    parameters: {weight: 0.5, density: 0.7}\n")
+    recipes = {label: write(cwd / f"{label}.yml", f"models:\n{models}base_model: models/base\ndtype: {dtype}\n{text}")
+               for label, text in SPARSIFYING.items()}
+    for label, recipe in recipes.items():
+        assert run(["--config", recipe, "--output_dir", f"whole-{label}"])[0] == 0
+    prepared = []
+    original = statistics.prepare
+    monkeypatch.setattr(recipe_run, "prepare", lambda *a, **k: prepared.append(a[0].name) or original(*a, **k))
+    monkeypatch.setattr(recipe_run, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
+    for label, recipe in recipes.items():
+        assert run(["--config", recipe, "--output_dir", f"pieces-{label}", "--threads", "3"])[0] == 0
+        whole, pieces = weights(f"whole-{label}"), weights(f"pieces-{label}")
+        assert whole.keys() == pieces.keys()
+        assert [n for n in whole if not torch.equal(whole[n], pieces[n])] == [], label
+    # every method but dare_linear without rescale (its draws depend on position only) needed statistics
+    assert set(prepared) == {"ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties"}
+
+
+def test_magnitude_cut_keeps_ties_in_flat_order_and_argsort_is_mergekits_cpu_order():
+    from model_merging_methods.recipe_methods import sparsify_outliers
+
+    delta = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 0.25])
+    # k = int(0.5·6) = 3: all three... of the four |δ| = 1 entries, the first three in flat order
+    assert torch.equal(sparsify_magnitude(delta, 0.5), torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0]))
+    # k = 2 of 4 ties, rescaled by Σ|δ| / Σ|kept| = 4.75 / 2
+    assert torch.equal(sparsify_magnitude(delta, 0.34, rescale=True), torch.tensor([1.0, -1.0, 0, 0, 0, 0]) * 2.375)
+    # Breadcrumbs ascending window: keep = 3, top = 1, bottom = 2 → positions 2..4 of the stable sort
+    # (0.25, 0.5 | 1, -1, 1 | -1): the first three |δ| = 1 entries
+    assert torch.equal(sparsify_outliers(delta, 0.5, 0.2), torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0]))
+    # on a large bfloat16 delta (many ties): the count is exact; "argsort" is torch.argsort's own choice
+    generator = torch.Generator().manual_seed(0)
+    big = (torch.randn(5000, generator=generator) * 1e-3).bfloat16()
+    stable, argsort = sparsify_magnitude(big, 0.3), sparsify_magnitude(big, 0.3, tie_order="argsort")
+    assert int((stable != 0).sum()) == int((argsort != 0).sum()) == 1500
+    order = torch.argsort(big.abs().float(), descending=True, stable=True)[:1500]
+    assert torch.equal(stable, torch.zeros_like(big).index_copy(0, order, big[order]))
+    reference = torch.zeros_like(big)
+    reference[torch.argsort(big.abs().float(), descending=True)[:1500]] = 1
+    assert torch.equal(argsort, big * reference)
+    # the two differ only at entries equal to the cut-off magnitude
+    cutoff = big.abs().float()[order[-1]]
+    assert bool((big.abs().float()[stable != argsort] == cutoff).all())

@@ -166,3 +166,50 @@ def test_streamed_l1_rescale_is_per_whole_tensor(llama_family, tmp_path, monkeyp
     in_memory = merge_state_dicts("dare_linear", states[0], states[1:], MergeOptions(density=0.5),
                                   dare=DareOptions(rescale_mode="l1"), seed=4)
     assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
+
+
+def _stable_positions(magnitudes, descending):
+    return torch.argsort(magnitudes, descending=descending, stable=True)
+
+
+def _masks_by_pieces(rule, magnitudes, cuts):
+    """Apply a KeepRule piece by piece, handing each piece the earlier pieces' tie counts."""
+    totals, parts = [0] * len(rule.windows), []
+
+    def offsets(counts):
+        before = list(totals)
+        totals[:] = [a + b for a, b in zip(totals, counts)]
+        return before
+
+    bounds = [0, *cuts, magnitudes.numel()]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        parts.append(rule.mask(magnitudes[start:stop], offsets))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_keep_rules_equal_a_stable_sort_whole_and_in_pieces(seed):
+    """top_k_rule / rank_window_rule keep exactly the positions a stable sort puts first / in the window,
+    on data full of ties (bfloat16, rounded values, zeros), and pieces cut anywhere give the same mask."""
+    from model_merging_methods.selection import rank_statistics, rank_window_rule, top_k_rule
+
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(40):
+        n = int(torch.randint(1, 4000, (), generator=generator))
+        x = torch.randn(n, generator=generator)
+        x = [x.bfloat16(), torch.round(x * 3) / 3, torch.where(x > 0.5, x, 0.0)][seed % 3]
+        magnitudes = x.abs().float()
+        cuts = sorted(set(torch.randint(1, n, (3,), generator=generator).tolist())) if n > 1 else []
+        k = int(torch.randint(1, n + 1, (), generator=generator))
+        rule = top_k_rule(n, k, rank_statistics(x, [n - k + 1])[0])
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[_stable_positions(magnitudes, True)[:k]] = True
+        assert torch.equal(rule.mask(magnitudes), expected)
+        assert torch.equal(_masks_by_pieces(rule, magnitudes, cuts), expected)
+        first = int(torch.randint(0, n, (), generator=generator))
+        count = int(torch.randint(1, n - first + 1, (), generator=generator))
+        rule = rank_window_rule(first, count, *rank_statistics(x, [first + 1, first + count]))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[_stable_positions(magnitudes, False)[first:first + count]] = True
+        assert torch.equal(rule.mask(magnitudes), expected)
+        assert torch.equal(_masks_by_pieces(rule, magnitudes, cuts), expected)

@@ -26,6 +26,7 @@ from model_merging_methods import MergeError
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
 from model_merging_methods.recipe_registry import get_recipe_method
+from model_merging_methods.selection import PIECE as SELECTION_PIECE
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
 from utils.engine.reader import WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, resolve_checkpoint
@@ -36,11 +37,13 @@ from .architecture import infer_layout
 from .card import model_card
 from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
+from .statistics import PreparedInput, prepare
 from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
 
 NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
               "pytorch_model.bin.index.json"}
-PIECE = 1 << 20   # elements per streamed piece of an elementwise merge (4 MiB in float32: stays in cache, as the flag engine)
+PIECE = SELECTION_PIECE   # elements per streamed piece (4 MiB in float32: stays in cache, as the flag engine); the
+                          # L1 sums of recipe_methods.l1_norm use the same pieces, so streamed and whole sums agree
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json"}
@@ -58,6 +61,7 @@ class RecipeJob:
     overwrite: bool = False
     allow_pickle: bool = False
     progress: bool = True
+    tie_order: str = "index"       # rank cuts' ties: "index" (flat order, streams) | "argsort" (mergekit on CPU)
 
 
 def run_recipe_job(job: RecipeJob) -> list[dict]:
@@ -201,30 +205,49 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
         from tqdm import tqdm
         progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
 
-    def merge(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> torch.Tensor:
+    def load(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> dict[str, torch.Tensor]:
         span = piece or (None, None)
         tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
         # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
-        tensors = {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
-                   for ref, t in tensors.items()}
-        if group.vocab and vocabulary is not None:
-            tensors = permute_rows(vocabulary, tensors, group.base, group.name)
-        call = TensorGroupCall(tensors, group.base, group.params, group.per_input,
-                               {ref: RandomSlot(job.seed, inputs[ref].index, group.name) for ref in tensors}
-                               if method.randomized else {})
+        return {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
+                for ref, t in tensors.items()}
+
+    def slots(group: PlannedGroup, piece: Optional[tuple[int, int]] = None) -> dict[str, RandomSlot]:
+        """Each input's draws for the tensor, or for the piece's positions of it (the same numbers)."""
+        start, total = (piece[0], group_numel(group)) if piece else (0, None)
+        return {ref: RandomSlot(job.seed, inputs[ref].index, group.name, start, total) for ref in group.sources} \
+            if method.randomized else {}
+
+    def merge(group: PlannedGroup, piece: Optional[tuple[int, int]], index: int = 0,
+              prepared: Optional[dict[str, PreparedInput]] = None) -> torch.Tensor:
         try:
+            tensors = load(group, piece)
+            if group.vocab and vocabulary is not None:
+                tensors = permute_rows(vocabulary, tensors, group.base, group.name)
+            sparsifiers = None
+            if prepared is not None:
+                numel = group_numel(group)
+                sparsifiers = {ref: item.sparsifier(index, piece, numel) for ref, item in prepared.items()}
+            call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
+                                   sparsifiers)
             merged = run_group(passthrough if group.passthrough else method.function, call)
         except MergeError as error:
             raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
+        except BaseException:
+            for item in (prepared or {}).values():
+                if item.ledger is not None:
+                    item.ledger.abort()   # later pieces must not wait for this one's tie counts
+            raise
         return merged.to(group.dtype) if merged.is_floating_point() else merged
 
-    def pieces(group: PlannedGroup) -> list[Optional[tuple[int, int]]]:
-        """Flat pieces for large tensors of elementwise merges (read piece by piece), else the whole tensor."""
-        numel = PlannedTensor(group.name, group.dtype, group.shape).nbytes // group.dtype.itemsize
-        whole = group.vocab and vocabulary is not None
-        if whole or numel <= PIECE or not (group.passthrough or method.is_elementwise(group.per_input)):
-            return [None]
-        return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)]
+    def pieces(group: PlannedGroup) -> tuple[list[Optional[tuple[int, int]]], str]:
+        """Flat pieces for large tensors of merges that stream (read piece by piece), else the whole tensor;
+        and the piece mode (RecipeMethod.piece_mode)."""
+        numel = group_numel(group)
+        mode = "elementwise" if group.passthrough else method.piece_mode(group.params, group.per_input, job.tie_order)
+        if (group.vocab and vocabulary is not None) or numel <= PIECE or mode == "whole":
+            return [None], "whole"
+        return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)], mode
 
     pending: deque[tuple[PlannedGroup, bool, bool, Future]] = deque()
 
@@ -237,9 +260,14 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     limit = 2 * max(1, job.threads)
     with ThreadPoolExecutor(max(1, job.threads)) as pool:
         for group in plan.groups:
-            spans = pieces(group)
+            spans, mode = pieces(group)
+            prepared = None
+            if mode == "statistics":
+                prepared = prepare(method, group.base, group.per_input, group.params, slots(group),
+                                   lambda span, group=group: load(group, span), group_numel(group), PIECE, pool, limit)
             for index, span in enumerate(spans):
-                pending.append((group, span is not None, index == len(spans) - 1, pool.submit(merge, group, span)))
+                pending.append((group, span is not None, index == len(spans) - 1,
+                                pool.submit(merge, group, span, index, prepared)))
                 while len(pending) >= (limit if span is not None else max(1, job.threads)):
                     write_oldest()
         while pending:
@@ -247,6 +275,10 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     if progress is not None:
         progress.close()
     return writer.finish()
+
+
+def group_numel(group: PlannedGroup) -> int:
+    return PlannedTensor(group.name, group.dtype, group.shape).nbytes // group.dtype.itemsize
 
 
 def _chat_template(recipe: Recipe, vocabulary: Optional[Vocabulary], inputs: dict[str, InputModel],

@@ -1,0 +1,190 @@
+"""Whole-tensor statistics for streaming a sparsifying GTA merge (ties, breadcrumbs*, dare_* with rescale)
+in flat pieces, so that a recipe's peak memory stays a few pieces whatever the tensor size.
+
+Each non-base input's sparsification of a tensor depends on the whole tensor in two ways only:
+- a rank cut (TIES' top-k, Breadcrumbs' window): the order statistics of |δ| it needs are found by radix
+  selection over the pieces (model_merging_methods/selection.py: one counting pass, a second one only when
+  the value is not a bfloat16 number), and become a KeepRule; the ties it keeps are the first in flat
+  order, so each piece needs how many entries equal to each cut-off value the earlier pieces hold: a
+  TieLedger hands that out as the workers reach the pieces in order;
+- an L1 rescale factor Σ|δ| / Σ|δ ⊙ m|: one more pass sums both over the pieces, in order.
+Each pass re-reads the pieces and recomputes δ exactly as the merge does (same dtype, same ops), with a
+few pieces in flight. The merge then runs piece by piece with a PieceSparsifier per input: the same bits
+as merging the whole tensor (tests/test_recipes.py checks that).
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from model_merging_methods.randomness import RandomSlot
+from model_merging_methods.recipe_methods import PieceSparsifier, RankCut, rescale_factor
+from model_merging_methods.recipe_registry import RecipeMethod
+from model_merging_methods.selection import KeepRule, RadixSelect, high_counts, low_counts
+
+Span = tuple[int, int]
+Load = Callable[[Span], dict[str, torch.Tensor]]   # a piece of every input, in the compute dtype
+
+
+class TieLedger:
+    """Per piece (in flat order), how many entries equal to each tie-window value lie in the earlier
+    pieces. A worker passes its own piece's counts and waits for its predecessor's: pieces are handed to
+    the pool's workers in order, so the predecessor is always running or done (no deadlock); a failed
+    worker calls `abort` so that its successors stop waiting."""
+
+    def __init__(self, pieces: int, windows: int):
+        self._offsets: list[Optional[list[int]]] = [None] * (pieces + 1)
+        self._offsets[0] = [0] * windows
+        self._counts: list[Optional[list[int]]] = [None] * pieces
+        self._aborted = False
+        self._condition = threading.Condition()
+
+    def claim(self, piece: int, counts: list[int]) -> list[int]:
+        with self._condition:
+            self._condition.wait_for(lambda: self._aborted or self._offsets[piece] is not None)
+            if self._aborted:
+                raise RuntimeError("an earlier piece of this tensor failed")
+            if self._counts[piece] is None:
+                self._counts[piece] = counts
+                self._offsets[piece + 1] = [a + b for a, b in zip(self._offsets[piece], counts)]
+                self._condition.notify_all()
+            elif self._counts[piece] != counts:   # a later pass recomputed the piece differently: a bug
+                raise RuntimeError(f"piece {piece}: tie counts {counts} differ from the first pass's {self._counts[piece]}")
+            return self._offsets[piece]
+
+    def abort(self) -> None:
+        with self._condition:
+            self._aborted = True
+            self._condition.notify_all()
+
+
+@dataclass
+class PreparedInput:
+    """One non-base input's whole-tensor statistics; `sparsifier(index, span)` for each piece."""
+
+    cut: Optional[RankCut]
+    density: float
+    slot: Optional[RandomSlot]             # DARE draws of the whole tensor (random sparsification)
+    rule: Optional[KeepRule] = None
+    ledger: Optional[TieLedger] = None
+    factor: Optional[torch.Tensor] = None
+
+    def sparsifier(self, index: int, span: Span, numel: int) -> PieceSparsifier:
+        offsets = (lambda counts: self.ledger.claim(index, counts)) if self.ledger is not None else None
+        slot = None
+        if self.slot is not None:
+            slot = RandomSlot(self.slot.seed, self.slot.model_index, self.slot.name, span[0], numel)
+        return PieceSparsifier(self.rule, offsets, slot, self.density, self.factor)
+
+
+def prepare(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict, slots: dict[str, RandomSlot],
+            load: Load, numel: int, piece: int, pool: ThreadPoolExecutor, in_flight: int) -> dict[str, PreparedInput]:
+    """Every non-base input's statistics of one tensor, from passes over its pieces (see the module doc)."""
+    spans = [(start, min(start + piece, numel)) for start in range(0, numel, piece)]
+    prepared: dict[str, PreparedInput] = {}
+    for key, values in per_input.items():
+        if key == base:
+            continue
+        density = values.get("density", 1.0)
+        cut = None
+        if method.sparsification == "magnitude":
+            cut = RankCut("magnitude", density)
+        elif method.sparsification == "outliers":
+            cut = RankCut("outliers", density, values["gamma"])
+        active = density < 1
+        prepared[key] = PreparedInput(cut if active else None, density,
+                                      slots.get(key) if active and method.sparsification == "random" else None)
+
+    def deltas(span: Span) -> dict[str, torch.Tensor]:   # exactly as gta_tensor computes them
+        tensors = load(span)
+        return {key: tensors[key] - tensors[base] for key, item in prepared.items()
+                if item.cut is not None or item.slot is not None}
+
+    # 1. order statistics of |δ| for the rank cuts: a high pass, then a low pass where needed
+    selections = {key: [RadixSelect(k, numel) for k in item.cut.ranks(numel)]
+                  for key, item in prepared.items() if item.cut is not None}
+    if any(selections.values()):
+        def high(index: int, span: Span) -> dict[str, torch.Tensor]:
+            return {key: high_counts(delta) for key, delta in deltas(span).items() if selections.get(key)}
+
+        def add_high(counts: dict[str, torch.Tensor]) -> None:
+            for key, value in counts.items():
+                for selection in selections[key]:
+                    selection.add_high(value)
+
+        _each_piece(pool, spans, high, add_high, in_flight)
+        for selection in (s for group in selections.values() for s in group):
+            selection.finish_high()
+        low_needed = {key: [s for s in group if s.needs_low_pass] for key, group in selections.items()}
+        if any(low_needed.values()):
+            def low(index: int, span: Span) -> dict[str, list[torch.Tensor]]:
+                return {key: [low_counts(delta, s.high_bin) for s in low_needed[key]]
+                        for key, delta in deltas(span).items() if low_needed.get(key)}
+
+            def add_low(counts: dict[str, list[torch.Tensor]]) -> None:
+                for key, values in counts.items():
+                    for selection, value in zip(low_needed[key], values):
+                        selection.add_low(value)
+
+            _each_piece(pool, spans, low, add_low, in_flight)
+            for selection in (s for group in low_needed.values() for s in group):
+                selection.finish_low()
+    for key, item in prepared.items():
+        if item.cut is not None:
+            item.rule = item.cut.rule(numel, [s.statistic for s in selections[key]])
+            if item.rule.windows:
+                item.ledger = TieLedger(len(spans), len(item.rule.windows))
+
+    # 2. the L1 rescale factors: Σ|δ| and Σ|δ ⊙ m| over the pieces, in float64, in flat order
+    rescaled = {key: item for key, item in prepared.items()
+                if params.get("rescale") and (item.cut is not None or item.slot is not None)}
+    if rescaled:
+        sums = {key: [0.0, 0.0] for key in rescaled}
+        dtypes: dict[str, torch.dtype] = {}
+
+        def l1(index: int, span: Span) -> dict[str, tuple[float, float]]:
+            out = {}
+            for key, delta in deltas(span).items():
+                if key in rescaled:
+                    sparsifier = rescaled[key].sparsifier(index, span, numel)
+                    dtypes[key] = sparsifier.work_dtype(delta)
+                    masked = sparsifier.masked(delta)
+                    out[key] = (float(delta.to(dtypes[key]).abs().sum(dtype=torch.float64)),
+                                float(masked.abs().sum(dtype=torch.float64)))
+            return out
+
+        def add_l1(values: dict[str, tuple[float, float]]) -> None:
+            for key, (before, after) in values.items():
+                sums[key][0] += before
+                sums[key][1] += after
+
+        _each_piece(pool, spans, l1, add_l1, in_flight, ledgers=[i.ledger for i in rescaled.values() if i.ledger])
+        for key, item in rescaled.items():
+            item.factor = rescale_factor(*sums[key], dtypes[key])
+    return prepared
+
+
+def _each_piece(pool: ThreadPoolExecutor, spans: list[Span], work: Callable, reduce: Callable, in_flight: int,
+                ledgers: list[TieLedger] = ()) -> None:
+    """work(index, span) on the pool for every piece, a few in flight; reduce(result) here, in flat order."""
+    pending: deque[Future] = deque()
+
+    def guarded(index: int, span: Span):
+        try:
+            return work(index, span)
+        except BaseException:
+            for ledger in ledgers:
+                ledger.abort()
+            raise
+
+    for index, span in enumerate(spans):
+        pending.append(pool.submit(guarded, index, span))
+        while len(pending) > in_flight:
+            reduce(pending.popleft().result())
+    while pending:
+        reduce(pending.popleft().result())
