@@ -384,15 +384,21 @@ def gta_tensor(base: torch.Tensor, others: list[torch.Tensor], weights: list[flo
         delta = sparsify(index, delta) if sparsify is not None else delta
         deltas.append(delta.mul_(w[index]) if delta is not other else delta * w[index])
     if consensus:
-        # s_i = sign(Δ_i) equals the elected ±1 exactly when Δ_i · s > 0 (0 and NaN never agree)
-        majority = (_sum_in_order(deltas, dtype) >= 0).to(dtype).mul_(2).sub_(1)
-        agree = [delta * majority > 0 for delta in deltas]
-        mixed = _sum_in_order([delta * mask for delta, mask in zip(deltas, agree)], dtype)
-        divisor = torch.zeros(base.shape, dtype=_opmath(dtype), device=base.device)
-        for weight, mask in zip(w.tolist(), agree):
-            divisor.add_(mask, alpha=weight)
-        divisor = divisor.to(dtype)
-        divisor[divisor == 0] = 1
+        # In the accumulation dtype (exact copies of the Δ_i). With s the elected ±1, sign(Δ_i) = s exactly
+        # when Δ_i·s > 0 (0 and NaN never agree), so the agreeing terms are relu(Δ_i·s) and
+        # Σ m_i Δ_i = s · Σ relu(Δ_i·s): negation commutes with every rounding, so this is the same sum
+        # (+ 0 turns the −0 of an empty sum with s = −1 back into mergekit's +0).
+        # Only float arithmetic below: on CPUs, torch's boolean masks cost several float ops each.
+        wide = [delta.to(_opmath(dtype)) for delta in deltas]
+        total = _sum_in_order(wide, dtype).to(wide[0].dtype)
+        majority = total.sign_().add_(0.5).sign_()                  # ±1, with 0 (and −0) electing +1
+        agreeing = [term.mul_(majority).clamp_(min=0) for term in wide]
+        mixed = _sum_in_order(agreeing, dtype).mul_(majority.to(dtype)).add_(0)
+        divisor = torch.zeros_like(majority)
+        for weight, term in zip(w.tolist(), agreeing):
+            divisor.add_(term.sign_(), alpha=weight)                 # sign: 1 where the model agrees, else 0
+        divisor = divisor.to(dtype).to(majority.dtype)
+        divisor = divisor.add_(1 - divisor.abs().sign()).to(dtype)  # Σ = 0 → 1
     else:
         mixed = _sum_in_order(deltas, dtype)
         divisor = w.sum(dim=0, keepdim=True)
