@@ -88,6 +88,7 @@ class TensorGroupCall:
     tie_order: str = "index"                    # "index" | "argsort" (see the module docstring)
     # a streamed piece: per non-base input, its sparsification prepared from whole-tensor statistics
     piece_sparsifiers: Optional[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = None
+    piece_coefficients: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # a streamed slerp piece
 
     @property
     def non_base(self) -> list[str]:
@@ -138,40 +139,71 @@ def linear(call: TensorGroupCall) -> torch.Tensor:
 SLERP_DOT_THRESHOLD = 0.9995
 
 
+def slerp_chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """‖·‖ of each 2^20-element chunk of the flattened a and b (float32; float64 for float64), in order."""
+    dtype = _accumulator_dtype(a)
+    x, y = a.reshape(-1), b.reshape(-1)
+    starts = range(0, x.numel(), CHUNK)
+    return ([torch.linalg.vector_norm(x[s:s + CHUNK].to(dtype)) for s in starts],
+            [torch.linalg.vector_norm(y[s:s + CHUNK].to(dtype)) for s in starts])
+
+
+def slerp_norm(chunk_norms: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """The norm of the chunks' norms (mergekit's reduction order); a norm ≤ eps counts as 1."""
+    norm = torch.linalg.vector_norm(torch.stack(chunk_norms))
+    return torch.where(norm > eps, norm, 1)
+
+
+def slerp_chunk_dots(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> list[torch.Tensor]:
+    """⟨a_c/‖a‖, b_c/‖b‖⟩ of each 2^20-element chunk c, in order."""
+    dtype = _accumulator_dtype(a)
+    x, y = a.reshape(-1), b.reshape(-1)
+    return [((x[s:s + CHUNK].to(dtype) / norm_a) * (y[s:s + CHUNK].to(dtype) / norm_b)).sum()
+            for s in range(0, x.numel(), CHUNK)]
+
+
+def slerp_coefficients(chunk_dots: list[torch.Tensor], t: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """d = clamp(Σ chunk dots, −1, 1); |d| > 0.9995 → (1−t, t), else (sin((1−t)θ)/sin θ, sin(tθ)/sin θ), θ = acos d."""
+    t_ = torch.tensor(t, dtype=dtype)
+    dot = torch.stack(chunk_dots).sum().clamp(-1, 1)
+    if bool(dot.abs() > SLERP_DOT_THRESHOLD):
+        return 1 - t_, t_
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t_) * theta) / sin_theta, torch.sin(t_ * theta) / sin_theta
+
+
+def slerp_apply(a: torch.Tensor, b: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
+    """coef_a·a + coef_b·b, chunk by chunk in the accumulation dtype (elementwise: any flat piece of a, b)."""
+    dtype = _accumulator_dtype(a)
+    x, y = a.reshape(-1), b.reshape(-1)
+    out = torch.empty_like(x)
+    for s in range(0, x.numel(), CHUNK):
+        out[s:s + CHUNK] = coef_a * x[s:s + CHUNK].to(dtype) + coef_b * y[s:s + CHUNK].to(dtype)
+    return out.reshape(a.shape)
+
+
 def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's slerp of whole tensors, computed in float32: norms ≤ eps count as 1,
     d = clamp(⟨a/‖a‖, b/‖b‖⟩, −1, 1); |d| > 0.9995 → (1−t)a + tb, else
     sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ = acos d (unnormalised a, b). t = 0 gives a.
 
     Norms and the dot product are reduced over chunks of 2^20 elements exactly as mergekit does (the norm
-    of the chunks' norms; the sum of the chunks' dots), so large tensors round the same way."""
+    of the chunks' norms; the sum of the chunks' dots), so large tensors round the same way; the streamed
+    form (utils/recipes/statistics.py) computes the same chunk values piece by piece."""
     dtype = _accumulator_dtype(a)
-    x_all, y_all = a.reshape(-1), b.reshape(-1)
-    t_ = torch.tensor(t, dtype=dtype)
-    if x_all.numel() == 0:
-        return ((1 - t_) * x_all.to(dtype) + t_ * y_all.to(dtype)).reshape(a.shape).to(a.dtype)
-    starts = range(0, x_all.numel(), CHUNK)
-    chunk = lambda v, s: v[s:s + CHUNK].to(dtype)  # noqa: E731
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(chunk(x_all, s)) for s in starts]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(chunk(y_all, s)) for s in starts]))
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([((chunk(x_all, s) / norm_a) * (chunk(y_all, s) / norm_b)).sum() for s in starts]).sum()
-    dot = dot.clamp(-1, 1)
-    if bool(dot.abs() > SLERP_DOT_THRESHOLD):
-        coef_a, coef_b = 1 - t_, t_
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_a, coef_b = torch.sin((1 - t_) * theta) / sin_theta, torch.sin(t_ * theta) / sin_theta
-    out = torch.empty_like(x_all)
-    for s in starts:
-        out[s:s + CHUNK] = coef_a * chunk(x_all, s) + coef_b * chunk(y_all, s)
-    return out.reshape(a.shape)
+    if a.numel() == 0:
+        t_ = torch.tensor(t, dtype=dtype)
+        return ((1 - t_) * a.reshape(-1).to(dtype) + t_ * b.reshape(-1).to(dtype)).reshape(a.shape).to(a.dtype)
+    norms_a, norms_b = slerp_chunk_norms(a, b)
+    dots = slerp_chunk_dots(a, b, slerp_norm(norms_a, eps), slerp_norm(norms_b, eps))
+    return slerp_apply(a, b, *slerp_coefficients(dots, t, dtype))
 
 
 def slerp(call: TensorGroupCall) -> torch.Tensor:
     other = call.non_base[0]
+    if call.piece_coefficients is not None:       # a streamed piece: coefficients from the whole tensor
+        return slerp_apply(call.tensors[call.base], call.tensors[other], *call.piece_coefficients)
     return slerp_tensor(call.tensors[call.base], call.tensors[other], call.params["t"])
 
 

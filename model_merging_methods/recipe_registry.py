@@ -33,7 +33,8 @@ class RecipeMethod:
     randomized: bool = False          # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"     # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
     elementwise: str = "never"        # each output entry depends only on the same entry of the inputs (so flat
-                                      # pieces can be merged separately): "always", "never", or "gta" (see piece_mode)
+                                      # pieces can be merged separately): "always", "never", or "gta" / "slerp"
+                                      # (pieces once whole-tensor statistics are known: see piece_mode)
     sparsification: Optional[str] = None   # GTA methods: None | "magnitude" | "outliers" | "random" | "della"
 
     def parameter(self, name: str) -> RecipeParameter | None:
@@ -41,8 +42,11 @@ class RecipeMethod:
 
     def piece_mode(self, params: dict, per_input: dict[str, dict], tie_order: str = "index") -> str:
         """How a large tensor of this method can stream: "elementwise" (flat pieces merged independently),
-        "statistics" (flat pieces, once each input's whole-tensor statistics are known: its RankCut rule
-        for magnitude / outlier cuts with tie_order "index", its L1 rescale factor), or "whole"."""
+        "statistics" (flat pieces, once whole-tensor statistics are known: each input's RankCut rule for
+        magnitude / outlier cuts with tie_order "index" and L1 rescale factor; slerp's norms and dot
+        product), or "whole"."""
+        if self.elementwise == "slerp":
+            return "statistics"                      # the whole tensor's norms and dot product
         if self.elementwise != "gta":
             return "elementwise" if self.elementwise == "always" else "whole"
         if all(values.get("density", 1.0) >= 1 for values in per_input.values()):
@@ -76,7 +80,7 @@ _METHODS = [
     RecipeMethod("slerp", rm.slerp, "SLERP", "Shoemake 1985, spherical linear interpolation",
                  "https://en.wikipedia.org/wiki/Slerp", min_inputs=2, max_inputs=2,
                  parameters=(RecipeParameter("t", float),), accumulate_fp32=True,
-                 missing_tensor="passthrough_singleton"),
+                 missing_tensor="passthrough_singleton", elementwise="slerp"),
     _gta("task_arithmetic", "Task Arithmetic", *_TA, None, False, False, False),
     _gta("ties", "TIES", *_TIES, "magnitude", True, True, False),
     _gta("dare_ties", "DARE TIES", *_DARE, "random", True, False, True),

@@ -306,16 +306,20 @@ def test_example_recipes_parse_with_the_schema():
 
 
 def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, monkeypatch):
+    import model_merging_methods.recipe_methods as recipe_methods
     import utils.recipes.run as recipe_run
 
-    for recipe in ("tokenizer-union.yml", "passthrough-depth-up.yml"):
+    # slerp reduces its norms and dot over 2^20-element chunks (mergekit's); here 100, so that the
+    # 100-element pieces below are whole chunks, as 2^20-element pieces are in real runs
+    monkeypatch.setattr(recipe_methods, "CHUNK", 100)
+    for recipe in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml"):
         assert run(["--config", str(RECIPES / recipe), "--output_dir", f"whole-{recipe}"])[0] == 0
     recipe = write(cwd / "ta.yml", "models:\n  - model: models/base\n  - model: models/chat\n    parameters: {weight: 0.6}\n"
                    "  - model: models/code\n    parameters: {weight: 0.5}\nmerge_method: task_arithmetic\n"
                    "base_model: models/base\ndtype: bfloat16\n")
     assert run(["--config", recipe, "--output_dir", "whole-ta"])[0] == 0
     monkeypatch.setattr(recipe_run, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
-    for name in ("tokenizer-union.yml", "passthrough-depth-up.yml", "ta.yml"):
+    for name in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml", "ta.yml"):
         source = str(RECIPES / name) if name != "ta.yml" else recipe
         assert run(["--config", source, "--output_dir", f"pieces-{name}"])[0] == 0
         whole = weights(f"whole-{name}" if name != "ta.yml" else "whole-ta")

@@ -37,7 +37,7 @@ from .architecture import infer_layout
 from .card import model_card
 from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
-from .statistics import PreparedInput, prepare
+from .statistics import Prepared, prepare
 from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
 
 NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
@@ -219,24 +219,20 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             if method.randomized else {}
 
     def merge(group: PlannedGroup, piece: Optional[tuple[int, int]], index: int = 0,
-              prepared: Optional[dict[str, PreparedInput]] = None) -> torch.Tensor:
+              prepared: Optional[Prepared] = None) -> torch.Tensor:
         try:
             tensors = load(group, piece)
             if group.vocab and vocabulary is not None:
                 tensors = permute_rows(vocabulary, tensors, group.base, group.name)
-            sparsifiers = None
-            if prepared is not None:
-                numel = group_numel(group)
-                sparsifiers = {ref: item.sparsifier(index, piece, numel) for ref, item in prepared.items()}
+            fields = prepared.call_fields(index, piece, group_numel(group)) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
-                                   sparsifiers)
+                                   **fields)
             merged = run_group(passthrough if group.passthrough else method.function, call)
         except MergeError as error:
             raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
         except BaseException:
-            for item in (prepared or {}).values():
-                if item.ledger is not None:
-                    item.ledger.abort()   # later pieces must not wait for this one's tie counts
+            if prepared is not None:
+                prepared.abort()          # later pieces must not wait for this one's tie counts
             raise
         return merged.to(group.dtype) if merged.is_floating_point() else merged
 

@@ -1,5 +1,8 @@
 """Whole-tensor statistics for streaming a sparsifying GTA merge (ties, breadcrumbs*, dare_* with rescale)
-in flat pieces, so that a recipe's peak memory stays a few pieces whatever the tensor size.
+or a slerp in flat pieces, so that a recipe's peak memory stays a few pieces whatever the tensor size.
+
+Slerp needs the norms of both tensors and then their normalised dot product, each reduced over 2^20-element
+chunks in mergekit's order: one pass per reduction, then the pieces are merged with the two coefficients.
 
 Each non-base input's sparsification of a tensor depends on the whole tensor in two ways only:
 - a rank cut (TIES' top-k, Breadcrumbs' window): the order statistics of |δ| it needs are found by radix
@@ -23,7 +26,9 @@ from typing import Callable, Optional
 import torch
 
 from model_merging_methods.randomness import RandomSlot
-from model_merging_methods.recipe_methods import PieceSparsifier, RankCut, rescale_factor
+from model_merging_methods import recipe_methods
+from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, rescale_factor, slerp_chunk_dots,
+                                                  slerp_chunk_norms, slerp_coefficients, slerp_norm)
 from model_merging_methods.recipe_registry import RecipeMethod
 from model_merging_methods.selection import KeepRule, RadixSelect, high_counts, low_counts
 
@@ -82,10 +87,71 @@ class PreparedInput:
         return PieceSparsifier(self.rule, offsets, slot, self.density, self.factor)
 
 
+@dataclass
+class Prepared:
+    """A tensor's statistics, and what each of its pieces' TensorGroupCall gets from them."""
+
+    inputs: dict[str, PreparedInput]                             # GTA: per non-base input
+    coefficients: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # slerp
+
+    def call_fields(self, index: int, span: Span, numel: int) -> dict:
+        if self.coefficients is not None:
+            return {"piece_coefficients": self.coefficients}
+        return {"piece_sparsifiers": {key: item.sparsifier(index, span, numel) for key, item in self.inputs.items()}}
+
+    def abort(self) -> None:
+        """A piece failed: the later pieces must not wait for its tie counts."""
+        for item in self.inputs.values():
+            if item.ledger is not None:
+                item.ledger.abort()
+
+
 def prepare(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict, slots: dict[str, RandomSlot],
-            load: Load, numel: int, piece: int, pool: ThreadPoolExecutor, in_flight: int) -> dict[str, PreparedInput]:
-    """Every non-base input's statistics of one tensor, from passes over its pieces (see the module doc)."""
+            load: Load, numel: int, piece: int, pool: ThreadPoolExecutor, in_flight: int) -> Prepared:
+    """One tensor's statistics, from passes over its pieces (see the module doc)."""
     spans = [(start, min(start + piece, numel)) for start in range(0, numel, piece)]
+    if method.name == "slerp":
+        return Prepared({}, _slerp_coefficients(base, next(k for k in per_input if k != base), params["t"], load,
+                                                spans, pool, in_flight))
+    return Prepared(_prepare_gta(method, base, per_input, params, slots, load, numel, spans, pool, in_flight))
+
+
+def _slerp_coefficients(base: str, other: str, t: float, load: Load, spans: list[Span], pool: ThreadPoolExecutor,
+                        in_flight: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slerp_tensor's chunk norms (one pass), then chunk dots (a second pass), in flat order: pieces are
+    whole 2^20-element chunks, so the values are the same as for the whole tensor."""
+    chunk = recipe_methods.CHUNK
+    if any(start % chunk for start, _ in spans):
+        raise RuntimeError(f"slerp pieces must start at multiples of {chunk} elements")
+    norms: tuple[list, list] = ([], [])
+    dtype: list[torch.dtype] = []
+
+    def chunk_norms(index: int, span: Span):
+        tensors = load(span)
+        dtype[:] = [tensors[base].dtype]
+        return slerp_chunk_norms(tensors[base], tensors[other])
+
+    def add_norms(result) -> None:
+        norms[0].extend(result[0])
+        norms[1].extend(result[1])
+
+    _each_piece(pool, spans, chunk_norms, add_norms, in_flight)
+    norm_a, norm_b = slerp_norm(norms[0]), slerp_norm(norms[1])
+    dots: list[torch.Tensor] = []
+
+    def chunk_dots(index: int, span: Span):
+        tensors = load(span)
+        return slerp_chunk_dots(tensors[base], tensors[other], norm_a, norm_b)
+
+    _each_piece(pool, spans, chunk_dots, dots.extend, in_flight)
+    accumulator = torch.float64 if dtype[0] == torch.float64 else torch.float32
+    return slerp_coefficients(dots, t, accumulator)
+
+
+def _prepare_gta(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict,
+                 slots: dict[str, RandomSlot], load: Load, numel: int, spans: list[Span], pool: ThreadPoolExecutor,
+                 in_flight: int) -> dict[str, PreparedInput]:
+    """Every non-base input's statistics of one tensor."""
     prepared: dict[str, PreparedInput] = {}
     for key, values in per_input.items():
         if key == base:
