@@ -139,33 +139,35 @@ def linear(call: TensorGroupCall) -> torch.Tensor:
 SLERP_DOT_THRESHOLD = 0.9995
 
 
-def slerp_chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """‖·‖ of each 2^20-element chunk of the flattened a and b (float32; float64 for float64), in order."""
+def slerp_chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[float]]:
+    """‖·‖ of each 2^20-element chunk of the flattened a and b (computed in float32; float64 for float64),
+    in order, as Python floats (exact: a streamed run keeps them, and 0-dim tensors kept between large
+    temporaries fragment the heap)."""
     dtype = _accumulator_dtype(a)
     x, y = a.reshape(-1), b.reshape(-1)
     starts = range(0, x.numel(), CHUNK)
-    return ([torch.linalg.vector_norm(x[s:s + CHUNK].to(dtype)) for s in starts],
-            [torch.linalg.vector_norm(y[s:s + CHUNK].to(dtype)) for s in starts])
+    return ([float(torch.linalg.vector_norm(x[s:s + CHUNK].to(dtype))) for s in starts],
+            [float(torch.linalg.vector_norm(y[s:s + CHUNK].to(dtype))) for s in starts])
 
 
-def slerp_norm(chunk_norms: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+def slerp_norm(chunk_norms: list[float], dtype: torch.dtype, eps: float = 1e-8) -> torch.Tensor:
     """The norm of the chunks' norms (mergekit's reduction order); a norm ≤ eps counts as 1."""
-    norm = torch.linalg.vector_norm(torch.stack(chunk_norms))
+    norm = torch.linalg.vector_norm(torch.tensor(chunk_norms, dtype=dtype))
     return torch.where(norm > eps, norm, 1)
 
 
-def slerp_chunk_dots(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> list[torch.Tensor]:
-    """⟨a_c/‖a‖, b_c/‖b‖⟩ of each 2^20-element chunk c, in order."""
+def slerp_chunk_dots(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> list[float]:
+    """⟨a_c/‖a‖, b_c/‖b‖⟩ of each 2^20-element chunk c, in order (Python floats, exact)."""
     dtype = _accumulator_dtype(a)
     x, y = a.reshape(-1), b.reshape(-1)
-    return [((x[s:s + CHUNK].to(dtype) / norm_a) * (y[s:s + CHUNK].to(dtype) / norm_b)).sum()
+    return [float(((x[s:s + CHUNK].to(dtype) / norm_a) * (y[s:s + CHUNK].to(dtype) / norm_b)).sum())
             for s in range(0, x.numel(), CHUNK)]
 
 
-def slerp_coefficients(chunk_dots: list[torch.Tensor], t: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def slerp_coefficients(chunk_dots: list[float], t: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """d = clamp(Σ chunk dots, −1, 1); |d| > 0.9995 → (1−t, t), else (sin((1−t)θ)/sin θ, sin(tθ)/sin θ), θ = acos d."""
     t_ = torch.tensor(t, dtype=dtype)
-    dot = torch.stack(chunk_dots).sum().clamp(-1, 1)
+    dot = torch.tensor(chunk_dots, dtype=dtype).sum().clamp(-1, 1)
     if bool(dot.abs() > SLERP_DOT_THRESHOLD):
         return 1 - t_, t_
     theta = torch.acos(dot)
@@ -196,7 +198,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) 
         t_ = torch.tensor(t, dtype=dtype)
         return ((1 - t_) * a.reshape(-1).to(dtype) + t_ * b.reshape(-1).to(dtype)).reshape(a.shape).to(a.dtype)
     norms_a, norms_b = slerp_chunk_norms(a, b)
-    dots = slerp_chunk_dots(a, b, slerp_norm(norms_a, eps), slerp_norm(norms_b, eps))
+    dots = slerp_chunk_dots(a, b, slerp_norm(norms_a, dtype, eps), slerp_norm(norms_b, dtype, eps))
     return slerp_apply(a, b, *slerp_coefficients(dots, t, dtype))
 
 

@@ -136,15 +136,15 @@ def _slerp_coefficients(base: str, other: str, t: float, load: Load, spans: list
         norms[1].extend(result[1])
 
     _each_piece(pool, spans, chunk_norms, add_norms, in_flight)
-    norm_a, norm_b = slerp_norm(norms[0]), slerp_norm(norms[1])
-    dots: list[torch.Tensor] = []
+    accumulator = torch.float64 if dtype[0] == torch.float64 else torch.float32
+    norm_a, norm_b = slerp_norm(norms[0], accumulator), slerp_norm(norms[1], accumulator)
+    dots: list[float] = []
 
     def chunk_dots(index: int, span: Span):
         tensors = load(span)
         return slerp_chunk_dots(tensors[base], tensors[other], norm_a, norm_b)
 
     _each_piece(pool, spans, chunk_dots, dots.extend, in_flight)
-    accumulator = torch.float64 if dtype[0] == torch.float64 else torch.float32
     return slerp_coefficients(dots, t, accumulator)
 
 
