@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="--seed for us, --random-seed for mergekit")
     parser.add_argument("--json", default=None, help="also write every recipe's per-tensor table here")
     parser.add_argument("--quiet", action="store_true", help="print only each recipe's summary line")
+    parser.add_argument("--mergekit_threads", type=int, default=1,
+                        help="torch intra-op threads for mergekit (OMP_NUM_THREADS). Our recipe runs reduce with one "
+                             "thread per worker; torch splits reductions over > 32768 elements across threads, so "
+                             "slerp's norms and model_stock's cosines round the same only at the same count")
+    parser.add_argument("--tie_order", choices=["index", "argsort"], default="argsort",
+                        help="our side's --tie_order: argsort (mergekit's CPU order: every tensor identical) or "
+                             "index (our default; entries tied at a TIES / Breadcrumbs cut-off may differ)")
     args = parser.parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="compare-"))
     results = [compare_recipe(config, work / Path(config).stem, args) for config in args.config]
@@ -71,14 +78,16 @@ def compare_recipe(config: str, work: Path, args: argparse.Namespace) -> dict:
     timings = {}
     started = time.time()
     subprocess.run([sys.executable, str(ROOT / "merge_models.py"), "--config", config, "--output_dir",
-                    str(ours_dir), "--seed", str(args.seed), "--overwrite", "--no_progress"], check=True,
+                    str(ours_dir), "--seed", str(args.seed), "--overwrite", "--no_progress", "--tie_order",
+                    args.tie_order], check=True,
                    capture_output=args.quiet)
     timings["mergelm_s"] = round(time.time() - started, 2)
     started = time.time()
     # offline: mergekit would otherwise ask the hub whether short relative paths are repositories
     subprocess.run([args.mergekit_yaml, config, str(theirs_dir), "--random-seed", str(args.seed),
                     "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--allow-crimes"], check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=args.quiet)
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.mergekit_threads),
+                        "MKL_NUM_THREADS": str(args.mergekit_threads)}, capture_output=args.quiet)
     timings["mergekit_s"] = round(time.time() - started, 2)
     rows = compare(load_weights(ours_dir), load_weights(theirs_dir))
     width = max(len(n) for n in rows)
@@ -91,6 +100,8 @@ def compare_recipe(config: str, work: Path, args: argparse.Namespace) -> dict:
     diffs = [r["max_abs_diff"] for r in rows.values() if "max_abs_diff" in r]
     summary = {"config": config, "tensors": len(rows), "max_abs_diff": max(diffs) if diffs else None,
                "identical_tensors": sum(1 for r in rows.values() if r.get("differing") == 0),
+               "differing_elements": sum(r.get("differing", 0) for r in rows.values()),
+               "elements": sum(r.get("numel", 0) for r in rows.values()),
                "mismatched": sum(1 for r in rows.values() if "max_abs_diff" not in r), **timings}
     print(json.dumps(summary))
     return {"summary": summary, "tensors": rows}

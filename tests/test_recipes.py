@@ -388,3 +388,48 @@ def test_magnitude_cut_keeps_ties_in_flat_order_and_argsort_is_mergekits_cpu_ord
     # the two differ only at entries equal to the cut-off magnitude
     cutoff = big.abs().float()[order[-1]]
     assert bool((big.abs().float()[stable != argsort] == cutoff).all())
+
+
+def _bpe_tokenizer(folder, extra=()):
+    """A small BPE tokenizer saved as transformers does (tokenizer.json) plus its slow-format files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(["w3 w4 w5 w33 w44 w345 w53 w43"] * 20,
+                                trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra)})
+    tokenizer.save_pretrained(folder)
+    backend.model.save(str(folder))                       # vocab.json + merges.txt
+
+
+def test_union_keeps_the_sources_slow_tokenizer_files_valid(tmp_path, monkeypatch):
+    """transformers 5 saves tokenizer.json only; inputs with slow-format files (vocab.json / merges.txt)
+    get them in the output too, and they still describe its vocabulary (union only adds tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_llama
+
+    monkeypatch.chdir(tmp_path)
+    base = save_tiny_llama(tmp_path / "base", seed=0)
+    _bpe_tokenizer(base)
+    other = save_tiny_llama(tmp_path / "other", seed=1, base=base)
+    _bpe_tokenizer(other, extra=["<tool>"])
+    recipe = write(tmp_path / "r.yml", "merge_method: linear\nmodels:\n  - {model: base, parameters: {weight: 1}}\n"
+                   "  - {model: other, parameters: {weight: 1}}\ntokenizer_source: union\n")
+    assert run(["--config", recipe, "--output_dir", "out"])[0] == 0
+    out = tmp_path / "out"
+    assert (out / "vocab.json").read_text() == (base / "vocab.json").read_text()
+    assert (out / "merges.txt").read_text() == (base / "merges.txt").read_text()
+    merged = AutoTokenizer.from_pretrained(out)
+    assert "<tool>" in merged.get_vocab() and "<tool>" not in json.loads((base / "vocab.json").read_text())
+    # slow loaders find the tokens added on top of vocab.json in added_tokens.json
+    assert json.loads((out / "added_tokens.json").read_text()) == {"<tool>": merged.convert_tokens_to_ids("<tool>")}
+    slow = Tokenizer(models.BPE.from_file(str(out / "vocab.json"), str(out / "merges.txt"), unk_token="<unk>"))
+    slow.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = "w345 w53 w4"
+    assert slow.encode(text).ids == merged(text, add_special_tokens=False).input_ids

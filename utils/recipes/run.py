@@ -44,9 +44,10 @@ NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config
               "pytorch_model.bin.index.json"}
 PIECE = SELECTION_PIECE   # elements per streamed piece (4 MiB in float32: stays in cache, as the flag engine); the
                           # L1 sums of recipe_methods.l1_norm use the same pieces, so streamed and whole sums agree
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json"}
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
+                        "vocab.txt")
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", *SLOW_TOKENIZER_FILES}
 
 
 @dataclass
@@ -311,6 +312,29 @@ def _write_tokenizer(recipe: Recipe, vocabulary: Optional[Vocabulary], template:
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(str(staging))
+    # transformers 5 saves tokenizer.json only; slow-format files stay valid because the output only adds
+    # tokens on top of its source's vocabulary (they are listed in tokenizer_config.json), so they are
+    # carried over from that source for tools that read them (sentencepiece, llama.cpp converters, ...)
+    source = vocabulary.source_folder if vocabulary is not None and vocabulary.source_folder else donor
+    copied = [name for name in SLOW_TOKENIZER_FILES if (source / name).is_file() and not (staging / name).exists()]
+    for name in copied:
+        shutil.copyfile(source / name, staging / name)
+    added = _added_beyond_core(tokenizer, source / "tokenizer.json")
+    if copied and added and not (staging / "added_tokens.json").exists():
+        # slow loaders read the tokens added on top of those files from here (transformers 5 does not write it)
+        (staging / "added_tokens.json").write_text(json.dumps(added, indent=2, ensure_ascii=False) + "\n")
+
+
+def _added_beyond_core(tokenizer, source_json: Path) -> dict[str, int]:
+    """Token → id of the output's added tokens that the source's core vocabulary (tokenizer.json's model)
+    lacks; {} when that file is missing or unreadable."""
+    try:
+        vocab = json.loads(source_json.read_text())["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    core = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}   # Unigram: [piece, score]
+    return {token.content: index for index, token in sorted(tokenizer.added_tokens_decoder.items())
+            if token.content not in core}
 
 
 def _copy_other_files(donor: Path, staging: Path) -> None:

@@ -49,6 +49,7 @@ class Vocabulary:
     original_vocabs: dict[str, dict[str, int]]
     tokens: dict[str, TokenSpec] = field(default_factory=dict)
     base: Optional[str] = None
+    source_folder: Optional[Path] = None               # the model whose tokenizer the output extends
 
 
 def _load_tokenizer(folder: Path):
@@ -91,6 +92,9 @@ def build_vocabulary(recipe: Recipe, folders: dict[str, Path], configs: dict[str
         output = _union(base, tokenizers, configs)
     else:
         output = _copy(tokenizers[source])
+    # union and `tokens:` only add tokens (as added tokens): the source's core vocabulary stays as it is
+    source_folder = folders[base] if source in ("base", "union") or tokenizers[source] is base_tokenizer \
+        else folders[source]
     present = set(output.get_vocab())
     for token in tokens:
         if token not in present:
@@ -111,7 +115,7 @@ def build_vocabulary(recipe: Recipe, folders: dict[str, Path], configs: dict[str
                 index[new_id] = old
         permutations[ref] = index
     return Vocabulary(output, vocab, rows, permutations, {r: t.get_vocab() for r, t in tokenizers.items()},
-                      tokens, base)
+                      tokens, base, Path(source_folder))
 
 
 def _copy(tokenizer):
