@@ -1,5 +1,7 @@
 """Run a recipe file through the streaming engine: plan everything first, then read, merge and write one
-output tensor at a time (peak memory: one tensor group — each input's tensor, temporaries, the result).
+output tensor at a time; tensors above 2^20 elements go in flat pieces of that size, read piece by piece
+(after passes gathering the whole tensor's statistics where the method needs them: statistics.py), so
+peak memory is a few pieces per worker, whatever the tensor size.
 
 Reading (utils/engine/reader.py: positioned reads, no memory map), writing (utils/engine/writer.py: shard
 headers computed up front, each tensor written as soon as it is merged) and publishing
@@ -195,9 +197,11 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
            staging: Path, job: RecipeJob, device: torch.device) -> list[str]:
     """Merge every planned group and write it in plan order.
 
-    `job.threads` workers each read and merge one group (torch ops single-threaded: on a busy machine
-    intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are written
-    in order with at most `threads` groups in flight, so peak memory stays a few tensor groups."""
+    `job.threads` workers each read and merge one group or one piece (torch ops single-threaded: on a busy
+    machine intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are
+    written in order with at most 2·`threads` pieces (or `threads` whole groups) in flight. A group whose
+    method needs whole-tensor statistics (RecipeMethod.piece_mode) gets them first, from passes over its
+    pieces on the same workers."""
     method = get_recipe_method(recipe.merge_method)
     planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
     writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size)
