@@ -345,3 +345,15 @@ def test_drop_sweep_with_batch_and_aggregation(ws, tmp_path, monkeypatch):
     swept = [r["value"] for r in outputs.rows if (r["variant"], r["drop_rate"], r["seed"], r["metric"]) == ("DARE", 0.5, 1, "averaged_scores")]
     assert swept == [single["metrics"]["test"]["averaged_scores"]]
     assert "| DropOnly |" in (tmp_path / "summary" / "tables.md").read_text() and (tmp_path / "summary" / "drop_rate.png").is_file()
+
+
+def test_train_refuses_a_checkpoint_folder_that_overlaps_the_pretrained_model(ws, tmp_path, capsys):
+    """Even with --overwrite: replacing the checkpoint folder would delete (or write into) the model it trains."""
+    inside = shutil.copytree(ws.lm, tmp_path / "save_models" / "mrpc" / NAME / ws.lm.name)   # the checkpoint folder holds it
+    holder = shutil.copytree(ws.lm, tmp_path / "holder" / ws.lm.name)                        # --save_dir inside the model
+    for model, save in ((inside, tmp_path), (holder, holder)):
+        before = sorted(p.relative_to(model) for p in model.rglob("*"))
+        args = ["--dataset_name", "mrpc", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(save), *ws.common,
+                "--language_model_name", str(model), "--overwrite"]
+        expect_exit(train_main, args, capsys, "overlaps --language_model_name", "--save_dir", code=2)
+        assert sorted(p.relative_to(model) for p in model.rglob("*")) == before

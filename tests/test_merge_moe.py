@@ -417,3 +417,16 @@ def test_cuda_without_cuda_is_a_bad_input(zoo, tmp_path, capsys):
     code, out = build(tmp_path, _bad(zoo, gate_mode="random"), "--device", "cuda")
     assert code == 2 and "--device: device 'cuda' requested but CUDA is not available" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_output_that_overlaps_an_input_is_refused_even_with_overwrite(zoo, tmp_path, capsys):
+    import shutil
+
+    base = shutil.copytree(zoo["llama_base"], tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    config = _bad(zoo, gate_mode="random", base_model=str(base))
+    (tmp_path / "moe.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for target in (base, base / "moe", tmp_path):
+        code = merge_moe.main([str(tmp_path / "moe.yml"), "--output_dir", str(target), "--overwrite", "--no_progress"])
+        assert code == 2 and "overlaps the base_model input" in capsys.readouterr().err, target
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before and not (base / "moe").exists()

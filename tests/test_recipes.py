@@ -296,6 +296,19 @@ def test_existing_output_is_not_replaced_without_overwrite(cwd, capsys):
     assert (cwd / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_an_output_that_overlaps_an_input_is_refused_even_with_overwrite(cwd, capsys, tmp_path):
+    import shutil
+
+    shutil.copytree(cwd / "models", tmp_path / "own", symlinks=False)     # real folders this test may lose
+    recipe = write(cwd / "r.yml", (RECIPES / "ties.yml").read_text().replace("models/", "own/"))
+    before = {p: p.read_bytes() for p in (tmp_path / "own" / "base").iterdir()}
+    for target in ("own/base", "own/base/merged", "own"):
+        code, err = run(["--config", recipe, "--output_dir", target, "--overwrite"], capsys)
+        assert code == 2 and "overlaps the input model" in err and "--output_dir" in err, target
+    assert {p: p.read_bytes() for p in (tmp_path / "own" / "base").iterdir()} == before
+    assert not (tmp_path / "own" / "base" / "merged").exists()
+
+
 def test_example_recipes_parse_with_the_schema():
     from utils.recipes.schema import load_recipe_file
 

@@ -36,7 +36,7 @@ from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classi
                                     save_pretrained_safetensors, task_learning_rate)
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score, task_metrics
-from utils.records import library_versions, write_folder_atomic, write_json_atomic
+from utils.records import library_versions, overlapping_path, write_folder_atomic, write_json_atomic
 
 HEAD_PADDING_VALUE = -1000.0
 
@@ -452,8 +452,13 @@ def run_training(options: TrainOptions, config: dict, device) -> list[dict]:
 
     short = model_short_name(options.language_model_name)
     learning_rate = task_learning_rate(config, short, options.tasks[-1], options.learning_rate)
+    source = Path(options.language_model_name).expanduser()
     for run in range(options.num_runs):
-        existing_checkpoint(checkpoint_dir(options.save_dir, list(options.tasks), checkpoint_name(short, learning_rate, run)), options)
+        model_dir = checkpoint_dir(options.save_dir, list(options.tasks), checkpoint_name(short, learning_rate, run))
+        if source.exists() and overlapping_path(model_dir, source):   # --overwrite would replace the pretrained model
+            raise CheckpointNotOursError(f"checkpoint folder {model_dir} overlaps --language_model_name {source}: "
+                                         f"training would replace or write into it; choose another --save_dir")
+        existing_checkpoint(model_dir, options)
     data = {task: load_task_splits(task, config, options.glue_dir, max_train_samples=options.max_train_samples,
                                    max_eval_samples=options.max_eval_samples) for task in options.tasks}
     tokenizer = AutoTokenizer.from_pretrained(options.language_model_name)

@@ -27,7 +27,7 @@ from utils.engine.allocator import tune_allocator
 from utils.engine.reader import CheckpointError, CheckpointReader, resolve_checkpoint
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
-from utils.records import OutputExistsError, library_versions, write_folder_atomic
+from utils.records import OutputExistsError, library_versions, overlapping_path, write_folder_atomic
 
 from .config import PROMPT_GATE_MODES, ExpertConfig, MoEConfig
 from .gates import DEGENERATE_CONDITION, PromptEncoder, condition_numbers, prompt_gates, random_gate, seeded_normal
@@ -104,6 +104,10 @@ def _build(job: MoEJob, started: float) -> dict:
     if Path(job.output_dir).exists() and not job.overwrite:
         raise OutputExistsError(f"{job.output_dir} exists; pass --overwrite to replace it")
     base, experts, shared = _open_models(job)
+    for model in [base, *experts, *shared]:   # replacing the output would delete that input (even with --overwrite)
+        if overlapping_path(job.output_dir, model.path):
+            raise MoEError(f"--output_dir {job.output_dir} overlaps the {model.role} input {model.path}: it would "
+                           f"replace or be written into that input; choose another folder")
     base_config = _base_config(base)
     layout, chosen_by = _layout(config, base)
     _check_base_tensors(base, layout, base_config.num_hidden_layers, bool(base_config.tie_word_embeddings))

@@ -33,7 +33,7 @@ from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
 from utils.engine.reader import WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, resolve_checkpoint
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
-from utils.records import library_versions, write_folder_atomic
+from utils.records import library_versions, overlapping_path, write_folder_atomic
 
 from .architecture import infer_layout
 from .card import model_card
@@ -84,6 +84,7 @@ def run_recipe_job(job: RecipeJob) -> list[dict]:
     if Path(job.output_dir).exists() and not job.overwrite:
         raise RecipeError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
     folders = _resolve_references(recipes, outputs, job)
+    _check_outputs_are_not_inputs(job.output_dir, outputs, folders)
     manifests = []
     for recipe in ordered:
         target = outputs.get(recipe.name, Path(job.output_dir))
@@ -96,6 +97,17 @@ def run_recipe_job(job: RecipeJob) -> list[dict]:
         if recipe.name:
             folders[recipe.name] = target
     return manifests
+
+
+def _check_outputs_are_not_inputs(output_dir: str, intermediates: dict[str, Path], folders: dict[str, Path]) -> None:
+    """Refuse an output (or intermediate) folder that is, contains or lies inside an input model, even with
+    --overwrite: replacing it would delete that input. Checked before anything is read."""
+    targets = {"--output_dir": Path(output_dir), **{f"intermediate {name!r}": path for name, path in intermediates.items()}}
+    for role, target in targets.items():
+        for ref, folder in folders.items():
+            if overlapping_path(target, folder):
+                raise RecipeError(f"{role} {target} overlaps the input model {ref} ({folder}): it would replace or "
+                                  f"be written into that input; choose another folder")
 
 
 def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
