@@ -32,8 +32,8 @@ class RecipeMethod:
     accumulate_fp32: bool = False     # linear/slerp: float32 accumulator, result in the input dtype
     randomized: bool = False          # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"     # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
-    elementwise: str = "never"        # each output entry depends only on the same entry of the inputs (so flat
-                                      # pieces can be merged separately): "always", "never", or "gta" / "slerp"
+    streaming: str = "whole"          # "elementwise" (each output entry depends only on the same entry of the
+                                      # inputs: flat pieces merge separately), "whole", or "gta" / "slerp"
                                       # (pieces once whole-tensor statistics are known: see piece_mode)
     sparsification: Optional[str] = None   # GTA methods: None | "magnitude" | "outliers" | "random" | "della"
 
@@ -45,10 +45,10 @@ class RecipeMethod:
         "statistics" (flat pieces, once whole-tensor statistics are known: each input's RankCut rule for
         magnitude / outlier cuts with tie_order "index" and L1 rescale factor; slerp's norms and dot
         product), or "whole"."""
-        if self.elementwise == "slerp":
+        if self.streaming == "slerp":
             return "statistics"                      # the whole tensor's norms and dot product
-        if self.elementwise != "gta":
-            return "elementwise" if self.elementwise == "always" else "whole"
+        if self.streaming != "gta":
+            return self.streaming
         if all(values.get("density", 1.0) >= 1 for values in per_input.values()):
             return "elementwise"                     # nothing is sparsified
         if self.sparsification == "random":
@@ -62,7 +62,7 @@ def _gta(name: str, pretty: str, paper: str, url: str, sparsification: str | Non
          normalize: bool, rescale: bool, extra: tuple = ()) -> RecipeMethod:
     return RecipeMethod(name, rm.gta(rm.GtaVariant(sparsification, consensus)), pretty, paper, url,
                         parameters=rm.gta_parameters(normalize, rescale, extra),
-                        randomized=sparsification in ("random", "della"), elementwise="gta",
+                        randomized=sparsification in ("random", "della"), streaming="gta",
                         sparsification=sparsification)
 
 
@@ -76,11 +76,11 @@ _METHODS = [
     RecipeMethod("linear", rm.linear, "Linear", "Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
                  "https://arxiv.org/abs/2203.05482", base="ignored",
                  parameters=(RecipeParameter("weight", float, "input"), RecipeParameter("normalize", bool, default=True)),
-                 accumulate_fp32=True, elementwise="always"),
+                 accumulate_fp32=True, streaming="elementwise"),
     RecipeMethod("slerp", rm.slerp, "SLERP", "Shoemake 1985, spherical linear interpolation",
                  "https://en.wikipedia.org/wiki/Slerp", min_inputs=2, max_inputs=2,
                  parameters=(RecipeParameter("t", float),), accumulate_fp32=True,
-                 missing_tensor="passthrough_singleton", elementwise="slerp"),
+                 missing_tensor="passthrough_singleton", streaming="slerp"),
     _gta("task_arithmetic", "Task Arithmetic", *_TA, None, False, False, False),
     _gta("ties", "TIES", *_TIES, "magnitude", True, True, False),
     _gta("dare_ties", "DARE TIES", *_DARE, "random", True, False, True),
@@ -95,10 +95,10 @@ _METHODS = [
     RecipeMethod("nearswap", rm.nearswap, "NearSwap", "NearSwap (model card of alchemonaut/QuartetAnemoi-70B)",
                  "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", min_inputs=2, max_inputs=2,
                  parameters=(RecipeParameter("t", float),), missing_tensor="passthrough_base_singleton",
-                 elementwise="always"),
+                 streaming="elementwise"),
     RecipeMethod("passthrough", rm.passthrough, "Passthrough", "copies its single input (layer stacking)", "",
                  base="ignored", max_inputs=1, parameters=(RecipeParameter("scale", float, "input", None),),
-                 elementwise="always"),
+                 streaming="elementwise"),
 ]
 RECIPE_METHODS: dict[str, RecipeMethod] = {method.name: method for method in _METHODS}
 

@@ -55,6 +55,10 @@ def _recipe_ties(models, layers):
         f"  - model: {m}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for m in models[1:])
 
 
+def _recipe_dare_ties(models, layers):
+    return _recipe_ties(models, layers).replace("merge_method: ties", "merge_method: dare_ties")
+
+
 def _recipe_slerp(models, layers):
     return (f"merge_method: slerp\nbase_model: {models[0]}\ndtype: bfloat16\nslices:\n  - sources:\n"
             f"      - {{model: {models[0]}, layer_range: [0, {layers}]}}\n"
@@ -69,8 +73,8 @@ def _recipe_passthrough(models, layers):
             f"  - sources: [{{model: {models[1]}, layer_range: [0, {max(1, layers // 2)}]}}]\n")
 
 
-RECIPES = {"linear": _recipe_linear, "ties": _recipe_ties, "slerp-gradients": _recipe_slerp,
-           "passthrough-1.5x": _recipe_passthrough}
+RECIPES = {"linear": _recipe_linear, "ties": _recipe_ties, "dare_ties": _recipe_dare_ties,
+           "slerp-gradients": _recipe_slerp, "passthrough-1.5x": _recipe_passthrough}
 
 
 def layer_count(params_billion: float) -> int:

@@ -245,11 +245,11 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
                                    **fields)
             merged = run_group(passthrough if group.passthrough else method.function, call)
-        except MergeError as error:
-            raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
-        except BaseException:
+        except BaseException as error:
             if prepared is not None:
                 prepared.abort()          # later pieces must not wait for this one's tie counts
+            if isinstance(error, MergeError):
+                raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
             raise
         return merged.to(group.dtype) if merged.is_floating_point() else merged
 
@@ -328,9 +328,9 @@ def _write_tokenizer(recipe: Recipe, vocabulary: Optional[Vocabulary], template:
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(str(staging))
-    # transformers 5 saves tokenizer.json only; slow-format files stay valid because the output only adds
-    # tokens on top of its source's vocabulary (they are listed in tokenizer_config.json), so they are
-    # carried over from that source for tools that read them (sentencepiece, llama.cpp converters, ...)
+    # transformers 5 saves tokenizer.json only. The source's slow-format files stay valid because the output
+    # only adds tokens on top of its vocabulary (listed in added_tokens.json below), so they are carried
+    # over for the tools that read them (slow tokenizers, sentencepiece, GGUF converters, ...)
     source = vocabulary.source_folder if vocabulary is not None and vocabulary.source_folder else donor
     copied = [name for name in SLOW_TOKENIZER_FILES if (source / name).is_file() and not (staging / name).exists()]
     for name in copied:

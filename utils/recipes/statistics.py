@@ -110,7 +110,7 @@ def prepare(method: RecipeMethod, base: str, per_input: dict[str, dict], params:
             load: Load, numel: int, piece: int, pool: ThreadPoolExecutor, in_flight: int) -> Prepared:
     """One tensor's statistics, from passes over its pieces (see the module doc)."""
     spans = [(start, min(start + piece, numel)) for start in range(0, numel, piece)]
-    if method.name == "slerp":
+    if method.streaming == "slerp":
         return Prepared({}, _slerp_coefficients(base, next(k for k in per_input if k != base), params["t"], load,
                                                 spans, pool, in_flight))
     return Prepared(_prepare_gta(method, base, per_input, params, slots, load, numel, spans, pool, in_flight))
