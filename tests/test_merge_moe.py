@@ -336,7 +336,7 @@ def test_example_configs_validate_and_hub_ids_go_to_the_card_front_matter():
     path = CONFIGS / "qwen2_5_chat_code.yml"
     config = parse_moe_config(yaml.safe_load(path.read_text()), str(path))
     card = model_card(MoEJob(config, path.read_text(), "out"), LAYOUTS[config.architecture], "out")
-    assert card.startswith("---\nbase_model:\n- Qwen/Qwen2.5-0.5B-Instruct\n- Qwen/Qwen2.5-Coder-0.5B-Instruct\ntags:")
+    assert card.startswith("---\nbase_model:\n- Qwen/Qwen2.5-0.5B-Instruct\n- Qwen/Qwen2.5-Coder-0.5B-Instruct\nlibrary_name:")
     assert "- shared expert 0: `Qwen/Qwen2.5-0.5B-Instruct`" in card and "residual_scale: 0.5" in card
 
 

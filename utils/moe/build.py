@@ -27,6 +27,7 @@ from utils.engine.allocator import tune_allocator
 from utils.engine.reader import CheckpointError, CheckpointReader, resolve_checkpoint
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
+from utils.cards import fenced, front_matter
 from utils.records import OutputExistsError, library_versions, overlapping_path, write_folder_atomic
 
 from .config import PROMPT_GATE_MODES, ExpertConfig, MoEConfig
@@ -413,20 +414,12 @@ def _manifest(job: MoEJob, layout: Layout, chosen_by: str, dtype_name: str, devi
     }
 
 
-def _hub_ids(sources: list[str]) -> list[str]:
-    """Sources that are not local folders (hub ids), for the model card's front matter."""
-    return list(dict.fromkeys(s for s in sources if not Path(s).expanduser().exists()))
-
-
 def model_card(job: MoEJob, layout: Layout, title: str) -> str:
     """README.md: front matter, what was built from what, the experts with their prompts, the config verbatim."""
     config = job.config
     sources = [config.base_model] + [e.source_model for e in config.all_experts]
-    hub = _hub_ids(sources)
-    lines = ["---"]
-    if hub:
-        lines += ["base_model:"] + [f"- {source}" for source in hub]
-    lines += ["tags:", "- mergelm", "- merge", "- moe", "library_name: transformers", "---", "", f"# {title}", "",
+    lines = front_matter(sources, ["mergelm", "merge", "moe"])
+    lines += [f"# {title}", "",
               f"A {layout.model_class} mixture of experts built with mergelm's `merge_moe.py` from dense models: "
               f"attention, embeddings and norms from `{config.base_model}`, one expert MLP per source model, "
               f"{config.experts_per_token} of {len(config.experts)} experts per token, routers initialised with "
@@ -441,5 +434,5 @@ def model_card(job: MoEJob, layout: Layout, title: str) -> str:
             for key in ("noise_scale", "residual_scale"):
                 if getattr(expert, key) is not None:
                     lines.append(f"  - {key}: {getattr(expert, key)}")
-    lines += ["", "## Configuration", "", "```yaml", job.config_text.rstrip("\n"), "```", ""]
+    lines += ["", "## Configuration", "", *fenced(job.config_text, "yaml")]
     return "\n".join(lines)
