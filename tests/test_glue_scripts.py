@@ -357,3 +357,20 @@ def test_train_refuses_a_checkpoint_folder_that_overlaps_the_pretrained_model(ws
                 "--language_model_name", str(model), "--overwrite"]
         expect_exit(train_main, args, capsys, "overlaps --language_model_name", "--save_dir", code=2)
         assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+
+
+def test_train_removes_the_trainer_folders_of_killed_runs_only(ws, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                  # a pid that no longer exists
+    parent = tmp_path / "save_models" / "mrpc"
+    stale, alive = parent / f".{NAME}.trainer-{dead.pid}", parent / f".{NAME}.trainer-1"   # pid 1 always exists
+    for folder in (stale, alive):
+        (folder / "checkpoint-1").mkdir(parents=True)
+    train_main(["--dataset_name", "mrpc", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(tmp_path),
+                *ws.common])
+    assert not stale.exists() and (alive / "checkpoint-1").is_dir()
+    assert (parent / NAME / "training_state.json").is_file()
+    assert sorted(p.name for p in parent.iterdir()) == sorted([NAME, alive.name])   # its own work folder is gone too

@@ -140,17 +140,18 @@ def publish_folder(staging: Path, target: Path, *, overwrite: bool) -> Path:
     return target
 
 
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove the staging folders ``.<name>.partial-<pid>`` of `target` left by processes that no longer
-    exist (killed by SIGKILL, a crash, a power cut); returns them. A pid that exists, or that belongs to
-    another user (kill answers EPERM), is left alone. Processes on other machines sharing the file system
-    cannot be seen: their pids look dead here, so do not point concurrent runs on several hosts at one folder."""
+def remove_stale_staging(target: Path, kind: str = "partial") -> list[Path]:
+    """Remove the working folders ``.<name>.<kind>-<pid>`` of `target` (staging folders: kind "partial";
+    the Trainer's epoch checkpoints of GLUE training: "trainer") left by processes that no longer exist
+    (killed by SIGKILL, a crash, a power cut); returns them. A pid that exists, or that belongs to another
+    user (kill answers EPERM), is left alone. Processes on other machines sharing the file system cannot
+    be seen: their pids look dead here, so do not point concurrent runs on several hosts at one folder."""
     import re
     import shutil
 
-    pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)$")
+    pattern = re.compile(re.escape(f".{target.name}.{kind}-") + r"(\d+)$")
     removed = []
-    for candidate in target.parent.glob(f".{target.name}.partial-*"):
+    for candidate in target.parent.glob(f".{target.name}.{kind}-*"):
         match = pattern.fullmatch(candidate.name)
         if not match or int(match.group(1)) == os.getpid() or not candidate.is_dir():
             continue

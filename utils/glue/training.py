@@ -36,7 +36,8 @@ from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classi
                                     save_pretrained_safetensors, task_learning_rate)
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score, task_metrics
-from utils.records import library_versions, overlapping_path, write_folder_atomic, write_json_atomic
+from utils.records import (library_versions, overlapping_path, remove_stale_staging, write_folder_atomic,
+                           write_json_atomic)
 
 HEAD_PADDING_VALUE = -1000.0
 
@@ -410,7 +411,9 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
         if len(train_set) == 0:
             raise ValueError("no training steps: the train split is empty")
         model = build_model(options, rows)
-        # The Trainer's epoch checkpoints: a working folder of this run, removed when the run ends.
+        # The Trainer's epoch checkpoints: a working folder of this run, removed when the run ends (and, if
+        # a run was killed, by the next run into the same checkpoint folder).
+        remove_stale_staging(model_dir, kind="trainer")
         work_dir = model_dir.parent / f".{model_dir.name}.trainer-{os.getpid()}"
         arguments = training_arguments(options, config, learning_rate, seed, work_dir, device)
         try:
