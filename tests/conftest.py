@@ -64,9 +64,14 @@ def bert_family(tmp_path_factory) -> dict[str, Path]:
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32)
     torch.manual_seed(0)
-    model = BertModel(config)
+    return save_family(BertModel(config), root, ["base", "ft0", "ft1"])
+
+
+def save_family(model, root: Path, names: list[str]) -> dict[str, Path]:
+    """Save `model` as names[0] (the base), then each further name after adding 0.01·N(0, 1) to every
+    parameter (fine-tunes drawn from torch's global generator: seed it first)."""
     folders = {}
-    for index, name in enumerate(["base", "ft0", "ft1"]):
+    for index, name in enumerate(names):
         if index:
             with torch.no_grad():
                 for parameter in model.parameters():

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import analyze_task_vectors
+from tests.conftest import save_family
 from utils.analysis import LayerGrouping, exact_quantiles, kind_of, tensor_statistics
 from utils.analysis.grouping import NO_LAYER
 
@@ -132,15 +133,7 @@ def gpt2_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=3, n_head=2))
-    folders = {}
-    for index, name in enumerate(["base", "ft0"]):
-        if index:
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.add_(0.01 * torch.randn_like(parameter))
-        model.save_pretrained(root / name)
-        folders[name] = root / name
-    return folders
+    return save_family(model, root, ["base", "ft0"])
 
 
 @pytest.mark.parametrize("family, stack, layers, expected_kinds", [
