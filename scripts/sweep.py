@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.cli import HelpFormatter  # noqa: E402
-from utils.sweeps import RunOptions, SlurmOptions, SweepError, load_spec, parse_overrides, plan, run, status_text  # noqa: E402
+from utils.sweeps import RunOptions, SlurmOptions, SweepError, parse_overrides, plan, run, status_text  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,18 +62,13 @@ def main(argv=None) -> int:
         if args.command == "status":
             print(status_text(plan(args.sweep, args.output_root, parse_overrides(args.set)), lines=args.lines))
             return 0
-        overrides = parse_overrides(args.set)
-        defaults = load_spec(args.sweep, overrides).slurm
-        pick = lambda flag, default: default if flag is None else flag  # noqa: E731
         options = RunOptions(
             launcher=args.launcher, force=args.force, workers=args.workers, dry_run=args.dry_run,
-            slurm=SlurmOptions(partition=pick(args.partition, defaults.partition), gpus_per_node=pick(args.gpus, defaults.gpus_per_node),
-                               cpus_per_task=pick(args.cpus, defaults.cpus_per_task), mem_gb=pick(args.mem_gb, defaults.mem_gb),
-                               timeout_min=pick(args.time_min, defaults.timeout_min),
-                               array_parallelism=pick(args.array_parallelism, defaults.array_parallelism),
-                               additional_parameters=defaults.additional_parameters,
+            slurm=SlurmOptions(partition=args.partition, gpus_per_node=args.gpus, cpus_per_task=args.cpus,
+                               mem_gb=args.mem_gb, timeout_min=args.time_min, array_parallelism=args.array_parallelism,
                                cluster=None if args.slurm_cluster == "slurm" else args.slurm_cluster, wait=args.wait),
-            ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus, overrides=overrides)
+            ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
+            overrides=parse_overrides(args.set))
         result = run(args.sweep, options, args.output_root)
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)

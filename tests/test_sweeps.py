@@ -241,3 +241,12 @@ def test_output_flag_gives_each_setting_its_folder(workdir):
         folder = workdir / "out" / f"x{x}_seed0"
         assert (folder / "sweep_record.json").is_file() and (folder / f"toy_x{x}_seed0_a.json").is_file()
         assert json.loads((folder / "sweep_record.json").read_text())["resolved_config"]["save_dir"] == str(Path("out") / f"x{x}_seed0")
+
+
+def test_slurm_choices_fill_from_the_sweep_files_section(workdir):
+    """A parameter not chosen on the command line comes from the sweep's `slurm:` section, else its defaults."""
+    spec = load_spec(sweep_file(workdir, slurm={"partition": "gpu", "timeout_min": 30, "mem_gb": 16}))
+    resolved = SlurmOptions(timeout_min=5, cluster="local").over(spec.slurm)
+    assert (resolved.partition, resolved.timeout_min, resolved.mem_gb) == ("gpu", 5, 16)
+    assert (resolved.cpus_per_task, resolved.gpus_per_node, resolved.array_parallelism) == (4, 0, 64)
+    assert (resolved.cluster, resolved.additional_parameters) == ("local", {})

@@ -182,8 +182,7 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
     if options.launcher == "local":
         launchers.run_local(blocks, options.workers or spec.local.workers, report)
     elif options.launcher == "slurm":
-        # without explicit options, the sweep file's own slurm section (not the dataclass defaults)
-        slurm = options.slurm or launchers.SlurmOptions(**spec.slurm.model_dump())
+        slurm = (options.slurm or launchers.SlurmOptions()).over(spec.slurm)
         folder = sweep_plan.root / ".submitit"
         ids = launchers.run_slurm(blocks, slurm, folder, spec.name, report)
         echo(f"submitted {len(ids)} job(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}; logs in {folder}")

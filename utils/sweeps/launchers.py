@@ -48,15 +48,22 @@ def run_local(blocks: list[Block], workers: int | None, report: Report) -> None:
 
 @dataclass
 class SlurmOptions:
+    """A run's SLURM choices. A None parameter takes the sweep file's `slurm:` value (spec.SlurmSettings,
+    the one home of the defaults): see `over`."""
+
     partition: str | None = None
-    gpus_per_node: int = 0
-    cpus_per_task: int = 4
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
     mem_gb: float | None = None
-    timeout_min: int = 240
-    array_parallelism: int = 64
+    timeout_min: int | None = None
+    array_parallelism: int | None = None
     additional_parameters: dict | None = None
     cluster: str | None = None  # None = SLURM (submitit's auto); "local" / "debug" for tests
     wait: bool = False
+
+    def over(self, settings) -> "SlurmOptions":
+        """These choices, every parameter left None filled from the sweep file's SlurmSettings."""
+        return replace(self, **{key: value for key, value in settings.model_dump().items() if getattr(self, key) is None})
 
 
 def run_slurm(blocks: list[Block], options: SlurmOptions, folder: Path, name: str, report: Report) -> list[str]:
