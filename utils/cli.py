@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import random
 import signal
+import sys
 import threading
 
 SUPPRESSED_DEFAULTS = (None, False, argparse.SUPPRESS)
@@ -77,6 +78,18 @@ def warnings_to_stderr(prog: str, logger_name: str):
 def interrupted_status(error: KeyboardInterrupt) -> int:
     """The shell's exit status of a process ended by this signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
     return 128 + getattr(error, "signum", signal.SIGINT)
+
+
+def config_path_from_argv(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (sys.argv[1:] when None), read before parsing: some parsers'
+    defaults come from that file."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    for index, token in enumerate(tokens):
+        if token == "--config" and index + 1 < len(tokens):
+            return tokens[index + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
 
 
 def positive_float(value: str) -> float:

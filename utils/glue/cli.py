@@ -5,6 +5,7 @@ import argparse
 import sys
 from contextlib import contextmanager
 
+from utils.cli import config_path_from_argv
 from utils.glue.data import GlueDataError, load_glue_config
 
 # Declared here, not in search.py, so that the scripts' parsers need no torch (fast --help).
@@ -22,17 +23,6 @@ def add_run_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> No
     parser.add_argument("--gpu", type=int, default=None, help="the original's CUDA index flag (negative = cpu); overrides auto")
     parser.add_argument("--allow_pickle", action="store_true", help="allow checkpoints stored as pickles (.bin), loaded with weights_only=True")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
-
-
-def config_path_from_argv(argv) -> str | None:
-    """The value of ``--config`` in ``argv`` (needed before parsing: parser defaults come from it)."""
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    for index, token in enumerate(tokens):
-        if token == "--config" and index + 1 < len(tokens):
-            return tokens[index + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
 
 
 def config_from_argv(argv) -> dict:

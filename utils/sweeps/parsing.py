@@ -14,6 +14,7 @@ import inspect
 import json
 from typing import Any
 
+from utils.cli import config_path_from_argv
 from utils.sweeps.spec import SweepError, flags_to_argv
 
 
@@ -37,7 +38,7 @@ def load_parser(module_name: str, argv: list[str]) -> argparse.ArgumentParser:
     if inspect.signature(build).parameters:
         from utils.glue.data import GlueDataError, load_glue_config
 
-        value = _config_flag(argv)
+        value = config_path_from_argv(argv)
         try:
             parser = build(load_glue_config(value))
         except GlueDataError as error:
@@ -46,15 +47,6 @@ def load_parser(module_name: str, argv: list[str]) -> argparse.ArgumentParser:
         parser = build()
     parser.error = _raise  # report instead of printing usage and exiting
     return parser
-
-
-def _config_flag(argv: list[str]) -> str | None:
-    for index, token in enumerate(argv):
-        if token == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
 
 
 def check_flag_names(parser: argparse.ArgumentParser, flags: dict[str, Any], script: str, where: str) -> None:
@@ -75,7 +67,7 @@ def check_flag_names(parser: argparse.ArgumentParser, flags: dict[str, Any], scr
 def resolve(module_name: str, flags: dict[str, Any], where: str, parser_cache: dict | None = None) -> dict[str, Any]:
     """Parse ``flags`` with the script's parser; returns ``vars(namespace)`` as plain JSON values."""
     argv = flags_to_argv(flags)
-    key = (module_name, _config_flag(argv))
+    key = (module_name, config_path_from_argv(argv))
     cache = parser_cache if parser_cache is not None else {}
     if key not in cache:
         cache[key] = load_parser(module_name, argv)
