@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
@@ -53,19 +53,11 @@ class MoEConfig(BaseModel):
     shared_experts: list[ExpertConfig] | None = None
     architecture: Literal[ARCHITECTURES] | None = None
 
-    @field_validator("architecture", mode="before")
+    @field_validator("architecture", "dtype", mode="before")
     @classmethod
-    def _architecture_alias(cls, value):
-        if isinstance(value, str) and value.lower() in ARCHITECTURE_ALIASES:
-            return ARCHITECTURE_ALIASES[value.lower()]
-        return value
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_alias(cls, value):
-        if isinstance(value, str) and value.lower() in DTYPE_ALIASES:
-            return DTYPE_ALIASES[value.lower()]
-        return value
+    def _alias(cls, value, info: ValidationInfo):
+        aliases = ARCHITECTURE_ALIASES if info.field_name == "architecture" else DTYPE_ALIASES
+        return aliases.get(value.lower(), value) if isinstance(value, str) else value
 
     @field_validator("experts")
     @classmethod
