@@ -430,3 +430,13 @@ def test_an_output_that_overlaps_an_input_is_refused_even_with_overwrite(zoo, tm
         code = merge_moe.main([str(tmp_path / "moe.yml"), "--output_dir", str(target), "--overwrite", "--no_progress"])
         assert code == 2 and "overlaps the base_model input" in capsys.readouterr().err, target
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before and not (base / "moe").exists()
+
+
+def test_architecture_and_dtype_aliases_resolve_case_insensitively():
+    experts = [{"source_model": "a"}, {"source_model": "b"}]
+    config = parse_moe_config({"base_model": "x", "gate_mode": "random", "experts": experts, "architecture": "Qwen",
+                               "dtype": "BF16"}, "moe.yml")
+    assert (config.architecture, config.dtype) == ("qwen2_moe", "bfloat16")
+    config = parse_moe_config({"base_model": "x", "gate_mode": "random", "experts": experts, "architecture": "qwen3",
+                               "dtype": "fp32"}, "moe.yml")
+    assert (config.architecture, config.dtype) == ("qwen3_moe", "float32")
