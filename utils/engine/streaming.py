@@ -409,7 +409,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, p
     threads = resolved.threads
     with ThreadPoolExecutor(threads) as pool:
         for planned in iterator:
-            numel = planned.nbytes // torch.empty((), dtype=planned.dtype).element_size()
+            numel = planned.numel
             if in_pieces and planned.name not in row_targets and numel > PIECE:
                 thresholds = None
                 if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):

@@ -18,11 +18,15 @@ class PlannedTensor:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 class ShardedSafetensorsWriter:

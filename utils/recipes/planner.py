@@ -8,6 +8,7 @@ when it is not listed).
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ class PlannedGroup:
     compute_dtype: torch.dtype
     vocab: bool = False
     passthrough: bool = False                  # an optional tensor only one input has: copied
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass

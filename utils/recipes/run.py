@@ -231,7 +231,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
 
     def slots(group: PlannedGroup, piece: Optional[tuple[int, int]] = None) -> dict[str, RandomSlot]:
         """Each input's draws for the tensor, or for the piece's positions of it (the same numbers)."""
-        start, total = (piece[0], group_numel(group)) if piece else (0, None)
+        start, total = (piece[0], group.numel) if piece else (0, None)
         return {ref: RandomSlot(job.seed, inputs[ref].index, group.name, start, total) for ref in group.sources} \
             if method.randomized else {}
 
@@ -241,7 +241,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             tensors = load(group, piece)
             if group.vocab and vocabulary is not None:
                 tensors = permute_rows(vocabulary, tensors, group.base, group.name)
-            fields = prepared.call_fields(index, piece, group_numel(group)) if prepared is not None else {}
+            fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
                                    **fields)
             merged = run_group(passthrough if group.passthrough else method.function, call)
@@ -256,7 +256,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     def pieces(group: PlannedGroup) -> tuple[list[Optional[tuple[int, int]]], str]:
         """Flat pieces for large tensors of merges that stream (read piece by piece), else the whole tensor;
         and the piece mode (RecipeMethod.piece_mode)."""
-        numel = group_numel(group)
+        numel = group.numel
         mode = "elementwise" if group.passthrough else method.piece_mode(group.params, group.per_input, job.tie_order)
         if (group.vocab and vocabulary is not None) or numel <= PIECE or mode == "whole":
             return [None], "whole"
@@ -277,7 +277,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             prepared = None
             if mode == "statistics":
                 prepared = prepare(method, group.base, group.per_input, group.params, slots(group),
-                                   lambda span, group=group: load(group, span), group_numel(group), PIECE, pool, limit)
+                                   lambda span, group=group: load(group, span), group.numel, PIECE, pool, limit)
             for index, span in enumerate(spans):
                 pending.append((group, span is not None, index == len(spans) - 1,
                                 pool.submit(merge, group, span, index, prepared)))
@@ -288,10 +288,6 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     if progress is not None:
         progress.close()
     return writer.finish()
-
-
-def group_numel(group: PlannedGroup) -> int:
-    return PlannedTensor(group.name, group.dtype, group.shape).nbytes // group.dtype.itemsize
 
 
 def _chat_template(recipe: Recipe, vocabulary: Optional[Vocabulary], inputs: dict[str, InputModel],
