@@ -16,7 +16,7 @@ _EXPORTS = {
     "registry": ("REGISTRY", "MergeMethod", "available_methods", "get_method"),
     "recipe_registry": ("RECIPE_METHODS", "RecipeMethod", "get_recipe_method"),
     "selection": ("RadixSelect", "count_at_least", "count_below", "high_counts", "kth_largest", "kth_smallest",
-                  "kth_smallest_pieces", "low_counts", "smallest_mask"),
+                  "kth_smallest_pieces", "low_counts", "select_streamed", "smallest_mask"),
     "slerp": ("slerp_tensor",),
     "task_vector": ("apply_task_vector", "task_vector"),
     "ties": ("trim_rank", "trim_threshold"),

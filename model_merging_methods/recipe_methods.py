@@ -102,8 +102,10 @@ class TensorGroupCall:
 # linear, slerp: fp32 (fp64 for fp64 inputs) accumulation, result in the input dtype
 
 
-def _accumulator_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch (and mergekit's float32 scratch) accumulates `dtype` values in: float64 for float64,
+    else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 CHUNK = 1 << 20   # elements per float32 scratch chunk (mergekit's slerp chunk; elementwise results do not depend on it)
@@ -114,7 +116,7 @@ def linear_tensor(tensors: list[torch.Tensor], weights: list[float], normalize: 
 
     No guard against Σ w_i = 0 (as mergekit). Computed in flat chunks: float32 scratch stays small."""
     first = tensors[0]
-    acc_dtype = _accumulator_dtype(first)
+    acc_dtype = accumulator_dtype(first.dtype)
     w = torch.tensor(weights, dtype=acc_dtype)
     coefficients = w.unbind(0)
     total = w.sum()
@@ -143,7 +145,7 @@ def slerp_chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], li
     """‖·‖ of each 2^20-element chunk of the flattened a and b (computed in float32; float64 for float64),
     in order, as Python floats (exact: a streamed run keeps them, and 0-dim tensors kept between large
     temporaries fragment the heap)."""
-    dtype = _accumulator_dtype(a)
+    dtype = accumulator_dtype(a.dtype)
     x, y = a.reshape(-1), b.reshape(-1)
     starts = range(0, x.numel(), CHUNK)
     return ([float(torch.linalg.vector_norm(x[s:s + CHUNK].to(dtype))) for s in starts],
@@ -158,7 +160,7 @@ def slerp_norm(chunk_norms: list[float], dtype: torch.dtype, eps: float = 1e-8) 
 
 def slerp_chunk_dots(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> list[float]:
     """⟨a_c/‖a‖, b_c/‖b‖⟩ of each 2^20-element chunk c, in order (Python floats, exact)."""
-    dtype = _accumulator_dtype(a)
+    dtype = accumulator_dtype(a.dtype)
     x, y = a.reshape(-1), b.reshape(-1)
     return [float(((x[s:s + CHUNK].to(dtype) / norm_a) * (y[s:s + CHUNK].to(dtype) / norm_b)).sum())
             for s in range(0, x.numel(), CHUNK)]
@@ -177,7 +179,7 @@ def slerp_coefficients(chunk_dots: list[float], t: float, dtype: torch.dtype) ->
 
 def slerp_apply(a: torch.Tensor, b: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
     """coef_a·a + coef_b·b, chunk by chunk in the accumulation dtype (elementwise: any flat piece of a, b)."""
-    dtype = _accumulator_dtype(a)
+    dtype = accumulator_dtype(a.dtype)
     x, y = a.reshape(-1), b.reshape(-1)
     out = torch.empty_like(x)
     for s in range(0, x.numel(), CHUNK):
@@ -193,7 +195,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) 
     Norms and the dot product are reduced over chunks of 2^20 elements exactly as mergekit does (the norm
     of the chunks' norms; the sum of the chunks' dots), so large tensors round the same way; the streamed
     form (utils/recipes/statistics.py) computes the same chunk values piece by piece."""
-    dtype = _accumulator_dtype(a)
+    dtype = accumulator_dtype(a.dtype)
     if a.numel() == 0:
         t_ = torch.tensor(t, dtype=dtype)
         return ((1 - t_) * a.reshape(-1).to(dtype) + t_ * b.reshape(-1).to(dtype)).reshape(a.shape).to(a.dtype)
@@ -384,15 +386,10 @@ def sparsify_della(delta: torch.Tensor, density: float, epsilon: float, slot: Ra
     return _rescaled(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    """The dtype torch accumulates a sum of `dtype` values in (float64 for float64, else float32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _sum_in_order(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Σ terms accumulated from 0 in torch's accumulation dtype, in list order, rounded once to `dtype`:
     the bits of torch.stack(terms).sum(dim=0) (tests/test_recipe_methods.py checks it), without the stack."""
-    total = torch.zeros(terms[0].shape, dtype=_opmath(dtype), device=terms[0].device)
+    total = torch.zeros(terms[0].shape, dtype=accumulator_dtype(dtype), device=terms[0].device)
     for term in terms:
         total += term
     return total.to(dtype)
@@ -423,7 +420,7 @@ def gta_tensor(base: torch.Tensor, others: list[torch.Tensor], weights: list[flo
         # Σ m_i Δ_i = s · Σ relu(Δ_i·s): negation commutes with every rounding, so this is the same sum
         # (+ 0 turns the −0 of an empty sum with s = −1 back into mergekit's +0).
         # Only float arithmetic below: on CPUs, torch's boolean masks cost several float ops each.
-        wide = [delta.to(_opmath(dtype)) for delta in deltas]
+        wide = [delta.to(accumulator_dtype(dtype)) for delta in deltas]
         total = _sum_in_order(wide, dtype).to(wide[0].dtype)
         majority = total.sign_().add_(0.5).sign_()                  # ±1, with 0 (and −0) electing +1
         agreeing = [term.mul_(majority).clamp_(min=0) for term in wide]

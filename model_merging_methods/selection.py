@@ -19,7 +19,7 @@ high_counts / low_counts of their own pieces and recompute the pieces for the se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import torch
 
@@ -123,23 +123,64 @@ class RankStat:
     equal: int
 
 
+MapPieces = Callable[[Callable[[Any], Any], Callable[[Any], None]], None]
+
+
+def select_streamed(selections: dict[Hashable, list[RadixSelect]], map_pieces: MapPieces,
+                    values: Callable[[Any, set], dict[Hashable, torch.Tensor]]) -> None:
+    """Finish every RadixSelect of `selections` (key → selections over that key's values) over streamed
+    pieces: a high pass, then a low pass for the selections that need one.
+
+    `map_pieces(work, reduce)` calls work(piece) for every piece (in any order, on any threads) and
+    reduce(result) in piece order; `values(piece, keys)` gives the piece's values for each of `keys`,
+    recomputed in each pass (so only a few pieces are ever held)."""
+    wanted = {key for key, group in selections.items() if group}
+    if not wanted:
+        return
+
+    def high(piece) -> dict:
+        return {key: high_counts(value) for key, value in values(piece, wanted).items()}
+
+    def add_high(counts: dict) -> None:
+        for key, value in counts.items():
+            for selection in selections[key]:
+                selection.add_high(value.cpu())
+
+    map_pieces(high, add_high)
+    for key in wanted:
+        for selection in selections[key]:
+            selection.finish_high()
+    pending = {key: [s for s in selections[key] if s.needs_low_pass] for key in wanted}
+    pending = {key: group for key, group in pending.items() if group}
+    if not pending:
+        return
+
+    def low(piece) -> dict:
+        return {key: [low_counts(value, s.high_bin) for s in pending[key]]
+                for key, value in values(piece, set(pending)).items()}
+
+    def add_low(counts: dict) -> None:
+        for key, group in counts.items():
+            for selection, value in zip(pending[key], group):
+                selection.add_low(value.cpu())
+
+    map_pieces(low, add_low)
+    for group in pending.values():
+        for selection in group:
+            selection.finish_low()
+
+
+def rank_statistics_pieces(pieces: Pieces, ks: list[int], n: int) -> list[RankStat]:
+    """RankStat of the k-th smallest |x| (1-based), for each k, over the n values `pieces()` yields."""
+    selections = {None: [RadixSelect(k, n) for k in ks]}
+    select_streamed(selections, lambda work, reduce: [reduce(work(piece)) for piece in pieces()],
+                    lambda piece, keys: {None: piece})
+    return [selection.statistic for selection in selections[None]]
+
+
 def rank_statistics(values: torch.Tensor, ks: list[int]) -> list[RankStat]:
     """RankStat of the k-th smallest |x| (1-based) of a whole tensor, for each k (radix selection)."""
-    pieces, n = pieces_of(values), values.numel()
-    selections = [RadixSelect(k, n) for k in ks]
-    for piece in pieces():
-        counts = high_counts(piece)
-        for selection in selections:
-            selection.add_high(counts)
-    for selection in selections:
-        selection.finish_high()
-    pending = [s for s in selections if s.needs_low_pass]
-    for piece in pieces() if pending else ():
-        for selection in pending:
-            selection.add_low(low_counts(piece, selection.high_bin))
-    for selection in pending:
-        selection.finish_low()
-    return [selection.statistic for selection in selections]
+    return rank_statistics_pieces(pieces_of(values), ks, values.numel())
 
 
 @dataclass(frozen=True)
@@ -200,6 +241,12 @@ def top_k_rule(n: int, k: int, cut: RankStat) -> KeepRule:
     return KeepRule(cut.value, float("inf"), (TieWindow(cut.value, 0, k - greater),))
 
 
+def bottom_k_rule(k: int, cut: RankStat) -> KeepRule:
+    """The k smallest |x| as a stable ascending sort takes them: every entry below the cut-off (the k-th
+    smallest), then the first entries equal to it."""
+    return KeepRule(float("-inf"), cut.value, (TieWindow(cut.value, 0, k - cut.less),))
+
+
 def rank_window_rule(first: int, count: int, low: RankStat, high: RankStat) -> KeepRule:
     """Ascending positions [first, first + count) of a stable sort of |x|; `low` / `high` are the
     (first + 1)-th and (first + count)-th smallest."""
@@ -217,15 +264,7 @@ def pieces_of(values: torch.Tensor, size: int = PIECE) -> Pieces:
 
 def kth_smallest_pieces(pieces: Pieces, k: int, n: int) -> float:
     """The k-th smallest (1-based) |x| over the n values that `pieces()` yields, in one or two passes."""
-    selection = RadixSelect(k, n)
-    for piece in pieces():
-        selection.add_high(high_counts(piece))
-    selection.finish_high()
-    if selection.needs_low_pass:
-        for piece in pieces():
-            selection.add_low(low_counts(piece, selection.high_bin))
-        selection.finish_low()
-    return selection.value
+    return rank_statistics_pieces(pieces, [k], n)[0].value
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> float:
@@ -258,14 +297,7 @@ def smallest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
         return torch.zeros_like(flat, dtype=torch.bool).view(magnitudes.shape)
     if count >= flat.numel():
         return torch.ones_like(flat, dtype=torch.bool).view(magnitudes.shape)
-    threshold = kth_smallest(flat, count)
-    mask = flat < threshold
-    ties = flat == threshold
-    needed = count - int(mask.sum())
-    if int(ties.sum()) > needed:
-        ties &= ties.cumsum(0) <= needed
-    mask |= ties
-    return mask.view(magnitudes.shape)
+    return bottom_k_rule(count, rank_statistics(flat, [count])[0]).mask(flat).view(magnitudes.shape)
 
 
 def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:

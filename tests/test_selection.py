@@ -129,11 +129,12 @@ def test_trim_threshold_and_global_trim_match_a_sort():
 def test_streamed_thresholds_match_in_memory_ties(llama_family, tmp_path, monkeypatch, extra, dare):
     """The engine's thresholds, counted over 100-element pieces in worker threads (two passes on these
     float32 deltas), give the merge that merge_state_dicts computes on whole tensors in memory."""
+    import model_merging_methods.selection as selection
     import utils.engine.streaming as engine
 
     passes = []
-    original = engine.low_counts
-    monkeypatch.setattr(engine, "low_counts", lambda *a: passes.append(1) or original(*a))
+    original = selection.low_counts
+    monkeypatch.setattr(selection, "low_counts", lambda *a: passes.append(1) or original(*a))
     monkeypatch.setattr(engine, "PIECE", 100)
     args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
             str(llama_family["ft1"]), "--method", "ties", "--seed", "2", "--threads", "3",

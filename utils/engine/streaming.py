@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 
 from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, RadixSelect,
-                                   ResolvedDare, check_method_inputs, dare_one_model, get_method, high_counts,
-                                   is_excluded, low_counts, merge_resolved, norm_adaptive_weights, resolve_dare,
-                                   trim_rank, trim_threshold)
+                                   ResolvedDare, check_method_inputs, dare_one_model, get_method, is_excluded,
+                                   merge_resolved, norm_adaptive_weights, resolve_dare, select_streamed, trim_rank,
+                                   trim_threshold)
 from model_merging_methods.norm_adaptive import squared_norm
 from utils.cli import resolve_device
 from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
@@ -453,44 +453,41 @@ def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob,
     if resolved.dare is not None and any(d.rescale and d.rescale_mode == "l1" for d in resolved.dare):
         return _whole_tensor_thresholds(inputs, job, resolved, name, densities)
     ranks = [trim_rank(numel, d) for d in densities]
-    selections = [RadixSelect(k, numel) if k else None for k in ranks]
+    selections = {index: [RadixSelect(k, numel)] for index, k in enumerate(ranks) if k}
+    spans = [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)]
 
-    def count(start: int, stop: int, low_pass: bool) -> list[torch.Tensor | None]:
-        base = inputs.readers[0].get(name, start, stop).to(resolved.device).float()
-        counts = []
-        for index, (reader, selection) in enumerate(zip(inputs.readers[1:], selections)):
-            if selection is None or (low_pass and not selection.needs_low_pass):
-                counts.append(None)
-                continue
-            delta = _piece_delta(reader.get(name, start, stop), base, resolved, job.seed, index, (start, numel), name)
-            counts.append(low_counts(delta, selection.high_bin) if low_pass else high_counts(delta))
-        return counts
+    def deltas(span: tuple[int, int], models: set) -> dict[int, torch.Tensor]:
+        base = inputs.readers[0].get(name, *span).to(resolved.device).float()
+        return {index: _piece_delta(inputs.readers[1 + index].get(name, *span), base, resolved, job.seed, index,
+                                    (span[0], numel), name) for index in sorted(models)}
 
-    def run_pass(low_pass: bool) -> None:
-        in_flight: deque[Future] = deque()
+    select_streamed(selections, lambda work, reduce: map_in_order(pool, spans, work, reduce, 2 * resolved.threads),
+                    deltas)
+    return [{name: torch.tensor(selections[index][0].value if index in selections else 0.0)}
+            for index in range(len(ranks))]
 
-        def add_oldest() -> None:
-            for selection, counts in zip(selections, in_flight.popleft().result()):
-                if counts is not None:
-                    (selection.add_low if low_pass else selection.add_high)(counts.cpu())
 
-        for start in range(0, numel, PIECE):
-            in_flight.append(pool.submit(count, start, min(start + PIECE, numel), low_pass))
-            while len(in_flight) > 2 * resolved.threads:
-                add_oldest()
-        while in_flight:
-            add_oldest()
+def map_in_order(pool: ThreadPoolExecutor, items: list, work: Callable, reduce: Callable, in_flight: int,
+                 on_error: Callable[[], None] | None = None) -> None:
+    """work(item) on the pool for every item, at most `in_flight` results waiting; reduce(result) in this
+    thread, in item order. `on_error` runs in the worker whose work raised (before the error propagates),
+    e.g. to release items that wait on it."""
+    pending: deque[Future] = deque()
 
-    if any(selections):
-        run_pass(low_pass=False)
-        for selection in filter(None, selections):
-            selection.finish_high()
-        if any(s is not None and s.needs_low_pass for s in selections):
-            run_pass(low_pass=True)
-            for selection in selections:
-                if selection is not None and selection.needs_low_pass:
-                    selection.finish_low()
-    return [{name: torch.tensor(selection.value if selection is not None else 0.0)} for selection in selections]
+    def guarded(item):
+        try:
+            return work(item)
+        except BaseException:
+            if on_error is not None:
+                on_error()
+            raise
+
+    for item in items:
+        pending.append(pool.submit(guarded, item))
+        while len(pending) > in_flight:
+            reduce(pending.popleft().result())
+    while pending:
+        reduce(pending.popleft().result())
 
 
 def _piece_delta(piece: torch.Tensor, base: torch.Tensor, resolved: ResolvedJob, seed: int, index: int,

@@ -277,7 +277,8 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             prepared = None
             if mode == "statistics":
                 prepared = prepare(method, group.base, group.per_input, group.params, slots(group),
-                                   lambda span, group=group: load(group, span), group.numel, PIECE, pool, limit)
+                                   lambda span, group=group: load(group, span), group.numel, group.compute_dtype,
+                                   PIECE, pool, limit)
             for index, span in enumerate(spans):
                 pending.append((group, span is not None, index == len(spans) - 1,
                                 pool.submit(merge, group, span, index, prepared)))

@@ -18,19 +18,19 @@ as merging the whole tensor (tests/test_recipes.py checks that).
 from __future__ import annotations
 
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from model_merging_methods.randomness import RandomSlot
 from model_merging_methods import recipe_methods
-from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, rescale_factor, slerp_chunk_dots,
-                                                  slerp_chunk_norms, slerp_coefficients, slerp_norm)
+from model_merging_methods.randomness import RandomSlot
+from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, accumulator_dtype, rescale_factor,
+                                                  slerp_chunk_dots, slerp_chunk_norms, slerp_coefficients, slerp_norm)
 from model_merging_methods.recipe_registry import RecipeMethod
-from model_merging_methods.selection import KeepRule, RadixSelect, high_counts, low_counts
+from model_merging_methods.selection import KeepRule, RadixSelect, select_streamed
+from utils.engine.streaming import map_in_order
 
 Span = tuple[int, int]
 Load = Callable[[Span], dict[str, torch.Tensor]]   # a piece of every input, in the compute dtype
@@ -107,44 +107,43 @@ class Prepared:
 
 
 def prepare(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict, slots: dict[str, RandomSlot],
-            load: Load, numel: int, piece: int, pool: ThreadPoolExecutor, in_flight: int) -> Prepared:
-    """One tensor's statistics, from passes over its pieces (see the module doc)."""
+            load: Load, numel: int, dtype: torch.dtype, piece: int, pool: ThreadPoolExecutor,
+            in_flight: int) -> Prepared:
+    """One tensor's statistics, from passes over its pieces (see the module doc); `load` gives the pieces
+    in the compute `dtype`."""
     spans = [(start, min(start + piece, numel)) for start in range(0, numel, piece)]
     if method.streaming == "slerp":
         return Prepared({}, _slerp_coefficients(base, next(k for k in per_input if k != base), params["t"], load,
-                                                spans, pool, in_flight))
+                                                accumulator_dtype(dtype), spans, pool, in_flight))
     return Prepared(_prepare_gta(method, base, per_input, params, slots, load, numel, spans, pool, in_flight))
 
 
-def _slerp_coefficients(base: str, other: str, t: float, load: Load, spans: list[Span], pool: ThreadPoolExecutor,
-                        in_flight: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _slerp_coefficients(base: str, other: str, t: float, load: Load, accumulator: torch.dtype, spans: list[Span],
+                        pool: ThreadPoolExecutor, in_flight: int) -> tuple[torch.Tensor, torch.Tensor]:
     """slerp_tensor's chunk norms (one pass), then chunk dots (a second pass), in flat order: pieces are
     whole 2^20-element chunks, so the values are the same as for the whole tensor."""
     chunk = recipe_methods.CHUNK
     if any(start % chunk for start, _ in spans):
         raise RuntimeError(f"slerp pieces must start at multiples of {chunk} elements")
     norms: tuple[list, list] = ([], [])
-    dtype: list[torch.dtype] = []
 
-    def chunk_norms(index: int, span: Span):
+    def chunk_norms(span: Span):
         tensors = load(span)
-        dtype[:] = [tensors[base].dtype]
         return slerp_chunk_norms(tensors[base], tensors[other])
 
     def add_norms(result) -> None:
         norms[0].extend(result[0])
         norms[1].extend(result[1])
 
-    _each_piece(pool, spans, chunk_norms, add_norms, in_flight)
-    accumulator = torch.float64 if dtype[0] == torch.float64 else torch.float32
+    map_in_order(pool, spans, chunk_norms, add_norms, in_flight)
     norm_a, norm_b = slerp_norm(norms[0], accumulator), slerp_norm(norms[1], accumulator)
     dots: list[float] = []
 
-    def chunk_dots(index: int, span: Span):
+    def chunk_dots(span: Span):
         tensors = load(span)
         return slerp_chunk_dots(tensors[base], tensors[other], norm_a, norm_b)
 
-    _each_piece(pool, spans, chunk_dots, dots.extend, in_flight)
+    map_in_order(pool, spans, chunk_dots, dots.extend, in_flight)
     return slerp_coefficients(dots, t, accumulator)
 
 
@@ -166,40 +165,14 @@ def _prepare_gta(method: RecipeMethod, base: str, per_input: dict[str, dict], pa
         prepared[key] = PreparedInput(cut if active else None, density,
                                       slots.get(key) if active and method.sparsification == "random" else None)
 
-    def deltas(span: Span) -> dict[str, torch.Tensor]:   # exactly as gta_tensor computes them
+    def deltas(span: Span, keys) -> dict[str, torch.Tensor]:   # exactly as gta_tensor computes them
         tensors = load(span)
-        return {key: tensors[key] - tensors[base] for key, item in prepared.items()
-                if item.cut is not None or item.slot is not None}
+        return {key: tensors[key] - tensors[base] for key in keys}
 
     # 1. order statistics of |δ| for the rank cuts: a high pass, then a low pass where needed
     selections = {key: [RadixSelect(k, numel) for k in item.cut.ranks(numel)]
                   for key, item in prepared.items() if item.cut is not None}
-    if any(selections.values()):
-        def high(index: int, span: Span) -> dict[str, torch.Tensor]:
-            return {key: high_counts(delta) for key, delta in deltas(span).items() if selections.get(key)}
-
-        def add_high(counts: dict[str, torch.Tensor]) -> None:
-            for key, value in counts.items():
-                for selection in selections[key]:
-                    selection.add_high(value)
-
-        _each_piece(pool, spans, high, add_high, in_flight)
-        for selection in (s for group in selections.values() for s in group):
-            selection.finish_high()
-        low_needed = {key: [s for s in group if s.needs_low_pass] for key, group in selections.items()}
-        if any(low_needed.values()):
-            def low(index: int, span: Span) -> dict[str, list[torch.Tensor]]:
-                return {key: [low_counts(delta, s.high_bin) for s in low_needed[key]]
-                        for key, delta in deltas(span).items() if low_needed.get(key)}
-
-            def add_low(counts: dict[str, list[torch.Tensor]]) -> None:
-                for key, values in counts.items():
-                    for selection, value in zip(low_needed[key], values):
-                        selection.add_low(value)
-
-            _each_piece(pool, spans, low, add_low, in_flight)
-            for selection in (s for group in low_needed.values() for s in group):
-                selection.finish_low()
+    select_streamed(selections, lambda work, reduce: map_in_order(pool, spans, work, reduce, in_flight), deltas)
     for key, item in prepared.items():
         if item.cut is not None:
             item.rule = item.cut.rule(numel, [s.statistic for s in selections[key]])
@@ -210,47 +183,25 @@ def _prepare_gta(method: RecipeMethod, base: str, per_input: dict[str, dict], pa
     rescaled = {key: item for key, item in prepared.items()
                 if params.get("rescale") and (item.cut is not None or item.slot is not None)}
     if rescaled:
-        sums = {key: [0.0, 0.0] for key in rescaled}
-        dtypes: dict[str, torch.dtype] = {}
+        sums: dict[str, list] = {key: [0.0, 0.0, None] for key in rescaled}
 
-        def l1(index: int, span: Span) -> dict[str, tuple[float, float]]:
+        def l1(piece: tuple[int, Span]) -> dict[str, tuple[float, float, torch.dtype]]:
+            index, span = piece
             out = {}
-            for key, delta in deltas(span).items():
-                if key in rescaled:
-                    sparsifier = rescaled[key].sparsifier(index, span, numel)
-                    dtypes[key] = sparsifier.work_dtype(delta)
-                    masked = sparsifier.masked(delta)
-                    out[key] = (float(delta.to(dtypes[key]).abs().sum(dtype=torch.float64)),
-                                float(masked.abs().sum(dtype=torch.float64)))
+            for key, delta in deltas(span, set(rescaled)).items():
+                sparsifier = rescaled[key].sparsifier(index, span, numel)
+                work = sparsifier.work_dtype(delta)
+                out[key] = (float(delta.to(work).abs().sum(dtype=torch.float64)),
+                            float(sparsifier.masked(delta).abs().sum(dtype=torch.float64)), work)
             return out
 
-        def add_l1(values: dict[str, tuple[float, float]]) -> None:
-            for key, (before, after) in values.items():
-                sums[key][0] += before
-                sums[key][1] += after
+        def add_l1(values: dict[str, tuple[float, float, torch.dtype]]) -> None:
+            for key, (before, after, work) in values.items():
+                sums[key] = [sums[key][0] + before, sums[key][1] + after, work]
 
-        _each_piece(pool, spans, l1, add_l1, in_flight, ledgers=[i.ledger for i in rescaled.values() if i.ledger])
+        ledgers = [item.ledger for item in rescaled.values() if item.ledger is not None]
+        map_in_order(pool, list(enumerate(spans)), l1, add_l1, in_flight,
+                     on_error=lambda: [ledger.abort() for ledger in ledgers])
         for key, item in rescaled.items():
-            item.factor = rescale_factor(*sums[key], dtypes[key])
+            item.factor = rescale_factor(*sums[key])
     return prepared
-
-
-def _each_piece(pool: ThreadPoolExecutor, spans: list[Span], work: Callable, reduce: Callable, in_flight: int,
-                ledgers: list[TieLedger] = ()) -> None:
-    """work(index, span) on the pool for every piece, a few in flight; reduce(result) here, in flat order."""
-    pending: deque[Future] = deque()
-
-    def guarded(index: int, span: Span):
-        try:
-            return work(index, span)
-        except BaseException:
-            for ledger in ledgers:
-                ledger.abort()
-            raise
-
-    for index, span in enumerate(spans):
-        pending.append(pool.submit(guarded, index, span))
-        while len(pending) > in_flight:
-            reduce(pending.popleft().result())
-    while pending:
-        reduce(pending.popleft().result())
