@@ -328,8 +328,12 @@ def sparsify_random(delta: torch.Tensor, density: float, slot: RandomSlot, resca
     if density >= 1:
         return delta
     work = _draw_dtype(delta)
-    mask = (slot.uniform(delta.numel()).view(delta.shape).to(delta.device) < density).to(work)
-    return _rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+    return _rescaled(delta.to(work), _random_mask(delta, slot, density), rescale).to(delta.dtype)
+
+
+def _random_mask(delta: torch.Tensor, slot: RandomSlot, density: float) -> torch.Tensor:
+    """[u < density] for the draws u of `slot` (delta's positions), in the draw dtype."""
+    return (slot.uniform(delta.numel()).view(delta.shape).to(delta.device) < density).to(_draw_dtype(delta))
 
 
 @dataclass(frozen=True)
@@ -350,9 +354,7 @@ class PieceSparsifier:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
         if self.rule is not None:
             return delta * self.rule.mask(delta.abs().float(), self.tie_offsets)
-        work = _draw_dtype(delta)
-        mask = (self.slot.uniform(delta.numel()).view(delta.shape).to(delta.device) < self.density).to(work)
-        return delta.to(work) * mask
+        return delta.to(_draw_dtype(delta)) * _random_mask(delta, self.slot, self.density)
 
     def work_dtype(self, delta: torch.Tensor) -> torch.dtype:
         return delta.dtype if self.rule is not None else _draw_dtype(delta)

@@ -13,8 +13,9 @@ in |x|, so the k-th smallest |x| is found by counting, without a sort and withou
 
 Each pass is O(n) in piece-sized temporaries; the counts are integers, so pieces may be counted in any
 order, by any thread, and cut at any boundary, with the same result. Callers that hold a whole tensor use
-kth_smallest / smallest_mask; callers that stream (utils/engine/streaming.py) feed RadixSelect with
-high_counts / low_counts of their own pieces and recompute the pieces for the second pass.
+kth_smallest / rank_statistics / smallest_mask; callers that stream (the flag engine's TIES thresholds,
+the recipes' rank cuts) hand select_streamed a way to recompute their pieces and a pool to map them on.
+KeepRule states which entries a rank cut keeps, ties in flat order, so that pieces can apply it.
 """
 from __future__ import annotations
 
