@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from utils.analysis.defaults import COMPUTE_DTYPE_NAMES, DEFAULT_QUANTILES
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, run_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,15 +51,18 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from utils.analysis import AnalysisError, run_analysis
+    from utils.analysis import AnalysisError
     from utils.engine.reader import CheckpointError
     from utils.records import OutputExistsError
 
-    try:
-        analysis = run_analysis(options_from_args(args), progress=not args.no_progress)
-    except (AnalysisError, CheckpointError, OutputExistsError) as error:
-        print(f"analyze_task_vectors.py: error: {error}", file=sys.stderr)
-        return 2
+    return run_entry("analyze_task_vectors.py", lambda: _analyze(args), (AnalysisError, CheckpointError,
+                                                                         OutputExistsError), args.output_dir)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from utils.analysis import run_analysis
+
+    analysis = run_analysis(options_from_args(args), progress=not args.no_progress)
     for model in analysis["models"]:
         print(f"{model['label']}: ‖δ‖₂ = {model['global']['l2']:.6g}, ‖δ‖₁ = {model['global']['l1']:.6g}, "
               f"{model['global']['numel']:,} entries")

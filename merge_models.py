@@ -17,8 +17,7 @@ import sys
 
 # light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
 from model_merging_methods.registry import available_methods, get_method
-from utils.cli import (HelpFormatter, drop_rate, interrupted_status, positive_float, sigterm_as_interrupt,
-                       warnings_to_stderr)
+from utils.cli import HelpFormatter, drop_rate, positive_float, run_entry, warnings_to_stderr
 from utils.engine.choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
 
 STREAMING_METHODS = [name for name in available_methods()
@@ -152,13 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args, sys.argv[1:] if argv is None else argv)
-    try:
-        with sigterm_as_interrupt():
-            return _merge(args)
-    except KeyboardInterrupt as error:
-        print(f"merge_models.py: interrupted ({error or 'Ctrl-C'}); nothing was written to {args.output_dir}",
-              file=sys.stderr)
-        return interrupted_status(error)
+    from model_merging_methods import MergeError
+    from utils.engine.reader import CheckpointError
+
+    return run_entry("merge_models.py", lambda: _merge(args), (MergeError, CheckpointError), args.output_dir)
 
 
 def recipe_job_from_args(args: argparse.Namespace):
@@ -171,29 +167,19 @@ def recipe_job_from_args(args: argparse.Namespace):
 
 
 def _merge(args: argparse.Namespace) -> int:
-    """Run the merge; user errors become status 2 with one line (interrupts propagate to main)."""
-    from model_merging_methods import MergeError
-    from utils.engine.reader import CheckpointError
+    """Run the merge and report it (errors are reported by utils.cli.run_entry)."""
     from utils.engine.streaming import job_from_manifest_file, run_stream_merge
 
     with warnings_to_stderr("merge_models.py", "mergelm.engine"):
-        try:
-            if args.config:
-                from utils.recipes.run import run_recipe_job
+        if args.config:
+            from utils.recipes.run import run_recipe_job
 
-                manifest = run_recipe_job(recipe_job_from_args(args))[-1]   # the last document's: the output
-            else:
-                job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
-                                              progress=not args.no_progress, threads=args.threads)
-                       if args.from_manifest else job_from_args(args))
-                manifest = run_stream_merge(job)
-        except (MergeError, CheckpointError) as error:
-            print(f"merge_models.py: error: {error}", file=sys.stderr)
-            return 2
-        except OSError as error:   # the file system refused: read-only, immutable, full, permissions
-            print(f"merge_models.py: error: {error.strerror or error}"
-                  f"{f': {error.filename}' if error.filename else ''}; nothing was written", file=sys.stderr)
-            return 2
+            manifest = run_recipe_job(recipe_job_from_args(args))[-1]   # the last document's: the output
+        else:
+            job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
+                                          progress=not args.no_progress, threads=args.threads)
+                   if args.from_manifest else job_from_args(args))
+            manifest = run_stream_merge(job)
     print(f"wrote {args.output_dir} ({manifest['output']['num_tensors']} tensors, "
           f"{manifest['wall_seconds']:.1f} s); manifest: {args.output_dir}/merge_manifest.json")
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, run_entry
 from utils.engine.choices import DTYPE_NAMES
 
 
@@ -55,14 +55,17 @@ def job_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from utils.engine.reader import CheckpointError
-    from utils.moe import MoEConfigError, MoEError, run_moe_build
+    from utils.moe import MoEConfigError, MoEError
     from utils.records import OutputExistsError
 
-    try:
-        manifest = run_moe_build(job_from_args(args))
-    except (MoEConfigError, MoEError, CheckpointError, OutputExistsError) as error:
-        print(f"merge_moe.py: error: {error}", file=sys.stderr)
-        return 2
+    return run_entry("merge_moe.py", lambda: _build(args), (MoEConfigError, MoEError, CheckpointError,
+                                                            OutputExistsError), args.output_dir)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from utils.moe import run_moe_build
+
+    manifest = run_moe_build(job_from_args(args))
     output = manifest["output"]
     print(f"wrote {args.output_dir}: {manifest['architecture']['model_class']} with {len(manifest['experts'])} "
           f"experts ({output['num_tensors']} tensors, {output['total_bytes'] / 2**20:.1f} MiB, "

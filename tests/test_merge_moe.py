@@ -440,3 +440,13 @@ def test_architecture_and_dtype_aliases_resolve_case_insensitively():
     config = parse_moe_config({"base_model": "x", "gate_mode": "random", "experts": experts, "architecture": "qwen3",
                                "dtype": "fp32"}, "moe.yml")
     assert (config.architecture, config.dtype) == ("qwen3_moe", "float32")
+
+
+def test_an_output_below_a_file_exits_2_with_one_line(zoo, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "moe.yml").write_text(yaml.safe_dump(_bad(zoo, gate_mode="random"), sort_keys=False))
+    code = merge_moe.main([str(tmp_path / "moe.yml"), "--output_dir", str(blocker / "moe"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.endswith("; nothing was written\n")
+    assert err.startswith(("merge_moe.py: error: File exists: ", "merge_moe.py: error: Not a directory: "))

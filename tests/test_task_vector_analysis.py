@@ -302,3 +302,13 @@ def test_task_model_wrapping_the_backbone_is_aligned_by_prefix(bert_family, tmp_
     assert aligned["model_name_prefix"] == "bert." and plain["model_name_prefix"] == ""
     assert aligned["models"][0]["global"] == plain["models"][0]["global"]
     assert aligned["grouping"]["stacks"] == {"encoder.layer": 2}
+
+
+def test_an_output_below_a_file_exits_2_with_one_line(llama_family, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, err = _run(["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]), "--no_figures",
+                      "--output_dir", str(blocker / "analysis")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.endswith("; nothing was written\n")
+    assert err.startswith(("analyze_task_vectors.py: error: File exists: ",
+                           "analyze_task_vectors.py: error: Not a directory: "))

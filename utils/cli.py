@@ -80,6 +80,26 @@ def interrupted_status(error: KeyboardInterrupt) -> int:
     return 128 + getattr(error, "signum", signal.SIGINT)
 
 
+def run_entry(prog: str, work, user_errors: tuple[type[BaseException], ...], output: str) -> int:
+    """Run an entry script's `work()` (returning its exit status) the way every writing script reports:
+    a user error (`user_errors`, or the file system refusing: read-only, full, permissions) is one line on
+    stderr and status 2; Ctrl-C / SIGTERM is one line and 130 / 143. Nothing is half-written in either case
+    (outputs are published by utils/records.write_folder_atomic). Anything else is a bug: its traceback stays."""
+    try:
+        with sigterm_as_interrupt():
+            return work()
+    except user_errors as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"{prog}: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}; "
+              f"nothing was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as error:
+        print(f"{prog}: interrupted ({error or 'Ctrl-C'}); nothing was written to {output}", file=sys.stderr)
+        return interrupted_status(error)
+
+
 def config_path_from_argv(argv) -> str | None:
     """The value of ``--config`` in ``argv`` (sys.argv[1:] when None), read before parsing: some parsers'
     defaults come from that file."""
