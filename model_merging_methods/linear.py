@@ -29,13 +29,17 @@ def average_merging(base: StateDict | None, models: list[StateDict], options: Me
 def task_arithmetic(base: StateDict, deltas: list[StateDict], options: MergeOptions,
                     statistics=None) -> StateDict:
     """θ* = θ_pre + λ Σ_k w_k δ_k, δ_k = θ_k − θ_pre  (w_k = 1 by default; λ = scaling_coefficient)."""
-    weights = options.model_weights(len(deltas), 1.0)
+    return add_weighted_deltas(base, deltas, options.model_weights(len(deltas), 1.0), options.scaling_coefficient)
+
+
+def add_weighted_deltas(base: StateDict, deltas: list[StateDict], weights: list[float], scaling: float) -> StateDict:
+    """θ_pre + λ Σ_k w_k δ_k per tensor, accumulated in place in the first model's delta (model order)."""
     merged = {}
     for name, pre in base.items():
         acc = deltas[0][name].mul_(weights[0]) if weights[0] != 1.0 else deltas[0][name]
         for delta, weight in zip(deltas[1:], weights[1:]):
             acc.add_(delta[name], alpha=weight)
-        merged[name] = acc.mul_(options.scaling_coefficient).add_(pre)
+        merged[name] = acc.mul_(scaling).add_(pre)
     return merged
 
 

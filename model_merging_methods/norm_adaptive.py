@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from .linear import add_weighted_deltas
 from .options import NORM_MODES, MergeError, MergeOptions, StateDict
 from .validation import is_excluded
 
@@ -69,13 +70,7 @@ def norm_adaptive_merging(base: StateDict, deltas: list[StateDict], options: Mer
     if len(options.norms) != len(deltas):
         raise MergeError(f"norm_adaptive: got {len(options.norms)} norms for {len(deltas)} models")
     weights = norm_adaptive_weights(options.norms, options.norm_mode, options.norm_alpha, options.norm_beta)
-    merged = {}
-    for name, pre in base.items():
-        acc = deltas[0][name].mul_(weights[0])
-        for delta, weight in zip(deltas[1:], weights[1:]):
-            acc.add_(delta[name], alpha=weight)
-        merged[name] = acc.mul_(options.scaling_coefficient).add_(pre)
-    return merged
+    return add_weighted_deltas(base, deltas, weights, options.scaling_coefficient)
 
 
 def squared_norm(finetuned: torch.Tensor, base: torch.Tensor) -> float:
