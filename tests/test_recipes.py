@@ -347,6 +347,7 @@ SPARSIFYING = {
     "breadcrumbs": "merge_method: breadcrumbs\nparameters: {gamma: 0.2, rescale: true}\n",
     "dare_ties": "merge_method: dare_ties\n",                                # L1 rescale (the default)
     "dare_linear": "merge_method: dare_linear\nparameters: {rescale: false}\n",  # draws only: elementwise
+    "ties-union": "merge_method: ties\ntokenizer_source: union\n",   # embeddings permuted once, then streamed
 }
 
 
@@ -355,6 +356,8 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     """ties / breadcrumbs* / dare_* stream large tensors in pieces with whole-tensor statistics (rank cuts
     with ties in flat order, L1 rescale factors): bit-identical to merging whole tensors, and the pieces
     really were used (the run reads pieces and the statistics passes ran)."""
+    import threading
+
     import utils.recipes.run as recipe_run
     import utils.recipes.statistics as statistics
 
@@ -364,9 +367,12 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
                for label, text in SPARSIFYING.items()}
     for label, recipe in recipes.items():
         assert run(["--config", recipe, "--output_dir", f"whole-{label}"])[0] == 0
-    prepared = []
+    prepared, permuted_in = [], []
     original = statistics.prepare
     monkeypatch.setattr(recipe_run, "prepare", lambda *a, **k: prepared.append(a[0].name) or original(*a, **k))
+    permute = recipe_run.permute_rows
+    monkeypatch.setattr(recipe_run, "permute_rows",
+                        lambda *a: permuted_in.append(threading.current_thread().name) or permute(*a))
     monkeypatch.setattr(recipe_run, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
     for label, recipe in recipes.items():
         assert run(["--config", recipe, "--output_dir", f"pieces-{label}", "--threads", "3"])[0] == 0
@@ -375,6 +381,9 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
         assert [n for n in whole if not torch.equal(whole[n], pieces[n])] == [], label
     # every method but dare_linear without rescale (its draws depend on position only) needed statistics
     assert set(prepared) == {"ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties"}
+    # the union's embedding and lm_head were permuted once each, up front, and then streamed
+    assert permuted_in == [threading.main_thread().name] * 2
+
 
 
 def test_magnitude_cut_keeps_ties_in_flat_order_and_argsort_is_mergekits_cpu_order():

@@ -177,7 +177,7 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in inputs.items()}, configs)
     plan = plan_recipe(recipe, inputs, vocabulary.rows if vocabulary else None)
     warn(plan.warnings)
-    template = _chat_template(recipe, vocabulary, inputs, plan)
+    template = _chat_template(recipe, inputs)
     config = output_config(recipe, plan, inputs, vocabulary.rows if vocabulary else None)
     manifest: dict = {}
 
@@ -222,7 +222,11 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
         from tqdm import tqdm
         progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
 
+    permuted: dict[str, dict[str, torch.Tensor]] = {}   # streamed vocabulary groups: rows in the output order
+
     def load(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        if group.name in permuted:
+            return {ref: t.reshape(-1)[slice(*piece) if piece else slice(None)] for ref, t in permuted[group.name].items()}
         span = piece or (None, None)
         tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
         # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
@@ -239,7 +243,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
               prepared: Optional[Prepared] = None) -> torch.Tensor:
         try:
             tensors = load(group, piece)
-            if group.vocab and vocabulary is not None:
+            if group.vocab and vocabulary is not None and group.name not in permuted:
                 tensors = permute_rows(vocabulary, tensors, group.base, group.name)
             fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
@@ -258,8 +262,12 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
         and the piece mode (RecipeMethod.piece_mode)."""
         numel = group.numel
         mode = "elementwise" if group.passthrough else method.piece_mode(group.params, group.per_input, job.tie_order)
-        if (group.vocab and vocabulary is not None) or numel <= PIECE or mode == "whole":
+        if numel <= PIECE or mode == "whole":
             return [None], "whole"
+        if group.vocab and vocabulary is not None:
+            # an input's rows move to the output vocabulary's order: permute each input once, here, and
+            # stream pieces of the permuted tensors (no whole-tensor temporaries of the merge)
+            permuted[group.name] = permute_rows(vocabulary, load(group, None), group.base, group.name)
         return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)], mode
 
     pending: deque[tuple[PlannedGroup, bool, bool, Future]] = deque()
@@ -267,8 +275,10 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     def write_oldest() -> None:
         group, part, last, future = pending.popleft()
         writer.write(group.name, future.result(), part=part)
-        if progress is not None and last:
-            progress.update()
+        if last:
+            permuted.pop(group.name, None)
+            if progress is not None:
+                progress.update()
 
     limit = 2 * max(1, job.threads)
     with ThreadPoolExecutor(max(1, job.threads)) as pool:
@@ -291,10 +301,10 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     return writer.finish()
 
 
-def _chat_template(recipe: Recipe, vocabulary: Optional[Vocabulary], inputs: dict[str, InputModel],
-                   plan: Plan) -> Optional[str]:
-    if recipe.chat_template is None:
-        return None
+def _chat_template(recipe: Recipe, inputs: dict[str, InputModel]) -> Optional[str]:
+    """The template `chat_template:` asks for; the inputs' tokenizers are loaded only to vote for `auto`."""
+    if recipe.chat_template != "auto":
+        return chat_template_text(recipe, [])
     from transformers import AutoTokenizer
 
     tokenizers = []
