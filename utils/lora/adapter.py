@@ -126,7 +126,8 @@ class LoraAdapter:
             raise AdapterError(f"{self.folder}: {found}")
         self.file = SafetensorsFile(weights)
         self.modules: dict[str, LoraModule] = {}   # module path → factors
-        self.full: dict[str, str] = {}             # base tensor name → adapter key replacing it
+        self.full: dict[str, str] = {}             # base tensor name → trained full copy replacing it
+        self.base_layers: dict[str, str] = {}      # base tensor name → PEFT's saved copy of the base weight
         self._index()
 
     def _read_config(self) -> dict:
@@ -178,8 +179,10 @@ class LoraAdapter:
                 factors.setdefault(match["module"], {})[match["part"]] = key
             elif ".original_module." in name:
                 continue
+            elif ".base_layer." in name:   # the base weight PEFT saved beside an embedding adapter
+                self.base_layers[name.replace(".base_layer.", ".")] = key
             else:
-                target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+                target = name.replace(".modules_to_save.", ".")
                 if target in self.full and self.file.tensors[key].shape != self.file.tensors[self.full[target]].shape:
                     raise AdapterError(f"{where}: keys {self.full[target]!r} and {key!r} both replace {target!r}")
                 self.full.setdefault(target, key)
@@ -203,7 +206,7 @@ class LoraAdapter:
             self.modules[module] = LoraModule(module, parts[a_part], parts[b_part], rank, alpha, scaling,
                                               transpose=embedding or fan_in_fan_out, embedding=embedding,
                                               bias_key=parts.get("lora_B.bias"))
-        if not self.modules and not self.full:
+        if not self.modules and not self.full and not self.base_layers:
             raise AdapterError(f"{where}: the adapter holds no tensors")
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,9 +70,9 @@ class AdaptedReader:
                 bias = self._target(module.module + ".bias", present, None, where, "lora_B.bias of")
                 self._check_shape(bias, base.info(bias)[1], adapter.shape(module.bias_key), where)
                 self.bias_deltas[bias] = module
-        for name, key in adapter.full.items():
+        for name, key in [*adapter.base_layers.items(), *adapter.full.items()]:
             if name == "lm_head.weight" and tied is not None and "lm_head.weight" not in present:
-                if not key.endswith("base_layer.weight"):
+                if name in adapter.full:
                     raise AdapterError(f"{where}: it replaces lm_head.weight (modules_to_save), but {base_source} "
                                        f"ties lm_head to {tied}; a separate head cannot be folded into one tensor")
             target = self._target(name, present, tied, where, "tensor")
