@@ -2,8 +2,8 @@
 
 Every name means one thing in every interface (merge_models.py flags, recipes, the library):
 - mergekit's names (`linear`, `ties`, `dare_ties`, `dare_linear`, `slerp`, `breadcrumbs`, `breadcrumbs_ties`,
-  `della`, `della_linear`, `model_stock`, `nearswap`, `passthrough`) carry mergekit 0.1.5's semantics and
-  defaults (recipe_methods.py: computed in the load dtype, mergekit's parameters);
+  `della`, `della_linear`, `model_stock`, `nearswap`, `passthrough`, `nuslerp`, `multislerp`, `karcher`, `sce`,
+  `arcee_fusion`, `ram`, `ramplus_tl`) carry mergekit 0.1.5's semantics and defaults (recipe_methods.py: computed in the load dtype, mergekit's parameters);
 - the paper's names (`average_merging`, `task_arithmetic`, `ties_merging`, `fisher_merging`,
   `regmean_merging`, `dare`) carry MergeLM's semantics (float32 arithmetic, the paper's DARE before any
   of them); `norm_adaptive` is the task-vector toolkits' adaptive merge, computed the same way.
@@ -81,8 +81,9 @@ class MergeMethod:
     accumulate_fp32: bool = False        # linear/slerp: float32 accumulator, result in the input dtype
     randomized: bool = False             # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"        # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
-    streaming: str = "whole"             # "elementwise" | "whole" | "gta" | "slerp" (see piece_mode)
+    streaming: str = "whole"             # "elementwise" | "whole" | "gta" | "slerp" | "ramplus" (see piece_mode)
     sparsification: str | None = None    # GTA methods: None | "magnitude" | "outliers" | "random" | "della"
+    float32_result: bool = False         # mergekit returns float32 for narrower compute (saved so unless out_dtype)
     # kind "state_dict" (the paper's methods)
     statistics: str | None = None        # "fisher" | "gram": per-model statistics the method needs
     streamable: bool = True              # can run one tensor at a time
@@ -135,8 +136,8 @@ class MergeMethod:
         "statistics" (flat pieces, once whole-tensor statistics are known: each input's RankCut rule for
         magnitude / outlier cuts with tie_order "index" and L1 rescale factor; slerp's norms and dot
         product), or "whole"."""
-        if self.streaming == "slerp":
-            return "statistics"                      # the whole tensor's norms and dot product
+        if self.streaming in ("slerp", "ramplus"):
+            return "statistics"                      # slerp's norms and dot product; ramplus_tl's counts
         if self.streaming != "gta":
             return self.streaming
         if all(values.get("density", 1.0) >= 1 for values in per_input.values()):
@@ -253,6 +254,35 @@ _METHODS = [
     MergeMethod("passthrough", "recipe_methods:passthrough", "copies its single input (layer stacking)",
                 pretty_name="Passthrough", semantics=_MK, kind="group", base="ignored", max_models=1,
                 parameters=(P("scale", float, "input", None),), streaming="elementwise"),
+]
+_SCE = ("Wan et al. 2024, FuseChat: SCE merging (arXiv 2408.07990)", "https://arxiv.org/abs/2408.07990")
+_RAM = ("Reinforced Agent Merging (arXiv 2601.13572)", "https://arxiv.org/abs/2601.13572")
+_METHODS += [
+    # mergekit 0.1.5's remaining methods (mergekit_spherical.py, mergekit_consensus.py)
+    MergeMethod("nuslerp", "mergekit_spherical:nuslerp", "mergekit's NuSLERP (slerp of two models or task vectors, "
+                "optionally per row)", "https://github.com/arcee-ai/mergekit", pretty_name="NuSLERP", semantics=_MK,
+                kind="group", base="optional", min_models=2, max_models=2,
+                parameters=(P("weight", float, "non_base"), P("nuslerp_row_wise", bool, default=False),
+                            P("nuslerp_flatten", bool, default=True)), missing_tensor="passthrough_singleton"),
+    MergeMethod("multislerp", "mergekit_spherical:multislerp", "Goddard 2025, Multi-SLERP (barycentric "
+                "interpolation on the hypersphere)", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+                pretty_name="Multi-SLERP", semantics=_MK, kind="group", base="optional",
+                parameters=(P("weight", float, "non_base"), P("normalize_weights", bool, default=True),
+                            P("eps", float, default=1e-8))),
+    MergeMethod("karcher", "mergekit_spherical:karcher", "Karcher mean on the hypersphere (arXiv 2603.04972)",
+                "https://arxiv.org/abs/2603.04972", pretty_name="Karcher Mean", semantics=_MK, kind="group",
+                base="ignored", parameters=(P("max_iter", int, default=10), P("tol", float, default=1e-5))),
+    MergeMethod("sce", "mergekit_consensus:sce", *_SCE, pretty_name="SCE", semantics=_MK, kind="group",
+                parameters=(P("int8_mask", bool, default=False), P("select_topk", float, default=1.0))),
+    MergeMethod("arcee_fusion", "mergekit_consensus:arcee_fusion", "Arcee Fusion (mergekit; dynamic-threshold "
+                "importance selection)", "https://arcee.ai", pretty_name="Arcee Fusion", semantics=_MK, kind="group",
+                max_models=1, missing_tensor="passthrough_singleton", float32_result=True),
+    MergeMethod("ram", "mergekit_consensus:ram", *_RAM, pretty_name="Reinforced Agent Merging", semantics=_MK,
+                kind="group", parameters=(P("epsilon", float, default=1e-5),), streaming="elementwise"),
+    MergeMethod("ramplus_tl", "mergekit_consensus:ramplus_tl", *_RAM,
+                pretty_name="Reinforced Agent Merging Plus (Tensor-Local)", semantics=_MK, kind="group",
+                parameters=(P("r", float, default=0.1), P("alpha", float, default=0.2), P("epsilon", float, default=1e-5)),
+                float32_result=True, streaming="ramplus"),
 ]
 REGISTRY: dict[str, MergeMethod] = {method.name: method for method in _METHODS}
 

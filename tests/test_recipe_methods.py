@@ -106,9 +106,10 @@ def test_mergekit_names_carry_mergekit_defaults():
     assert get_method("ties").name == "ties"                      # merge_models.py --method ties: mergekit's too
     assert set(REGISTRY) >= {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
                              "passthrough", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                             "model_stock", "nearswap"}
-    with pytest.raises(MergeError, match="unknown merge method 'karcher'"):
-        get_method("karcher")
+                             "model_stock", "nearswap", "nuslerp", "multislerp", "karcher", "sce",
+                             "arcee_fusion", "ram", "ramplus_tl"}
+    with pytest.raises(MergeError, match="unknown merge method 'frankenmerge'"):
+        get_method("frankenmerge")
 
 
 def test_ties_method_through_the_registry_reads_per_input_parameters():

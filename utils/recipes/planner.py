@@ -234,6 +234,8 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
             promoted = torch.promote_types(promoted, d)
         compute_dtype = compute or promoted
         dtype = out_dtype or compute_dtype
+        if method.float32_result and not passthrough and out_dtype is None:   # mergekit saves its float32 result
+            dtype = torch.promote_types(compute_dtype, torch.float32)
     else:
         compute_dtype = dtype = dtypes[0]
     params, per_input = {}, {}
