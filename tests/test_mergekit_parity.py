@@ -321,9 +321,9 @@ def test_ram_and_ramplus_tl_stream_in_pieces_with_the_same_bits(cwd, monkeypatch
     ("nuslerp", [("models/chat", "weight: 1.0")], "models/base",
      "merge_method nuslerp takes exactly 2 input models besides the base_model; got 1"),
     ("nuslerp", [("models/chat", "weight: 1.0"), ("models/code", "weight: 1.0"), ("models/chatml", "weight: 1.0")],
-     None, "merge_method nuslerp takes exactly 2 input models besides the base_model; got 3"),
+     None, "merge_method nuslerp takes exactly 2 input models; got 3"),
     ("arcee_fusion", [("models/chat", ""), ("models/code", "")], "models/base",
-     "merge_method arcee_fusion takes exactly 2 input models"),
+     "merge_method arcee_fusion takes exactly 1 input models besides the base_model; got 2"),
     ("sce", [("models/chat", "")], None, "merge_method sce needs a base_model"),
     ("multislerp", [("models/chat", "")], None, "missing required parameter 'weight'"),
 ])
