@@ -43,18 +43,25 @@ def family(name: str) -> str:
     return _INDEX.sub(".N", name)
 
 
-def account(inputs: Mapping[str, Iterable[str]], outputs: Mapping[str, Mapping[str, str]],
-            rules: Sequence[DropRule] = (), hint: str = "merge models that have the same tensors") -> dict:
+def account(inputs: Mapping[str, Iterable[str]], outputs: Mapping[str, Mapping[str, str | Sequence[str]]],
+            rules: Sequence[DropRule] = (), hint: str = "merge models that have the same tensors",
+            moved: Iterable[str] = ()) -> dict:
     """The fate of every input tensor; raises UnaccountedTensors for tensors that have none.
 
     `inputs`: input label → its tensor names; `outputs`: output tensor name → {input label: the input's
-    tensor name it is made from} ({} for a tensor made from nothing, e.g. a fresh router); `rules`: the
+    tensor name it is made from, or a tuple of names} ({} for a tensor made from nothing, e.g. a fresh
+    router); `moved`: outputs that only stack their sources (a fused expert tensor: renumbered, not merged,
+    whatever their number); `rules`: the
     user's rules that drop tensors; `hint`: what the refusal suggests. Returns {"counts": {fate: n}, "per_input": {label: {fate: n}},
     "dropped_by": {rule: n}} (JSON-ready, for the manifest)."""
     feeds: dict[tuple[str, str], str] = {}
+    moved = set(moved)
     for output, sources in outputs.items():
-        for label, name in sources.items():
-            fate = "merged" if len(sources) > 1 else "copied" if name == output else "renumbered"
+        pairs = [(label, name) for label, names in sources.items()
+                 for name in ((names,) if isinstance(names, str) else names)]
+        for label, name in pairs:
+            fate = ("renumbered" if output in moved else "merged" if len(pairs) > 1
+                    else "copied" if name == output else "renumbered")
             previous = feeds.get((label, name))
             if previous is None or FATES.index(fate) < FATES.index(previous):
                 feeds[(label, name)] = fate

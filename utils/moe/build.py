@@ -75,13 +75,16 @@ class Model:
 class Plan:
     tensors: list[PlannedTensor] = field(default_factory=list)
     producers: list[Callable[[], torch.Tensor]] = field(default_factory=list)
-    sources: dict[str, dict[str, str]] = field(default_factory=dict)   # output → {input role: its tensor}
+    sources: dict[str, dict] = field(default_factory=dict)   # output → {input role: its tensor(s)}
+    moved: set[str] = field(default_factory=set)              # outputs stacking their sources (fused experts)
 
     def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], produce: Callable[[], torch.Tensor],
-            sources: dict[str, str] | None = None):
+            sources: dict | None = None, moved: bool = False):
         self.tensors.append(PlannedTensor(name, dtype, tuple(shape)))
         self.producers.append(produce)
         self.sources[name] = sources or {}
+        if moved:
+            self.moved.add(name)
 
 
 def run_moe_build(job: MoEJob) -> dict:
@@ -320,6 +323,15 @@ def _plan(job: MoEJob, layout: Layout, base: Model, experts: list[Model], shared
     def from_expert(model: Model, expert: ExpertConfig, index: int, source: str, target: str, residual: bool):
         return lambda: expert_tensor(model.reader.get(source), expert, residual, job.seed, index, target, out_dtype)
 
+    def fused_experts(prefix: str, parts: tuple[str, ...]) -> torch.Tensor:
+        # expert e's slice: its projections concatenated along rows (gate then up), as transformers 5 fuses them;
+        # noise is drawn per expert under the per-expert name (mergekit-moe's name before the conversion)
+        return torch.stack([torch.cat([from_expert(model, expert, index, f"{prefix}mlp.{part}.weight",
+                                                   layout.expert_name(prefix, index, part), part == "down_proj")()
+                                       for part in parts]) for index, (model, expert) in
+                            enumerate(zip(experts, config.experts))])
+
+    fused_added: set[str] = set()
     names = set(base.reader.names())
     for name in base.reader.names():
         dtype, shape = base.reader.info(name)
@@ -343,10 +355,21 @@ def _plan(job: MoEJob, layout: Layout, base: Model, experts: list[Model], shared
                 plan.add(layout.shared_router_name(layer), out_dtype, tuple(shared_gates[layer].shape),
                          lambda gate=shared_gates[layer]: gate.to(out_dtype))
         residual = projection == "down_proj"
-        for index, (model, expert) in enumerate(zip(experts, config.experts)):
-            target = layout.expert_name(prefix, index, projection)
-            plan.add(target, out_dtype, shape, from_expert(model, expert, index, name, target, residual),
-                     {model.role: name})
+        if layout.fused:
+            fused = layout.fused_name(prefix, projection)
+            if fused not in fused_added:
+                fused_added.add(fused)
+                parts = ("down_proj",) if residual else ("gate_proj", "up_proj")
+                rows = sum(base.reader.info(f"{prefix}mlp.{part}.weight")[1][0] for part in parts)
+                plan.add(fused, out_dtype, (len(experts), rows, shape[1]),
+                         lambda prefix=prefix, parts=parts: fused_experts(prefix, parts),
+                         {model.role: tuple(f"{prefix}mlp.{part}.weight" for part in parts) for model in experts},
+                         moved=True)
+        else:
+            for index, (model, expert) in enumerate(zip(experts, config.experts)):
+                target = layout.expert_name(prefix, index, projection)
+                plan.add(target, out_dtype, shape, from_expert(model, expert, index, name, target, residual),
+                         {model.role: name})
         for offset, (model, expert) in enumerate(zip(shared, config.shared_experts or [])):
             target = layout.shared_name(prefix, projection)
             plan.add(target, out_dtype, shape,
@@ -366,7 +389,8 @@ def _fates(plan: Plan, base: Model, experts: list[Model]) -> dict:
              DropRule("merge_moe: the experts' MLPs replace the base's dense MLP",
                       lambda role, name: role == base.role and bool(MLP_TENSOR.match(name)))]
     try:
-        return account(names, plan.sources, rules, hint="a base whose tensors the MoE layout has a place for")
+        return account(names, plan.sources, rules, hint="a base whose tensors the MoE layout has a place for",
+                       moved=plan.moved)
     except UnaccountedTensors as error:
         raise MoEError(str(error)) from None
 
