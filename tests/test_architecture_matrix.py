@@ -229,9 +229,16 @@ def test_moe_build(key, families, tmp_path, capsys):
     for index, source in enumerate(("ft0", "ft1")):
         dense = weights(folders[source])
         for layer in range(2):
-            for projection in ("gate_proj", "up_proj", "down_proj"):
-                name = layout.expert_name(f"model.layers.{layer}.", index, projection)
-                assert torch.equal(merged[name], dense[f"model.layers.{layer}.mlp.{projection}.weight"]), name
+            prefix = f"model.layers.{layer}."
+            mlp = {p: dense[f"{prefix}mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
+            if layout.fused:   # transformers 5's layout: (E, 2I, d) gate then up, and (E, d, I)
+                assert torch.equal(merged[layout.fused_name(prefix, "gate_proj")][index],
+                                   torch.cat([mlp["gate_proj"], mlp["up_proj"]]))
+                assert torch.equal(merged[layout.fused_name(prefix, "down_proj")][index], mlp["down_proj"])
+                continue
+            for projection, tensor in mlp.items():
+                name = layout.expert_name(prefix, index, projection)
+                assert torch.equal(merged[name], tensor), name
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     load_and_run(architecture, out, layout.model_class)
 
