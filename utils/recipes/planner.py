@@ -20,7 +20,7 @@ from model_merging_methods.registry import MergeMethod, get_method
 
 from utils.engine.plan import PlannedGroup
 
-from .architecture import Layout
+from .architecture import Layout, output_layers
 from .parameters import resolve
 from .schema import Recipe, RecipeError, SliceSource
 
@@ -199,10 +199,13 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
         odd = next((r for r, s in shapes.items() if tuple(s[1:]) != shape[1:]), None)
     else:
         odd = next((r for r, s in shapes.items() if s != shapes[first_ref]), None)
+    if odd is not None and vocab and vocab_rows is None:
+        raise RecipeError(f"vocabulary sizes differ: tensor {name!r} has {shapes[first_ref][0]} rows in {first_ref} "
+                          f"but {shapes[odd][0]} in {odd}; set tokenizer_source (union, base or a model's name) or "
+                          f"tokenizer in the recipe to build one vocabulary")
     if odd is not None:
-        hint = " (a vocabulary mismatch: set tokenizer_source or tokenizer)" if vocab else ""
         raise RecipeError(f"shape mismatch for tensor {name!r}: {tuple(shapes[first_ref])} in {first_ref} vs "
-                          f"{tuple(shapes[odd])} in {odd}{hint}")
+                          f"{tuple(shapes[odd])} in {odd}")
     dtypes = [dtype for dtype, _ in infos.values()]
     floating = all(d.is_floating_point for d in dtypes)
     if floating:
@@ -279,18 +282,13 @@ def warn(messages: list[str]) -> None:
 
 
 def output_config(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocab_size: Optional[int]) -> dict:
-    """The donor's config with the output's layer count, vocabulary size and dtype."""
-    layout = inputs[plan.donor].layout
-    config = dict(layout.config)
-    config[layout.layer_key] = plan.num_layers
+    """The donor's config with the output's layers (architecture.output_layers), vocabulary size and dtype."""
+    config = output_layers(recipe, inputs, plan.donor, inputs[plan.donor].layout.config)
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
-    for key in ("layer_types",):   # per-layer lists (e.g. Qwen3's attention kinds) follow the new depth
-        if isinstance(config.get(key), list) and len(config[key]) != plan.num_layers:
-            config.pop(key)
     return config
 
