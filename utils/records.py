@@ -178,8 +178,8 @@ def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool = T
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     existed = target.exists()
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        staging.mkdir()      # inside the try: a SIGTERM right after it still removes the folder
         write(staging)
         try:
             return publish_folder(staging, target, overwrite=overwrite)
