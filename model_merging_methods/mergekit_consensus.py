@@ -77,8 +77,8 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
     task vectors; the cross-model sums run one model at a time (same bits as mergekit's sums over the stack)."""
     if not others:
         return base
-    mask_dtype = torch.int8 if int8_mask else base.dtype
     if select_topk < 1:               # the selection needs every model's δ at once (variance across models)
+        mask_dtype = torch.int8 if int8_mask else base.dtype
         stacked = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
         for row, x in zip(stacked, others):
             torch.sub(x, base, out=row)
@@ -88,13 +88,15 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
         delta = lambda i: others[i] - base  # noqa: E731
     count = len(others)
     weights = sce_weights_of(delta(i) for i in range(count))
-    majority = (_sum_lazily((delta(i) for i in range(count)), base) >= 0).to(mask_dtype) * 2 - 1
-    # w_i·e_i is exactly w_i where model i agrees with the elected sign, else 0
-    erased = lambda i, d: torch.where(d.sign().to(mask_dtype) == majority, weights[i], 0)  # noqa: E731
+    positive = _sum_lazily((delta(i) for i in range(count)), base) >= 0     # the elected sign is + (else −)
+    # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here)
+    # sign δ_i = s exactly when δ_i > 0 (s = +) or δ_i < 0 (s = −); 0 and NaN never agree.
+    # w_i·e_i is exactly w_i where model i agrees, else 0
+    erased = lambda i, d: torch.where(torch.where(positive, d > 0, d < 0), weights[i], 0)  # noqa: E731
 
     def term(i: int) -> torch.Tensor:
         d = delta(i)
-        return d * erased(i, d)
+        return d.mul_(erased(i, d)) if select_topk >= 1 else d * erased(i, d)
 
     merged = _sum_lazily((term(i) for i in range(count)), base)
     divisor = _sum_lazily((erased(i, delta(i)) for i in range(count)), base).clamp_(min=1e-6)
