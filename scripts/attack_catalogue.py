@@ -89,10 +89,24 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def lora_adapter(base: Path, folder: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(folder)
+    return folder
+
+
 def build_models(root: Path) -> None:
     base = tiny_llama(root / "models" / "base", 0)
     tiny_llama(root / "models" / "ft0", 1, base)
     tiny_llama(root / "models" / "ft1", 2, base)
+    lora_adapter(base, root / "models" / "lora0", 3)
+    lora_adapter(base, root / "models" / "lora1", 4)
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -253,6 +267,18 @@ def cases() -> list[Case]:
         Case("analyze: a model that does not exist", "analyze_task_vectors.py", lambda w: ["--base_model", M(w, "base"), "--models", str(w / "nope"), "--output_dir", str(w / "out")], check=no_output()),
         Case("analyze: quantile 2", "analyze_task_vectors.py", analyze("--output_dir", "{w}/out", "--quantiles", "2"), check=no_output()),
         Case("analyze: --top_k -1", "analyze_task_vectors.py", analyze("--output_dir", "{w}/out", "--top_k", "-1"), check=no_output()),
+        # merge_lora.py
+        Case("lora: output is an adapter (--overwrite)", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--output_dir", M(w, "lora0"), "--overwrite"], says="overlaps"),
+        Case("lora: output contains the adapters (--overwrite)", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--output_dir", str(w / "models"), "--overwrite"], says="overlaps"),
+        Case("lora: a file at --output_dir (--overwrite)", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--output_dir", str(w / "notes"), "--overwrite"], says="is a file", setup=file_at("notes"), check=file_kept("notes")),
+        Case("lora: weights of another count", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--weights", "1", "--output_dir", str(w / "out")], check=no_output()),
+        Case("lora: weight nan", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--weights", "nan", "1", "--output_dir", str(w / "out")], check=no_output()),
+        Case("lora: density 2", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--combination", "ties", "--density", "2", "--output_dir", str(w / "out")], check=no_output()),
+        Case("lora: an adapter that does not exist", "merge_lora.py", lambda w: ["--adapters", str(w / "nope"), "--output_dir", str(w / "out")], check=no_output()),
+        # search_merge.py, evaluate_lm_eval.py
+        Case("search: a template that does not exist", "search_merge.py", lambda w: ["--template", str(w / "nope.yml"), "--output_dir", str(w / "search"), "--fitness", "MRPC=1"]),
+        Case("search: --output_dir is a file", "search_merge.py", lambda w: ["--template", str(w / "t.yml"), "--output_dir", str(w / "notes"), "--fitness", "MRPC=1"], setup=lambda w: (file_at("notes")(w), (w / "t.yml").write_text("merge_method: linear\nmodels: [{model: a}]\n")), check=file_kept("notes")),
+        Case("lm_eval: a model that does not exist", "evaluate_lm_eval.py", lambda w: ["--model", str(w / "nope"), "--tasks", "gsm8k", "--save_dir", str(w / "lm")]),
         # GLUE scripts
         Case("glue train: unknown task", "train_plms_glue.py", lambda w: ["--dataset_name", "nope", "--save_dir", str(w / "glue")], check=no_output("glue")),
         Case("glue train: a config that is not YAML", "train_plms_glue.py", lambda w: ["--config", str(w / "bad.yml"), "--dataset_name", "mrpc"], setup=lambda w: (w / "bad.yml").write_text("a: [1,\n")),
@@ -375,7 +401,10 @@ def main(argv=None) -> int:
             case.setup(work)
             code, err, escaped = _run(case, work)
             expected = case.expect if isinstance(case.expect, tuple) else (case.expect,)
-            lines = [line for line in err.splitlines() if line.strip() and "warning" not in line.lower()]
+            lines = [line for line in err.splitlines() if line.strip() and "warning" not in line.lower()
+                     and " - INFO - " not in line]   # the LLM scripts log their configuration first
+            if lines and lines[0].startswith("usage:"):   # argparse: its usage block, then one error line
+                lines = [line for line in lines if ": error:" in line] or lines
             if escaped:
                 problem = "traceback: " + escaped.strip().splitlines()[-1][:200]
             elif code not in expected:

@@ -250,3 +250,24 @@ def test_error_messages_are_capped(recipe_workspace, tmp_path, monkeypatch, caps
               "value: [" + ", ".join(levels) + "]}]\n  - model: models/code\n")
     code, err = _recipe_run(recipe_workspace, tmp_path, monkeypatch, capsys, laughs)
     assert code == 2 and len(err) < 5000 and err.count("\n") == 1 and "characters cut" in err, len(err)
+
+
+# --- found by scripts/attack_catalogue.py -------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["tasks: [1,\n", "- just\n- a list\n"])
+def test_a_glue_config_that_is_not_a_yaml_mapping_is_one_line(tmp_path, capsys, text):
+    import train_plms_glue
+
+    (tmp_path / "bad.yml").write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        train_plms_glue.main(["--config", str(tmp_path / "bad.yml"), "--dataset_name", "mrpc"])
+    assert "GLUE config" in str(stop.value.code) and str(tmp_path / "bad.yml") in str(stop.value.code)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_lora_weights_must_be_finite(tmp_path, capsys, value):
+    import merge_lora
+
+    with pytest.raises(SystemExit) as stop:
+        merge_lora.main(["--adapters", "a", "b", "--weights", value, "1", "--output_dir", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "must be finite" in capsys.readouterr().err

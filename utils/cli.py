@@ -139,8 +139,20 @@ def positive_float(value: str) -> float:
     import math
 
     number = float(value)
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
+    return number
+
+
+def finite_float(value: str) -> float:
+    """argparse type of a weight or coefficient: any finite number (nan and inf refused)."""
+    import math
+
+    number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
     return number
 
 
