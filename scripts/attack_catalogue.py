@@ -275,6 +275,10 @@ def cases() -> list[Case]:
         Case("lora: weight nan", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--weights", "nan", "1", "--output_dir", str(w / "out")], check=no_output()),
         Case("lora: density 2", "merge_lora.py", lambda w: ["--adapters", M(w, "lora0"), M(w, "lora1"), "--combination", "ties", "--density", "2", "--output_dir", str(w / "out")], check=no_output()),
         Case("lora: an adapter that does not exist", "merge_lora.py", lambda w: ["--adapters", str(w / "nope"), "--output_dir", str(w / "out")], check=no_output()),
+        # extract_lora.py
+        Case("extract: output is the model (--overwrite)", "extract_lora.py", lambda w: ["--base", M(w, "base"), "--model", M(w, "ft0"), "--output_dir", M(w, "ft0"), "--rank", "2", "--overwrite"], says="overlaps"),
+        Case("extract: output contains the inputs (--overwrite)", "extract_lora.py", lambda w: ["--base", M(w, "base"), "--model", M(w, "ft0"), "--output_dir", str(w / "models"), "--rank", "2", "--overwrite"], says="overlaps"),
+        Case("extract: a file at --output_dir (--overwrite)", "extract_lora.py", lambda w: ["--base", M(w, "base"), "--model", M(w, "ft0"), "--output_dir", str(w / "notes"), "--rank", "2", "--overwrite"], says="is a file", setup=file_at("notes"), check=file_kept("notes")),
         # search_merge.py, evaluate_lm_eval.py
         Case("search: a template that does not exist", "search_merge.py", lambda w: ["--template", str(w / "nope.yml"), "--output_dir", str(w / "search"), "--fitness", "MRPC=1"]),
         Case("search: --output_dir is a file", "search_merge.py", lambda w: ["--template", str(w / "t.yml"), "--output_dir", str(w / "notes"), "--fitness", "MRPC=1"], setup=lambda w: (file_at("notes")(w), (w / "t.yml").write_text("merge_method: linear\nmodels: [{model: a}]\n")), check=file_kept("notes")),
