@@ -144,3 +144,87 @@ def merge_tensor(method: str, deltas: Sequence, params: Mapping[str, Any], *, na
             alpha = lines.lines_default_alpha(len(deltas))
         return lines.lines_tensor(mtl, layer, num_layers, alpha, params["beta"])
     raise MergeError(f"unknown frontier method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry's "group" convention: one output tensor from a TensorGroupCall
+
+
+def compute_dtype(dtype) -> "torch.dtype":
+    """float64 inputs stay float64; everything else is merged in float32 (FusionBench's float32 models)."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_group(method: str, call) -> "torch.Tensor":
+    """θ* = θ_pre + τ* for one output tensor of a recipe / flag merge (recipe_methods.TensorGroupCall).
+
+    τ_t = w_t (θ_t − θ_pre), w_t the input's `weight` (default 1: the papers' unweighted merges; FusionBench's
+    per-model TSV-M α is this weight). Parameters are read from call.params (resolved by resolve_parameters
+    where they entered). Optional call attributes: `name` (error messages), `layer` / `num_layers` (LiNeS),
+    `device` (where WUDI optimises; default the tensors' device), `lines_alpha` (LiNeS's norm rule)."""
+    base = call.tensors[call.base]
+    dtype = compute_dtype(base.dtype)
+    base32 = base.to(dtype)
+    deltas = []
+    for key in call.non_base:
+        delta = call.tensors[key].to(dtype) - base32
+        weight = call.per_input.get(key, {}).get("weight", 1.0)
+        deltas.append(delta.mul_(weight) if weight != 1.0 else delta)
+    params = {p.name: call.params.get(p.name, p.default) for p in PARAMETERS[method]}
+    merged = merge_tensor(method, deltas, params, name=getattr(call, "name", ""), layer=getattr(call, "layer", None),
+                          num_layers=getattr(call, "num_layers", 1), device=getattr(call, "device", None) or base.device,
+                          lines_alpha=getattr(call, "lines_alpha", None))
+    return merged.add_(base32)
+
+
+def tsv_merging(call):
+    return merge_group("tsv_merging", call)
+
+
+def iso_c(call):
+    return merge_group("iso_c", call)
+
+
+def iso_cts(call):
+    return merge_group("iso_cts", call)
+
+
+def wudi_merging(call):
+    return merge_group("wudi_merging", call)
+
+
+def cart(call):
+    return merge_group("cart", call)
+
+
+def consensus_merging(call):
+    return merge_group("consensus_merging", call)
+
+
+def lines(call):
+    return merge_group("lines", call)
+
+
+def pcb_merging(call):
+    return merge_group("pcb_merging", call)
+
+
+PAPERS = {
+    "tsv_merging": ("Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (CVPR 2025, arXiv 2412.00081)",
+                    "https://arxiv.org/abs/2412.00081", "TSV-M"),
+    "iso_c": ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML 2025, arXiv 2502.04959)",
+              "https://arxiv.org/abs/2502.04959", "Iso-C"),
+    "iso_cts": ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML 2025, arXiv 2502.04959)",
+                "https://arxiv.org/abs/2502.04959", "Iso-CTS"),
+    "wudi_merging": ("Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task Vectors (ICML 2025, arXiv 2503.08099)",
+                     "https://arxiv.org/abs/2503.08099", "WUDI-merging"),
+    "cart": ("Choi et al. 2024, Revisiting Weight Averaging for Model Merging (arXiv 2412.12153)", "https://arxiv.org/abs/2412.12153", "CART"),
+    "consensus_merging": ("Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML 2024, arXiv 2405.07813)",
+                          "https://arxiv.org/abs/2405.07813", "Consensus (TALL masks)"),
+    "lines": ("Wang et al. 2025, LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging (ICLR 2025, arXiv 2410.17146)",
+              "https://arxiv.org/abs/2410.17146", "LiNeS"),
+    "pcb_merging": ("Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS 2024, arXiv 2410.02396)",
+                    "https://arxiv.org/abs/2410.02396", "PCB-merging"),
+}
