@@ -18,7 +18,7 @@ import sys
 # light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
 from model_merging_methods.registry import available_methods, get_method
 from utils.cli import HelpFormatter, drop_rate, positive_float, run_entry, warnings_to_stderr
-from utils.engine.choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
+from utils.engine.choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
 
 STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tensors matching any regex (re.match) are copied from the base unchanged")
     parser.add_argument("--vocab_alignment", choices=VOCAB_ALIGNMENTS, default="error",
                         help="pad_mean: the paper's pad-token rows set to the mean of old rows")
+    parser.add_argument("--merge_part", choices=MERGE_PARTS, default="all",
+                        help="multimodal models (flags and recipes): merge every tensor, or the language model only "
+                             "(vision tower, projector and other modules copied from the base)")
     parser.add_argument("--files_from", default=None,
                         help="model whose config/tokenizer/chat template are copied (default: the base, or the "
                              "model whose vocabulary the aligned output has)")
@@ -144,7 +147,8 @@ def job_from_args(args: argparse.Namespace):
                           overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
                           max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), progress=not args.no_progress,
-                          threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from)
+                          threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from,
+                          merge_part=args.merge_part)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +167,8 @@ def recipe_job_from_args(args: argparse.Namespace):
     return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
                      seed=args.seed, device=args.device, threads=args.threads,
                      max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
-                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order)
+                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order,
+                     merge_part=args.merge_part)
 
 
 def _merge(args: argparse.Namespace) -> int:

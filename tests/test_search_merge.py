@@ -92,12 +92,15 @@ models:
         Template.load(write(tmp_path / "bad3.yml", text.replace("model: x", "model: ${MISSING}")))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+EXTRA = {"breadcrumbs_ties": ", gamma: 0.05", "della": ", epsilon: 0.1"}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della"])
 def test_in_memory_merge_equals_merge_to_disk_and_its_evaluation(family, tmp_path, method):
     """The recipe merged into the resident classifiers' shared encoder equals the recipe merged to disk (every
     encoder tensor bit for bit), and GLUE validation of the resident model equals validation of that folder."""
     values = {"weight": [0.7, 1.2], "density": [0.5, 0.8]}
-    models = "\n".join(f"  - model: {family[t]}\n    parameters: {{weight: {w}, density: {d}}}"
+    models = "\n".join(f"  - model: {family[t]}\n    parameters: {{weight: {w}, density: {d}{EXTRA.get(method, '')}}}"
                        for t, w, d in zip(TASKS, values["weight"], values["density"]))
     text = f"merge_method: {method}\nbase_model: {family['base_cls']}\nmodels:\n  - model: {family['base_cls']}\n{models}\ndtype: float32\n"
     recipe_path = write(tmp_path / "recipe.yml", text)
@@ -124,6 +127,18 @@ def test_in_memory_merge_equals_merge_to_disk_and_its_evaluation(family, tmp_pat
     assert folder_eval.evaluate("validation") == in_memory
     again = merge_into(resident.target, recipe, models_, seed=3)
     assert again.disk_reads == 0          # every tensor stays resident after the first merge
+    assert all(torch.equal(resident.target.state_dict()[name], on_disk[name]) for name in encoder)   # kept draws / ranks
+    assert bool(models_._sorted) == (method in ("ties", "breadcrumbs_ties"))      # rank cuts read the kept sorted |δ|
+    assert bool(models_._slots) == (method in ("dare_ties", "della"))             # draws made once
+    if method == "ties":        # another density reuses the kept sorted |δ|: still the merge on disk
+        other = text.replace("density: 0.5", "density: 0.3").replace("density: 0.8", "density: 0.05")
+        write(recipe_path, other)
+        assert merge_models.main(["--config", str(recipe_path), "--output_dir", str(tmp_path / "out2"), "--no_progress",
+                                  "--seed", "3"]) == 0
+        merge_into(resident.target, parse_recipe(yaml.safe_load(other), "inline"), models_, seed=3)
+        second = load_file(tmp_path / "out2/model.safetensors")
+        assert all(torch.equal(resident.target.state_dict()[name], second[name]) for name in encoder)
+        assert not all(torch.equal(second[name], on_disk[name]) for name in encoder)
 
 
 def run_search(family, out: Path, budget: int, extra=(), template=None) -> int:

@@ -3,9 +3,9 @@
 Layer stacks are found, not listed: a stack is a name prefix followed by an integer segment
 (``model.layers.N``, ``encoder.layer.N``, ``transformer.h.N``, ``transformer.blocks.N``,
 ``encoder.block.N`` ...) whose indices are exactly 0..n−1 with n one of the config's layer counts
-(``num_hidden_layers``, ``n_layer``, ``num_layers``, ...; nested sub-configs included). Without a
-config, or when no prefix matches its counts, every prefix with contiguous indices 0..n−1, n ≥ 2, is a
-stack (and a warning says so). Tensors outside every stack belong to the group NO_LAYER.
+(``num_hidden_layers``, ``n_layer``, ``num_layers``, a vision tower's ``depth``, ...; nested sub-configs
+included). Without a config, or when no prefix matches its counts, every prefix with contiguous indices
+0..n−1, n ≥ 2, is a stack (and a warning says so). Tensors outside every stack belong to the group NO_LAYER.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 NO_LAYER = "no layer"
 KINDS = ("embedding", "attention", "mlp", "norm", "head", "other")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers",
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "depth",
                     "encoder_layers", "decoder_layers", "num_encoder_layers")
 INDEXED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?=\.|$)")
 

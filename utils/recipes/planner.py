@@ -18,7 +18,7 @@ import torch
 
 from model_merging_methods.recipe_registry import RecipeMethod, get_recipe_method
 
-from .architecture import Layout
+from .architecture import Layout, output_layers
 from .parameters import resolve
 from .schema import Recipe, RecipeError, SliceSource
 
@@ -103,13 +103,19 @@ def _check_method(method: RecipeMethod, piece: _Slice) -> Optional[str]:
     duplicate = next((m for m in models if models.count(m) > 1), None)
     if duplicate:
         raise RecipeError(f"{piece.path}: model {duplicate!r} is listed twice")
-    base = piece.base if method.base == "required" else None
-    if method.base == "required":
-        if base is None:
-            raise RecipeError(f"{piece.path}: merge_method {method.name} needs a base_model")
-        if base not in models:
-            raise RecipeError(f"{piece.path}: base_model {base!r} must be one of this slice's sources for "
-                              f"{method.name}")
+    base = piece.base if method.base in ("required", "optional") else None
+    if method.base == "required" and base is None:
+        raise RecipeError(f"{piece.path}: merge_method {method.name} needs a base_model")
+    if base is not None and base not in models:
+        raise RecipeError(f"{piece.path}: base_model {base!r} must be one of this slice's sources for "
+                          f"{method.name}")
+    others = len(models) - (base is not None)
+    if others < method.min_non_base or (method.max_non_base is not None and others > method.max_non_base):
+        need = (f"exactly {method.min_non_base}" if method.min_non_base == method.max_non_base else
+                f"at most {method.max_non_base}" if method.max_non_base is not None and others > method.max_non_base
+                else f"at least {method.min_non_base}")
+        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models besides the "
+                          f"base_model; got {others}: {', '.join(m for m in models if m != base)}")
     if len(models) < method.min_inputs or (method.max_inputs is not None and len(models) > method.max_inputs):
         need = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
                 f"at most {method.max_inputs}" if method.max_inputs is not None and len(models) > method.max_inputs
@@ -207,10 +213,13 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
         odd = next((r for r, s in shapes.items() if tuple(s[1:]) != shape[1:]), None)
     else:
         odd = next((r for r, s in shapes.items() if s != shapes[first_ref]), None)
+    if odd is not None and vocab and vocab_rows is None:
+        raise RecipeError(f"vocabulary sizes differ: tensor {name!r} has {shapes[first_ref][0]} rows in {first_ref} "
+                          f"but {shapes[odd][0]} in {odd}; set tokenizer_source (union, base or a model's name) or "
+                          f"tokenizer in the recipe to build one vocabulary")
     if odd is not None:
-        hint = " (a vocabulary mismatch: set tokenizer_source or tokenizer)" if vocab else ""
         raise RecipeError(f"shape mismatch for tensor {name!r}: {tuple(shapes[first_ref])} in {first_ref} vs "
-                          f"{tuple(shapes[odd])} in {odd}{hint}")
+                          f"{tuple(shapes[odd])} in {odd}")
     dtypes = [dtype for dtype, _ in infos.values()]
     floating = all(d.is_floating_point for d in dtypes)
     if floating:
@@ -219,6 +228,8 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
             promoted = torch.promote_types(promoted, d)
         compute_dtype = compute or promoted
         dtype = out_dtype or compute_dtype
+        if method.float32_result and not passthrough and out_dtype is None:   # mergekit saves its float32 result
+            dtype = torch.promote_types(compute_dtype, torch.float32)
     else:
         compute_dtype = dtype = dtypes[0]
     params, per_input = {}, {}
@@ -254,18 +265,13 @@ def warn(messages: list[str]) -> None:
 
 
 def output_config(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocab_size: Optional[int]) -> dict:
-    """The donor's config with the output's layer count, vocabulary size and dtype."""
-    layout = inputs[plan.donor].layout
-    config = dict(layout.config)
-    config[layout.layer_key] = plan.num_layers
+    """The donor's config with the output's layers (architecture.output_layers), vocabulary size and dtype."""
+    config = output_layers(recipe, inputs, plan.donor, inputs[plan.donor].layout.config)
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
-    for key in ("layer_types",):   # per-layer lists (e.g. Qwen3's attention kinds) follow the new depth
-        if isinstance(config.get(key), list) and len(config[key]) != plan.num_layers:
-            config.pop(key)
     return config
 

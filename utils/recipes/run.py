@@ -36,7 +36,7 @@ from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointRea
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.records import library_versions, overlapping_path, write_folder_atomic
 
-from .architecture import infer_layout
+from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
 from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
@@ -66,6 +66,7 @@ class RecipeJob:
     allow_pickle: bool = False
     progress: bool = True
     tie_order: str = "index"       # rank cuts' ties: "index" (flat order, streams) | "argsort" (mergekit on CPU)
+    merge_part: str = "all"        # "language": a multimodal model's other modules copied from the base
 
 
 def run_recipe_job(job: RecipeJob) -> list[dict]:
@@ -180,6 +181,8 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     configs = {ref: model.layout.config for ref, model in inputs.items()}
     vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in inputs.items()}, configs)
     plan = plan_recipe(recipe, inputs, vocabulary.rows if vocabulary else None)
+    copied = language_only(plan, inputs, recipe.base_model or plan.donor) if job.merge_part == "language" else []
+    fates = recipe_fates(recipe, plan, inputs, copied)
     warn(plan.warnings)
     template = _chat_template(recipe, inputs)
     config = output_config(recipe, plan, inputs, vocabulary.rows if vocabulary else None)
@@ -195,6 +198,7 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
                                                        {r: _revision(m.folder) for r, m in inputs.items()}))
         (staging / "mergekit_config.yml").write_text(text)
         manifest.update(_manifest(recipe, text, plan, inputs, vocabulary, files, job, version, time.time() - started))
+        manifest["tensor_fates"] = fates
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     tune_allocator()
