@@ -211,3 +211,16 @@ def test_group_calls_merge_in_float32_with_per_model_weights():
         params = resolve_parameters(method, {"iter_num": 1} if method == "wudi_merging" else {})
         result = getattr(frontier, method)(TensorGroupCall(tensors, "base", params=params))
         assert result.shape == base.shape and torch.isfinite(result).all(), method
+
+
+def test_pcb_float32_order_statistics_equal_kthvalue():
+    from model_merging_methods.pcb import _kth
+
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(3, 1000, generator=generator)
+    rows[1, :10] = 0.0
+    rows[2] = rows[2].abs()
+    for index in (0, 1, 137, 499, 500, 998, 999):
+        assert torch.equal(_kth(rows, index), torch.kthvalue(rows, index + 1, dim=1, keepdim=True).values), index
+    deltas = [torch.randn(30, 20, generator=generator) * 1e-2 for _ in range(3)]
+    assert torch.allclose(pcb_tensor(deltas, 0.2), _pcb_reference([d.double() for d in deltas], 0.2).float(), atol=1e-7)
