@@ -184,6 +184,10 @@ dtype: float32
     assert run_search(family, tmp_path / "grid", 3, ["--sampler", "grid"], template) == 0
     trials = [json.loads(line) for line in (tmp_path / "grid/history.jsonl").read_text().splitlines()][1:]
     assert [t["values"]["lambda"] for t in trials] == [0.0, 0.5, 1.0]
+    assert len({json.dumps(t["metrics"], sort_keys=True) for t in trials}) == 3     # λ changes the merged model
+    assert run_search(family, tmp_path / "grid2", 3, ["--sampler", "grid", "--workers", "2"], template) == 0
+    parallel = [json.loads(line) for line in (tmp_path / "grid2/history.jsonl").read_text().splitlines()][1:]
+    assert [t["metrics"] for t in parallel] == [t["metrics"] for t in trials]      # two worker processes, same trials
     assert run_search(family, tmp_path / "cma", 3, ["--compare", str(tmp_path / "grid")]) == 0
     table = (tmp_path / "cma/comparison.md").read_text()
     assert "| cma | cma | 3 |" in table and "| grid | grid | 3 |" in table
