@@ -39,7 +39,7 @@ MOE_REFUSED = Refusal("no mergekit-moe layout takes this model type (Mixtral, Qw
                       "from Llama, Mistral, Qwen2, Qwen3)", "no MoE layout is built from model_type")
 SLICES_TWO_STACKS = Refusal("an encoder-decoder has two layer stacks; slices cut one", "has two layer stacks")
 SLICES_PATTERN = Refusal("the config fixes which layers are Mamba / attention / MoE by period; these slices "
-                         "break that pattern", "break")
+                         "break that pattern", "pattern of layer kinds")
 
 
 def text(**changes) -> dict:

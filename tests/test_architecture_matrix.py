@@ -279,3 +279,22 @@ def test_readme_holds_the_matrix():
     readme = (ROOT / "README.md").read_text()
     assert render_matrix() in readme
     assert len(OPERATIONS) == 5 and len(ARCHITECTURES) >= 21
+
+
+def test_the_language_stack_wins_over_an_equally_deep_vision_tower(tmp_path):
+    """Slices count the language model's layers even when the vision tower has as many blocks (and more
+    tensors): the stack nearest the input embedding is the language model's; the tower is another module."""
+    from utils.recipes.architecture import infer_layout, other_module_prefixes
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "text_config": {
+        "num_hidden_layers": 2}, "vision_config": {"depth": 2}}))
+    names = ([f"visual.blocks.{i}.{part}" for i in range(2) for part in ("attn.qkv.weight", "attn.proj.weight",
+                                                                         "mlp.fc1.weight", "mlp.fc2.weight")]
+             + ["visual.patch_embed.proj.weight", "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+             + [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)])
+    layout = infer_layout(tmp_path, names, "model")
+    assert (layout.prefix, layout.layer_key, layout.num_layers) == ("model.layers", "text_config.num_hidden_layers", 2)
+    assert layout.language_root == "model" and layout.other_stacks == {"visual.blocks": 2}
+    assert sorted(layout.other_modules) == sorted(n for n in names if n.startswith("visual."))
+    assert set(layout.other_modules) <= set(layout.pre) and layout.input_embedding == "model.embed_tokens.weight"
+    assert other_module_prefixes(layout) == ["visual."]

@@ -309,15 +309,18 @@ def check_layer_kinds(config: dict, planned: list[frozenset], what: str) -> None
         best = max(set(expected), key=lambda k: similarity(have, k))
         if pairs.setdefault(have, want) != want or similarity(have, want) < similarity(have, best):
             raise RecipeError(
-                f"slices: output layer {index} would hold {_describe(have)} but the output config "
-                f"({(config.get('architectures') or ['?'])[0]}) makes it {_describe(want)}: these slices break "
+                f"slices: output layer {index} would hold {_describe(have - want, want)} where the output config "
+                f"({(config.get('architectures') or ['?'])[0]}) puts {_describe(want - have, have)}: these slices "
+                f"break "
                 f"{what}'s pattern of layer kinds, which its config cannot describe; choose layer ranges that "
                 f"keep the pattern")
 
 
-def _describe(kind: frozenset) -> str:
-    parts = sorted({p.split(".")[0] for p in kind})
-    return ", ".join(f"{p}.*" for p in parts)
+def _describe(kind: frozenset, other: frozenset) -> str:
+    """The module names of a layer kind: 'mamba.*' for a module the other kind lacks, else its parts."""
+    shared = {p.split(".")[0] for p in other}
+    parts = {p if p.split(".")[0] in shared else p.split(".")[0] + ".*" for p in kind}
+    return ", ".join(sorted(parts)) or "nothing else"
 
 
 def _meta_layer_kinds(config: dict, count: int, planned: set) -> list[frozenset] | None:

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from model_merging_methods.recipe_registry import RecipeMethod, get_recipe_method
+from model_merging_methods.options import DareOptions, MergeError, MethodParameter
+from model_merging_methods.registry import MergeMethod, get_method
 
 from .architecture import Layout, output_layers
 from .parameters import resolve
@@ -46,6 +47,12 @@ class PlannedGroup:
     compute_dtype: torch.dtype
     vocab: bool = False
     passthrough: bool = False                  # an optional tensor only one input has: copied
+    dare: Optional[Any] = None                 # the paper's DARE before the method (DareOptions), None: none
+
+    @property
+    def models(self) -> list[str]:
+        """The inputs other than the base, in recipe order (the paper's model order: DARE's draws use it)."""
+        return [ref for ref in self.sources if ref != self.base]
 
     @property
     def numel(self) -> int:
@@ -97,32 +104,32 @@ def _slices(recipe: Recipe, inputs: dict[str, InputModel]) -> list[_Slice]:
     return [_Slice("models", sources, recipe.base_model, None, next(iter(counts.values())))]
 
 
-def _check_method(method: RecipeMethod, piece: _Slice) -> Optional[str]:
+def _check_method(method: MergeMethod, piece: _Slice) -> Optional[str]:
     """The slice's inputs satisfy the method's contract; returns the base used by the method."""
     models = [s.model for _, s in piece.sources]
     duplicate = next((m for m in models if models.count(m) > 1), None)
     if duplicate:
         raise RecipeError(f"{piece.path}: model {duplicate!r} is listed twice")
+    if method.statistics:
+        raise RecipeError(f"merge_method {method.name} needs {method.statistics} statistics collected from data; "
+                          f"run it from merge_plms_glue.py")
+    if not method.streamable:
+        raise RecipeError(f"merge_method {method.name} needs the whole model in memory; use the library "
+                          f"(model_merging_methods.merge_state_dicts)")
     base = piece.base if method.base in ("required", "optional") else None
     if method.base == "required" and base is None:
         raise RecipeError(f"{piece.path}: merge_method {method.name} needs a base_model")
     if base is not None and base not in models:
         raise RecipeError(f"{piece.path}: base_model {base!r} must be one of this slice's sources for "
                           f"{method.name}")
-    others = len(models) - (base is not None)
-    if others < method.min_non_base or (method.max_non_base is not None and others > method.max_non_base):
-        need = (f"exactly {method.min_non_base}" if method.min_non_base == method.max_non_base else
-                f"at most {method.max_non_base}" if method.max_non_base is not None and others > method.max_non_base
-                else f"at least {method.min_non_base}")
-        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models besides the "
-                          f"base_model; got {others}: {', '.join(m for m in models if m != base)}")
-    if len(models) < method.min_inputs or (method.max_inputs is not None and len(models) > method.max_inputs):
-        need = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
-                f"at most {method.max_inputs}" if method.max_inputs is not None and len(models) > method.max_inputs
-                else f"at least {method.min_inputs}")
-        counted = " (the base_model counts as one)" if method.base == "required" or piece.path == "models" else ""
-        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models{counted}; got "
-                          f"{len(models)}: {', '.join(models)}")
+    count = len(models) - (base is not None and method.base != "ignored")
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        need = (f"exactly {method.min_models}" if method.min_models == method.max_models else
+                f"at most {method.max_models}" if method.max_models is not None and count > method.max_models
+                else f"at least {method.min_models}")
+        besides = " besides the base_model" if base is not None else ""
+        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models{besides}; got "
+                          f"{count}: {', '.join(m for m in models if m != base or method.base == 'ignored')}")
     return base
 
 
@@ -133,6 +140,8 @@ def _scopes(recipe: Recipe, piece: _Slice, model: Optional[str]) -> list[tuple[s
     if piece.parameters is not None:
         scopes.append((f"{piece.path}.parameters", piece.parameters))
     scopes.append(("parameters", recipe.parameters))
+    if recipe.dare is not None:
+        scopes.append(("dare", {"drop_rate": recipe.dare.drop_rate}))
     return scopes
 
 
@@ -141,7 +150,7 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
 
     `vocab_rows`: the output vocabulary size when a tokenizer is built (vocabulary tensors are then
     permuted into it), else None (their shapes must agree)."""
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     slices = _slices(recipe, inputs)
     bases = [_check_method(method, piece) for piece in slices]
     donor = recipe.base_model or recipe.referenced_models()[0]
@@ -179,7 +188,7 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
     return plan
 
 
-def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float, method: RecipeMethod,
+def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float, method: MergeMethod,
            recipe: Recipe, inputs: dict[str, InputModel], compute: Optional[torch.dtype],
            out_dtype: Optional[torch.dtype], vocab_rows: Optional[int], plan: Plan) -> Optional[PlannedGroup]:
     present = {}
@@ -198,7 +207,7 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
         if len(present) == 1 and (method.missing_tensor == "passthrough_singleton" or (
                 method.missing_tensor in ("passthrough_base_singleton", "base_or_skip") and only == base)):
             passthrough = True
-        elif method.missing_tensor == "base_or_skip" and len(present) < method.min_inputs:
+        elif method.missing_tensor == "base_or_skip" and len(present) < method.min_models + method.needs_base:
             plan.warnings.append(f"skipping tensor {name!r}: too few inputs have it for {method.name}")
             return None
         else:
@@ -233,20 +242,51 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
     else:
         compute_dtype = dtype = dtypes[0]
     params, per_input = {}, {}
+    parameters = method.parameters + ((DROP_RATE,) if method.paper_dare else ())
     if not passthrough:
-        for parameter in method.parameters:
+        for parameter in parameters:
             if parameter.scope == "global":
                 params[parameter.name] = resolve(parameter, _scopes(recipe, piece, None), tensor_name=name, t=t)
         for ref, tensor_name in present.items():
             per_input[ref] = {p.name: resolve(p, _scopes(recipe, piece, ref), tensor_name=tensor_name, t=t, model=ref)
-                              for p in method.parameters
+                              for p in parameters
                               if p.scope == "input" or (p.scope == "non_base" and ref != base)}
-    return PlannedGroup(name, present, base if base in present else None, params, per_input, tuple(shape), dtype,
-                        compute_dtype, vocab, passthrough)
+    group = PlannedGroup(name, present, base if base in present else None, params, per_input, tuple(shape), dtype,
+                         compute_dtype, vocab, passthrough)
+    if method.paper_dare and not passthrough and floating:
+        group.dare = _group_dare(recipe, group, method)
+    return group
 
 
-def _warn_unknown_parameters(recipe: Recipe, method: RecipeMethod, plan: Plan) -> None:
-    known = {p.name for p in method.parameters}
+# the paper's DARE in a recipe: a per-model parameter (scalar, gradient or filtered like any), default the
+# `dare:` block's drop_rate
+DROP_RATE = MethodParameter("drop_rate", float, "non_base", 0.0)
+
+
+def _group_dare(recipe: Recipe, group: PlannedGroup, method: MergeMethod) -> Optional[DareOptions]:
+    """The DareOptions of one tensor (one drop rate per model), or None when nothing is dropped."""
+    rates = [group.per_input[ref]["drop_rate"] for ref in group.models]
+    if not any(rates):
+        return None
+    block = recipe.dare
+    if group.base is None and (block is None or block.weight_format == "delta_weight"):
+        raise RecipeError(f"DARE on delta weights needs a base_model (tensor {group.name!r}); or set "
+                          f"dare.weight_format: finetuned_weight")
+    settings = block.model_dump(exclude={"drop_rate"}) if block is not None else {}
+    dare = DareOptions(drop_rate=rates, **settings)
+    try:
+        dare.resolve(len(rates))
+    except MergeError as error:
+        raise RecipeError(f"dare: {error} (tensor {group.name!r})") from None
+    return dare
+
+
+def _warn_unknown_parameters(recipe: Recipe, method: MergeMethod, plan: Plan) -> None:
+    known = {p.name for p in method.parameters} | ({"drop_rate"} if method.paper_dare else set())
+    if recipe.dare is not None and not method.paper_dare:
+        raise RecipeError(f"dare: the paper's DARE block applies to the paper's methods (average_merging, "
+                          f"task_arithmetic, ties_merging, norm_adaptive, dare), not {method.name}; mergekit's "
+                          f"dare_ties / dare_linear take a density instead")
     used = set(recipe.parameters or {})
     for model in recipe.models or []:
         used |= set(model.parameters or {})

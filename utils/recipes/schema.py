@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model_merging_methods import MergeError
-from model_merging_methods.recipe_registry import RECIPE_METHODS
+from model_merging_methods.registry import REGISTRY
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "llama3", "mistral")
@@ -199,6 +199,25 @@ class TokenizerSpec(_Strict):
     _ref = field_validator("source", mode="before")(classmethod(lambda cls, v: _model_ref(v)))
 
 
+class DareBlock(_Strict):
+    """The paper's DARE before the merge (README 'DARE'): the default drop rate of every model (a model's
+    `drop_rate` parameter overrides it, with gradients and filters like any parameter) and the settings."""
+
+    drop_rate: float = 0.0
+    strategy: Literal["random", "magnitude"] = "random"
+    rescale: bool = True
+    rescale_mode: Literal["paper", "l1"] = "paper"
+    weight_format: Literal["delta_weight", "finetuned_weight"] = "delta_weight"
+    magnitude_rule: Literal["exact_count", "original"] = "exact_count"
+
+    @field_validator("drop_rate")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"drop_rate {value} is outside [0, 1)")
+        return value
+
+
 class Recipe(_Strict):
     """One merge (one YAML document)."""
 
@@ -213,6 +232,7 @@ class Recipe(_Strict):
     tokenizer_source: Optional[str] = None
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
+    dare: Optional[DareBlock] = None
 
     _ref = field_validator("base_model", "tokenizer_source", mode="before")(
         classmethod(lambda cls, v: None if v is None else _model_ref(v)))
@@ -222,8 +242,8 @@ class Recipe(_Strict):
     @field_validator("merge_method")
     @classmethod
     def _method(cls, value: str) -> str:
-        if value not in RECIPE_METHODS:
-            raise ValueError(f"unknown merge_method {value!r}; valid: {', '.join(sorted(RECIPE_METHODS))}")
+        if value not in REGISTRY:
+            raise ValueError(f"unknown merge_method {value!r}; valid: {', '.join(sorted(REGISTRY))}")
         return value
 
     @field_validator("chat_template")

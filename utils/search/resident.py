@@ -30,9 +30,10 @@ from typing import Optional
 import torch
 
 from model_merging_methods import MergeError
+from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import RankCut, TensorGroupCall, passthrough, run_group
-from model_merging_methods.recipe_registry import get_recipe_method
+from model_merging_methods.registry import get_method
 from model_merging_methods.selection import RankStat
 from utils.engine.reader import CheckpointError, CheckpointReader
 from utils.recipes.architecture import infer_layout
@@ -175,7 +176,7 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
     started, reads = time.perf_counter(), resident.disk_reads
     inputs = resident.inputs(recipe)
     plan = plan_recipe(recipe, inputs, None)
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     missing = [g.name for g in plan.groups if g.name not in targets]
     if missing:
@@ -190,7 +191,12 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots, tie_order,
                                    piece_sparsifiers=_rank_cuts(method, group, tensors, resident, tie_order))
             try:
-                merged = run_group(passthrough if group.passthrough else method.function, call)
+                if method.kind == "state_dict" and not group.passthrough:     # a paper method (MergeLM's float32)
+                    dare = group.dare.resolve(len(group.models)) if group.dare is not None else None
+                    merged = merge_tensor_group(method, group.name, tensors, group.base, options_from_parameters(
+                        method, group.params, group.per_input, group.models), dare, seed=seed, out_dtype=group.dtype)
+                else:
+                    merged = run_group(passthrough if group.passthrough else method.implementation(), call)
             except MergeError as error:
                 raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
             target = targets[group.name]
