@@ -30,8 +30,8 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod
                                    trim_threshold)
 from model_merging_methods.norm_adaptive import squared_norm
 from utils.cli import resolve_device
-from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
-                           write_folder_atomic)
+from utils.records import (OutputExistsError, OutputRefusedError, check_output_folder, library_versions,
+                           project_provenance, write_folder_atomic)
 
 from .accounting import DropRule, UnaccountedTensors, account, same_name_outputs
 from .allocator import tune_allocator
@@ -159,8 +159,9 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
     try:
-        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
-    except OutputExistsError as error:  # the output appeared while this run was writing
+        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite,
+                            inputs={f"the {label} input": reader.folder for label, reader in zip(inputs.labels, inputs.readers)})
+    except (OutputExistsError, OutputRefusedError) as error:  # the output appeared while this run was writing
         raise MergeError(str(error)) from error
     return manifest
 
@@ -267,10 +268,11 @@ def _local_inputs(job: StreamMergeJob) -> dict[str, str]:
 def _check_output_is_not_an_input(job: StreamMergeJob, inputs: dict[str, str | os.PathLike]) -> None:
     """Refuse an output folder that is, contains or lies inside an input (even with overwrite): replacing
     it would delete that input. Checked before anything is read, and again once hub ids are resolved."""
-    for role, source in inputs.items():
-        if overlapping_path(job.output_dir, source):
-            raise MergeError(f"output folder {job.output_dir} overlaps the {role} input {source}: it would "
-                             f"replace or be written into that input; choose another --output_dir")
+    try:   # the one output guard (utils/records.py); also refuses a file or link at --output_dir
+        check_output_folder(job.output_dir, {f"the {role} input": source for role, source in inputs.items()},
+                            overwrite=True)
+    except OutputRefusedError as error:
+        raise MergeError(str(error)) from None
 
 
 def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, plan: list[PlannedTensor],
@@ -422,7 +424,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, p
     concurrently (each torch op single-threaded, the GIL released inside it), written in order.
     Other tensors are merged whole in this thread, with no piece in flight.
     """
-    writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size)
+    writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size, inputs=inputs.readers)
     iterator = plan
     if job.progress:
         from tqdm import tqdm

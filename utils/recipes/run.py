@@ -37,7 +37,8 @@ from utils.engine.allocator import tune_allocator
 from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, adapted_reader,
                                  resolve_checkpoint)
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
-from utils.records import library_versions, overlapping_path, write_folder_atomic
+from utils.records import (OutputRefusedError, check_no_overlap, check_output_folder, library_versions,
+                           write_folder_atomic)
 
 from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
@@ -109,11 +110,15 @@ def _check_outputs_are_not_inputs(output_dir: str, intermediates: dict[str, Path
     """Refuse an output (or intermediate) folder that is, contains or lies inside an input model, even with
     --overwrite: replacing it would delete that input. Checked before anything is read."""
     targets = {"--output_dir": Path(output_dir), **{f"intermediate {name!r}": path for name, path in intermediates.items()}}
-    for role, target in targets.items():
-        for ref, folder in folders.items():
-            if overlapping_path(target, folder):
-                raise RecipeError(f"{role} {target} overlaps the input model {ref} ({folder}): it would replace or "
-                                  f"be written into that input; choose another folder")
+    try:   # the one output guard (utils/records.py); also a file or link at --output_dir, and outputs that overlap
+        for role, target in targets.items():
+            check_output_folder(target, {f"the input model {ref}": folder for ref, folder in folders.items()},
+                                overwrite=True, role=role, advice="folder")
+        if intermediates:
+            check_no_overlap(next(iter(intermediates.values())).parent, {"--output_dir": output_dir},
+                             role="--intermediate_dir", advice="--intermediate_dir", existing_only=False)
+    except OutputRefusedError as error:
+        raise RecipeError(str(error)) from None
 
 
 def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
@@ -209,8 +214,9 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     previous = torch.get_num_threads()
     torch.set_num_threads(1)   # parallelism comes from job.threads workers merging different groups
     try:
-        write_folder_atomic(output, write, overwrite=overwrite)
-    except FileExistsError as error:
+        write_folder_atomic(output, write, overwrite=overwrite,
+                            inputs={f"the input model {ref}": model.folder for ref, model in inputs.items()})
+    except (FileExistsError, OutputRefusedError) as error:
         raise RecipeError(str(error)) from None
     finally:
         torch.set_num_threads(previous)
@@ -228,7 +234,8 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     pieces on the same workers."""
     method = get_method(recipe.merge_method)
     planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
-    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size)
+    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size,
+                                      inputs=[model.reader for model in inputs.values()])
     progress = None
     if job.progress:
         from tqdm import tqdm
@@ -262,7 +269,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
                 return _paper_merge(method, group, tensors, piece, job.seed, norms)
             fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
-                                   **fields)
+                                   **fields, name=group.name, layer=group.layer, num_layers=plan.num_layers)
             merged = run_group(passthrough if group.passthrough else function, call)
         except BaseException as error:
             if prepared is not None:
