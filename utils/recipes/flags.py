@@ -55,6 +55,8 @@ def recipe_from_flags(flags: FlagMerge) -> tuple[Recipe, str]:
     per_model: dict[str, list[float]] = {}
     top: dict[str, Any] = {}
     for flag, (name, model_scoped) in FLAG_PARAMETERS.items():
+        if flag == "scaling_coefficient":
+            name = method.scale_parameter or name
         value = getattr(flags, flag)
         if value is None or method.parameter(name) is None:
             continue

@@ -269,7 +269,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
                 return _paper_merge(method, group, tensors, piece, job.seed, norms)
             fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
-                                   **fields)
+                                   **fields, name=group.name, layer=group.layer, num_layers=plan.num_layers)
             merged = run_group(passthrough if group.passthrough else function, call)
         except BaseException as error:
             if prepared is not None:
