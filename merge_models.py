@@ -16,6 +16,7 @@ import os
 import sys
 
 # light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
+from model_merging_methods.frontier import frontier_parameters_help
 from model_merging_methods.registry import available_methods, get_method
 from utils.cli import HelpFormatter, drop_rate, positive_float, run_entry, warnings_to_stderr
 from utils.engine.choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
@@ -45,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate_dir", default=None,
                         help="multi-document recipes: where earlier documents' outputs go (reused when made from "
                              "the same document)")
-    parser.add_argument("--parameter", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="mergekit-named methods: any parameter the method declares (e.g. normalize=false, "
-                             "rescale=true, gamma=0.02, t=0.001 for nearswap); README 'Recipes'")
+    parser.add_argument("--parameter", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="mergekit-named and frontier methods: any parameter the method declares (e.g. normalize=false, "
+                             "rescale=true, gamma=0.02, t=0.001 for nearswap); README 'Recipes'. Frontier methods (default): "
+                             + frontier_parameters_help())
     parser.add_argument("--tie_order", choices=["index", "argsort"], default="index",
                         help="mergekit's ties / breadcrumbs*: which entries tied at a rank cut-off (ties, breadcrumbs*) are kept: the first "
                              "in flat order (a stable sort, as mergekit on CUDA; streams) or torch.argsort's "
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta; default 1 each)")
     parser.add_argument("--scaling_coefficient", type=float, default=1.0,
-                        help="λ of task arithmetic / TIES / norm_adaptive")
+                        help="λ of task arithmetic / TIES / norm_adaptive; the overall scale of a frontier method "
+                             "(scaling_factor; alpha of tsv_merging; beta of lines)")
     parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=drop_rate, nargs="+", default=[0.0],
                         help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first "
                              "(default: 0, no DARE)")

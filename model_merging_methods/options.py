@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -40,13 +40,22 @@ class MethodParameter:
     default: Any = REQUIRED
     option: str | None = None
     choices: tuple = ()
+    check: "Callable[[Any], bool] | None" = None   # a range check on the coerced value (e.g. a fraction in (0, 1])
+    requirement: str = ""                          # what `check` demands, for the error message
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
     def validate(self, value: Any, where: str) -> Any:
-        """Coerce a recipe value to the parameter's type (as pydantic would: 1 → 1.0, "true" → True)."""
+        """Coerce a recipe value to the parameter's type (as pydantic would: 1 → 1.0, "true" → True), then
+        apply the parameter's range check."""
+        value = self._coerce(value, where)
+        if value is not None and self.check is not None and not self.check(value):
+            raise MergeError(f"{where}: parameter {self.name!r} must be {self.requirement}, got {value!r}")
+        return value
+
+    def _coerce(self, value: Any, where: str) -> Any:
         if value is None:
             return None
         if self.kind is bool:

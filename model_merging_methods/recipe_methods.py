@@ -48,6 +48,10 @@ class TensorGroupCall:
     # a streamed piece: per non-base input, its sparsification prepared from whole-tensor statistics
     piece_sparsifiers: Optional[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = None
     piece_coefficients: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # a streamed slerp piece
+    # layer-aware methods (LiNeS): the output tensor's name, block index (None: outside the blocks), depth
+    name: str = ""
+    layer: Optional[int] = None
+    num_layers: int = 1
 
     @property
     def non_base(self) -> list[str]:

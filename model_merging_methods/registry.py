@@ -94,6 +94,9 @@ class MergeMethod:
     weights_normalized: bool = False     # divides by Σ w_k: weights summing to 0 are refused
     noop_when: NoopPredicate | None = None   # (resolved options, resolved DARE, models) → Noop or None
     global_norms: bool = False           # needs options.norms = the whole-model ‖δ_k‖₂ (computed when not given)
+    scale_parameter: str | None = "lambda"   # the parameter merge_models.py --scaling_coefficient fills
+    strict_parameters: bool = False      # a recipe parameter the method does not declare is an error, not a warning
+    layer_aware: bool = False            # kind "group": the call carries the tensor's block index and the depth
 
     def implementation(self) -> Callable:
         """The method's function (imported on first use when registered by name)."""
@@ -284,6 +287,10 @@ _METHODS += [
                 parameters=(P("r", float, default=0.1), P("alpha", float, default=0.2), P("epsilon", float, default=1e-5)),
                 float32_result=True, streaming="ramplus"),
 ]
+# ---- the data-free frontier (2024–2025): FusionBench's / the authors' semantics, one matrix at a time (frontier.py)
+from .frontier import registry_methods  # noqa: E402  (torch-free: the declarations only)
+
+_METHODS += registry_methods(MergeMethod, MethodParameter)
 REGISTRY: dict[str, MergeMethod] = {method.name: method for method in _METHODS}
 
 

@@ -49,6 +49,10 @@ METHODS = {
     "task_arithmetic": BenchMethod(["--method", "task_arithmetic"], "task_arithmetic"),
     "ties_merging": BenchMethod(["--method", "ties_merging", "--density", "0.5"], None),
     "ties_merging+dare": BenchMethod(["--method", "ties_merging", "--density", "0.5", "--drop_rate", "0.3"], None),
+    # the data-free frontier (no mergekit counterpart); WUDI with 2 Adam steps (its cost grows linearly in iter_num)
+    **{name: BenchMethod(["--method", name], "") for name in
+       ("tsv_merging", "iso_c", "iso_cts", "cart", "consensus_merging", "lines", "pcb_merging")},
+    "wudi_merging_2_steps": BenchMethod(["--method", "wudi_merging", "--parameter", "iter_num=2"], ""),
 }
 
 
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                   else ["--models", *map(str, models)])
         ours = [sys.executable, str(ROOT / "merge_models.py"), *inputs, *method.arguments, "--no_progress"]
         measure(label, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
-        if args.mergekit and method.mergekit_method is not None:
+        if args.mergekit and method.mergekit_method:
             config = work / f"{label}.yml"
             mergekit_config(method, models[:2] if method.single else models, config)
             measure(label, "mergekit", lambda out, config=config: [

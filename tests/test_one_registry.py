@@ -61,9 +61,12 @@ def _case(name: str, folders: dict[str, Path]) -> tuple[list[str], dict]:
     if method.parameter("density") is not None:
         flags += ["--density", "0.5"]
         per_model["density"] = [0.5] * len(models)
-    if method.parameter("lambda") is not None:
+    if method.scale_parameter and method.parameter(method.scale_parameter) is not None:
         flags += ["--scaling_coefficient", "0.9"]
-        top["lambda"] = 0.9
+        top[method.scale_parameter] = 0.9
+    if name == "wudi_merging":
+        flags += ["--parameter", "iter_num=3"]
+        top["iter_num"] = 3
     if name == "slerp":
         flags += ["--slerp_t", "0.3"]
         top["t"] = 0.3

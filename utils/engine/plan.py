@@ -28,6 +28,7 @@ class PlannedGroup:
     passthrough: bool = False                  # copied from its single source (an optional tensor, an exclusion)
     dare: Optional[Any] = None                 # the paper's DARE before a paper method (DareOptions), None: none
     options: Optional[Any] = None              # a paper method's MergeOptions as given (flags); None: from params
+    layer: Optional[int] = None                # the output block index of a layer tensor (None: before / after the blocks)
 
     @property
     def models(self) -> list[str]:

@@ -40,8 +40,8 @@ from model_merging_methods.options import per_model
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
 from utils.cli import resolve_device
-from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
-                           write_folder_atomic)
+from utils.records import (OutputExistsError, OutputRefusedError, check_output_folder, library_versions,
+                           project_provenance, write_folder_atomic)
 
 from .accounting import DropRule, UnaccountedTensors, account, same_name_outputs
 from .allocator import tune_allocator
@@ -156,7 +156,8 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     job = _language_only(job, inputs)
     plan, row_targets = _plan(inputs, job)
     fates = tensor_fates(inputs, plan, job)
-    groups = flag_groups(inputs, job, resolved, plan, row_targets)
+    layers, depth = _flag_layers(inputs) if resolved.method.layer_aware else ({}, 1)
+    groups = flag_groups(inputs, job, resolved, plan, row_targets, layers)
     plan = [PlannedTensor(group.name, group.dtype, group.shape) for group in groups]
     rows = (lambda group, tensors: {ref: pad_rows_with_mean(t, row_targets[group.name]) for ref, t in tensors.items()}) \
         if row_targets else None
@@ -167,7 +168,7 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
             group.options = resolved.options
     readers = dict(zip(inputs.labels, inputs.readers))
     execution = Execution(resolved.method, job.seed, resolved.device, resolved.threads, job.tie_order,
-                          job.max_shard_size, job.progress, job.method)
+                          job.max_shard_size, job.progress, job.method, depth)
     manifest: dict = {}
 
     def write(staging: Path) -> None:
@@ -191,14 +192,15 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
     try:
-        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
-    except OutputExistsError as error:  # the output appeared while this run was writing
+        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite,
+                            inputs={f"the {label} input": reader.folder for label, reader in zip(inputs.labels, inputs.readers)})
+    except (OutputExistsError, OutputRefusedError) as error:  # the output appeared while this run was writing
         raise MergeError(str(error)) from error
     return manifest
 
 
 def flag_groups(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan: list[PlannedTensor],
-                row_targets: dict[str, int]) -> list[PlannedGroup]:
+                row_targets: dict[str, int], layers: dict[str, int] | None = None) -> list[PlannedGroup]:
     """The flags' plan: one group per tensor of the reference, from the same name in every input; excluded
     tensors (--exclude_param_names_regex) are copied from the reference; vocabulary tensors of different
     row counts are padded (pad_mean) before the merge."""
@@ -225,8 +227,25 @@ def flag_groups(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan
         groups.append(PlannedGroup(name, {label: name for label in labels}, base, resolved.params, resolved.per_input,
                                    planned.shape, dtype, compute, vocab=vocab,
                                    dare=(job.dare or DareOptions()) if paper and resolved.dare is not None else None,
-                                   options=resolved.options if paper else None))
+                                   options=resolved.options if paper else None, layer=(layers or {}).get(name)))
     return groups
+
+
+def _flag_layers(inputs: Inputs) -> tuple[dict[str, int], int]:
+    """Layer-aware methods (LiNeS): each tensor's block index and the depth, from the reference's layout
+    (utils/recipes/architecture.py, as a recipe's planner finds them)."""
+    from utils.recipes.architecture import infer_layout
+    from utils.recipes.schema import RecipeError
+
+    reference = inputs.reference
+    try:
+        layout = infer_layout(reference.folder, reference.names(), inputs.labels[0])
+    except RecipeError as error:
+        raise MergeError(f"a layer-aware method needs the layer layout: {error}") from None
+    prefix = layout.prefix + "."
+    layers = {name: int(name[len(prefix):].split(".", 1)[0]) for name in reference.names()
+              if name.startswith(prefix) and name[len(prefix):].split(".", 1)[0].isdigit()}
+    return layers, layout.num_layers
 
 
 def flag_parameters(method: MergeMethod, job: StreamMergeJob) -> tuple[dict, dict]:
@@ -241,6 +260,8 @@ def flag_parameters(method: MergeMethod, job: StreamMergeJob) -> tuple[dict, dic
         value = getattr(job.options, flag)
         if flag == "slerp_t" and method.name != "slerp":
             continue                              # --slerp_t is slerp's t (nearswap's t: --parameter t=...)
+        if flag == "scaling_coefficient":
+            name = method.scale_parameter or name   # a frontier method's overall scale
         if value is not None and method.parameter(name) is not None:
             values[name] = value
     for item in job.parameters:
@@ -408,10 +429,11 @@ def _local_inputs(job: StreamMergeJob) -> dict[str, str]:
 def _check_output_is_not_an_input(job: StreamMergeJob, inputs: dict[str, str | os.PathLike]) -> None:
     """Refuse an output folder that is, contains or lies inside an input (even with overwrite): replacing
     it would delete that input. Checked before anything is read, and again once hub ids are resolved."""
-    for role, source in inputs.items():
-        if overlapping_path(job.output_dir, source):
-            raise MergeError(f"output folder {job.output_dir} overlaps the {role} input {source}: it would "
-                             f"replace or be written into that input; choose another --output_dir")
+    try:   # the one output guard (utils/records.py); also refuses a file or link at --output_dir
+        check_output_folder(job.output_dir, {f"the {role} input": source for role, source in inputs.items()},
+                            overwrite=True)
+    except OutputRefusedError as error:
+        raise MergeError(str(error)) from None
 
 
 def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, groups: list[PlannedGroup],
@@ -558,6 +580,7 @@ class Execution:
     max_shard_size: int = 5 * 2**30
     progress: bool = False
     label: str = ""
+    num_layers: int = 1          # the output's depth (layer-aware methods: LiNeS)
 
 
 Rows = Callable[[PlannedGroup, dict], dict]   # whole tensors of a vocabulary group → their rows in the output order
@@ -584,7 +607,7 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
     (global_norms), given to every group whose parameters do not carry them."""
     method = execution.method
     writer = ShardedSafetensorsWriter(staging, [PlannedTensor(g.name, g.dtype, g.shape) for g in groups],
-                                      execution.max_shard_size)
+                                      execution.max_shard_size, inputs=list(readers.values()))
     function = method.implementation()
     progress = None
     if execution.progress:
@@ -620,7 +643,8 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
                 return _paper_merge(method, group, tensors, piece, execution.seed, norms, thresholds)
             fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece),
-                                   execution.tie_order, **fields)
+                                   execution.tie_order, **fields, name=group.name, layer=group.layer,
+                                   num_layers=execution.num_layers)
             merged = run_group(passthrough if group.passthrough else function, call)
         except BaseException as error:
             if prepared is not None:
@@ -836,7 +860,8 @@ def _applicable_options(job: StreamMergeJob, resolved: ResolvedJob) -> dict:
     method = resolved.method
     if method.kind == "group":      # mergekit's methods: the flags mapped onto their parameters
         used = [flag for flag, (name, _) in FLAG_PARAMETERS.items()
-                if method.parameter(name) is not None and (flag != "slerp_t" or method.name == "slerp")]
+                if method.parameter(method.scale_parameter or name if flag == "scaling_coefficient" else name)
+                is not None and (flag != "slerp_t" or method.name == "slerp")]
         record = {"options": {k: list(v) if isinstance(v, tuple) else v
                               for k, v in ((flag, getattr(job.options, flag)) for flag in used)},
                   "parameters": list(job.parameters)}
@@ -875,6 +900,10 @@ def job_from_manifest(manifest: dict, output_dir: str, *, overwrite: bool = Fals
     still have the recorded sha256 (checked while merging, before anything is published)."""
     try:
         record = dict(manifest["rerun"])
+        models = record.get("models")
+        if not isinstance(models, list) or not all(isinstance(model, str) for model in models):
+            raise MergeError(f"not a merge manifest of this version: rerun.models must be a list of model paths, "
+                             f"got {models!r}"[:500])   # a string would be read as one model per character
         options = MergeOptions(**record.pop("options"))
         dare = record.pop("dare", None)
         expected = {entry["role"]: {f["file"]: f["sha256"] for f in entry["files"]} for entry in manifest["inputs"]}

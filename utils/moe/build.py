@@ -28,7 +28,7 @@ from utils.engine.reader import CheckpointError, CheckpointReader, resolve_check
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
 from utils.cards import fenced, front_matter
-from utils.records import OutputExistsError, library_versions, overlapping_path, write_folder_atomic
+from utils.records import OutputExistsError, check_output_folder, library_versions, write_folder_atomic
 
 from .config import PROMPT_GATE_MODES, ExpertConfig, MoEConfig
 from .gates import DEGENERATE_CONDITION, PromptEncoder, condition_numbers, prompt_gates, random_gate, seeded_normal
@@ -111,10 +111,8 @@ def _build(job: MoEJob, started: float) -> dict:
     if Path(job.output_dir).exists() and not job.overwrite:
         raise OutputExistsError(f"{job.output_dir} exists; pass --overwrite to replace it")
     base, experts, shared = _open_models(job)
-    for model in [base, *experts, *shared]:   # replacing the output would delete that input (even with --overwrite)
-        if overlapping_path(job.output_dir, model.path):
-            raise MoEError(f"--output_dir {job.output_dir} overlaps the {model.role} input {model.path}: it would "
-                           f"replace or be written into that input; choose another folder")
+    inputs = {f"the {model.role} input": model.path for model in [base, *experts, *shared]}
+    check_output_folder(job.output_dir, inputs, overwrite=job.overwrite)   # the one output guard (utils/records.py)
     base_config = _base_config(base)
     layout, chosen_by = _layout(config, base)
     _check_base_tensors(base, layout, base_config.num_hidden_layers, bool(base_config.tie_word_embeddings))
@@ -133,7 +131,7 @@ def _build(job: MoEJob, started: float) -> dict:
     moe_config = output_config(layout, base_config, len(experts), config.experts_per_token, dtype_name)
 
     def write(staging: Path) -> None:
-        files = _write_tensors(job, plan, staging)
+        files = _write_tensors(job, plan, staging, [model.reader for model in [base, *experts, *shared]])
         moe_config.save_pretrained(staging)
         copied = _copy_tokenizer(base.path, staging)
         manifest.update(_manifest(job, layout, chosen_by, dtype_name, device, base, experts, shared, plan, files,
@@ -143,7 +141,7 @@ def _build(job: MoEJob, started: float) -> dict:
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
     manifest: dict = {}
-    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
+    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite, inputs=inputs)
     return manifest
 
 
@@ -401,8 +399,8 @@ def _bias_rows(reader: CheckpointReader, prefix: str, bias: str) -> int:
     return reader.info(weight)[1][0]
 
 
-def _write_tensors(job: MoEJob, plan: Plan, staging: Path) -> list[str]:
-    writer = ShardedSafetensorsWriter(staging, plan.tensors, job.max_shard_size)
+def _write_tensors(job: MoEJob, plan: Plan, staging: Path, readers: list[CheckpointReader]) -> list[str]:
+    writer = ShardedSafetensorsWriter(staging, plan.tensors, job.max_shard_size, inputs=readers)
     items = zip(plan.tensors, plan.producers)
     if job.progress:
         from tqdm import tqdm

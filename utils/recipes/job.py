@@ -26,7 +26,8 @@ from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointRea
                                  resolve_checkpoint)
 from utils.engine.streaming import Execution, execute_plan, global_norms
 from utils.engine.writer import PlannedTensor
-from utils.records import library_versions, overlapping_path, write_folder_atomic
+from utils.records import (OutputRefusedError, check_no_overlap, check_output_folder, library_versions,
+                           write_folder_atomic)
 
 from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
@@ -95,11 +96,15 @@ def _check_outputs_are_not_inputs(output_dir: str, intermediates: dict[str, Path
     """Refuse an output (or intermediate) folder that is, contains or lies inside an input model, even with
     --overwrite: replacing it would delete that input. Checked before anything is read."""
     targets = {"--output_dir": Path(output_dir), **{f"intermediate {name!r}": path for name, path in intermediates.items()}}
-    for role, target in targets.items():
-        for ref, folder in folders.items():
-            if overlapping_path(target, folder):
-                raise RecipeError(f"{role} {target} overlaps the input model {ref} ({folder}): it would replace or "
-                                  f"be written into that input; choose another folder")
+    try:   # the one output guard (utils/records.py); also a file or link at --output_dir, and outputs that overlap
+        for role, target in targets.items():
+            check_output_folder(target, {f"the input model {ref}": folder for ref, folder in folders.items()},
+                                overwrite=True, role=role, advice="folder")
+        if intermediates:
+            check_no_overlap(next(iter(intermediates.values())).parent, {"--output_dir": output_dir},
+                             role="--intermediate_dir", advice="--intermediate_dir", existing_only=False)
+    except OutputRefusedError as error:
+        raise RecipeError(str(error)) from None
 
 
 def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
@@ -195,8 +200,9 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     previous = torch.get_num_threads()
     torch.set_num_threads(1)   # parallelism comes from job.threads workers merging different groups
     try:
-        write_folder_atomic(output, write, overwrite=overwrite)
-    except FileExistsError as error:
+        write_folder_atomic(output, write, overwrite=overwrite,
+                            inputs={f"the input model {ref}": model.folder for ref, model in inputs.items()})
+    except (FileExistsError, OutputRefusedError) as error:
         raise RecipeError(str(error)) from None
     finally:
         torch.set_num_threads(previous)
@@ -219,7 +225,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
         norms = global_norms(plan.groups, readers, device, rows,
                              order=lambda g: position.get(g.sources.get(g.base, ""), len(position)))
     execution = Execution(method, job.seed, device, job.threads, job.tie_order, job.max_shard_size, job.progress,
-                          recipe.merge_method)
+                          recipe.merge_method, plan.num_layers)
     files, _ = execute_plan(plan.groups, readers, {ref: model.index for ref, model in inputs.items()}, execution,
                             staging, rows, norms)
     return files

@@ -137,9 +137,11 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
     compute = DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None
 
-    def add(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float) -> None:
+    def add(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float,
+            layer: Optional[int] = None) -> None:
         group = _group(name, names, piece, base, t, method, recipe, inputs, compute, out_dtype, vocab_rows, plan)
         if group is not None:
+            group.layer = layer
             plan.groups.append(group)
 
     first, last = slices[0], slices[-1]
@@ -154,7 +156,7 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
             for suffix in lead_layout.layer_suffixes[lead.layer_range[0] + offset]:
                 names = {s.model: inputs[s.model].layout.layer_name(s.layer_range[0] + offset, suffix)
                          for _, s in piece.sources}
-                add(out.layer_name(out_index, suffix), names, piece, base, t)
+                add(out.layer_name(out_index, suffix), names, piece, base, t, out_index)
             out_index += 1
     post = list(out.post)
     if out.output_embedding and out.output_embedding not in post and any(
@@ -271,7 +273,11 @@ def _warn_unknown_parameters(recipe: Recipe, method: MergeMethod, plan: Plan) ->
         used |= set(piece.parameters or {})
         for source in piece.sources:
             used |= set(source.parameters or {})
-    for name in sorted(used - known):
+    unknown = sorted(used - known)
+    if unknown and method.strict_parameters:
+        raise RecipeError(f"parameter {unknown[0]!r} is not a parameter of merge_method {method.name} "
+                          f"(its parameters: {', '.join(sorted(known))})")
+    for name in unknown:
         plan.warnings.append(f"parameter {name!r} is not used by merge_method {method.name} "
                              f"(its parameters: {', '.join(sorted(known)) or 'none'})")
 
