@@ -400,8 +400,11 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
         if method.needs_base and job.base_model is None:
             raise MergeError(f"{method.name} needs a base (pretrained) model")
         if count < method.min_models or (method.max_models and count > method.max_models):
-            bound = f"{method.min_models}..{method.max_models}" if method.max_models else f">= {method.min_models}"
-            raise MergeError(f"{method.name} takes {bound} models, got {count}")
+            need = (f"exactly {method.min_models}" if method.min_models == method.max_models else
+                    f"at most {method.max_models}" if method.max_models and count > method.max_models
+                    else f"at least {method.min_models}")
+            raise MergeError(f"{method.name} takes {need} input models{' besides the base' if method.needs_base else ''}"
+                             f"; got {count}")
         params, per_input = flag_parameters(method, job)
         return ResolvedJob(method, job.options, None, device, threads, tuple(warnings), params, per_input)
     dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
