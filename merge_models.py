@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate_dir", default=None,
                         help="multi-document recipes: where earlier documents' outputs go (reused when made from "
                              "the same document)")
-    parser.add_argument("--parameter", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--parameter", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="mergekit-named and frontier methods: any parameter the method declares (e.g. normalize=false, "
                              "rescale=true, gamma=0.02, t=0.001 for nearswap); README 'Recipes'. Frontier methods (default): "
                              + frontier_parameters_help())

@@ -228,6 +228,10 @@ def cases() -> list[Case]:
         Case("merge: bad --exclude_param_names_regex", "merge_models.py", merge("--output_dir", "{w}/out", "--exclude_param_names_regex", "(["), says="regex", check=no_output()),
         Case("merge: a base model that does not exist", "merge_models.py", lambda w: ["--base_model", str(w / "nope"), "--models", M(w, "ft0"), "--method", "task_arithmetic", "--output_dir", str(w / "out")], check=no_output()),
         Case("merge: --slerp_t nan", "merge_models.py", merge("--output_dir", "{w}/out", "--slerp_t", "nan", method="slerp"), check=no_output()),
+        Case("merge: a manifest whose rerun.models is a string", "merge_models.py", lambda w: ["--from_manifest", str(w / "m.json"), "--output_dir", str(w / "out")],
+             says="rerun.models", setup=lambda w: (w / "m.json").write_text(json.dumps({"rerun": {"models": M(w, "ft0"), "options": {}}, "inputs": []})), check=no_output()),
+        Case("merge: a manifest that is not JSON", "merge_models.py", lambda w: ["--from_manifest", str(w / "m.json"), "--output_dir", str(w / "out")],
+             says="not valid JSON", setup=lambda w: (w / "m.json").write_text("{"), check=no_output()),
         # recipes
         Case("recipe: weight .nan", "merge_models.py", recipe(LINEAR.format(a=".nan", b=1), "--output_dir", "{w}/out"), says="finite", check=no_output()),
         Case("recipe: weight .inf", "merge_models.py", recipe(LINEAR.format(a=".inf", b=1), "--output_dir", "{w}/out"), says="finite", check=no_output()),
@@ -415,8 +419,8 @@ def main(argv=None) -> int:
                 problem = f"exit status {code}, expected {case.expect}: {err.strip()[-200:]}"
             elif "Traceback" in err:
                 problem = "a traceback on stderr"
-            elif case.one_line and code != 0 and (len(lines) != 1 or len(err) > 2500):
-                problem = f"{len(lines)} lines / {len(err)} characters on stderr"
+            elif case.one_line and code != 0 and (len(lines) != 1 or len(lines[0]) > 2500):
+                problem = f"{len(lines)} lines / {sum(map(len, lines))} characters of error on stderr"
             elif case.says and case.says not in err:
                 problem = f"stderr does not say {case.says!r}: {err.strip()[:200]}"
             elif snapshot(work / "models") != before:

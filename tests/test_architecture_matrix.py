@@ -144,11 +144,12 @@ def test_passthrough_slices(key, families, tmp_path, capsys):
     assert fates["counts"]["renumbered"] >= 1 and sum(fates["counts"].values()) == len(base) + len(ft0)
     config = json.loads((out / "config.json").read_text())
     text = next((config[k] for k in ("text_config",) if isinstance(config.get(k), dict)), config)
-    assert 3 in [text.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers")]
-    if isinstance(text.get("layer_types"), list):
-        source = json.loads((folders["base"] / "config.json").read_text())
-        types = next((source[k] for k in ("text_config",) if isinstance(source.get(k), dict)), source)["layer_types"]
-        assert text["layer_types"] == [types[0], types[1], types[1]]
+    source = json.loads((folders["base"] / "config.json").read_text())
+    source = next((source[k] for k in ("text_config",) if isinstance(source.get(k), dict)), source)
+    assert 3 in [text.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers")] or "layers_block_type" in text
+    for key in ("layer_types", "layers_block_type"):   # per-layer kinds follow the layers they come from
+        if isinstance(source.get(key), list):
+            assert text[key] == [source[key][0], source[key][1], source[key][1]], key
     model = load_and_run(architecture, out)
     assert model.config.get_text_config().num_hidden_layers == 3
 

@@ -271,3 +271,20 @@ def test_lora_weights_must_be_finite(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as stop:
         merge_lora.main(["--adapters", "a", "b", "--weights", value, "1", "--output_dir", str(tmp_path / "out")])
     assert stop.value.code == 2 and "must be finite" in capsys.readouterr().err
+
+
+# --- 7. a manifest whose rerun.models is a string got a misleading message ----------------------------------
+
+def test_manifest_with_models_as_a_string_is_named(own_family, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert merge_models.main(["--base_model", str(own_family["base"]), "--models", str(own_family["ft0"]),
+                              "--method", "task_arithmetic", "--output_dir", str(first), "--no_progress"]) == 0
+    manifest = json.loads((first / "merge_manifest.json").read_text())
+    manifest["rerun"]["models"] = str(own_family["ft0"])
+    (tmp_path / "forged.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    code = merge_models.main(["--from_manifest", str(tmp_path / "forged.json"), "--output_dir", str(tmp_path / "again"),
+                              "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rerun.models must be a list of model paths" in err, err
+    assert not (tmp_path / "again").exists()

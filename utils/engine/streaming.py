@@ -658,6 +658,10 @@ def job_from_manifest(manifest: dict, output_dir: str, *, overwrite: bool = Fals
     still have the recorded sha256 (checked while merging, before anything is published)."""
     try:
         record = dict(manifest["rerun"])
+        models = record.get("models")
+        if not isinstance(models, list) or not all(isinstance(model, str) for model in models):
+            raise MergeError(f"not a merge manifest of this version: rerun.models must be a list of model paths, "
+                             f"got {models!r}"[:500])   # a string would be read as one model per character
         options = MergeOptions(**record.pop("options"))
         dare = record.pop("dare", None)
         expected = {entry["role"]: {f["file"]: f["sha256"] for f in entry["files"]} for entry in manifest["inputs"]}

@@ -27,6 +27,9 @@ from pathlib import Path
 from .schema import RecipeError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# one entry per layer (a hybrid model's layer kinds; SmolLM3's NoPE layers): the layer count when the config
+# states none (Nemotron-H), and rebuilt from the source layers after slices
+PER_LAYER_KEYS = ("layer_types", "layers_block_type", "no_rope_layers")
 LANGUAGE_CONFIGS = ("text_config", "language_config", "llm_config")   # a multimodal config's language model
 MODALITY_CONFIGS = ("vision_config", "audio_config", "speech_config") + LANGUAGE_CONFIGS
 NUMBERED = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -75,15 +78,16 @@ def read_config(folder: Path, what: str) -> dict:
 
 
 def layer_count(config: dict, what: str) -> tuple[str, int]:
-    """(key, count) of the language model's layers; a key under a sub-config is dotted (text_config.n)."""
-    for key in LAYER_COUNT_KEYS:
-        if isinstance(config.get(key), int):
-            return key, config[key]
-    for sub in LANGUAGE_CONFIGS:
-        if isinstance(config.get(sub), dict):
-            for key in LAYER_COUNT_KEYS:
-                if isinstance(config[sub].get(key), int):
-                    return f"{sub}.{key}", config[sub][key]
+    """(key, count) of the language model's layers; a key under a sub-config is dotted (text_config.n); a
+    config with no count key but a per-layer list (PER_LAYER_KEYS) has that list's length."""
+    sections = [("", config)] + [(f"{sub}.", config[sub]) for sub in LANGUAGE_CONFIGS if isinstance(config.get(sub), dict)]
+    for keys, valid in ((LAYER_COUNT_KEYS, lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                        (PER_LAYER_KEYS, lambda v: isinstance(v, list) and v)):
+        for path, section in sections:
+            for key in keys:
+                if valid(section.get(key)):
+                    value = section[key]
+                    return path + key, value if isinstance(value, int) else len(value)
     raise RecipeError(f"{what}: cannot map this architecture ({config.get('architectures')}): its config.json has "
                       f"none of {', '.join(LAYER_COUNT_KEYS)}")
 
@@ -248,8 +252,8 @@ def layer_origins(recipe, inputs: dict) -> list[tuple[str, int]]:
 
 def output_layers(recipe, inputs: dict, donor: str, config: dict) -> dict:
     """The output config's layer settings after slices: the layer count (in the language sub-config for a
-    multimodal model), per-layer lists (layer_types: Qwen3-Next's linear / full attention, Gemma's sliding
-    windows, LFM2's convolutions) taken from the layer each output layer comes from. Refuses slices of a
+    multimodal model), per-layer lists (PER_LAYER_KEYS: Qwen3-Next's linear / full attention, Gemma's sliding
+    windows, LFM2's convolutions, Nemotron-H's block types) taken from the layer each output layer comes from. Refuses slices of a
     model with a second layer stack inside its language model (an encoder-decoder), and slices whose layer
     kinds the config cannot describe (Jamba's periodic pattern)."""
     layout = inputs[donor].layout
@@ -263,12 +267,13 @@ def output_layers(recipe, inputs: dict, donor: str, config: dict) -> dict:
     config = json_copy(config)
     section, _, key = layout.layer_key.rpartition(".")
     target = config[section] if section else config
-    target[key] = len(origins)
+    if not isinstance(target[key], list):     # a per-layer list is rebuilt below instead
+        target[key] = len(origins)
     identity = origins == [(donor, index) for index in range(layout.num_layers)]
     if identity:
         return config
     for name, value in list(target.items()):
-        if "layer" in name and isinstance(value, list) and len(value) == layout.num_layers:   # one entry per layer
+        if name in PER_LAYER_KEYS and isinstance(value, list) and len(value) == layout.num_layers:
             target[name] = [_per_layer(inputs[ref].layout, section, name, value)[index] for ref, index in origins]
     planned = [frozenset(inputs[ref].layout.layer_suffixes[index]) for ref, index in origins]
     check_layer_kinds(config, planned, donor)

@@ -208,6 +208,16 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
     return MergeReport(len(plan.groups), time.perf_counter() - started, resident.disk_reads - reads)
 
 
+def _paper_merge(method, group, tensors: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+    """A paper method's whole tensor (kind "state_dict"): the library's merge_tensor_group with the options and
+    the paper's DARE the plan resolved, as the recipe engine calls it."""
+    models = group.models
+    options = options_from_parameters(method, group.params, group.per_input, models)
+    dare = group.dare.resolve(len(models)) if group.dare is not None else None
+    return merge_tensor_group(method, group.name, tensors, group.base, options, dare, seed=seed, offset=None,
+                              out_dtype=group.dtype)
+
+
 def _rank_cuts(method, group, tensors: dict[str, torch.Tensor], resident: ResidentModels, tie_order: str):
     """Per non-base input, a _RankCutSparsifier for methods that cut by rank (ties in flat order, no rescale);
     None (the method's own path) otherwise."""
