@@ -300,7 +300,7 @@ def test_recipes_run_every_method_with_mergekits_wiring(cwd):
 
 
 def test_ram_and_ramplus_tl_stream_in_pieces_with_the_same_bits(cwd, monkeypatch):
-    import utils.recipes.run as recipe_run
+    import utils.engine.streaming as recipe_run   # the one executor
 
     models = [("models/chat", ""), ("models/code", "")]
     recipes = {m: _recipe(cwd, m, m, models, extra="parameters: {epsilon: 0.005}\n") for m in ("ram", "ramplus_tl")}
