@@ -39,7 +39,7 @@ def _examples(task: str, split: str, count: int) -> list[tuple[str, str]]:
     return pairs[:count]
 
 
-def _batches(tokenizer, pairs, max_length=256):
+def _batches(tokenizer, pairs, max_length=192):
     import torch
 
     for prompt, answer in pairs:
@@ -141,7 +141,7 @@ def run(args) -> None:
         experts[task] = Path(given) if given else work / f"expert_{task}"
         if not given:
             training[task] = fine_tune(base, task, experts[task], args.steps, args.lr, args.seed)
-    score = lambda model: {task: nll(model, tokenizer, pairs) for task, pairs in held_out.items()}
+    score = lambda model, tasks=("math", "code"): {task: nll(model, tokenizer, held_out[task]) for task in tasks}
     results = {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}, "training": training,
                "eval_examples": args.eval_examples, "ranks": args.ranks, "seed": args.seed,
                "versions": library_versions(), "project": project_provenance(), "nll": {}, "extraction": {},
@@ -155,7 +155,8 @@ def run(args) -> None:
                                              non_lora="save", dtype="float32", overwrite=True))
             results["extraction"][f"{task}_r{rank}"] = {
                 "rank": rank, "relative_error": report["total"]["relative_error"], "seconds": report["seconds"],
-                "adapter_parameters": report["total"]["adapter_parameters"], "nll": score(folded_model(base, adapter))}
+                "adapter_parameters": report["total"]["adapter_parameters"],
+                "nll": score(folded_model(base, adapter), (task,))}
             print(task, rank, results["extraction"][f"{task}_r{rank}"], flush=True)
     rank = args.merge_rank
     for method in ("task_arithmetic", "ties_merging"):
@@ -184,16 +185,15 @@ def report(args) -> None:
 
     results = json.loads(Path(args.results).read_text())
     ranks = results["ranks"]
-    lines = ["| model | rank | rel. error ‖ΔW−BA‖/‖ΔW‖ | NLL math (GSM8K test) | NLL code (MBPP test) |",
-             "|---|---|---|---|---|",
-             f"| base | – | – | {results['nll']['base']['math']:.4f} | {results['nll']['base']['code']:.4f} |"]
+    lines = ["| expert | rank | adapter parameters | rel. error ‖ΔW−BA‖/‖ΔW‖ | NLL on its task (held out) |",
+             "|---|---|---|---|---|"]
     for task in ("math", "code"):
+        lines.append(f"| {task}: base model | – | – | – | {results['nll']['base'][task]:.4f} |")
         for rank in ranks:
             row = results["extraction"][f"{task}_r{rank}"]
-            lines.append(f"| {task} LoRA | {rank} | {row['relative_error']:.3f} | {row['nll']['math']:.4f} | "
-                         f"{row['nll']['code']:.4f} |")
-        full = results["nll"][f"{task}_expert"]
-        lines.append(f"| {task} expert (full) | – | 0 | {full['math']:.4f} | {full['code']:.4f} |")
+            lines.append(f"| {task} | {rank} | {row['adapter_parameters']:,} | {row['relative_error']:.3f} | "
+                         f"{row['nll'][task]:.4f} |")
+        lines.append(f"| {task}: full fine-tune | – | – | 0 | {results['nll'][f'{task}_expert'][task]:.4f} |")
     lines += ["", f"| merge of math + code (weights 1, 1) | NLL math | NLL code |", "|---|---|---|"]
     for name, value in results["merges"].items():
         lines.append(f"| {name} | {value['math']:.4f} | {value['code']:.4f} |")
@@ -220,12 +220,12 @@ def main(argv=None) -> int:
     run_parser.add_argument("--work_dir", required=True)
     run_parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "lora_round_trip.json"))
     run_parser.add_argument("--math_expert", default=None, help="a math fine-tune of SmolLM2 to use instead of training")
-    run_parser.add_argument("--steps", type=int, default=40)
-    run_parser.add_argument("--lr", type=float, default=5e-5)
+    run_parser.add_argument("--steps", type=int, default=12)
+    run_parser.add_argument("--lr", type=float, default=1e-4)
     run_parser.add_argument("--seed", type=int, default=0)
     run_parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     run_parser.add_argument("--merge_rank", type=int, default=64)
-    run_parser.add_argument("--eval_examples", type=int, default=40)
+    run_parser.add_argument("--eval_examples", type=int, default=16)
     report_parser = sub.add_parser("report")
     report_parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "lora_round_trip.json"))
     report_parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "lora_round_trip.png"))
