@@ -1,11 +1,8 @@
-"""Run a recipe file through the streaming engine: plan everything first, then read, merge and write one
-output tensor at a time; tensors above 2^20 elements go in flat pieces of that size, read piece by piece
-(after passes gathering the whole tensor's statistics where the method needs them: statistics.py), so
-peak memory is a few pieces per worker, whatever the tensor size.
-
-Reading (utils/engine/reader.py: positioned reads, no memory map), writing (utils/engine/writer.py: shard
-headers computed up front, each tensor written as soon as it is merged) and publishing
-(utils/records.write_folder_atomic: a staging folder renamed into place) are the engine's.
+"""Run a recipe file: validate every document, plan it (planner.py), run the plan through the one streaming
+executor (utils/engine/streaming.execute_plan: each output tensor read, merged and written, large tensors in
+flat pieces, so peak memory is a few pieces per worker whatever the tensor size), and write what a recipe's
+output holds besides the weights: config.json, the tokenizer (built or copied), the model card, the recipe
+and the manifest. Publishing is utils/records.write_folder_atomic (a staging folder renamed into place).
 Multi-document recipes run in dependency order; a document's output goes to `intermediate_dir/<name>`
 (reused when it was made from the same document text) and the last document's to `output_dir`.
 """
@@ -16,37 +13,30 @@ import os
 import shutil
 import subprocess
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from model_merging_methods import MergeError
-from model_merging_methods.randomness import RandomSlot
-from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
-from model_merging_methods.recipe_registry import get_recipe_method
-from model_merging_methods.selection import PIECE as SELECTION_PIECE
+from model_merging_methods.registry import get_method
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
 from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, adapted_reader,
                                  resolve_checkpoint)
-from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
-from utils.records import library_versions, overlapping_path, write_folder_atomic
+from utils.engine.streaming import Execution, execute_plan, global_norms
+from utils.engine.writer import PlannedTensor
+from utils.records import (OutputRefusedError, check_no_overlap, check_output_folder, library_versions,
+                           write_folder_atomic)
 
-from .architecture import infer_layout
+from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
-from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
+from .planner import InputModel, Plan, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
-from .statistics import Prepared, prepare
 from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
 
 NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
               "pytorch_model.bin.index.json"}
-PIECE = SELECTION_PIECE   # elements per streamed piece (4 MiB in float32: stays in cache, as the flag engine); the
-                          # L1 sums of recipe_methods.l1_norm use the same pieces, so streamed and whole sums agree
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                         "vocab.txt")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -66,12 +56,14 @@ class RecipeJob:
     allow_pickle: bool = False
     progress: bool = True
     tie_order: str = "index"       # rank cuts' ties: "index" (flat order, streams) | "argsort" (mergekit on CPU)
+    merge_part: str = "all"        # "language": a multimodal model's other modules copied from the base
 
 
-def run_recipe_job(job: RecipeJob) -> list[dict]:
+def run_recipe_job(job: RecipeJob, documents: Optional[tuple[list[Recipe], list[str]]] = None) -> list[dict]:
     """Validate the whole file (schema, names, references) before any tensor is read, then run each
-    document; returns the manifests of the documents run (reused intermediates are skipped)."""
-    recipes, texts = load_recipe_file(job.config)
+    document; returns the manifests of the documents run (reused intermediates are skipped).
+    `documents`: recipes already parsed (and their texts), e.g. merge_models.py's flags translated."""
+    recipes, texts = documents if documents is not None else load_recipe_file(job.config)
     text_of = {id(r): t for r, t in zip(recipes, texts)}
     try:
         device = resolve_device(job.device)
@@ -104,11 +96,15 @@ def _check_outputs_are_not_inputs(output_dir: str, intermediates: dict[str, Path
     """Refuse an output (or intermediate) folder that is, contains or lies inside an input model, even with
     --overwrite: replacing it would delete that input. Checked before anything is read."""
     targets = {"--output_dir": Path(output_dir), **{f"intermediate {name!r}": path for name, path in intermediates.items()}}
-    for role, target in targets.items():
-        for ref, folder in folders.items():
-            if overlapping_path(target, folder):
-                raise RecipeError(f"{role} {target} overlaps the input model {ref} ({folder}): it would replace or "
-                                  f"be written into that input; choose another folder")
+    try:   # the one output guard (utils/records.py); also a file or link at --output_dir, and outputs that overlap
+        for role, target in targets.items():
+            check_output_folder(target, {f"the input model {ref}": folder for ref, folder in folders.items()},
+                                overwrite=True, role=role, advice="folder")
+        if intermediates:
+            check_no_overlap(next(iter(intermediates.values())).parent, {"--output_dir": output_dir},
+                             role="--intermediate_dir", advice="--intermediate_dir", existing_only=False)
+    except OutputRefusedError as error:
+        raise RecipeError(str(error)) from None
 
 
 def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
@@ -180,6 +176,8 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     configs = {ref: model.layout.config for ref, model in inputs.items()}
     vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in inputs.items()}, configs)
     plan = plan_recipe(recipe, inputs, vocabulary.rows if vocabulary else None)
+    copied = language_only(plan, inputs, recipe.base_model or plan.donor) if job.merge_part == "language" else []
+    fates = recipe_fates(recipe, plan, inputs, copied)
     warn(plan.warnings)
     template = _chat_template(recipe, inputs)
     config = output_config(recipe, plan, inputs, vocabulary.rows if vocabulary else None)
@@ -195,14 +193,16 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
                                                        {r: _revision(m.folder) for r, m in inputs.items()}))
         (staging / "mergekit_config.yml").write_text(text)
         manifest.update(_manifest(recipe, text, plan, inputs, vocabulary, files, job, version, time.time() - started))
+        manifest["tensor_fates"] = fates
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     tune_allocator()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)   # parallelism comes from job.threads workers merging different groups
     try:
-        write_folder_atomic(output, write, overwrite=overwrite)
-    except FileExistsError as error:
+        write_folder_atomic(output, write, overwrite=overwrite,
+                            inputs={f"the input model {ref}": model.folder for ref, model in inputs.items()})
+    except (FileExistsError, OutputRefusedError) as error:
         raise RecipeError(str(error)) from None
     finally:
         torch.set_num_threads(previous)
@@ -211,98 +211,24 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
 
 def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
            staging: Path, job: RecipeJob, device: torch.device) -> list[str]:
-    """Merge every planned group and write it in plan order.
-
-    `job.threads` workers each read and merge one group or one piece (torch ops single-threaded: on a busy
-    machine intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are
-    written in order with at most 2·`threads` pieces (or `threads` whole groups) in flight. A group whose
-    method needs whole-tensor statistics (RecipeMethod.piece_mode) gets them first, from passes over its
-    pieces on the same workers."""
-    method = get_recipe_method(recipe.merge_method)
-    planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
-    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size)
-    progress = None
-    if job.progress:
-        from tqdm import tqdm
-        progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
-
-    permuted: dict[str, dict[str, torch.Tensor]] = {}   # streamed vocabulary groups: rows in the output order
-
-    def load(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        if group.name in permuted:
-            return {ref: t.reshape(-1)[slice(*piece) if piece else slice(None)] for ref, t in permuted[group.name].items()}
-        span = piece or (None, None)
-        tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
-        # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
-        return {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
-                for ref, t in tensors.items()}
-
-    def slots(group: PlannedGroup, piece: Optional[tuple[int, int]] = None) -> dict[str, RandomSlot]:
-        """Each input's draws for the tensor, or for the piece's positions of it (the same numbers)."""
-        start, total = (piece[0], group.numel) if piece else (0, None)
-        return {ref: RandomSlot(job.seed, inputs[ref].index, group.name, start, total) for ref in group.sources} \
-            if method.randomized else {}
-
-    def merge(group: PlannedGroup, piece: Optional[tuple[int, int]], index: int = 0,
-              prepared: Optional[Prepared] = None) -> torch.Tensor:
-        try:
-            tensors = load(group, piece)
-            if group.vocab and vocabulary is not None and group.name not in permuted:
-                tensors = permute_rows(vocabulary, tensors, group.base, group.name)
-            fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
-            call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
-                                   **fields)
-            merged = run_group(passthrough if group.passthrough else method.function, call)
-        except BaseException as error:
-            if prepared is not None:
-                prepared.abort()          # later pieces must not wait for this one's tie counts
-            if isinstance(error, MergeError):
-                raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
-            raise
-        return merged.to(group.dtype) if merged.is_floating_point() else merged
-
-    def pieces(group: PlannedGroup) -> tuple[list[Optional[tuple[int, int]]], str]:
-        """Flat pieces for large tensors of merges that stream (read piece by piece), else the whole tensor;
-        and the piece mode (RecipeMethod.piece_mode)."""
-        numel = group.numel
-        mode = "elementwise" if group.passthrough else method.piece_mode(group.params, group.per_input, job.tie_order)
-        if numel <= PIECE or mode == "whole":
-            return [None], "whole"
-        if group.vocab and vocabulary is not None:
-            # an input's rows move to the output vocabulary's order: permute each input once, here, and
-            # stream pieces of the permuted tensors (no whole-tensor temporaries of the merge)
-            permuted[group.name] = permute_rows(vocabulary, load(group, None), group.base, group.name)
-        return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)], mode
-
-    pending: deque[tuple[PlannedGroup, bool, bool, Future]] = deque()
-
-    def write_oldest() -> None:
-        group, part, last, future = pending.popleft()
-        writer.write(group.name, future.result(), part=part)
-        if last:
-            permuted.pop(group.name, None)
-            if progress is not None:
-                progress.update()
-
-    limit = 2 * max(1, job.threads)
-    with ThreadPoolExecutor(max(1, job.threads)) as pool:
-        for group in plan.groups:
-            spans, mode = pieces(group)
-            prepared = None
-            if mode == "statistics":
-                prepared = prepare(method, group.base, group.per_input, group.params, slots(group),
-                                   lambda span, group=group: load(group, span), group.numel, group.compute_dtype,
-                                   PIECE, pool, limit)
-            for index, span in enumerate(spans):
-                pending.append((group, span is not None, index == len(spans) - 1,
-                                pool.submit(merge, group, span, index, prepared)))
-                while len(pending) >= (limit if span is not None else max(1, job.threads)):
-                    write_oldest()
-        while pending:
-            write_oldest()
-    if progress is not None:
-        progress.close()
-    return writer.finish()
+    """The recipe's plan through the one executor (utils/engine/streaming.execute_plan); a built vocabulary
+    re-rows the inputs' embedding and lm_head tensors first."""
+    method = get_method(recipe.merge_method)
+    readers = {ref: model.reader for ref, model in inputs.items()}
+    rows = (lambda group, tensors: permute_rows(vocabulary, tensors, group.base, group.name)) \
+        if vocabulary is not None else None
+    norms = None
+    if method.global_norms and not all(g.per_input[ref].get("norm") is not None for g in plan.groups
+                                       if not g.passthrough for ref in g.models):
+        groups = [g for g in plan.groups if g.base is not None]
+        position = {name: index for index, name in enumerate(inputs[groups[0].base].reader.names())} if groups else {}
+        norms = global_norms(plan.groups, readers, device, rows,
+                             order=lambda g: position.get(g.sources.get(g.base, ""), len(position)))
+    execution = Execution(method, job.seed, device, job.threads, job.tie_order, job.max_shard_size, job.progress,
+                          recipe.merge_method, plan.num_layers)
+    files, _ = execute_plan(plan.groups, readers, {ref: model.index for ref, model in inputs.items()}, execution,
+                            staging, rows, norms)
+    return files
 
 
 def _chat_template(recipe: Recipe, inputs: dict[str, InputModel]) -> Optional[str]:
@@ -390,7 +316,7 @@ def code_version() -> str:
 
 def _manifest(recipe: Recipe, text: str, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
               files: list[str], job: RecipeJob, version: str, seconds: float) -> dict:
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     return {
         "tool": "merge_models --config (recipe, streaming engine)",
         "created_unix": time.time(),
