@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import mergekit_consensus as mc
+from . import mergekit_spherical as ms
 from . import recipe_methods as rm
 from .options import MergeError
 from .recipe_methods import RecipeParameter, TensorGroupCall
@@ -25,17 +27,20 @@ class RecipeMethod:
     pretty_name: str
     paper: str
     url: str
-    base: str = "required"            # "required" | "ignored" (a given base is one more input)
+    base: str = "required"            # "required" | "ignored" (a given base is one more input) | "optional"
     min_inputs: int = 1               # counting the base
     max_inputs: int | None = None
+    min_non_base: int = 0             # inputs other than the base (mergekit's min_non_base / max_non_base)
+    max_non_base: int | None = None
     parameters: tuple[RecipeParameter, ...] = ()
     accumulate_fp32: bool = False     # linear/slerp: float32 accumulator, result in the input dtype
     randomized: bool = False          # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"     # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
     streaming: str = "whole"          # "elementwise" (each output entry depends only on the same entry of the
                                       # inputs: flat pieces merge separately), "whole", or "gta" / "slerp"
-                                      # (pieces once whole-tensor statistics are known: see piece_mode)
+                                      # / "ramplus" (pieces once whole-tensor statistics are known: see piece_mode)
     sparsification: Optional[str] = None   # GTA methods: None | "magnitude" | "outliers" | "random" | "della"
+    float32_result: bool = False      # mergekit returns float32 for narrower compute (saved so unless out_dtype)
 
     def parameter(self, name: str) -> RecipeParameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -45,8 +50,8 @@ class RecipeMethod:
         "statistics" (flat pieces, once whole-tensor statistics are known: each input's RankCut rule for
         magnitude / outlier cuts with tie_order "index" and L1 rescale factor; slerp's norms and dot
         product), or "whole"."""
-        if self.streaming == "slerp":
-            return "statistics"                      # the whole tensor's norms and dot product
+        if self.streaming in ("slerp", "ramplus"):
+            return "statistics"                      # slerp's norms and dot product; ramplus_tl's counts
         if self.streaming != "gta":
             return self.streaming
         if all(values.get("density", 1.0) >= 1 for values in per_input.values()):
@@ -71,6 +76,10 @@ _TIES = ("Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)", "https://arxiv.or
 _DARE = ("Yu et al. 2024, Language Models are Super Mario / DARE (arXiv 2311.03099)", "https://arxiv.org/abs/2311.03099")
 _CRUMBS = ("Davari & Belilovsky 2023, Model Breadcrumbs (arXiv 2312.06795)", "https://arxiv.org/abs/2312.06795")
 _DELLA = ("Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)", "https://arxiv.org/abs/2406.11617")
+
+_SCE = ("Wan et al. 2024, FuseChat: SCE merging (arXiv 2408.07990)", "https://arxiv.org/abs/2408.07990")
+_RAM = ("Reinforced Agent Merging (arXiv 2601.13572)", "https://arxiv.org/abs/2601.13572")
+P = RecipeParameter
 
 _METHODS = [
     RecipeMethod("linear", rm.linear, "Linear", "Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
@@ -99,6 +108,30 @@ _METHODS = [
     RecipeMethod("passthrough", rm.passthrough, "Passthrough", "copies its single input (layer stacking)", "",
                  base="ignored", max_inputs=1, parameters=(RecipeParameter("scale", float, "input", None),),
                  streaming="elementwise"),
+    # mergekit 0.1.5's remaining methods (model_merging_methods/mergekit_spherical.py, mergekit_consensus.py)
+    RecipeMethod("nuslerp", ms.nuslerp, "NuSLERP", "mergekit's NuSLERP (slerp of two models or task vectors, "
+                 "optionally per row)", "https://github.com/arcee-ai/mergekit", base="optional",
+                 min_non_base=2, max_non_base=2,
+                 parameters=(P("weight", float, "non_base"), P("nuslerp_row_wise", bool, default=False),
+                             P("nuslerp_flatten", bool, default=True)), missing_tensor="passthrough_singleton"),
+    RecipeMethod("multislerp", ms.multislerp, "Multi-SLERP", "Goddard 2025, Multi-SLERP (barycentric "
+                 "interpolation on the hypersphere)", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+                 base="optional", min_non_base=1,
+                 parameters=(P("weight", float, "non_base"), P("normalize_weights", bool, default=True),
+                             P("eps", float, default=1e-8))),
+    RecipeMethod("karcher", ms.karcher, "Karcher Mean", "Karcher mean on the hypersphere (arXiv 2603.04972)",
+                 "https://arxiv.org/abs/2603.04972", base="ignored",
+                 parameters=(P("max_iter", int, default=10), P("tol", float, default=1e-5))),
+    RecipeMethod("sce", mc.sce, "SCE", *_SCE,
+                 parameters=(P("int8_mask", bool, default=False), P("select_topk", float, default=1.0))),
+    RecipeMethod("arcee_fusion", mc.arcee_fusion, "Arcee Fusion", "Arcee Fusion (mergekit; dynamic-threshold "
+                 "importance selection)", "https://arcee.ai", min_inputs=2, max_inputs=2,
+                 missing_tensor="passthrough_singleton", float32_result=True),
+    RecipeMethod("ram", mc.ram, "Reinforced Agent Merging", *_RAM, parameters=(P("epsilon", float, default=1e-5),),
+                 streaming="elementwise"),
+    RecipeMethod("ramplus_tl", mc.ramplus_tl, "Reinforced Agent Merging Plus (Tensor-Local)", *_RAM,
+                 parameters=(P("r", float, default=0.1), P("alpha", float, default=0.2),
+                             P("epsilon", float, default=1e-5)), float32_result=True, streaming="ramplus"),
 ]
 RECIPE_METHODS: dict[str, RecipeMethod] = {method.name: method for method in _METHODS}
 

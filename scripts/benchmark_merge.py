@@ -73,8 +73,26 @@ def _recipe_passthrough(models, layers):
             f"  - sources: [{{model: {models[1]}, layer_range: [0, {max(1, layers // 2)}]}}]\n")
 
 
+def _recipe_on_base(method, count=None, parameters="", weights=False):
+    """mergekit's `method` on the base and `count` variants (all of them by default)."""
+    def recipe(models, layers):
+        chosen = models[1:] if count is None else models[1:1 + count]
+        weight = "\n    parameters: {weight: 1.0}" if weights else ""
+        return (f"merge_method: {method}\nbase_model: {models[0]}\ndtype: bfloat16\n{parameters}models:\n"
+                + "".join(f"  - model: {m}{weight}\n" for m in chosen))
+    return recipe
+
+
 RECIPES = {"linear": _recipe_linear, "ties": _recipe_ties, "dare_ties": _recipe_dare_ties,
-           "slerp-gradients": _recipe_slerp, "passthrough-1.5x": _recipe_passthrough}
+           "slerp-gradients": _recipe_slerp, "passthrough-1.5x": _recipe_passthrough,
+           # mergekit 0.1.5's other methods (nuslerp takes two variants, arcee_fusion one; karcher counts the base)
+           "nuslerp": _recipe_on_base("nuslerp", 2, weights=True),
+           "multislerp": _recipe_on_base("multislerp", weights=True),
+           "karcher": _recipe_on_base("karcher"),
+           "sce": _recipe_on_base("sce", parameters="parameters: {select_topk: 0.5}\n"),
+           "arcee_fusion": _recipe_on_base("arcee_fusion", 1),
+           "ram": _recipe_on_base("ram"),
+           "ramplus_tl": _recipe_on_base("ramplus_tl")}
 
 
 def layer_count(params_billion: float) -> int:

@@ -141,7 +141,7 @@ def test_merge_average_matches_manual_average(ws):
     assert (stem.parent / f"{stem.name}_settings" / "default.json").is_file()
 
 
-@pytest.mark.parametrize("method, grid_size", [("task_arithmetic", 4), ("ties_merging", 4), ("fisher_merging", 1), ("regmean_merging", 2),
+@pytest.mark.parametrize("method, grid_size", [("task_arithmetic", 4), ("ties_merging", 4), ("fisher_merging", 1), ("regmean_merging", 2), ("regmean_plusplus", 2),
                                                ("norm_adaptive", 4)])
 def test_merge_methods_and_dare(ws, method, grid_size):
     base = ["--dataset_names", "mrpc", "stsb", "--merge_grid", "small", "--nums_fisher_examples", "32",

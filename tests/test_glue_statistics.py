@@ -128,3 +128,67 @@ def test_statistics_reject_bad_counts_and_empty_data():
         diagonal_fisher(model, loader_of(np.zeros((2, 3)), np.zeros(2, dtype=np.int64), 2), 0, "cpu")
     with pytest.raises(ValueError, match="data loader is empty"):
         regmean_gram_matrices(model, loader_of(np.zeros((0, 3)), np.zeros(0, dtype=np.int64), 2), 4, "cpu")
+
+
+def _tiny_bert_members(seed_offset: int = 0):
+    """Two tiny BERT classifiers that share the base's embeddings and differ in blocks, pooler and head."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config).eval()
+    models = []
+    for k in range(2):
+        model = BertForSequenceClassification(config).eval()
+        generator = torch.Generator().manual_seed(100 + k + seed_offset)
+        state = {n: t + (0.5 * torch.randn(t.shape, generator=generator) if "embeddings" not in n else 0.0)
+                 for n, t in base.state_dict().items()}
+        model.load_state_dict(state)
+        models.append(model)
+    generator = torch.Generator().manual_seed(7)
+    rows = [{"input_ids": torch.randint(0, 30, (6,), generator=generator), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": torch.tensor(0)} for _ in range(8)]
+
+    def loader():
+        return DataLoader(rows, batch_size=4, shuffle=False,
+                          collate_fn=lambda items: {key: torch.stack([i[key] for i in items]) for key in items[0]})
+
+    return base, models, loader
+
+
+def test_regmean_plusplus_stages_and_first_block():
+    from model_merging_methods import MergeOptions, merge_state_dicts
+    from utils.glue.statistics import regmean_plusplus_merge, regmean_stages
+
+    base, models, loader = _tiny_bert_members()
+    exclude = [".*classifier.*"]
+    states = [{n: t.clone() for n, t in m.state_dict().items()} for m in models]   # load_state_dict writes in place
+    names = [n for n in base.state_dict() if not n.startswith("classifier")]
+    stages = regmean_stages(models[0], names)
+    assert len(stages) == 4 and all(n.startswith("bert.embeddings") for n in stages[0])
+    assert stages[1][0].startswith("bert.encoder.layer.0.") and stages[3] == ["bert.pooler.dense.weight", "bert.pooler.dense.bias"]
+    merged = regmean_plusplus_merge(models, states, base.state_dict(), [loader, loader], [8, 8], 0.9, "cpu", exclude_regex=exclude)
+    # the embeddings are the mean; the heads the base's
+    for name in stages[0]:
+        assert torch.allclose(merged[name], (states[0][name] + states[1][name]) / 2)
+    assert torch.equal(merged["classifier.weight"], base.state_dict()["classifier.weight"])
+    # block 0 sees the same inputs as plain RegMean (the embeddings agree), block 1 the merged block 0's output
+    for model, state in zip(models, states):   # regmean_plusplus_merge leaves merged weights loaded
+        model.load_state_dict(state)
+    grams = [regmean_gram_matrices(m, loader(), 8, "cpu", exclude_regex=exclude) for m in models]
+    plain = merge_state_dicts("regmean_merging", base.state_dict(), states, MergeOptions(regmean_alpha=0.9),
+                              statistics=grams, exclude_regex=exclude)
+    for name in stages[1]:
+        assert torch.allclose(merged[name], plain[name], atol=1e-6), name
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    assert float((merged[query] - plain[query]).abs().max()) > 1e-3
+    # block 1 by hand: each model's Gram on the hidden states of the merged embeddings and block 0
+    hand = []
+    for model, state in zip(models, states):
+        model.load_state_dict({**state, **{n: merged[n] for n in stages[0] + stages[1]}})
+        hand.append(regmean_gram_matrices(model, loader(), 8, "cpu", exclude_regex=exclude))
+    expected = merge_state_dicts("regmean_merging", {n: base.state_dict()[n] for n in stages[2]},
+                                 [{n: s[n] for n in stages[2]} for s in states], MergeOptions(regmean_alpha=0.9), statistics=hand)
+    for name in stages[2]:
+        assert torch.allclose(merged[name], expected[name], atol=1e-6), name

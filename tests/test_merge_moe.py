@@ -161,10 +161,12 @@ def test_residual_scale_scales_the_expert_output(zoo, tmp_path):
     assert code == 0
     written = load_file(out / "model.safetensors")
     source = load_file(ft0 / "model.safetensors")
-    assert torch.equal(written["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
+    gate, up = source["model.layers.1.mlp.gate_proj.weight"], source["model.layers.1.mlp.up_proj.weight"]
+    # transformers 5's fused layout, as mergekit-moe 0.1.5 writes it: (E, 2I, d) with gate rows then up rows
+    assert torch.equal(written["model.layers.1.mlp.experts.down_proj"][1],
                        source["model.layers.1.mlp.down_proj.weight"] * 0.5)
-    assert torch.equal(written["model.layers.1.block_sparse_moe.experts.1.w1.weight"],
-                       source["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(written["model.layers.1.mlp.experts.gate_up_proj"][1], torch.cat([gate, up]))
+    assert not any("block_sparse_moe" in name or ".experts.0." in name for name in written)
     assert torch.allclose(logits(load_moe(out)), logits(dense_with_mlp(base, ft0, 0.5)), atol=2e-5)
 
 
@@ -182,7 +184,7 @@ def test_qwen2_moe_layer_is_routed_experts_plus_gated_shared_expert(zoo, tmp_pat
     assert code == 0
     block = load_moe(out).model.layers[1].mlp
     gate = load_file(out / "model.safetensors")["model.layers.1.mlp.shared_expert_gate.weight"]
-    assert gate.shape == (1, 16) and torch.isclose(gate.norm(), torch.tensor(1.0))
+    assert gate.shape == (1, 16) and torch.isclose(gate.float().norm(), torch.tensor(1.0), atol=1e-2)  # bfloat16 rows
     x = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(0))
     dense0 = AutoModelForCausalLM.from_pretrained(ft0).model.layers[1].mlp
     dense1 = AutoModelForCausalLM.from_pretrained(ft1).model.layers[1].mlp
@@ -223,9 +225,10 @@ def routed_fraction(model, prompts: list[str]) -> torch.Tensor:
     return counts / counts.sum()
 
 
-def test_hidden_gates_follow_the_formula_and_route_prompts_to_their_expert(zoo, tmp_path):
+@pytest.mark.parametrize("mode", ["hidden", "hidden_mean"])
+def test_hidden_gates_follow_the_formula_and_route_prompts_to_their_expert(zoo, tmp_path, mode):
     base = zoo["llama_base"]
-    config = {"base_model": str(base), "gate_mode": "hidden", "experts_per_token": 1,
+    config = {"base_model": str(base), "gate_mode": mode, "experts_per_token": 1,
               "experts": [{"source_model": str(zoo["llama_ft0"]), "positive_prompts": MATH,
                            "negative_prompts": CODE},
                           {"source_model": str(zoo["llama_ft1"]), "positive_prompts": CODE,
@@ -233,18 +236,40 @@ def test_hidden_gates_follow_the_formula_and_route_prompts_to_their_expert(zoo, 
     code, out = build(tmp_path, config)
     assert code == 0
     written = load_file(out / "model.safetensors")
-    math_mean, code_mean = hidden_inputs(base, MATH), hidden_inputs(base, CODE)
-    expected = [torch.nn.functional.normalize(math_mean - code_mean, dim=-1),
-                torch.nn.functional.normalize(code_mean - math_mean, dim=-1)]
+    summary = hidden_inputs if mode == "hidden_mean" else last_token_inputs
+    math_mean, code_mean = summary(base, MATH), summary(base, CODE)
+    unit = lambda v: v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)  # noqa: E731
+    expected = [unit(math_mean - code_mean), unit(code_mean - math_mean)]
     for layer in range(2):
-        gate = written[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
-        assert torch.allclose(gate, torch.stack([expected[0][layer], expected[1][layer]]), atol=1e-5)
+        gate = written[f"model.layers.{layer}.mlp.gate.weight"]
+        reference = torch.stack([expected[0][layer], expected[1][layer]]).to(gate.dtype)
+        if mode == "hidden":   # mergekit-moe's bfloat16 arithmetic, reproduced exactly
+            assert torch.equal(gate, reference)
+        else:
+            assert torch.allclose(gate, reference, atol=1e-5)
     moe = load_moe(out)
     on_math, on_code = routed_fraction(moe, MATH), routed_fraction(moe, CODE)
     assert on_math[0] > on_math[1] and on_code[1] > on_code[0], (on_math, on_code)
     manifest = json.loads((out / "merge_manifest.json").read_text())
     tokens = sum(len(p.split()) + 1 for p in MATH + CODE)
     assert manifest["gates"]["prompts"][0] == {"expert": "experts[0]", "prompts": 6, "tokens": tokens}
+
+
+def last_token_inputs(base: Path, prompts: list[str]) -> torch.Tensor:
+    """(L, d) bfloat16, mergekit-moe's `hidden`: the bfloat16 model on one batch left-padded with BOS (id 1),
+    each layer's input at the last position, averaged over the prompts in bfloat16."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+    ids = {w: i for i, w in enumerate(WORDS)}
+    rows = [[1] + [ids[w] for w in prompt.split()] for prompt in prompts]
+    width = max(map(len, rows))
+    tokens = torch.tensor([[1] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        states = torch.stack(model(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[:-1])
+    last = states[:, :, -1, :]
+    return last.sum(dim=1) / last.shape[1]
 
 
 def test_cheap_embed_gates_are_normalised_embedding_sums(zoo, tmp_path):
@@ -261,7 +286,7 @@ def test_cheap_embed_gates_are_normalised_embedding_sums(zoo, tmp_path):
     row1 = unit(unit(embed[[1, 30 + 4]].sum(dim=0)) - unit(embed[[1, 4 + 4]].sum(dim=0)))
     written = load_file(out / "model.safetensors")
     for layer in range(2):
-        assert torch.allclose(written[f"model.layers.{layer}.block_sparse_moe.gate.weight"],
+        assert torch.allclose(written[f"model.layers.{layer}.mlp.gate.weight"],
                               torch.stack([row0, row1]), atol=1e-6)
 
 
@@ -275,12 +300,12 @@ def test_seeded_gates_and_noise_are_reproducible(zoo, tmp_path, mode):
         code, out = build(tmp_path, config, "--seed", seed, name=name)
         assert code == 0
         runs[name] = load_file(out / "model.safetensors")
-    gate = "model.layers.0.block_sparse_moe.gate.weight"
-    noisy = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    gate, fused = "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj"
+    noisy = {run: tensors[fused][0, :32] for run, tensors in runs.items()}   # expert 0's gate_proj rows
     assert all(torch.equal(runs["a"][n], runs["b"][n]) for n in runs["a"])
-    assert not torch.equal(runs["a"][gate], runs["c"][gate]) and not torch.equal(runs["a"][noisy], runs["c"][noisy])
-    assert not torch.equal(runs["a"][gate], runs["a"]["model.layers.1.block_sparse_moe.gate.weight"])
-    gates = torch.stack([runs["a"][f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(2)])
+    assert not torch.equal(runs["a"][gate], runs["c"][gate]) and not torch.equal(noisy["a"], noisy["c"])
+    assert not torch.equal(runs["a"][gate], runs["a"]["model.layers.1.mlp.gate.weight"])
+    gates = torch.stack([runs["a"][f"model.layers.{i}.mlp.gate.weight"] for i in range(2)])
     assert gates.shape == (2, 3, 16)
     if mode == "uniform_random":
         bound = 1 / math.sqrt(16)
@@ -288,10 +313,9 @@ def test_seeded_gates_and_noise_are_reproducible(zoo, tmp_path, mode):
     else:
         assert 0.8 < gates.std() < 1.2
     source = load_file(zoo["llama_ft0"] / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"]
-    noise = runs["a"][noisy] - source
+    noise = noisy["a"] - source
     assert 0.008 < noise.std() < 0.012
-    clean = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
-    assert torch.equal(runs["a"][clean], load_file(zoo["llama_ft1"] / "model.safetensors")[
+    assert torch.equal(runs["a"][fused][1, :32], load_file(zoo["llama_ft1"] / "model.safetensors")[
         "model.layers.0.mlp.gate_proj.weight"])
 
 

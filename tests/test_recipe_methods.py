@@ -106,9 +106,10 @@ def test_recipe_names_resolve_to_mergekit_semantics_while_flags_keep_the_paper()
     assert get_method("ties").name == "ties_merging"                  # merge_models.py --method ties: the paper
     assert set(RECIPE_METHODS) >= {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
                                    "passthrough", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                                   "model_stock", "nearswap"}
-    with pytest.raises(MergeError, match="unknown merge_method 'karcher'"):
-        get_recipe_method("karcher")
+                                   "model_stock", "nearswap", "nuslerp", "multislerp", "karcher", "sce",
+                                   "arcee_fusion", "ram", "ramplus_tl"}
+    with pytest.raises(MergeError, match="unknown merge_method 'frankenmerge'"):
+        get_recipe_method("frankenmerge")
 
 
 def test_ties_method_through_the_registry_reads_per_input_parameters():

@@ -14,6 +14,10 @@ Recognised files (each records its resolved config next to its metrics):
 * the LLM scripts: ``save_gen_*_results/[<tasks>/]<dataset>/<save_name>/summary.json`` with ``metrics``
   (accuracy or pass@1), ``seed`` and ``config.arguments`` (the command line) → kind ``drop`` for
   inference_llms_instruct_math_code.py, ``merge`` for merge_llms_instruct_math_code.py.
+* ``evaluate_lm_eval.py`` (lm-evaluation-harness): ``save_lm_eval_results/<name>/summary.json`` with per task
+  the metrics under lm-eval's keys (``exact_match,strict-match``, ``acc,none``, ``answer_nll,none``) and the
+  task's ``main_metric`` → one row per key, task = the lm-eval task; kind ``merge`` (method from the folder's
+  merge manifest) or ``drop`` at p = 0 (the model as it is).
 
 Variant of a drop setting (the paper's names): p = 0 → ``fine-tuned``; fine-tuned weights dropped
 (``weight_format = finetuned_weight``) → ``fine-tuned weights``; magnitude → ``magnitude``; random with
@@ -34,7 +38,8 @@ COLUMNS = ["source", "domain", "script", "kind", "model", "task", "tasks", "meth
            "rescale", "mask_strategy", "weight_format", "seed", "setting", "split", "metric", "is_main", "value"]
 TIMING_SPLIT = "timing"   # merge rows of wall times (metric merge_time_s / search_time_s), not scores
 GLUE_ROOTS = ("save_model_results", "save_merge_results")
-LLM_ROOTS = ("save_gen_instruct_responses_results", "save_gen_codes_results", "save_gen_math_results")
+LLM_ROOTS = ("save_gen_instruct_responses_results", "save_gen_codes_results", "save_gen_math_results",
+             "save_lm_eval_results")
 LLM_MAIN = {"gsm8k": "accuracy", "MATH": "accuracy", "human_eval": "pass@1", "mbpp": "pass@1"}
 LLM_COUNTS = {"num_examples", "num_correct", "num_invalid"}
 AVERAGE = "average"
@@ -117,6 +122,8 @@ class Collector:
             return self._glue_merge
         if script == "glue_multitask_benchmark.py" and payload.get("kind") == "constant_baseline":
             return self._constant_baseline
+        if script == "evaluate_lm_eval.py" and isinstance(payload.get("tasks"), dict):
+            return self._lm_eval
         if {"dataset", "metrics", "config"} <= set(payload) and isinstance(payload.get("config"), dict) \
                 and "arguments" in payload["config"]:
             return self._llm
@@ -224,6 +231,20 @@ class Collector:
                      "weight_format": weight_format, "seed": payload.get("seed", arguments.get("seed"))})
         metrics = {k: v for k, v in payload["metrics"].items() if k not in LLM_COUNTS}
         return self._metric_rows(base, "test", metrics, LLM_MAIN.get(dataset))
+
+    def _lm_eval(self, payload: dict) -> list[dict]:
+        merge = payload.get("merge")
+        tasks = list(payload["tasks"])
+        base = {"domain": "llm", "script": "evaluate_lm_eval.py", "model": short_name(payload["model"]),
+                "tasks": "+".join(tasks), "drop_rate": 0.0, "seed": payload.get("seed")}
+        if merge:
+            base.update({"kind": "merge", "method": merge.get("method") or "merge", "dare": False, "variant": "none"})
+        else:
+            base.update({"kind": "drop", "method": "drop", "dare": False, "variant": "fine-tuned"})
+        rows = []
+        for task, entry in payload["tasks"].items():
+            rows += self._metric_rows({**base, "task": task}, "test", entry["metrics"], entry.get("main_metric"))
+        return rows
 
 
 def result_files(folder: Path) -> Iterable[Path]:

@@ -22,9 +22,10 @@ from utils.aggregation.collect import AVERAGE
 GROUP_EXCLUDED = ("source", "seed", "setting", "value")
 VARIANT_ORDER = ["fine-tuned", "DARE", "DropOnly", "magnitude", "magnitude + rescale", "fine-tuned weights",
                  "fine-tuned weights (no rescale)"]
-METHOD_ORDER = ["average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging"]
+METHOD_ORDER = ["average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "regmean_plusplus", "ties_merging"]
 METHOD_LABELS = {"average_merging": "Average Merging", "task_arithmetic": "Task Arithmetic",
-                 "fisher_merging": "Fisher Merging", "regmean_merging": "RegMean", "ties_merging": "TIES-Merging"}
+                 "fisher_merging": "Fisher Merging", "regmean_merging": "RegMean", "regmean_plusplus": "RegMean++",
+                 "ties_merging": "TIES-Merging"}
 
 
 def group_rows(rows: list[dict]) -> list[dict]:

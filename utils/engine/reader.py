@@ -348,3 +348,28 @@ def resolve_checkpoint(name_or_path: str, allow_pickle: bool = False) -> Path:
     except Exception as error:  # network, auth, unknown repo: report them all the same way
         raise CheckpointError(f"{name_or_path}: not a local folder, and fetching it from the Hugging Face "
                               f"hub failed ({type(error).__name__}: {error})") from error
+
+
+def open_checkpoint(source: str, allow_pickle: bool = False):
+    """(folder, reader) of a model source: a checkpoint folder or hub id (CheckpointReader), or mergekit's
+    ``base+adapter``: the base's folder and a reader that folds the PEFT LoRA adapter in per tensor."""
+    from utils.lora.adapter import split_adapter_source
+
+    base_source, adapter_source = split_adapter_source(source)
+    folder = resolve_checkpoint(base_source, allow_pickle)
+    reader = CheckpointReader(folder, allow_pickle)
+    if adapter_source is None:
+        return folder, reader
+    return folder, adapted_reader(reader, folder, base_source, adapter_source, allow_pickle)
+
+
+def adapted_reader(reader: CheckpointReader, folder: Path, base_source: str, adapter_source: str,
+                   allow_pickle: bool = False):
+    """`reader` with the PEFT LoRA adapter `adapter_source` (folder or hub id) folded in per tensor
+    (utils.lora.fold.AdaptedReader: the same interface; W + scale·B·A for adapted tensors, PEFT's
+    merge_and_unload() values). Raises AdapterError (a CheckpointError) for an adapter that does not fit."""
+    from utils.lora.adapter import LoraAdapter, resolve_adapter
+    from utils.lora.fold import AdaptedReader
+
+    adapter = LoraAdapter(resolve_adapter(adapter_source), adapter_source, allow_pickle)
+    return AdaptedReader(reader, folder, base_source, adapter)

@@ -35,8 +35,8 @@ from utils.records import (OutputExistsError, library_versions, overlapping_path
 
 from .allocator import tune_allocator
 from .choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
-from .reader import (WEIGHT_SUFFIXES, CheckpointReader, file_sha256, known_sha256, remember_sha256,
-                     resolve_checkpoint)
+from .reader import (WEIGHT_SUFFIXES, CheckpointReader, file_sha256, known_sha256, open_checkpoint,
+                     remember_sha256, resolve_checkpoint)
 from .writer import PlannedTensor, ShardedSafetensorsWriter
 
 PIECE = SEGMENT  # elements per streamed piece of a large tensor (4 MiB in float32: temporaries stay in cache)
@@ -314,12 +314,12 @@ def _task_vector_norms(inputs: Inputs, resolved: ResolvedJob, names: list[str],
 def _open_inputs(job: StreamMergeJob) -> Inputs:
     sources = ([job.base_model] if job.base_model else []) + list(job.models)
     labels = (["base"] if job.base_model else []) + [f"model {i}" for i in range(len(job.models))]
-    folders = [resolve_checkpoint(s, job.allow_pickle) for s in sources]
+    opened = [open_checkpoint(s, job.allow_pickle) for s in sources]   # 'base+adapter': LoRA folded per tensor
+    folders, readers = [folder for folder, _ in opened], [reader for _, reader in opened]
     resolved = dict(zip(labels, folders))
     if job.files_from:
         resolved["files_from"] = resolve_checkpoint(job.files_from, job.allow_pickle)
     _check_output_is_not_an_input(job, resolved)
-    readers = [CheckpointReader(folder, job.allow_pickle) for folder in folders]
     return Inputs(labels, sources, readers, job.base_model is not None)
 
 

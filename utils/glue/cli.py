@@ -9,7 +9,8 @@ from utils.cli import config_path_from_argv
 from utils.glue.data import GlueDataError, load_glue_config
 
 # Declared here, not in search.py, so that the scripts' parsers need no torch (fast --help).
-BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging", "norm_adaptive")
+BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "regmean_plusplus", "ties_merging",
+                "norm_adaptive")
 MERGING_METHODS = (*BASE_METHODS, "mask_merging")
 MASK_SEARCHES = ("per_task", "wide")   # mask_merging: each task on its own best base setting (the original), or wider
 WINNERS = ("all", "mean")   # which winners a merge search selects (and scores on test)

@@ -44,11 +44,12 @@ from utils.glue.cli import BASE_METHODS, MASK_SEARCHES, MERGING_METHODS  # noqa:
 from utils.glue.checkpoints import load_classifier, model_short_name, task_checkpoint
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score
-from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices
+from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices, regmean_plusplus_merge
 from utils.glue.training import encode_split, evaluate_task, make_loader
 from utils.records import library_versions, write_json_atomic
 
-STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples"}
+STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples",
+                   "regmean_plusplus": "nums_regmean_examples"}
 DEFAULT_MERGE_SEED = 0   # configs/glue.yaml merging.seed; another seed is named in mask_merging's result files
 
 
@@ -135,7 +136,7 @@ def merge_options(method: str, setting: dict, num_models: int, methods: MethodOp
             fisher_normalize=bool(methods.normalize_fisher_weight),
             fisher_eps=float(methods.minimal_fisher_weight),
         )
-    if method == "regmean_merging":
+    if method in ("regmean_merging", "regmean_plusplus"):
         return MergeOptions(regmean_alpha=float(setting["reduce_non_diagonal_ratio"]))
     if method == "norm_adaptive":  # the norms: ‖δ_k‖₂ over the merged (non-head) tensors, computed by the library
         return MergeOptions(scaling_coefficient=float(setting["scaling_coefficient"]), norm_mode=str(setting["norm_mode"]),
@@ -257,8 +258,17 @@ class MergeSearch:
         counts = None
         if method in STATISTICS_AXIS:
             counts = per_model_examples(setting[STATISTICS_AXIS[method]], len(self.members), STATISTICS_AXIS[method])
-        statistics = self.statistics(method, counts, rate, states) if counts else None
         options = merge_options(method, setting, len(self.members), self.options.methods)
+        started = time.perf_counter()
+        if method == "regmean_plusplus":   # statistics and merge interleave, block by block (its time is the merge's)
+            merged = regmean_plusplus_merge([m.model for m in self.members], [self.with_own_head(m, s) for m, s in zip(self.members, states)],
+                                            self.base_state, [m.statistics_loader for m in self.members], counts, options.regmean_alpha,
+                                            self.device, exclude_regex=self.exclude_regex, progress=self.options.progress)
+            for member in self.members:
+                member.model.load_state_dict(member.state)
+            self.last_timing["merge_time_s"] = time.perf_counter() - started
+            return merged
+        statistics = self.statistics(method, counts, rate, states) if counts else None
         started = time.perf_counter()
         parameters = merge_parameters(method, setting)
         merged = merge_state_dicts(method, self.base_state, states, options, seed=self.options.seed, statistics=statistics,
@@ -379,9 +389,9 @@ def cli_setting(method: str, flags: FlagSetting) -> dict:
         if flags.fisher_scaling_coefficients is not None:
             setting["fisher_scaling_coefficients"] = list(flags.fisher_scaling_coefficients)
         return setting
-    if method == "regmean_merging":
+    if method in ("regmean_merging", "regmean_plusplus"):
         if flags.nums_regmean_examples is None:
-            raise ValueError("regmean_merging with --merge_grid none needs --nums_regmean_examples")
+            raise ValueError(f"{method} with --merge_grid none needs --nums_regmean_examples")
         return {"nums_regmean_examples": list(flags.nums_regmean_examples), "reduce_non_diagonal_ratio": flags.reduce_non_diagonal_ratio}
     if method == "norm_adaptive":
         return {"scaling_coefficient": flags.scaling_coefficient, "norm_mode": flags.norm_mode,

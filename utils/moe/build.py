@@ -315,6 +315,15 @@ def _plan(job: MoEJob, layout: Layout, base: Model, experts: list[Model], shared
     def from_expert(model: Model, expert: ExpertConfig, index: int, source: str, target: str, residual: bool):
         return lambda: expert_tensor(model.reader.get(source), expert, residual, job.seed, index, target, out_dtype)
 
+    def fused_experts(prefix: str, parts: tuple[str, ...]) -> torch.Tensor:
+        # expert e's slice: its projections concatenated along rows (gate then up), as transformers 5 fuses them;
+        # noise is drawn per expert under the per-expert name (mergekit-moe's name before the conversion)
+        return torch.stack([torch.cat([from_expert(model, expert, index, f"{prefix}mlp.{part}.weight",
+                                                   layout.expert_name(prefix, index, part), part == "down_proj")()
+                                       for part in parts]) for index, (model, expert) in
+                            enumerate(zip(experts, config.experts))])
+
+    fused_added: set[str] = set()
     names = set(base.reader.names())
     for name in base.reader.names():
         dtype, shape = base.reader.info(name)
@@ -338,9 +347,18 @@ def _plan(job: MoEJob, layout: Layout, base: Model, experts: list[Model], shared
                 plan.add(layout.shared_router_name(layer), out_dtype, tuple(shared_gates[layer].shape),
                          lambda gate=shared_gates[layer]: gate.to(out_dtype))
         residual = projection == "down_proj"
-        for index, (model, expert) in enumerate(zip(experts, config.experts)):
-            target = layout.expert_name(prefix, index, projection)
-            plan.add(target, out_dtype, shape, from_expert(model, expert, index, name, target, residual))
+        if layout.fused:
+            fused = layout.fused_name(prefix, projection)
+            if fused not in fused_added:
+                fused_added.add(fused)
+                parts = ("down_proj",) if residual else ("gate_proj", "up_proj")
+                rows = sum(base.reader.info(f"{prefix}mlp.{part}.weight")[1][0] for part in parts)
+                plan.add(fused, out_dtype, (len(experts), rows, shape[1]),
+                         lambda prefix=prefix, parts=parts: fused_experts(prefix, parts))
+        else:
+            for index, (model, expert) in enumerate(zip(experts, config.experts)):
+                target = layout.expert_name(prefix, index, projection)
+                plan.add(target, out_dtype, shape, from_expert(model, expert, index, name, target, residual))
         for offset, (model, expert) in enumerate(zip(shared, config.shared_experts or [])):
             target = layout.shared_name(prefix, projection)
             plan.add(target, out_dtype, shape,

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
-PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "hidden_mean", "cheap_embed", "random", "uniform_random")
+PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "hidden_mean", "cheap_embed")
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # mergekit-moe picks an output architecture by prefix of its display name ("Mixtral", "Qwen MoE", "Qwen3 MoE"),
 # so its users write "qwen" and "qwen3"; those spellings are accepted here too.

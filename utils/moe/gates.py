@@ -3,12 +3,17 @@
 For layer l the router maps a token's hidden state x (d) to one logit per expert, logits = G_l x, with
 G_l of shape (E, d). The modes follow mergekit-moe's router module (its `get_gate_params`):
 
-* ``hidden`` (= ``hidden_avg``): run the base model on each expert's prompts (each prompt preceded by the
-  tokenizer's BOS token); per layer l take h_l, the residual stream entering layer l (hidden_states[l] of
-  transformers, l = 0..L-1), averaged over the prompt's tokens and then over the prompts:
-  g_l = normalize(mean_pos h_l − mean_neg h_l) (the negative term only when negative prompts are given).
-* ``hidden_last``: the same with the last token's h_l instead of the token average (what mergekit-moe's
-  ``hidden`` computes).
+* ``hidden`` (= ``hidden_last``), mergekit-moe's: the base model in bfloat16 runs on each expert's prompts as
+  one batch (each prompt preceded by the tokenizer's BOS token as text, left-padded with the BOS token, or
+  EOS where there is none); per layer l take h_l, the residual stream entering layer l (hidden_states[l] of
+  transformers, l = 0..L-1), at the last position, averaged over the prompts in bfloat16:
+  g_l = normalize(mean_pos h_l − mean_neg h_l), all in bfloat16 (the negative term only when negative
+  prompts are given), exactly as mergekit-moe 0.1.5's ``get_gate_params``.
+* ``hidden_avg``, mergekit-moe's: the same, with h_l averaged over the padded batch's positions (pad
+  positions included, as mergekit-moe does) instead of the last one.
+* ``hidden_mean`` (this project's; before this name existed it was ``hidden``): the base model in its own
+  dtype, each prompt alone (no padding), h_l averaged over the prompt's tokens in float32, then over the
+  prompts.
 * ``cheap_embed``: the token embeddings instead of hidden states, the same vector in every layer:
   g = normalize(normalize(Σ_pos e_t) − normalize(Σ_neg e_t)).
 * ``random``: N(0, 1) entries; ``uniform_random``: U(−1/√d, 1/√d) (torch.nn.Linear's default init).
@@ -63,8 +68,12 @@ class PromptStatistics:
     tokens: int = 0
 
 
+MERGEKIT_HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
+
+
 class PromptEncoder:
-    """Per-layer summaries of prompts: hidden-state averages (or last tokens) of the base model, or embeddings."""
+    """Per-layer summaries of prompts: hidden states of the base model (mergekit-moe's batched bfloat16 pass, or
+    this project's per-prompt float32 mean), or token embeddings."""
 
     def __init__(self, mode: str, model_path, embeddings: torch.Tensor | None, num_layers: int, device: str):
         from transformers import AutoTokenizer
@@ -73,10 +82,17 @@ class PromptEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = None
         self.embeddings = embeddings
+        if mode in MERGEKIT_HIDDEN_MODES:
+            # mergekit-moe: left padding with the BOS token (EOS where there is none)
+            self.tokenizer.padding_side = "left"
+            self.tokenizer.pad_token_id = self.tokenizer.bos_token_id
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
         if mode != "cheap_embed":
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(self.device).eval()
+            dtype = torch.bfloat16 if mode in MERGEKIT_HIDDEN_MODES else "auto"
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
 
     def token_ids(self, prompt: str) -> torch.Tensor:
         # mergekit-moe: the BOS token as text, then the prompt, with no other special tokens
@@ -86,16 +102,30 @@ class PromptEncoder:
         return torch.tensor([ids], device=self.device)
 
     @torch.no_grad()
+    def hidden_batch(self, prompts: list[str], stats: PromptStatistics) -> torch.Tensor:
+        """(L, d) in bfloat16, mergekit-moe's ``get_hidden_states``: one left-padded batch; per layer the last
+        position's (or, for hidden_avg, the padded positions' mean) hidden state, averaged over the prompts."""
+        batch = self.tokenizer([(self.tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt",
+                               padding=True, add_special_tokens=False).to(self.device)
+        stats.prompts += len(prompts)
+        stats.tokens += int(batch["attention_mask"].sum())
+        states = torch.stack(self.model(**batch, output_hidden_states=True, return_dict=True).hidden_states[:-1])
+        if self.mode == "hidden_avg":
+            states = states.sum(dim=2) / states.shape[2]       # (L, B, d): pad positions included
+        else:
+            states = states[:, :, -1, :]
+        return states.sum(dim=1) / states.shape[1]
+
+    @torch.no_grad()
     def hidden_mean(self, prompts: list[str], stats: PromptStatistics) -> torch.Tensor:
-        """(L, d): per layer, the mean over prompts of the token-averaged (or last-token) layer input."""
+        """(L, d) float32: per layer, the mean over prompts of the token-averaged layer input (hidden_mean)."""
         total = None
         for prompt in prompts:
             ids = self.token_ids(prompt)
             stats.prompts += 1
             stats.tokens += ids.shape[1]
             states = self.model(input_ids=ids, output_hidden_states=True).hidden_states[:-1]
-            stacked = torch.stack([state[0].float() for state in states])          # (L, T, d)
-            summary = stacked[:, -1] if self.mode == "hidden_last" else stacked.mean(dim=1)
+            summary = torch.stack([state[0].float() for state in states]).mean(dim=1)     # (L, d)
             total = summary if total is None else total + summary
         return total / len(prompts)
 
@@ -118,9 +148,10 @@ class PromptEncoder:
             if negative:
                 vector = vector - self.embedding_direction(negative, stats)
             return normalize(vector).expand(self.num_layers, -1).clone()
-        vectors = self.hidden_mean(positive, stats)
+        summarize = self.hidden_batch if self.mode in MERGEKIT_HIDDEN_MODES else self.hidden_mean
+        vectors = summarize(positive, stats)
         if negative:
-            vectors = vectors - self.hidden_mean(negative, stats)
+            vectors = vectors - summarize(negative, stats)
         return normalize(vectors)
 
     def close(self) -> None:
@@ -129,7 +160,7 @@ class PromptEncoder:
 
 
 def prompt_gates(encoder: PromptEncoder, experts) -> tuple[torch.Tensor, list[dict]]:
-    """(L, n, d) float32 router rows, one per expert config, on the CPU; and per-expert prompt statistics."""
+    """(L, n, d) router rows (bfloat16 for mergekit-moe's hidden modes, else float32), one per expert config, on the CPU; and per-expert prompt statistics."""
     rows, described = [], []
     for expert in experts:
         stats = PromptStatistics()

@@ -2,9 +2,12 @@
 
 Each layout is one declaration (data, no branching elsewhere): which dense model types it accepts, where
 an expert's gate/up/down projections go, the router's name, the shared expert (Qwen2-MoE), tensors the
-base may carry besides the MLP, and the MoE fields of the output config. Tensors are written in the
-per-expert layout of the published checkpoints (``...experts.3.w1.weight``); transformers 5 fuses them on
-load and vLLM reads them as they are.
+base may carry besides the MLP, and the MoE fields of the output config. Tensor names follow what
+mergekit-moe 0.1.5 writes with transformers 5 (so tools that read names see the same checkpoint): Mixtral and
+Qwen3-MoE in the fused layout of transformers 5 (``mlp.experts.gate_up_proj`` of shape (E, 2I, d) with expert
+e's gate rows then its up rows, ``mlp.experts.down_proj`` (E, d, I), the router ``mlp.gate.weight``), Qwen2-MoE
+per expert (``mlp.experts.3.gate_proj.weight``), as mergekit-moe's Qwen2 writer copies them; transformers 5
+fuses those on load.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class Layout:
     model_class: str                      # config.architectures[0] of the output
     base_model_types: tuple[str, ...]     # dense model_type values this layout is built from
     shared_experts: int                   # how many shared experts the layout has (exactly)
-    expert: str                           # expert tensor, relative to "model.layers.N."
+    expert: str                           # one expert's tensor, relative to "model.layers.N." (per-expert name)
     projections: dict[str, str]           # dense projection -> expert projection name
     router: str
     shared_expert: str | None = None
@@ -38,9 +41,14 @@ class Layout:
     extra_tensors: tuple[str, ...] = ()   # regexes of other base tensors the layout has a place for
     moe_fields: dict = field(default_factory=dict)  # fixed config values; see output_config for the counts
     experts_key: str = "num_experts"
+    fused: bool = False                   # experts written as transformers 5's fused gate_up_proj / down_proj
 
     def expert_name(self, prefix: str, expert: int, projection: str) -> str:
         return prefix + self.expert.format(expert=expert, proj=self.projections[projection]) + ".weight"
+
+    def fused_name(self, prefix: str, projection: str) -> str:
+        """The fused tensor a projection goes into: "gate_up_proj" (gate_proj, up_proj) or "down_proj"."""
+        return prefix + ("mlp.experts.down_proj" if projection == "down_proj" else "mlp.experts.gate_up_proj")
 
     def shared_name(self, prefix: str, projection: str) -> str:
         return prefix + self.shared_expert.format(proj=projection) + ".weight"
@@ -60,9 +68,9 @@ LAYOUTS = {
     "mixtral": Layout(
         name="mixtral", config_class="MixtralConfig", model_class="MixtralForCausalLM",
         base_model_types=("llama", "mistral"), shared_experts=0,
-        expert="block_sparse_moe.experts.{expert}.{proj}",
+        expert="mlp.experts.{expert}.{proj}",
         projections={"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
-        router="block_sparse_moe.gate", experts_key="num_local_experts"),
+        router="mlp.gate", experts_key="num_local_experts", fused=True),
     "qwen2_moe": Layout(
         name="qwen2_moe", config_class="Qwen2MoeConfig", model_class="Qwen2MoeForCausalLM",
         base_model_types=("llama", "mistral", "qwen2"), shared_experts=1,
@@ -77,6 +85,7 @@ LAYOUTS = {
         name="qwen3_moe", config_class="Qwen3MoeConfig", model_class="Qwen3MoeForCausalLM",
         base_model_types=("qwen3",), shared_experts=0,
         expert="mlp.experts.{expert}.{proj}", projections={p: p for p in PROJECTIONS}, router="mlp.gate",
+        fused=True,
         extra_tensors=(r"model\.layers\.\d+\.self_attn\.[qk]_norm\.weight",
                        r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias"),
         moe_fields={"decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": [],

@@ -19,7 +19,7 @@ def model_card(recipe: Recipe, recipe_text: str, output_name: str, version: str,
               "## Merge method", ""]
     paper = f"[{method.paper}]({method.url})" if method.url else method.paper
     base = ModelRef.parse(recipe.base_model) if recipe.base_model else None
-    using = f", with {base} as the base" if base is not None and method.base == "required" else ""
+    using = f", with {base} as the base" if base is not None and method.base in ("required", "optional") else ""
     lines += [f"**{method.pretty_name}** (`{method.name}`, mergekit semantics): {paper}{using}.", "",
               "## Input models", ""]
     for ref in refs:

@@ -103,13 +103,19 @@ def _check_method(method: RecipeMethod, piece: _Slice) -> Optional[str]:
     duplicate = next((m for m in models if models.count(m) > 1), None)
     if duplicate:
         raise RecipeError(f"{piece.path}: model {duplicate!r} is listed twice")
-    base = piece.base if method.base == "required" else None
-    if method.base == "required":
-        if base is None:
-            raise RecipeError(f"{piece.path}: merge_method {method.name} needs a base_model")
-        if base not in models:
-            raise RecipeError(f"{piece.path}: base_model {base!r} must be one of this slice's sources for "
-                              f"{method.name}")
+    base = piece.base if method.base in ("required", "optional") else None
+    if method.base == "required" and base is None:
+        raise RecipeError(f"{piece.path}: merge_method {method.name} needs a base_model")
+    if base is not None and base not in models:
+        raise RecipeError(f"{piece.path}: base_model {base!r} must be one of this slice's sources for "
+                          f"{method.name}")
+    others = len(models) - (base is not None)
+    if others < method.min_non_base or (method.max_non_base is not None and others > method.max_non_base):
+        need = (f"exactly {method.min_non_base}" if method.min_non_base == method.max_non_base else
+                f"at most {method.max_non_base}" if method.max_non_base is not None and others > method.max_non_base
+                else f"at least {method.min_non_base}")
+        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models besides the "
+                          f"base_model; got {others}: {', '.join(m for m in models if m != base)}")
     if len(models) < method.min_inputs or (method.max_inputs is not None and len(models) > method.max_inputs):
         need = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
                 f"at most {method.max_inputs}" if method.max_inputs is not None and len(models) > method.max_inputs
@@ -219,6 +225,8 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
             promoted = torch.promote_types(promoted, d)
         compute_dtype = compute or promoted
         dtype = out_dtype or compute_dtype
+        if method.float32_result and not passthrough and out_dtype is None:   # mergekit saves its float32 result
+            dtype = torch.promote_types(compute_dtype, torch.float32)
     else:
         compute_dtype = dtype = dtypes[0]
     params, per_input = {}, {}

@@ -31,7 +31,8 @@ from model_merging_methods.recipe_registry import get_recipe_method
 from model_merging_methods.selection import PIECE as SELECTION_PIECE
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
-from utils.engine.reader import WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, resolve_checkpoint
+from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, adapted_reader,
+                                 resolve_checkpoint)
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.records import library_versions, overlapping_path, write_folder_atomic
 
@@ -162,6 +163,9 @@ def _open(recipe: Recipe, folders: dict[str, Path], allow_pickle: bool) -> dict[
         folder = folders[ref] if ref in folders else folders[ModelRef.parse(ref).path]  # a document's name
         try:
             reader = CheckpointReader(folder, allow_pickle)
+            adapter = ModelRef.parse(ref).adapter
+            if adapter is not None:   # base+adapter: the LoRA is folded in per tensor as it is read
+                reader = adapted_reader(reader, folder, ModelRef.parse(ref).path, adapter, allow_pickle)
         except CheckpointError as error:
             raise RecipeError(f"model {ref}: {error}") from None
         inputs[ref] = InputModel(ref, Path(folder), reader, infer_layout(folder, reader.names(), f"model {ref}"), index)

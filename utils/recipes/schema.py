@@ -81,22 +81,27 @@ class _Strict(BaseModel):
 
 
 class ModelRef(BaseModel):
-    """`path_or_hub_id[@revision]` (LoRA `+adapter` references are refused)."""
+    """`path_or_hub_id[@revision][+adapter]`: mergekit's `base+adapter` reads the base with a PEFT LoRA
+    adapter (folder or hub id) folded in per tensor (utils/lora/fold.py)."""
 
     path: str
     revision: Optional[str] = None
+    adapter: Optional[str] = None
 
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
-        if "+" in text:
-            raise ValueError(f"{text!r}: LoRA references (model+adapter) are not supported; merge the adapter first")
+        adapter = None
+        if "+" in text and not Path(text).expanduser().is_dir():
+            text, _, adapter = text.rpartition("+")
+            if not text or not adapter:
+                raise ValueError(f"{text}+{adapter}: a LoRA reference is 'base+adapter' (both parts non-empty)")
         path, _, revision = text.partition("@")
         if not path:
             raise ValueError(f"{text!r}: empty model reference")
-        return cls(path=path, revision=revision or None)
+        return cls(path=path, revision=revision or None, adapter=adapter)
 
     def __str__(self) -> str:
-        return self.path + (f"@{self.revision}" if self.revision else "")
+        return self.path + (f"@{self.revision}" if self.revision else "") + (f"+{self.adapter}" if self.adapter else "")
 
 
 def _model_ref(value: Any) -> str:

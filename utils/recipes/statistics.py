@@ -1,8 +1,10 @@
 """Whole-tensor statistics for streaming a sparsifying GTA merge (ties, breadcrumbs*, dare_* with rescale)
-or a slerp in flat pieces, so that a recipe's peak memory stays a few pieces whatever the tensor size.
+a slerp or a ramplus_tl in flat pieces, so that a recipe's peak memory stays a few pieces whatever the tensor size.
 
 Slerp needs the norms of both tensors and then their normalised dot product, each reduced over 2^20-element
 chunks in mergekit's order: one pass per reduction, then the pieces are merged with the two coefficients.
+
+ramplus_tl needs each model's counts of shared and unique entries: one pass adds them up (integers).
 
 Each non-base input's sparsification of a tensor depends on the whole tensor in two ways only:
 - a rank cut (TIES' top-k, Breadcrumbs' window): the order statistics of |δ| it needs are found by radix
@@ -25,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from model_merging_methods import recipe_methods
+from model_merging_methods.mergekit_consensus import ramplus_tl_lambdas, ramplus_tl_piece_counts
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, accumulator_dtype, rescale_factor,
                                                   slerp_chunk_dots, slerp_chunk_norms, slerp_coefficients, slerp_norm)
@@ -92,7 +95,7 @@ class Prepared:
     """A tensor's statistics, and what each of its pieces' TensorGroupCall gets from them."""
 
     inputs: dict[str, PreparedInput]                             # GTA: per non-base input
-    coefficients: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # slerp
+    coefficients: Optional[tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = None   # slerp; ramplus_tl's λ
 
     def call_fields(self, index: int, span: Span, numel: int) -> dict:
         if self.coefficients is not None:
@@ -115,6 +118,8 @@ def prepare(method: RecipeMethod, base: str, per_input: dict[str, dict], params:
     if method.streaming == "slerp":
         return Prepared({}, _slerp_coefficients(base, next(k for k in per_input if k != base), params["t"], load,
                                                 accumulator_dtype(dtype), spans, pool, in_flight))
+    if method.streaming == "ramplus":
+        return Prepared({}, _ramplus_lambdas(base, params, load, spans, pool, in_flight))
     return Prepared(_prepare_gta(method, base, per_input, params, slots, load, numel, spans, pool, in_flight))
 
 
@@ -145,6 +150,26 @@ def _slerp_coefficients(base: str, other: str, t: float, load: Load, accumulator
 
     map_in_order(pool, spans, chunk_dots, dots.extend, in_flight)
     return slerp_coefficients(dots, t, accumulator)
+
+
+def _ramplus_lambdas(base: str, params: dict, load: Load, spans: list[Span], pool: ThreadPoolExecutor,
+                     in_flight: int) -> torch.Tensor:
+    """ramplus_tl's per-model λ from the whole tensor's shared / unique counts, summed over one pass."""
+    totals: list[torch.Tensor] = []
+
+    def counts(span: Span) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = load(span)
+        return ramplus_tl_piece_counts(tensors[base], [t for k, t in tensors.items() if k != base], params["epsilon"])
+
+    def add(result: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if totals:
+            totals[0] += result[0]
+            totals[1] += result[1]
+        else:
+            totals.extend(result)
+
+    map_in_order(pool, spans, counts, add, in_flight)
+    return ramplus_tl_lambdas(totals[0], totals[1], params["r"], params["alpha"], params["epsilon"])
 
 
 def _prepare_gta(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict,

@@ -1,0 +1,224 @@
+"""mergekit 0.1.5's task-vector methods sce, ram, ramplus_tl and arcee_fusion (recipe names, its semantics).
+
+Each function merges one output tensor in the compute dtype it is given (a recipe's `dtype`, else the
+promoted input dtype) with mergekit 0.1.5's arithmetic, operation by operation: the same torch operations
+on tensors of the same shapes and dtypes, so on the same torch build, device and thread count the bits
+are the same (scripts/compare_with_mergekit.py checks it; tests/test_mergekit_frontier.py checks the
+formulas). The one exception is arcee_fusion on tensors of more than 10^6 entries, where mergekit
+estimates quartiles from 10^6 entries drawn with its global RNG and we take the exact quartiles (see
+arcee_fusion_tensor). Our own code, written from the formulas below.
+
+Two of them return float32 for bfloat16 / float16 compute, as mergekit does (a float32 mask or scale
+meets the task vectors): ramplus_tl and arcee_fusion; mergekit then saves float32 tensors unless the
+recipe sets `out_dtype`, and so do we (RecipeMethod.float32_result).
+
+ram is elementwise (each output entry depends on the same entry of the inputs), so the recipe engine
+streams it in flat pieces; ramplus_tl needs each model's whole-tensor counts of shared and unique entries
+first (integers: any piece order gives the same counts, see ramplus_tl_lambdas).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .mergekit_spherical import _sum_lazily, checked
+from .recipe_methods import TensorGroupCall
+from .selection import kth_smallest
+
+
+# ----------------------------------------------------------------------------------------------
+# sce
+
+
+def sce_select_mask(task_vectors: torch.Tensor, select_topk: float, mask_dtype: torch.dtype) -> torch.Tensor:
+    """SCE "select": 1 at the k = int(c·select_topk) entries of largest variance across the models
+    (population variance over axis 0; c = the number of entries with non-zero variance), else 0.
+    select_topk ≤ 0: all 0; ≥ 1: all 1. Ties at the k-th variance: torch.topk's choice (as mergekit)."""
+    if select_topk <= 0:
+        return torch.zeros_like(task_vectors[0], dtype=mask_dtype)
+    if select_topk >= 1:
+        return torch.ones_like(task_vectors[0], dtype=mask_dtype)
+    variance = torch.var(task_vectors, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * select_topk)
+    if k == 0:
+        return torch.zeros_like(variance, dtype=mask_dtype)
+    _, indices = torch.topk(variance.abs().view(-1), k=k, largest=True)
+    mask = torch.zeros_like(variance, dtype=mask_dtype)
+    mask.view(-1)[indices] = 1
+    return mask
+
+
+def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+    """SCE "calculate": w_i = mean(δ_i²) / Σ_j mean(δ_j²) (the sum as a Python float); 1/n each when
+    |Σ_j mean(δ_j²)| < 1e-6. (One model's square at a time: the same per-row means as mergekit's
+    square of the stacked task vectors.)"""
+    weights = torch.stack([row.square().mean() for row in task_vectors.reshape(task_vectors.shape[0], -1)])
+    total = torch.sum(weights).item()
+    if abs(total) < 1e-6:
+        return torch.ones_like(weights) / weights.shape[0]
+    return weights / total
+
+
+def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: float = 1.0,
+               int8_mask: bool = False) -> torch.Tensor:
+    """SCE (Wan et al. 2024, FuseChat, arXiv 2408.07990) as mergekit 0.1.5 computes it:
+    δ_i = x_i − b; select: δ_i ← δ_i ⊙ sce_select_mask (select_topk < 1); calculate: w_i = sce_weights;
+    erase: s = sign(Σ_i δ_i) with 0 → +, e_i = [sign δ_i = s] (0 entries never agree);
+    y = b + Σ_i w_i e_i δ_i / max(Σ_i w_i e_i, 1e-6). No model weights, no density (the paper's
+    parameters are select_topk only). int8_mask stores the masks as int8 (memory; same values).
+    Memory: the stacked task vectors and one boolean per entry and model; the cross-model sums run one
+    model at a time (same bits as mergekit's sums over the stack)."""
+    if not others:
+        return base
+    mask_dtype = torch.int8 if int8_mask else base.dtype
+    task_vectors = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
+    for row, x in zip(task_vectors, others):
+        torch.sub(x, base, out=row)
+    if select_topk < 1:
+        task_vectors *= sce_select_mask(task_vectors, select_topk, mask_dtype).unsqueeze(0)
+    weights = sce_weights(task_vectors)
+    majority = (task_vectors.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    agree = [row.sign().to(mask_dtype) == majority for row in task_vectors]
+    del majority
+    # w_i·e_i is exactly w_i where model i agrees with the elected sign, else 0
+    erased = lambda: (torch.where(a, w, 0) for a, w in zip(agree, weights))  # noqa: E731
+    merged = _sum_lazily((row * e for row, e in zip(task_vectors, erased())), base)
+    del task_vectors
+    return base + merged / _sum_lazily(erased(), base).clamp(min=1e-6)
+
+
+def sce(call: TensorGroupCall) -> torch.Tensor:
+    return checked("sce", sce_tensor(call.tensors[call.base], [call.tensors[k] for k in call.non_base],
+                                     call.params["select_topk"], call.params["int8_mask"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# ram, ramplus_tl
+
+
+def _ram_parts(base: torch.Tensor, others: list[torch.Tensor], epsilon: float):
+    """Flattened task vectors δ [n, N], nonzero = |δ| > ε, per entry the number c of contributing
+    models, overlap = c > 1, unique = c = 1."""
+    task_vectors = torch.stack([x - base for x in others], dim=0).view(len(others), -1)
+    nonzero = task_vectors.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return task_vectors, nonzero, counts, counts > 1, counts == 1
+
+
+def ram_tensor(base: torch.Tensor, others: list[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM (Reinforced Agent Merging, arXiv 2601.13572), mergekit 0.1.5: per entry, of the task vectors
+    δ_i = x_i − b with |δ_i| > ε (c of them), y = b + δ_i when c = 1, b + Σ_i δ_i / c when c > 1, b when
+    c = 0 (entries with |δ_i| ≤ ε are dropped). Elementwise."""
+    if not others:
+        return base
+    task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
+    kept = task_vectors * nonzero
+    merged = ((kept * unique) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def ramplus_tl_counts(nonzero: torch.Tensor, overlap: torch.Tensor,
+                      unique: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per model i (int64): the entries where δ_i counts and c > 1 (shared), and where it is the only one
+    (unique). Integers: summing them over flat pieces in any order gives the whole tensor's counts."""
+    return (nonzero & overlap).sum(dim=1), (nonzero & unique).sum(dim=1)
+
+
+def ramplus_tl_lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float,
+                       epsilon: float) -> torch.Tensor:
+    """RAM+ (tensor-local) per-model scale of its unique entries, from ramplus_tl_counts over the whole
+    tensor: ρ_i = shared_i / max(unique_i, ε); λ_i = 1 + r·clamp(ρ_i, 0, α) (float32)."""
+    return 1 + r * (shared / unique.clamp(min=epsilon)).clamp(min=0, max=alpha)
+
+
+def ramplus_tl_tensor(base: torch.Tensor, others: list[torch.Tensor], r: float = 0.1, alpha: float = 0.2,
+                      epsilon: float = 1e-5, lambdas: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RAM+ tensor-local (mergekit 0.1.5's ramplus_tl): RAM with each model's unique entries scaled by
+    λ_i (ramplus_tl_lambdas of the whole tensor's counts): y = b + Σ_i λ_i δ_i [c = 1] + Σ_i δ_i [c > 1] / c.
+    The λ_i are float32, so the result is float32 for bfloat16 / float16 inputs (as mergekit's).
+    `lambdas`: the whole tensor's λ when this is a flat piece of it (the streamed form, same bits)."""
+    if not others:
+        return base
+    task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
+    if lambdas is None:
+        lambdas = ramplus_tl_lambdas(*ramplus_tl_counts(nonzero, overlap, unique), r, alpha, epsilon)
+    kept = task_vectors * nonzero
+    merged = ((kept * unique * lambdas.unsqueeze(-1))
+              + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def ramplus_tl_piece_counts(base: torch.Tensor, others: list[torch.Tensor],
+                            epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ramplus_tl_counts of one flat piece (the streamed statistics pass)."""
+    _, nonzero, _, overlap, unique = _ram_parts(base, others, epsilon)
+    return ramplus_tl_counts(nonzero, overlap, unique)
+
+
+def ram(call: TensorGroupCall) -> torch.Tensor:
+    return checked("ram", ram_tensor(call.tensors[call.base], [call.tensors[k] for k in call.non_base],
+                                     call.params["epsilon"]))
+
+
+def ramplus_tl(call: TensorGroupCall) -> torch.Tensor:
+    p = call.params
+    return checked("ramplus_tl", ramplus_tl_tensor(call.tensors[call.base], [call.tensors[k] for k in call.non_base],
+                                                   p["r"], p["alpha"], p["epsilon"], call.piece_coefficients))
+
+
+# ----------------------------------------------------------------------------------------------
+# arcee_fusion
+
+QUANTILE_SAMPLE_SIZE = 1_000_000   # mergekit samples larger tensors; we take exact order statistics
+
+
+def arcee_fusion_importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Importance |x − b| · KL(p ‖ q) with p = softmax(x) + 1e-8, q = softmax(b) + 1e-8 along the last axis
+    (one KL per row, Σ p log(p/q))."""
+    p = F.softmax(x, dim=-1) + 1e-8
+    q = F.softmax(base, dim=-1) + 1e-8
+    return (x - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def _kth_value(flat: torch.Tensor, k: int) -> float:
+    """The k-th smallest (1-based) value of a finite flat tensor, exactly, by radix selection (no sort)."""
+    negative = flat < 0
+    count = int(negative.sum())
+    if k <= count:
+        return -kth_smallest(flat[negative], count - k + 1)
+    return kth_smallest(flat[~negative] if count else flat, k - count)
+
+
+def fusion_quartiles(importance: torch.Tensor) -> torch.Tensor:
+    """(q1, median, q3) of the flattened importance: the values at sorted positions ⌊q·(n − 1)⌋ for
+    q = 0.25, 0.5, 0.75 (q·(n − 1) in float32, as mergekit). n ≤ 10^6: mergekit's own sort. Larger:
+    mergekit sorts 10^6 entries drawn with replacement from torch's global RNG, so its quartiles are
+    estimates that depend on every earlier draw of the run; we take the exact order statistics instead."""
+    flat = importance.reshape(-1)
+    positions = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
+    if flat.numel() <= QUANTILE_SAMPLE_SIZE:
+        return torch.sort(flat)[0][positions.to(flat.device)]
+    values = [_kth_value(flat, int(position) + 1) for position in positions]
+    return torch.tensor(values, dtype=flat.dtype, device=flat.device)
+
+
+def arcee_fusion_tensor(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Arcee Fusion (mergekit 0.1.5): importance s = arcee_fusion_importance(x, b); threshold
+    τ = median(s) + 1.5·(q3(s) − q1(s)) (fusion_quartiles, in the compute dtype); y = b + (x − b)·[s ≥ τ]
+    with the mask in float32 (so the result is float32 for bfloat16 / float16 inputs, as mergekit's)."""
+    importance = arcee_fusion_importance(other, base)
+    q1, median, q3 = fusion_quartiles(importance)
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    del importance
+    return base + (other - base) * mask
+
+
+def arcee_fusion(call: TensorGroupCall) -> torch.Tensor:
+    return checked("arcee_fusion", arcee_fusion_tensor(call.tensors[call.base], call.tensors[call.non_base[0]]))
+
+
+__all__ = ["arcee_fusion", "arcee_fusion_importance", "arcee_fusion_tensor", "fusion_quartiles", "ram",
+           "ram_tensor", "ramplus_tl", "ramplus_tl_counts", "ramplus_tl_lambdas", "ramplus_tl_piece_counts", "ramplus_tl_tensor", "sce", "sce_select_mask",
+           "sce_tensor", "sce_weights", "QUANTILE_SAMPLE_SIZE"]

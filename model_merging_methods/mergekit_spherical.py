@@ -1,0 +1,223 @@
+"""mergekit 0.1.5's spherical methods: nuslerp, multislerp, karcher (recipe names, mergekit's semantics).
+
+Each function merges one output tensor in the compute dtype it is given (a recipe's `dtype`, else the
+promoted input dtype) and reproduces mergekit 0.1.5's arithmetic operation by operation: the same torch
+operations on tensors of the same shapes and dtypes, so on the same torch build, device and thread count
+the result has the same bits (scripts/compare_with_mergekit.py checks it; tests/test_mergekit_frontier.py
+checks the formulas). Our own code, written from the formulas below.
+
+All three need whole-tensor norms and dot products, so the recipe engine gives them one whole tensor
+(across the inputs) at a time; their norms are single torch reductions over the tensor, whose rounding
+depends on how torch splits them, which pieces could not reproduce.
+"""
+from __future__ import annotations
+
+import torch
+
+from .options import MergeError
+from .recipe_methods import TensorGroupCall, accumulator_dtype
+from .validation import is_finite
+
+
+def checked(method: str, result: torch.Tensor) -> torch.Tensor:
+    """The result of one of these methods, refused (MergeError) when it holds NaN or Inf; the recipe
+    engine adds the tensor's name."""
+    if not is_finite(result):
+        raise MergeError(f"{method}: the merged tensor is not finite (NaN/Inf)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# nuslerp
+
+
+def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False, flatten: bool = True,
+                 eps: float = 1e-8) -> torch.Tensor:
+    """Slerp of v0 and v1 at t along vectors: the whole flattened tensor (flatten, the default), else each
+    vector along the last axis (rows of a matrix), or along axis 0 with row_wise (columns).
+
+    u_i = v_i / max(‖v_i‖, 1e-7); c = clamp(⟨u_0, u_1⟩, −1, 1); θ = acos c;
+    y = (sin((1−t)θ)·v0 + sin(tθ)·v1) / sin θ, or (1−t)·v0 + t·v1 where 1 − c² ≤ eps² (colinear).
+    The unnormalised v_i are interpolated (so norms are interpolated too, unlike a unit slerp)."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0.mul_(u1), dim=-1, keepdim=True).clamp(-1, 1)
+    del u0, u1
+    colinear = (1 - cos.square()) <= eps ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    # one angle (flatten, or a single row): only the branch that torch.where would pick is computed
+    single = colinear.numel() == 1
+    if single and bool(colinear):
+        result = (1 - t) * v0
+        result += t * v1
+    else:
+        result = torch.sin((1 - t) * theta) * v0
+        result += torch.sin(t * theta) * v1
+        result /= sin_theta
+        if not single:
+            result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp_t(weights: list[float]) -> float:
+    """t = w_1 / (w_0 + w_1), or 0.5 when |w_0 + w_1| < 1e-6 (mergekit's nuslerp weights)."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def nuslerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None = None,
+                   row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
+    """mergekit's nuslerp of two models with weights (w_0, w_1): t = nuslerp_t(w); without a base,
+    nuslerp_pair(t, x_0, x_1); with one, b + nuslerp_pair(t, x_0 − b, x_1 − b) (task vectors)."""
+    t = nuslerp_t(weights)
+    if base is None:
+        return nuslerp_pair(t, tensors[0], tensors[1], row_wise, flatten)
+    return base + nuslerp_pair(t, tensors[0] - base, tensors[1] - base, row_wise, flatten)
+
+
+def nuslerp(call: TensorGroupCall) -> torch.Tensor:
+    keys = call.non_base
+    return checked("nuslerp", nuslerp_tensor([call.tensors[k] for k in keys], call.values("weight", keys),
+                                             call.tensors[call.base] if call.base is not None else None,
+                                             call.params["nuslerp_row_wise"], call.params["nuslerp_flatten"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# multislerp
+
+
+def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None = None,
+                      normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere (mergekit's multislerp), of x_i (or δ_i = x_i − b with
+    a base, b added back at the end), each flattened:
+    w ← w / Σw (normalize_weights); u_i = δ_i / (‖δ_i‖ + eps); m = Σ w_i u_i, m ← m / ‖m‖;
+    tangent vectors τ_i = u_i − ⟨u_i, m⟩ m; τ = Σ w_i τ_i; ‖τ‖' = ‖τ‖ + eps;
+    y = (m cos ‖τ‖' + τ sin ‖τ‖' / ‖τ‖') · Σ w_i ‖δ_i‖.
+    Memory: the stacked task vectors (made unit, then tangent, in place) and two tensors; the cross-model
+    sums run one model at a time (the same bits as mergekit's sums over the stack).
+    One input: that input (the base ignored). ‖m‖ < eps (antipodal inputs that cancel): with two inputs
+    the linear w_0 δ_0 + w_1 δ_1 (+ b), with more a MergeError."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.empty((len(tensors),) + tuple(tensors[0].shape), dtype=tensors[0].dtype, device=tensors[0].device)
+    for row, x in zip(stacked, tensors):
+        row.copy_(x) if base is None else torch.sub(x, base, out=row)
+    flat = stacked.view(stacked.shape[0], -1)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat.div_(norms + eps)              # in place: the task vectors are not needed again
+    mean = _sum_lazily((unit * weight for unit, weight in zip(units, w)), units[0])
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] == 2:
+            deltas = [x if base is None else x - base for x in tensors]
+            result = deltas[0] * w[0] + deltas[1] * w[1]
+            return result + base if base is not None else result
+        raise MergeError("multislerp: the weighted sum of the unit inputs is zero (antipodal inputs whose "
+                         "weights cancel); change the weights")
+    mean = mean / mean_norm
+    for unit in units:                          # tangent vectors u_i − ⟨u_i, m⟩ m, in place
+        unit.sub_((unit * mean).sum(-1, keepdim=True) * mean)
+    tangent = _sum_lazily((unit * weight for unit, weight in zip(units, w)), units[0])
+    del stacked, flat, units
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors[0].shape)
+    return result + base if base is not None else result
+
+
+def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
+    """Σ terms accumulated from 0 in torch's accumulation dtype, in order, rounded once to like's dtype: the
+    bits of torch.stack(terms).sum(dim=0), one term at a time (recipe_methods._sum_in_order, lazily)."""
+    total = torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
+    for term in terms:
+        total += term
+    return total.to(like.dtype)
+
+
+def multislerp(call: TensorGroupCall) -> torch.Tensor:
+    keys = call.non_base
+    return checked("multislerp", multislerp_tensor([call.tensors[k] for k in keys], call.values("weight", keys),
+                                                   call.tensors[call.base] if call.base is not None else None,
+                                                   call.params["normalize_weights"], call.params["eps"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# karcher
+
+
+def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = None, max_iter: int = 10,
+                   tol: float = 1e-5) -> torch.Tensor:
+    """The weighted Karcher (Riemannian) mean on the unit sphere, rescaled (mergekit's karcher; alphas
+    default to 1/n each, as its recipes use). Norms in float32 (float64 for float64 inputs):
+    u_i = x_i / ‖x_i‖ (0 for x_i = 0); inputs with ‖x_i‖ ≤ tol are left out, a_i = α_i / Σ_valid α;
+    start m = normalise(Σ a_i u_i) (u_0 if that norm < tol); up to max_iter times:
+    θ_i = acos clamp(⟨m, u_i⟩, −1, 1), τ = Σ_{θ_i ≥ tol} a_i θ_i / sin θ_i · (u_i − ⟨m, u_i⟩ m);
+    stop when ‖τ‖ < tol, else m ← normalise(cos ‖τ‖ m + sin ‖τ‖ τ/‖τ‖) (normalise when the norm > tol).
+    y = (Σ_i α_i ‖x_i‖) · m (every input's norm, with the unnormalised α). No valid input: zeros."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if alphas is None:
+        alphas = [1.0 / len(tensors)] * len(tensors)
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    # vector_norm(x, dtype=...) upcasts inside the reduction: the same value as vector_norm(x.to(dtype)), which
+    # mergekit computes, without a float32 copy of the tensor (scripts/compare_mergekit_kernels.py checks it)
+    norm_of = lambda x: torch.linalg.vector_norm(x, dtype=dtype)  # noqa: E731
+    norms, units = [], []
+    for tensor in tensors:
+        norm = norm_of(tensor)
+        norms.append(norm)
+        units.append(torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype))
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(tensor * 0 for tensor in tensors)
+    valid_alphas = [alphas[i] for i in valid]
+    alpha_sum = sum(valid_alphas)
+    coefficients = [alpha / alpha_sum for alpha in valid_alphas]
+    valid_units = [units[i] for i in valid]
+    del units
+    mean = torch.zeros_like(valid_units[0])
+    for coefficient, unit in zip(coefficients, valid_units):
+        mean += coefficient * unit
+    mean_norm = norm_of(mean)
+    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for coefficient, unit in zip(coefficients, valid_units):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            step = dot * mean                                  # a·θ/sin θ·(u − ⟨m, u⟩ m), in one temporary
+            torch.sub(unit, step, out=step)
+            tangent += step.mul_(coefficient * (theta / torch.sin(theta)))
+            del step
+        tangent_norm = norm_of(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        del tangent
+        unit_norm = norm_of(mean)
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+    return scale * mean
+
+
+def karcher(call: TensorGroupCall) -> torch.Tensor:
+    return checked("karcher", karcher_tensor(list(call.tensors.values()), None, call.params["max_iter"],
+                                             call.params["tol"]))
+
+
+__all__ = ["_sum_lazily", "checked", "karcher", "karcher_tensor", "multislerp", "multislerp_tensor", "nuslerp", "nuslerp_pair",
+           "nuslerp_t", "nuslerp_tensor"]

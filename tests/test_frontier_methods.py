@@ -1,0 +1,193 @@
+"""The data-free frontier methods (TSV-M, Iso-C, Iso-CTS, CART, WUDI, consensus, LiNeS, PCB): closed forms,
+invariants and float64 references of the papers' / authors' formulas on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from model_merging_methods.consensus import consensus_tensor, multi_task_vector, tall_masks
+from model_merging_methods.frontier import merge_tensor, resolve_parameters
+from model_merging_methods.lines import lines_scale
+from model_merging_methods.options import MergeError
+from model_merging_methods.pcb import pcb_tensor
+from model_merging_methods.subspace import (cart_rank, cart_tensor, iso_c_tensor, iso_cts_split, iso_cts_tensor,
+                                            tsv_merge_tensor)
+from model_merging_methods.wudi import wudi_tensor
+
+D = torch.float64
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def test_tsv_on_disjoint_blocks_is_the_sum_of_truncations():
+    # task t lives in its own rows and columns: the kept singular vectors are already orthogonal across tasks,
+    # so TSV-M = Σ_t (rank-k truncation of τ_t) with k = int(r/T)
+    size, tasks = 6, 3
+    deltas, expected = [], torch.zeros(size, size, dtype=D)
+    for t in range(tasks):
+        block = torch.zeros(size, size, dtype=D)
+        block[2 * t:2 * t + 2, 2 * t:2 * t + 2] = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=D) * (t + 1)
+        deltas.append(block)
+        kept = torch.zeros(size, size, dtype=D)
+        kept[2 * t, 2 * t] = 3.0 * (t + 1)          # k = int(6/3) = 2: both singular values kept
+        kept[2 * t + 1, 2 * t + 1] = 1.0 * (t + 1)
+        expected += kept
+    assert torch.allclose(tsv_merge_tensor(deltas, alpha=1.0), expected, atol=1e-12)
+    assert torch.allclose(tsv_merge_tensor(deltas, alpha=0.5), expected / 2, atol=1e-12)
+
+
+def test_tsv_keeps_int_r_over_t_and_scales_non_matrices_by_the_mean():
+    deltas = [_randn(5, 4, seed=s) for s in range(3)]          # r = 4, k = int(4/3) = 1
+    merged = tsv_merge_tensor(deltas)
+    assert torch.linalg.matrix_rank(merged) <= 3
+    vectors = [_randn(7, seed=s) for s in range(3)]
+    assert torch.allclose(tsv_merge_tensor(vectors, alpha=2.0), 2.0 * sum(vectors) / 3)
+    with pytest.raises(MergeError, match="rank 1 < 2 models"):
+        tsv_merge_tensor([_randn(1, 5), _randn(1, 5, seed=1)])
+
+
+def test_iso_c_flattens_the_spectrum_of_the_sum():
+    deltas = [_randn(6, 4, seed=s) for s in range(3)]
+    merged = iso_c_tensor(deltas, scaling_factor=2.0)
+    s_sum = torch.linalg.svdvals(sum(deltas))
+    assert torch.allclose(torch.linalg.svdvals(merged), torch.full((4,), 2.0 * float(s_sum.mean()), dtype=D))
+    diagonal = [torch.diag(torch.tensor([4.0, 1.0], dtype=D)), torch.diag(torch.tensor([2.0, 1.0], dtype=D))]
+    assert torch.allclose(iso_c_tensor(diagonal), torch.eye(2, dtype=D) * 4.0)   # mean of (6, 2)
+
+
+def test_iso_cts_split_and_full_common_space_is_iso_c():
+    assert iso_cts_split((768, 768), 8, 0.8) == (616, 19)    # k_c = 768 − round(154/8)·8, (768 − 616)/8
+    assert iso_cts_split((10, 6), 3, 0.5) == (3, 1)
+    deltas = [_randn(8, 6, seed=s) for s in range(3)]
+    assert torch.allclose(iso_cts_tensor(deltas, 1.0, 1.0), iso_c_tensor(deltas, 1.0), atol=1e-12)
+    merged = iso_cts_tensor(deltas, 1.0, 0.5)
+    values = torch.linalg.svdvals(merged)
+    assert torch.allclose(values, values[0].expand_as(values))            # isotropic
+    assert torch.allclose(iso_cts_tensor([_randn(3, seed=s) for s in range(3)], 2.0), 2.0 * sum(_randn(3, seed=s) for s in range(3)) / 3)
+
+
+def test_cart_closed_forms():
+    deltas = [_randn(6, 5, seed=s) for s in range(3)]
+    average = sum(deltas) / 3
+    assert torch.allclose(cart_tensor(deltas, rank_ratio=1.0, scaling_factor=3.0), average, atol=1e-12)  # Σ c_t = 0
+    pair = deltas[:2]                                                    # c_1 = −c_2: truncations cancel
+    assert torch.allclose(cart_tensor(pair, rank_ratio=0.2, scaling_factor=1.7), sum(pair) / 2, atol=1e-12)
+    k = cart_rank((6, 5), 0.4)
+    assert k == 2 and cart_rank((6, 5), 0.01) == 1
+    expected = average.clone()
+    for delta in deltas:
+        u, s, vh = torch.linalg.svd(delta - average)
+        expected += 0.5 * (u[:, :k] @ torch.diag(s[:k]) @ vh[:k])
+    assert torch.allclose(cart_tensor(deltas, 0.4, 0.5), expected, atol=1e-12)
+    assert torch.allclose(cart_tensor([_randn(4, seed=s) for s in range(2)]), (_randn(4) + _randn(4, seed=1)) / 2)
+
+
+def _wudi_autograd(deltas, steps, lr):
+    """FusionBench's loop (autograd through the loss) in float64."""
+    tvs = torch.stack(deltas)
+    merged = torch.nn.Parameter(tvs.sum(0).clone())
+    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    norms = tvs.reshape(len(deltas), -1).norm(dim=-1).square()
+    for _ in range(steps):
+        loss = (torch.matmul(merged.unsqueeze(0) - tvs, tvs.transpose(1, 2)).square() / norms[:, None, None]).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return merged.detach()
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (4, 9), (12, 3)])
+def test_wudi_matches_the_autograd_loop(shape):
+    deltas = [_randn(*shape, seed=s) * 1e-2 for s in range(3)]
+    assert torch.allclose(wudi_tensor(deltas, iter_num=0), sum(deltas), atol=1e-15)
+    # one Adam step moves every entry by lr·|g|/(|g| + 1e-8) ≈ lr against the gradient's sign
+    one = wudi_tensor(deltas, iter_num=1, lr=1e-3)
+    assert torch.allclose((one - sum(deltas)).abs(), torch.full(shape, 1e-3, dtype=D), rtol=0.05)
+    ours = wudi_tensor(deltas, iter_num=25, lr=1e-3)
+    assert torch.allclose(ours, _wudi_autograd(deltas, 25, 1e-3), atol=1e-10)
+    assert ours.dtype == D
+    vectors = [_randn(6, seed=s) for s in range(3)]
+    assert torch.allclose(wudi_tensor(vectors), sum(vectors) / 3)
+    with pytest.raises(MergeError, match="zero"):
+        wudi_tensor([torch.zeros(3, 3, dtype=D), _randn(3, 3)])
+
+
+def test_consensus_by_hand():
+    # three tasks on four entries; τ_MTL = column sums
+    deltas = [torch.tensor(v, dtype=D) for v in ([1.0, 0.1, -2.0, 0.0], [1.0, 0.0, 2.0, 0.3], [0.5, 0.2, 1.0, -0.3])]
+    mtl = multi_task_vector(deltas)
+    assert torch.allclose(mtl, torch.tensor([2.5, 0.3, 1.0, 0.0], dtype=D))
+    masks = tall_masks(deltas, mtl, 0.6)
+    # |τ_t| > 0.6·|τ_MTL − τ_t|
+    assert [m.tolist() for m in masks] == [[True, False, True, False], [True, False, True, True], [False, True, True, True]]
+    assert torch.allclose(consensus_tensor(deltas, 0.6, 2, 1.0), torch.tensor([2.5, 0.0, 1.0, 0.0], dtype=D))
+    assert torch.allclose(consensus_tensor(deltas, 0.6, 0, 0.5), mtl / 2)          # k = 0: task arithmetic
+    assert torch.count_nonzero(consensus_tensor(deltas, 0.6, 4, 1.0)) == 0         # k > T: nothing
+    ties = consensus_tensor(deltas, 0.6, 0, 1.0, "ties_merging", density=1.0)      # k = 0: TIES itself
+    assert torch.allclose(ties, torch.tensor([2.5 / 3, 0.15, 1.5, 0.3], dtype=D))
+
+
+def test_lines_scales_by_depth():
+    assert lines_scale(None, 12, 0.25, 1.0) == 0.25
+    assert lines_scale(0, 12, 0.25, 1.0) == 0.25 and lines_scale(11, 12, 0.25, 1.0) == 1.25
+    assert math.isclose(lines_scale(3, 7, 0.1, 0.6), 0.1 + 0.6 * 3 / 6)
+    assert lines_scale(0, 1, 0.5, 1.0) == 0.5
+    deltas = [_randn(3, 3, seed=s) for s in range(4)]
+    params = resolve_parameters("lines", {"beta": 0.5})
+    merged = merge_tensor("lines", deltas, params, layer=2, num_layers=5)
+    assert torch.allclose(merged, sum(deltas) * (0.25 + 0.5 * 2 / 4))            # α = 1/T on task arithmetic
+    with pytest.raises(MergeError, match="set alpha"):
+        merge_tensor("lines", deltas, resolve_parameters("lines", {"lines_base": "ties_merging"}), layer=0, num_layers=2)
+
+
+def _pcb_reference(deltas, ratio):
+    """The authors' PCB_merge, written from their formula with full sorts, in float64."""
+    checks = torch.stack([d.reshape(-1) for d in deltas])
+    n, d = checks.shape
+
+    def clamp(x, lo, hi):
+        s = torch.sort(x, dim=1).values
+        return torch.clamp(x, s[:, int(d * lo)].unsqueeze(1), s[:, int(d * (1 - hi) - 1)].unsqueeze(1))
+
+    def norm(x):
+        low, high = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+        return (x - low) / (high - low)
+
+    magnitude = clamp(checks.abs(), 1e-4, 1e-4)
+    score = torch.exp(n * norm(magnitude) ** 2) * torch.tanh(checks * checks.sum(0))
+    scale = norm(clamp(score, 1 - ratio, 0))
+    return ((torch.sign(checks) * magnitude * scale).sum(0) / torch.clamp(scale.sum(0), min=1e-12)).reshape(deltas[0].shape)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
+def test_pcb_matches_the_authors_formula(ratio):
+    deltas = [_randn(40, 30, seed=s) * 1e-2 for s in range(3)]
+    assert torch.allclose(pcb_tensor(deltas, ratio, 1.0), _pcb_reference(deltas, ratio), atol=1e-14)
+    assert torch.allclose(pcb_tensor(deltas, ratio, 0.7), 0.7 * _pcb_reference(deltas, ratio), atol=1e-14)
+    constant = [torch.full((5,), 0.1, dtype=D)] * 2            # the authors divide 0 by 0 here; we give weight 0
+    assert torch.isfinite(pcb_tensor(constant, ratio)).all()
+
+
+def test_parameters_are_validated_once():
+    assert resolve_parameters("iso_cts") == {"scaling_factor": 1.0, "common_space_fraction": 0.8}
+    assert resolve_parameters("wudi_merging", {"iter_num": 3.0})["iter_num"] == 3
+    with pytest.raises(MergeError, match="unknown parameter.*'density'.*valid: rank_ratio, scaling_factor"):
+        resolve_parameters("cart", {"density": 0.5})
+    for method, name in [("cart", "rank_ratio"), ("iso_cts", "common_space_fraction"), ("pcb_merging", "pcb_ratio")]:
+        for bad in (0.0, 1.5, -0.1):
+            with pytest.raises(MergeError, match=f"{name}.*in \\(0, 1\\]"):
+                resolve_parameters(method, {name: bad})
+    with pytest.raises(MergeError, match="iter_num.*integer"):
+        resolve_parameters("wudi_merging", {"iter_num": 2.5})
+    with pytest.raises(MergeError, match="consensus_base.*task_arithmetic, ties_merging"):
+        resolve_parameters("consensus_merging", {"consensus_base": "dare"})
+
+
+def test_float32_inputs_keep_their_dtype_and_shape():
+    deltas = [torch.randn(8, 6, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    for method in ("tsv_merging", "iso_c", "iso_cts", "cart", "wudi_merging", "consensus_merging", "lines", "pcb_merging"):
+        params = resolve_parameters(method, {"iter_num": 2} if method == "wudi_merging" else {})
+        merged = merge_tensor(method, deltas, params, layer=0, num_layers=2)
+        assert merged.shape == (8, 6) and merged.dtype == torch.float32 and torch.isfinite(merged).all(), method

@@ -1,0 +1,111 @@
+"""The LLM miniature's family builder: split rules, response format, prompt masking, answer NLL, resumable build."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.llm_helpers import save_tiny_llama, write_jsonl
+from utils.llm.family import (ExpertSpec, answer_nll, encode_pair, gsm8k_response, mbpp_train_records,
+                              training_pairs)
+
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def mbpp(task_id: int) -> dict:
+    return {"task_id": task_id, "text": f"task {task_id}", "code": f"def f{task_id}():\r\n    return {task_id}",
+            "test_list": [f"assert f{task_id}() == {task_id}"]}
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "gsm8k_train.jsonl", [
+        {"question": "Ann has 2 apples and buys 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
+        {"question": "What is 1,000 + 234?", "answer": "1000+234=<<1000+234=1234>>1234\n#### 1,234"}])
+    write_jsonl(folder / "mbpp_full.jsonl", [mbpp(i) for i in (1, 10, 11, 510, 511, 600, 601, 974)])
+    return folder
+
+
+@pytest.fixture()
+def chat_model(tmp_path: Path) -> Path:
+    folder = save_tiny_llama(tmp_path / "base", seed=0, with_pad=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_gsm8k_response_drops_annotations_and_states_the_answer_for_the_scorer():
+    from utils.llm.scoring import extract_gsm8k_answer
+
+    text = gsm8k_response("She has 4*3=<<4*3=12>>12 eggs.\n#### 1,212")
+    assert text == "She has 4*3=12 eggs.\nThe answer is: 1212"
+    assert extract_gsm8k_answer(text) == 1212
+
+
+def test_mbpp_training_data_never_contains_test_or_prompt_task_ids(data_dir):
+    records = [json.loads(line) for line in (data_dir / "mbpp_full.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in mbpp_train_records(records)] == [511, 600, 601, 974]
+    pairs = training_pairs("mbpp_train", "mbpp", data_dir)
+    assert len(pairs) == 4 and "task 511" in pairs[0][0] and pairs[0][1].startswith("```python\ndef f511():")
+    assert not any(f"task {i}\n" in prompt for prompt, _ in pairs for i in (1, 10, 11, 510))
+    with pytest.raises(ValueError, match="unknown training dataset"):
+        training_pairs("gsm8k_test", "gsm8k", data_dir)
+
+
+def test_prompt_tokens_are_masked_and_nll_matches_a_direct_computation(chat_model, data_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    prompt, response = training_pairs("gsm8k_train", "gsm8k", data_dir)[0]
+    ids, labels = encode_pair(tokenizer, prompt, response)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    assert labels[:len(prompt_ids)] == [-100] * len(prompt_ids) and labels[len(prompt_ids):] == ids[len(prompt_ids):]
+    assert tokenizer.decode(ids[len(prompt_ids):]).startswith(response)
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
+    pairs = training_pairs("gsm8k_train", "gsm8k", data_dir)
+    result = answer_nll(model, tokenizer, pairs, batch_size=2)
+    total, count = 0.0, 0
+    for p, r in pairs:   # one at a time, no padding
+        ids, labels = encode_pair(tokenizer, p, r)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+        for position, label in enumerate(labels[1:]):
+            if label != -100:
+                total -= float(logp[position, label])
+                count += 1
+    assert result["tokens"] == count and math.isclose(result["nll_per_token"], total / count, rel_tol=1e-5)
+
+
+def test_build_trains_publishes_records_and_skips_what_exists(chat_model, data_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_llm_family", Path(__file__).resolve().parents[1] /
+                                                  "scripts" / "build_llm_family.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = tmp_path / "family"
+    argv = ["--root", str(root), "--base", str(chat_model), "--data_dir", str(data_dir), "--experts", "math",
+            "--max_steps", "2", "--no_progress"]
+    assert script.main(argv) == 0
+    record = json.loads((root / "math" / "family_expert.json").read_text())
+    assert record["spec"]["max_steps"] == 2 and record["data"]["available"] == 2
+    assert record["train_loss_first"] is not None
+    from safetensors.torch import load_file
+    before = load_file(chat_model / "model.safetensors")
+    after = load_file(root / "math" / "model.safetensors")
+    assert any(not torch.equal(before[n], after[n]) for n in before)     # a real update, all parameters trained
+    assert not list(root.glob(".math.*"))
+    assert script.main(argv) == 0 and "exists, skipped" in capsys.readouterr().out
+    assert json.loads((root / "family.json").read_text())["experts"] == {"math": str(root / "math")}
+    with pytest.raises(SystemExit) as error:
+        script.main(argv[:-4] + ["--experts", "poetry"])
+    assert error.value.code == 2

@@ -1,0 +1,233 @@
+"""PEFT LoRA adapter folders, read and checked against the base checkpoint they go on.
+
+An adapter folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.json`` (parsed by PEFT's
+own ``LoraConfig``) and ``adapter_model.safetensors`` whose keys are ``base_model.model.<module>.<part>``:
+
+- ``lora_A.weight`` (r × in) and ``lora_B.weight`` (out × r) of a Linear / Conv1D module;
+- ``lora_embedding_A`` (r × num_embeddings) and ``lora_embedding_B`` (dim × r) of an Embedding;
+- ``lora_B.bias`` (``lora_bias=True``): added to the module's bias, times the scaling;
+- anything else is a full tensor that replaces the base's: ``modules_to_save`` copies (norms, heads),
+  trained biases (``bias="all"`` / ``"lora_only"``), and the ``base_layer`` weights PEFT saves with
+  embedding adapters (``save_embedding_layers``); ``original_module`` copies are PEFT's untouched
+  originals and are skipped.
+
+The delta of a module is PEFT's ``get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) · scaling`` in
+float32, ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), r and alpha per module from
+``rank_pattern`` / ``alpha_pattern`` as PEFT matches them. Embedding deltas are transposed the same way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils.engine.reader import HUB_ID, CheckpointError, SafetensorsFile
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# model types whose linear layers are transformers' Conv1D (weight stored in × out): PEFT forces
+# fan_in_fan_out=True on them whatever the config says
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+FACTOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
+                    r"lora_embedding_B|lora_magnitude_vector(\.weight)?)$")
+# config fields that change what an adapter computes and that folding W + s·B·A would silently ignore
+UNSUPPORTED = {"use_dora": "DoRA (use_dora: true) rescales each weight column by a learned magnitude",
+               "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+               "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+               "layer_replication": "layer replication (layer_replication)",
+               "use_qalora": "QA-LoRA (use_qalora)", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+               "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)"}
+
+
+class AdapterError(CheckpointError):
+    """An adapter that cannot be folded into / merged for this base: the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its factors' keys in the adapter file and how its delta is formed."""
+    module: str               # module path, as in the base checkpoint's tensor names
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scaling: float
+    transpose: bool           # fan_in_fan_out (Conv1D) or embedding: the delta is (B @ A)ᵀ
+    embedding: bool
+    bias_key: str | None = None   # lora_B.bias (lora_bias=True)
+
+    @property
+    def target(self) -> str:
+        return self.module + ".weight"
+
+
+def split_adapter_source(source: str) -> tuple[str, str | None]:
+    """mergekit's ``base+adapter`` syntax → (base, adapter); a plain source (or an existing folder whose
+    name holds '+') → (source, None)."""
+    if "+" not in source or Path(source).expanduser().is_dir():
+        return source, None
+    base, _, adapter = source.rpartition("+")
+    if not base or not adapter:
+        raise AdapterError(f"{source!r}: a LoRA reference is 'base+adapter' (both parts non-empty)")
+    return base, adapter
+
+
+def resolve_adapter(name_or_path: str) -> Path:
+    """A local adapter folder as is; otherwise a hub id, fetched (or found in the HF cache)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise AdapterError(f"{name_or_path}: expected a PEFT adapter folder, found a file")
+    if not HUB_ID.match(name_or_path) or name_or_path.startswith("."):
+        raise AdapterError(f"{name_or_path}: no such adapter folder")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as error:  # network, auth, unknown repo: reported the same way
+        raise AdapterError(f"{name_or_path}: not a local folder, and fetching the adapter from the Hugging "
+                           f"Face hub failed ({type(error).__name__})") from None
+
+
+def _source_tail(text: str) -> str:
+    """The last name of a hub id or folder ('models--org--name' cache folders give 'name'), lower-cased."""
+    parts = [p for p in str(text).replace("\\", "/").split("/") if p]
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.split("--")[-1].lower()
+    return parts[-1].lower() if parts else ""
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key, default)
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter folder, validated against the base it will be folded into or merged on."""
+
+    def __init__(self, folder: Path, source: str | None = None, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.source = source or str(folder)
+        self.config_dict = self._read_config()
+        self.config = self._lora_config()
+        weights = self.folder / WEIGHTS_NAME
+        if not weights.is_file():
+            found = "adapter_model.bin (pickled; convert it to safetensors)" if (self.folder / "adapter_model.bin").is_file() \
+                else "no adapter_model.safetensors"
+            raise AdapterError(f"{self.folder}: {found}")
+        self.file = SafetensorsFile(weights)
+        self.modules: dict[str, LoraModule] = {}   # module path → factors
+        self.full: dict[str, str] = {}             # base tensor name → trained full copy replacing it
+        self.base_layers: dict[str, str] = {}      # base tensor name → PEFT's saved copy of the base weight
+        self._index()
+
+    def _read_config(self) -> dict:
+        path = self.folder / CONFIG_NAME
+        if not path.is_file():
+            raise AdapterError(f"{self.folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise AdapterError(f"{path}: unreadable ({error})") from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{path}: not a JSON object")
+        kind = data.get("peft_type")
+        if kind != "LORA":
+            raise AdapterError(f"{path}: peft_type {kind!r} is not supported (only LORA adapters can be folded "
+                               f"or merged)")
+        for key, what in UNSUPPORTED.items():
+            if data.get(key):
+                raise AdapterError(f"{path}: {what} is not supported ({key}: {json.dumps(data[key])}); merge it "
+                                   f"with PEFT's merge_and_unload() and pass the full checkpoint")
+        return data
+
+    def _lora_config(self):
+        from peft import LoraConfig
+
+        known = {k: v for k, v in self.config_dict.items() if k in LoraConfig.__dataclass_fields__}
+        try:
+            return LoraConfig(**known)
+        except (TypeError, ValueError) as error:
+            raise AdapterError(f"{self.folder / CONFIG_NAME}: rejected by peft.LoraConfig "
+                               f"({' '.join(str(error).split())})") from None
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.config_dict.get("base_model_name_or_path") or None
+
+    def _index(self) -> None:
+        factors: dict[str, dict[str, str]] = {}
+        where = self.file.path
+        for key in self.file.tensors:
+            if not key.startswith(PREFIX):
+                raise AdapterError(f"{where}: key {key!r} does not start with {PREFIX!r} (not a PEFT LoRA "
+                                   f"state dict)")
+            name = key[len(PREFIX):]
+            match = FACTOR.match(name)
+            if match:
+                if match["part"].startswith("lora_magnitude_vector"):
+                    raise AdapterError(f"{where}: key {key!r} is a DoRA magnitude; DoRA is not supported")
+                factors.setdefault(match["module"], {})[match["part"]] = key
+            elif ".original_module." in name:
+                continue
+            elif ".base_layer." in name:   # the base weight PEFT saved beside an embedding adapter
+                self.base_layers[name.replace(".base_layer.", ".")] = key
+            else:
+                target = name.replace(".modules_to_save.", ".")
+                if target in self.full and self.file.tensors[key].shape != self.file.tensors[self.full[target]].shape:
+                    raise AdapterError(f"{where}: keys {self.full[target]!r} and {key!r} both replace {target!r}")
+                self.full.setdefault(target, key)
+        fan_in_fan_out = bool(self.config_dict.get("fan_in_fan_out"))
+        for module, parts in factors.items():
+            embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+            a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+            if a_part not in parts or b_part not in parts:
+                missing = a_part if a_part not in parts else b_part
+                raise AdapterError(f"{where}: module {module!r} has no {missing} factor")
+            a_shape, b_shape = self.file.tensors[parts[a_part]].shape, self.file.tensors[parts[b_part]].shape
+            if len(a_shape) != 2 or len(b_shape) != 2:
+                raise AdapterError(f"{where}: module {module!r}: only 2-D (Linear / Conv1D / Embedding) LoRA "
+                                   f"factors are supported, got A {list(a_shape)}, B {list(b_shape)}")
+            rank = a_shape[0]
+            if rank < 1 or b_shape[1] != rank:
+                raise AdapterError(f"{where}: module {module!r}: A is {list(a_shape)} and B {list(b_shape)}; "
+                                   f"they do not share a rank ≥ 1")
+            alpha = float(_pattern_value(self.config.alpha_pattern or {}, module, self.config.lora_alpha))
+            scaling = alpha / math.sqrt(rank) if self.config.use_rslora else alpha / rank
+            self.modules[module] = LoraModule(module, parts[a_part], parts[b_part], rank, alpha, scaling,
+                                              transpose=embedding or fan_in_fan_out, embedding=embedding,
+                                              bias_key=parts.get("lora_B.bias"))
+        if not self.modules and not self.full and not self.base_layers:
+            raise AdapterError(f"{where}: the adapter holds no tensors")
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.file.read(module.a_key), self.file.read(module.b_key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.file.read(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file.tensors[key].shape
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> torch.Tensor:
+    """PEFT's get_delta_weight in float32: transpose(B @ A, transpose) · scaling, in that order of operations
+    (so the folded weight equals merge_and_unload()'s bit for bit)."""
+    product = b.float() @ a.float()
+    return (product.T if transpose else product) * scaling
+
+
+def delta_rows(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool, first: int, last: int) -> torch.Tensor:
+    """Rows [first, last) of delta_weight, without forming the others (pieces of large tensors)."""
+    if transpose:
+        return (a[:, first:last].float().T @ b.float().T) * scaling
+    return (b[first:last].float() @ a.float()) * scaling
