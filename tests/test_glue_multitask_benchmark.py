@@ -133,3 +133,29 @@ def test_normalised_table_arithmetic():
     table = group.normalised_table()
     assert table.rows[1][-2] == f"{100 * np.mean([2 / 3, 5 / 6]):.2f} ± {100 * np.std([2 / 3, 5 / 6], ddof=1):.2f}"
     assert table.rows[1][1] == "75.00 ± 35.36"
+
+
+def test_merge_search_options_for_the_benchmark(bench, tmp_path):
+    """--max_validation_samples caps validation only, --eval_batch_size leaves scores unchanged, --seeds runs
+    one search per seed (named in mask_merging's files), --winners mean selects one merged model."""
+    import shutil
+
+    from merge_plms_glue import main as merge_main
+
+    root, _, _ = bench
+    shutil.copytree(root / "experts" / "save_models", tmp_path / "save_models")
+    common = ["--language_model_name", str(root / "all-MiniLM-L6-v2"), "--glue_dir", str(root / "glue_data"), "--save_dir", str(tmp_path),
+              "--dataset_names", *TASKS, "--device", "cpu", "--no_progress", "--merge_grid", "none", "--winners", "mean"]
+    small = merge_main([*common, "--merging_method_name", "task_arithmetic", "--scaling_coefficient", "0.5", "--max_validation_samples", "7"])[0]
+    assert {t: n["validation"] for t, n in small["num_examples"].items()} == {t: 7 for t in TASKS}
+    assert all(n["test"] > 7 for n in small["num_examples"].values())
+    assert list(small["winners"]) == ["mean"] and set(small["settings"][0]["timing"]) >= {"merge_time_s", "dare_time_s"}
+    batched = merge_main([*common, "--merging_method_name", "task_arithmetic", "--scaling_coefficient", "0.5", "--max_validation_samples", "7",
+                          "--eval_batch_size", "3"])[0]
+    assert batched["winners"]["mean"]["test_scores"] == pytest.approx(small["winners"]["mean"]["test_scores"])
+    runs = merge_main([*common, "--merging_method_name", "mask_merging", "--mask_apply_method", "task_arithmetic", "--scaling_coefficient", "0.5",
+                       "--weight_mask_rate", "0.5", "--use_weight_rescale", "--max_validation_samples", "7", "--seeds", "0", "3"])
+    assert [run["config"]["seed"] for run in runs] == [0, 3]
+    assert runs[0]["winners"]["mean"]["test_scores"] != runs[1]["winners"]["mean"]["test_scores"]   # other masks
+    folder = tmp_path / "save_merge_results" / "_".join(TASKS) / "mask_merging" / "task_arithmetic"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["all-MiniLM-L6-v2_grid_none.json", "all-MiniLM-L6-v2_grid_none_seed_3.json"]
