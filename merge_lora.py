@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import HelpFormatter, run_entry
+from utils.cli import HelpFormatter, finite_float, run_entry
 from utils.lora.combine import COMBINATIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--adapters", nargs="+", required=True, help="PEFT LoRA adapter folders or hub ids")
-    parser.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default 1 each)")
+    parser.add_argument("--weights", type=finite_float, nargs="+", default=None, help="one weight per adapter (default 1 each)")
     parser.add_argument("--combination", choices=COMBINATIONS, default="linear",
                         help="add_weighted_adapter's combination_type, or knots_*")
     parser.add_argument("--density", type=float, default=None,

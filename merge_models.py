@@ -16,18 +16,23 @@ import os
 import sys
 
 # light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
+from model_merging_methods.frontier import frontier_parameters_help
 from model_merging_methods.registry import available_methods, get_method
 from utils.cli import HelpFormatter, drop_rate, positive_float, run_entry, warnings_to_stderr
-from utils.engine.choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
+from utils.engine.choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
 
 STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]
+# the paper's options: flags of the paper's methods only (mergekit's methods take their own parameters)
+PAPER_FLAGS = ("drop_rate", "no_rescale", "rescale_mode", "mask_strategy", "weight_format", "ties_normalize",
+               "norm_mode", "norm_alpha", "norm_beta", "norms", "norms_from", "exclude_param_names_regex",
+               "vocab_alignment", "files_from", "allow_noop")
 MANIFEST_FLAGS = {"from_manifest", "output_dir", "overwrite", "threads", "no_progress"}
 # flags that describe a merge; a recipe (--config) describes it instead, so they cannot be combined with it
 METHOD_FLAGS = ("--base_model", "--models", "--method", "--from_manifest", "--weights", "--scaling_coefficient",
                 "--drop_rate", "--weight_mask_rate", "--no_rescale", "--rescale_mode", "--mask_strategy",
                 "--weight_format", "--density", "--ties_normalize", "--slerp_t", "--dtype",
-                "--exclude_param_names_regex", "--vocab_alignment", "--files_from", "--allow_noop")
+                "--exclude_param_names_regex", "--vocab_alignment", "--files_from", "--allow_noop", "--parameter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate_dir", default=None,
                         help="multi-document recipes: where earlier documents' outputs go (reused when made from "
                              "the same document)")
+    parser.add_argument("--parameter", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="mergekit-named and frontier methods: any parameter the method declares (e.g. normalize=false, "
+                             "rescale=true, gamma=0.02, t=0.001 for nearswap); README 'Recipes'. Frontier methods (default): "
+                             + frontier_parameters_help())
     parser.add_argument("--tie_order", choices=["index", "argsort"], default="index",
-                        help="recipes: which entries tied at a rank cut-off (ties, breadcrumbs*) are kept: the first "
+                        help="mergekit's ties / breadcrumbs*: which entries tied at a rank cut-off (ties, breadcrumbs*) are kept: the first "
                              "in flat order (a stable sort, as mergekit on CUDA; streams) or torch.argsort's "
                              "(mergekit on the CPU, bit for bit; holds whole tensors: several GiB for 7B+)")
     parser.add_argument("--from_manifest", default=None, metavar="MANIFEST",
@@ -53,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="per-model weights (average: weighted mean; TA/TIES: w_k on each delta; default 1 each)")
     parser.add_argument("--scaling_coefficient", type=float, default=1.0,
-                        help="λ of task arithmetic / TIES / norm_adaptive")
+                        help="λ of task arithmetic / TIES / norm_adaptive; the overall scale of a frontier method "
+                             "(scaling_factor; alpha of tsv_merging; beta of lines)")
     parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=drop_rate, nargs="+", default=[0.0],
                         help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first "
                              "(default: 0, no DARE)")
@@ -90,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tensors matching any regex (re.match) are copied from the base unchanged")
     parser.add_argument("--vocab_alignment", choices=VOCAB_ALIGNMENTS, default="error",
                         help="pad_mean: the paper's pad-token rows set to the mean of old rows")
+    parser.add_argument("--merge_part", choices=MERGE_PARTS, default="all",
+                        help="multimodal models (flags and recipes): merge every tensor, or the language model only "
+                             "(vision tower, projector and other modules copied from the base)")
     parser.add_argument("--files_from", default=None,
                         help="model whose config/tokenizer/chat template are copied (default: the base, or the "
                              "model whose vocabulary the aligned output has)")
@@ -97,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow_pickle", action="store_true",
                         help="accept .bin checkpoints (torch.load with weights_only=True)")
     parser.add_argument("--allow_noop", action="store_true",
-                        help="run dare_linear / dare_ties even when their settings drop nothing")
+                        help="kept for recorded runs: no method refuses no-op settings now (they warn)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output folder (never an input)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -112,9 +125,16 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         if given:
             parser.error(f"--config takes the merge from the recipe; remove {', '.join(dict.fromkeys(given))}")
         return
-    for flag, value in (("--intermediate_dir", args.intermediate_dir is not None), ("--tie_order", args.tie_order != "index")):
-        if value:
-            parser.error(f"{flag} is for recipes (--config)")
+    if args.intermediate_dir is not None:
+        parser.error("--intermediate_dir is for recipes (--config)")
+    if args.method is not None and get_method(args.method).kind == "group":
+        given = [f"--{dest}" for dest in PAPER_FLAGS if getattr(args, dest) != parser.get_default(dest)]
+        if given:
+            parser.error(f"{', '.join(given)}: the paper's options apply to the paper's methods (average_merging, "
+                         f"task_arithmetic, ties_merging, norm_adaptive, dare); --method {args.method} is mergekit's "
+                         f"(README 'One name, one meaning')")
+    elif args.parameter or args.tie_order != "index":
+        parser.error("--parameter and --tie_order are for mergekit-named methods and recipes")
     if args.from_manifest is None:
         missing = [flag for flag, value in (("--models", args.models), ("--method", args.method)) if not value]
         if missing:
@@ -144,7 +164,8 @@ def job_from_args(args: argparse.Namespace):
                           overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
                           max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), progress=not args.no_progress,
-                          threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from)
+                          threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from,
+                          merge_part=args.merge_part)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +181,21 @@ def main(argv: list[str] | None = None) -> int:
 def recipe_job_from_args(args: argparse.Namespace):
     from utils.recipes.run import RecipeJob  # imported only for recipes: flag runs skip pydantic and YAML
 
-    return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
+    return RecipeJob(config=args.config or "merge_models.py flags", output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
                      seed=args.seed, device=args.device, threads=args.threads,
                      max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
-                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order)
+                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order,
+                     merge_part=args.merge_part)
+
+
+def flag_recipe(args: argparse.Namespace):
+    """A mergekit-named --method as the recipe its flags describe (utils/recipes/flags.py)."""
+    from utils.recipes.flags import FlagMerge, recipe_from_flags
+
+    given = lambda dest: None if getattr(args, dest) == build_parser().get_default(dest) else getattr(args, dest)  # noqa: E731
+    return recipe_from_flags(FlagMerge(get_method(args.method), args.base_model, args.models, given("weights"),
+                                       given("density"), given("scaling_coefficient"), given("slerp_t"),
+                                       args.parameter, args.dtype))
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -171,10 +203,11 @@ def _merge(args: argparse.Namespace) -> int:
     from utils.engine.streaming import job_from_manifest_file, run_stream_merge
 
     with warnings_to_stderr("merge_models.py", "mergelm.engine"):
-        if args.config:
+        if args.config or (args.method and get_method(args.method).kind == "group"):
             from utils.recipes.run import run_recipe_job
 
-            manifest = run_recipe_job(recipe_job_from_args(args))[-1]   # the last document's: the output
+            documents = None if args.config else (lambda r: ([r[0]], [r[1]]))(flag_recipe(args))
+            manifest = run_recipe_job(recipe_job_from_args(args), documents)[-1]   # the last document's: the output
         else:
             job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
                                           progress=not args.no_progress, threads=args.threads)

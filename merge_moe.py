@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import HelpFormatter, run_entry
+from utils.cli import HelpFormatter, positive_float, run_entry
 from utils.engine.choices import DTYPE_NAMES
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output dtype; overrides the config's dtype (default: config, else the base's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of random gates and expert noise (with the tensor name)")
-    parser.add_argument("--max_shard_size_gb", type=float, default=5.0, help="output shard size in GiB")
+    parser.add_argument("--max_shard_size_gb", type=positive_float, default=5.0, help="output shard size in GiB")
     parser.add_argument("--allow_pickle", action="store_true",
                         help="accept .bin checkpoints (torch.load with weights_only=True)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

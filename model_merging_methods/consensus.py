@@ -29,14 +29,16 @@ CONSENSUS_BASES = ("task_arithmetic", "ties_merging")
 
 
 def multi_task_vector(deltas: Sequence[torch.Tensor], base: str = "task_arithmetic",
-                      density: float = 0.2) -> torch.Tensor:
-    """τ_MTL of one tensor: Σ_t τ_t, or the TIES merge (trim per tensor to `density`, elect, disjoint mean)."""
+                      density: float | Sequence[float] = 0.2) -> torch.Tensor:
+    """τ_MTL of one tensor: Σ_t τ_t, or the TIES merge (trim per tensor to `density` — one value, or one per
+    model — elect, disjoint mean)."""
     if base == "task_arithmetic":
         total = deltas[0].clone()
         for delta in deltas[1:]:
             total.add_(delta)
         return total
-    trimmed = [_trim(delta.clone(), trim_threshold(delta, density)) for delta in deltas]
+    densities = [float(density)] * len(deltas) if isinstance(density, (int, float)) else list(density)
+    trimmed = [_trim(delta.clone(), trim_threshold(delta, d)) for delta, d in zip(deltas, densities)]
     return disjoint_merge(trimmed, [1.0] * len(deltas), "count", 1.0)
 
 
@@ -47,7 +49,7 @@ def tall_masks(deltas: Sequence[torch.Tensor], mtl: torch.Tensor, tall_mask_lamb
 
 def consensus_tensor(deltas: Sequence[torch.Tensor], tall_mask_lambda: float = 0.6, prun_thre_k: int = 2,
                      scaling_factor: float = 1.0, consensus_base: str = "task_arithmetic",
-                     density: float = 0.2) -> torch.Tensor:
+                     density: float | Sequence[float] = 0.2) -> torch.Tensor:
     """α · (m ⊙ τ_MTL) for one tensor (module docstring)."""
     mtl = multi_task_vector(deltas, consensus_base, density)
     votes = torch.zeros_like(mtl)

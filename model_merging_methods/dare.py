@@ -111,15 +111,8 @@ def dare_one_model(model: StateDict, base: StateDict, dare: ResolvedDare, *, on_
 
 def resolve_dare(method: MergeMethod, options: MergeOptions, dare: DareOptions | None,
                  num_models: int) -> tuple[tuple[ResolvedDare, ...] | None, MergeOptions]:
-    """The DARE each model gets under `method`, validated once; None when every rate is 0.
-
-    dare_linear / dare_ties: the DARE rate defaults to 1 − density per model, and TIES then trims nothing."""
+    """The DARE each model gets under `method`, validated once; None when every rate is 0."""
     resolved = dare.resolve(num_models) if dare is not None else None
-    if method.dare_from_density:
-        densities = options.densities(num_models)
-        if resolved is None or not any(d.drop_rate for d in resolved):
-            resolved = replace(dare or DareOptions(), drop_rate=[1.0 - d for d in densities]).resolve(num_models)
-        options = replace(options, density=1.0)
     if resolved is not None and not any(d.drop_rate for d in resolved):
         resolved = None
     return resolved, options

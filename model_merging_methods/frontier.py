@@ -38,6 +38,7 @@ class FrontierParameter:
     requirement: str = "a finite number"
     help: str = ""
     choices: tuple[str, ...] = ()
+    scope: str = "global"     # "non_base": one value per model (recipes: per-model parameters)
 
     def coerce(self, method: str, value: Any) -> Any:
         where = f"{method}: parameter {self.name!r}"
@@ -80,19 +81,24 @@ PARAMETERS: dict[str, tuple[FrontierParameter, ...]] = {
                           _P("scaling_factor", float, 1.0, help=_SCALE + " α"),
                           _P("consensus_base", str, "task_arithmetic", choices=("task_arithmetic", "ties_merging"),
                              help="multi-task vector the masks are built from and applied to (our name)"),
-                          _P("density", float, 0.2, _fraction, "in (0, 1]", "TIES density when consensus_base is ties_merging")),
+                          _P("density", float, 0.2, _fraction, "in (0, 1]", "TIES density when consensus_base is ties_merging", scope="non_base")),
     "lines": (_P("alpha", float, None, _finite, "a finite number",
                  "scale of the first block and of non-block tensors (default: the authors' ‖Στ‖/(T‖τ_MTL‖), 1/T on task arithmetic)"),
               _P("beta", float, 1.0, help=_SCALE + ": added scale of the last block over the first"),
               _P("lines_base", str, "task_arithmetic", choices=("task_arithmetic", "ties_merging", "consensus_merging"),
                  help="method giving τ_MTL (our name)"),
-              _P("density", float, 0.2, _fraction, "in (0, 1]", "TIES density when lines_base is ties_merging")),
+              _P("density", float, 0.2, _fraction, "in (0, 1]", "TIES density when lines_base is ties_merging", scope="non_base")),
     "pcb_merging": (_P("pcb_ratio", float, 0.1, _fraction, "in (0, 1]", "kept share of each task's balanced scores (authors' default)"),
                     _P("scaling_factor", float, 1.0, help=_SCALE + " λ")),
 }
 SCALE_PARAMETER = {"tsv_merging": "alpha", "iso_c": "scaling_factor", "iso_cts": "scaling_factor", "cart": "scaling_factor",
                    "consensus_merging": "scaling_factor", "lines": "beta", "pcb_merging": "scaling_factor"}
 FRONTIER_METHODS = tuple(PARAMETERS)
+
+
+def frontier_parameters_help() -> str:
+    """One line for --help: every frontier method's parameters and defaults."""
+    return "; ".join(f"{method} " + ", ".join(f"{p.name}={p.default}" for p in declared) for method, declared in PARAMETERS.items())
 
 
 def resolve_parameters(method: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -132,8 +138,8 @@ def merge_tensor(method: str, deltas: Sequence, params: Mapping[str, Any], *, na
     if method == "lines":
         base = params["lines_base"]
         if base == "consensus_merging":
-            mtl = consensus.consensus_tensor(deltas, **{k: v for k, v in resolve_parameters("consensus_merging").items()
-                                                        if k not in ("scaling_factor",)}, scaling_factor=1.0)
+            defaults = resolve_parameters("consensus_merging")
+            mtl = consensus.consensus_tensor(deltas, defaults["tall_mask_lambda"], defaults["prun_thre_k"], 1.0)
         else:
             mtl = consensus.multi_task_vector(deltas, base, params["density"])
         alpha = params["alpha"] if params["alpha"] is not None else lines_alpha
@@ -144,3 +150,117 @@ def merge_tensor(method: str, deltas: Sequence, params: Mapping[str, Any], *, na
             alpha = lines.lines_default_alpha(len(deltas))
         return lines.lines_tensor(mtl, layer, num_layers, alpha, params["beta"])
     raise MergeError(f"unknown frontier method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry's "group" convention: one output tensor from a TensorGroupCall
+
+
+def compute_dtype(dtype) -> "torch.dtype":
+    """float64 inputs stay float64; everything else is merged in float32 (FusionBench's float32 models)."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_group(method: str, call) -> "torch.Tensor":
+    """θ* = θ_pre + τ* for one output tensor of a recipe / flag merge (recipe_methods.TensorGroupCall).
+
+    τ_t = w_t (θ_t − θ_pre), w_t the input's `weight` (default 1: the papers' unweighted merges; FusionBench's
+    per-model TSV-M α is this weight). Parameters are read from call.params (resolved by resolve_parameters
+    where they entered). Optional call attributes: `name` (error messages), `layer` / `num_layers` (LiNeS),
+    `device` (where WUDI optimises; default the tensors' device), `lines_alpha` (LiNeS's norm rule).
+    A non-finite result (overflow) is a MergeError naming the method and tensor."""
+    import torch
+
+    base = call.tensors[call.base]
+    dtype = compute_dtype(base.dtype)
+    base32 = base.to(dtype)
+    deltas = []
+    for key in call.non_base:
+        delta = call.tensors[key].to(dtype) - base32
+        weight = call.per_input.get(key, {}).get("weight", 1.0)
+        deltas.append(delta.mul_(weight) if weight != 1.0 else delta)
+    params = {}
+    for p in PARAMETERS[method]:
+        if p.scope == "non_base":
+            params[p.name] = [call.per_input.get(key, {}).get(p.name, p.default) for key in call.non_base]
+        else:
+            params[p.name] = call.params.get(p.name, p.default)
+    name = getattr(call, "name", "")
+    merged = merge_tensor(method, deltas, params, name=name, layer=getattr(call, "layer", None),
+                          num_layers=getattr(call, "num_layers", 1), device=getattr(call, "device", None) or base.device,
+                          lines_alpha=getattr(call, "lines_alpha", None)).add_(base32)
+    if not bool(torch.isfinite(merged).all()):
+        raise MergeError(f"{method}: the merged tensor {name!r} is Inf/NaN although its inputs are finite")
+    return merged
+
+
+def tsv_merging(call):
+    return merge_group("tsv_merging", call)
+
+
+def iso_c(call):
+    return merge_group("iso_c", call)
+
+
+def iso_cts(call):
+    return merge_group("iso_cts", call)
+
+
+def wudi_merging(call):
+    return merge_group("wudi_merging", call)
+
+
+def cart(call):
+    return merge_group("cart", call)
+
+
+def consensus_merging(call):
+    return merge_group("consensus_merging", call)
+
+
+def lines(call):
+    return merge_group("lines", call)
+
+
+def pcb_merging(call):
+    return merge_group("pcb_merging", call)
+
+
+PAPERS = {
+    "tsv_merging": ("Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (CVPR 2025, arXiv 2412.00081)",
+                    "https://arxiv.org/abs/2412.00081", "TSV-M"),
+    "iso_c": ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML 2025, arXiv 2502.04959)",
+              "https://arxiv.org/abs/2502.04959", "Iso-C"),
+    "iso_cts": ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML 2025, arXiv 2502.04959)",
+                "https://arxiv.org/abs/2502.04959", "Iso-CTS"),
+    "wudi_merging": ("Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task Vectors (ICML 2025, arXiv 2503.08099)",
+                     "https://arxiv.org/abs/2503.08099", "WUDI-merging"),
+    "cart": ("Choi et al. 2024, Revisiting Weight Averaging for Model Merging (arXiv 2412.12153)", "https://arxiv.org/abs/2412.12153", "CART"),
+    "consensus_merging": ("Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML 2024, arXiv 2405.07813)",
+                          "https://arxiv.org/abs/2405.07813", "Consensus (TALL masks)"),
+    "lines": ("Wang et al. 2025, LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging (ICLR 2025, arXiv 2410.17146)",
+              "https://arxiv.org/abs/2410.17146", "LiNeS"),
+    "pcb_merging": ("Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS 2024, arXiv 2410.02396)",
+                    "https://arxiv.org/abs/2410.02396", "PCB-merging"),
+}
+
+
+def registry_methods(method_class, parameter_class) -> list:
+    """The eight registry entries (kind "group": one output tensor per call, whole tensors, float32), built
+    from PARAMETERS so that the registry and the per-tensor functions share one declaration. Every entry
+    also takes a per-model `weight`; `--scaling_coefficient` fills SCALE_PARAMETER[method]."""
+    entries = []
+    for method, declared in PARAMETERS.items():
+        paper, url, pretty = PAPERS[method]
+        parameters = [parameter_class("weight", float, "non_base", 1.0)]
+        for p in declared:
+            parameters.append(parameter_class(p.name, p.kind, p.scope, p.default, choices=p.choices,
+                                              check=None if p.choices else p.check, requirement=p.requirement))
+        entries.append(method_class(method, f"frontier:{method}", paper, url, pretty_name=pretty,
+                                    semantics="FusionBench 0.2.33" if method in ("tsv_merging", "iso_c", "iso_cts", "wudi_merging")
+                                    else "the authors' code", kind="group", min_models=2, parameters=tuple(parameters),
+                                    streaming="whole", scale_parameter=SCALE_PARAMETER.get(method),
+                                    strict_parameters=True, layer_aware=method == "lines"))
+    return entries

@@ -36,8 +36,14 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
                       statistics: list[StateDict] | None = None,
                       report: list[dict[str, float]] | None = None,
                       out_dtype: torch.dtype | None = None,
-                      offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:
+                      offsets: dict[str, tuple[int, int]] | None = None,
+                      parameters: dict | None = None, tie_order: str = "index") -> StateDict:
     """Merge `models` (and `base`) with a registered method; DARE, when given, is applied first.
+
+    mergekit's methods (kind "group": `ties`, `linear`, `slerp`, ...) take their parameters as in a recipe:
+    `parameters = {name: value}` (a list for a per-model value, one per model in order; the base included
+    first for scope "input"), computed in the tensors' dtype; `options`, `dare` and `statistics` are the
+    paper methods' and are refused for them.
 
     Merged tensors are computed in float32 and returned in `out_dtype` (default: the reference's
     dtype, i.e. the base's, or models[0]'s without a base).
@@ -50,9 +56,16 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
     when options.norms is None.
     """
     spec = get_method(method)
-    options.validate()
     if not models:
         raise MergeError("no models to merge")
+    if spec.kind == "group":
+        if options != MergeOptions() or dare is not None or statistics is not None:
+            raise MergeError(f"{method} is mergekit's method: give its parameters (parameters={{...}}); MergeOptions "
+                             f"and DARE are the paper's (average_merging, task_arithmetic, ties_merging, ...)")
+        return _merge_group_method(spec, base, models, parameters or {}, seed, exclude_regex, out_dtype, tie_order)
+    if parameters:
+        raise MergeError(f"{method} is a paper method: give MergeOptions, not parameters")
+    options.validate()
     resolved, options = resolve_dare(spec, options, dare, len(models))
     check_method_inputs(spec, base is not None, len(models), None if statistics is None else len(statistics),
                         resolved, options)
@@ -121,3 +134,92 @@ def _check_identical(name: str, tensor: torch.Tensor, models: list[StateDict]) -
     for index, model in enumerate(models):
         if not torch.equal(model[name], tensor):
             raise MergeError(f"non-float tensor {name!r} differs in model {index}; it cannot be merged")
+
+
+def options_from_parameters(spec: MergeMethod, params: dict, per_input: dict[str, dict],
+                            models: list[str]) -> MergeOptions:
+    """A paper method's MergeOptions from resolved recipe parameters (MethodParameter.option names the field;
+    per-model values become one value per model, in `models` order; unset values keep the defaults)."""
+    values: dict = {}
+    for parameter in spec.parameters:
+        if parameter.option is None:
+            continue
+        if parameter.scope == "global":
+            if params.get(parameter.name) is not None:
+                values[parameter.option] = params[parameter.name]
+            continue
+        given = [per_input[key].get(parameter.name) for key in models]
+        if all(value is not None for value in given):
+            values[parameter.option] = tuple(given)
+    options = MergeOptions(**values)
+    options.validate()
+    return options
+
+
+def merge_tensor_group(spec: MergeMethod, name: str, tensors: dict[str, torch.Tensor], base: str | None,
+                       options: MergeOptions, dare: tuple[ResolvedDare, ...] | None, *, seed: int = 0,
+                       offset: tuple[int, int] | None = None, out_dtype: torch.dtype | None = None,
+                       statistics: list[StateDict] | None = None,
+                       report: list[dict[str, float]] | None = None) -> torch.Tensor:
+    """One output tensor of a paper (kind "state_dict") method: `tensors` maps input id → tensor (the base's
+    id is `base`; the others are the models, in order: DARE's draws use that index and `name`).
+    `offset = (start, total)` marks a flat piece of a larger tensor (elementwise methods only)."""
+    models = [key for key in tensors if key != base]
+    merged = merge_resolved(spec, {name: tensors[base]} if base is not None else None,
+                            [{name: tensors[key]} for key in models], options, dare, seed=seed, report=report,
+                            out_dtype=out_dtype, offsets={name: offset} if offset else None, statistics=statistics)
+    return merged[name]
+
+
+def _merge_group_method(spec: MergeMethod, base: StateDict | None, models: list[StateDict], parameters: dict,
+                        seed: int, exclude_regex: Sequence[str], out_dtype: torch.dtype | None,
+                        tie_order: str) -> StateDict:
+    """merge_state_dicts for mergekit's methods: one TensorGroupCall per tensor (inputs: base first)."""
+    from .randomness import RandomSlot
+    from .recipe_methods import TensorGroupCall, run_group
+
+    if spec.needs_base and base is None:
+        raise MergeError(f"{spec.name} needs a base (pretrained) model")
+    inputs = ([base] if base is not None else []) + list(models)
+    keys = ["base"] * (base is not None) + [f"model {i}" for i in range(len(models))]
+    base_key = "base" if base is not None and spec.base != "ignored" else None
+    count = len(inputs) - (base_key is not None)
+    if count < spec.min_models or (spec.max_models and count > spec.max_models):
+        bound = f"{spec.min_models}..{spec.max_models}" if spec.max_models else f">= {spec.min_models}"
+        raise MergeError(f"{spec.name} takes {bound} models, got {count}")
+    unknown = sorted(set(parameters) - {p.name for p in spec.parameters})
+    if unknown:
+        raise MergeError(f"{spec.name} has no parameter {unknown[0]!r}; its parameters: "
+                         f"{', '.join(p.name for p in spec.parameters)}")
+
+    def value(parameter, index: int | None):
+        given = parameters.get(parameter.name)
+        if isinstance(given, (list, tuple)):
+            scoped = [k for k in keys if parameter.scope == "input" or k != base_key]
+            if len(given) != len(scoped):
+                raise MergeError(f"{spec.name}: parameter {parameter.name!r} has {len(given)} values for "
+                                 f"{len(scoped)} inputs")
+            given = given[scoped.index(keys[index])] if index is not None else None
+        if given is None:
+            if parameter.required:
+                raise MergeError(f"{spec.name}: missing required parameter {parameter.name!r}")
+            return parameter.default
+        return parameter.validate(given, spec.name)
+
+    params = {p.name: value(p, None) for p in spec.parameters if p.scope == "global"}
+    per_input = {key: {p.name: value(p, index) for p in spec.parameters
+                       if p.scope == "input" or (p.scope == "non_base" and key != base_key)}
+                 for index, key in enumerate(keys)}
+    check_inputs(base, list(models), exclude_regex)
+    check_finite(base, list(models))
+    out = {}
+    for name, tensor in inputs[0].items():
+        if not tensor.is_floating_point() or is_excluded(name, exclude_regex):
+            out[name] = tensor
+            continue
+        slots = {key: RandomSlot(seed, index, name) for index, key in enumerate(keys)} if spec.randomized else {}
+        call = TensorGroupCall({key: model[name] for key, model in zip(keys, inputs)}, base_key, params, per_input,
+                               slots, tie_order)
+        out[name] = run_group(spec.implementation(), call).to(out_dtype or tensor.dtype)
+    _check_outputs(out)
+    return out

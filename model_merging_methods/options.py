@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +22,67 @@ NORM_MODES = ("linear", "power", "exp")
 
 class MergeError(ValueError):
     """Bad input to a merge: the message names the tensor, model or value at fault."""
+
+
+REQUIRED = object()  # marks a parameter without a default
+
+
+@dataclass(frozen=True)
+class MethodParameter:
+    """A method parameter as a recipe (and the flags translated to one) names it. scope: "global" (one
+    value per tensor), "input" (per input, the base included) or "non_base" (per input other than the base).
+    ``option``: for the paper's methods, the MergeOptions field it fills (per-input values become a list
+    in model order); None for mergekit's methods, whose functions read the resolved values by name."""
+
+    name: str
+    kind: type
+    scope: str = "global"
+    default: Any = REQUIRED
+    option: str | None = None
+    choices: tuple = ()
+    check: "Callable[[Any], bool] | None" = None   # a range check on the coerced value (e.g. a fraction in (0, 1])
+    requirement: str = ""                          # what `check` demands, for the error message
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce a recipe value to the parameter's type (as pydantic would: 1 → 1.0, "true" → True), then
+        apply the parameter's range check."""
+        value = self._coerce(value, where)
+        if value is not None and self.check is not None and not self.check(value):
+            raise MergeError(f"{where}: parameter {self.name!r} must be {self.requirement}, got {value!r}")
+        return value
+
+    def _coerce(self, value: Any, where: str) -> Any:
+        if value is None:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+        elif self.kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif self.kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif self.kind is str and isinstance(value, str):
+            if not self.choices or value in self.choices:
+                return value
+            raise MergeError(f"{where}: parameter {self.name!r} must be one of {', '.join(self.choices)}, got {value!r}")
+        raise MergeError(f"{where}: parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}")
 
 
 def per_model(value: float | Sequence[float], num_models: int, what: str) -> list[float]:

@@ -28,52 +28,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .options import MergeError
+from .options import REQUIRED, MergeError, MethodParameter
 from .randomness import RandomSlot
 from .selection import KeepRule, RankStat, pieces_of, rank_statistics, rank_window_rule, top_k_rule
 
-REQUIRED = object()  # marks a parameter without a default
-
-
-@dataclass(frozen=True)
-class RecipeParameter:
-    """A method parameter as a recipe names it. scope: "global" (one value per tensor), "input" (per
-    input, the base included) or "non_base" (per input other than the base)."""
-
-    name: str
-    kind: type
-    scope: str = "global"
-    default: Any = REQUIRED
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
-
-    def validate(self, value: Any, where: str) -> Any:
-        """Coerce a recipe value to the parameter's type (as pydantic would: 1 → 1.0, "true" → True)."""
-        if value is None:
-            return None
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
-        elif self.kind is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        elif self.kind is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-        raise MergeError(f"{where}: parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}")
+RecipeParameter = MethodParameter   # the parameter declaration lives in options.py (the registry loads without torch)
 
 
 @dataclass(frozen=True)
@@ -89,6 +48,10 @@ class TensorGroupCall:
     # a streamed piece: per non-base input, its sparsification prepared from whole-tensor statistics
     piece_sparsifiers: Optional[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = None
     piece_coefficients: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # a streamed slerp piece
+    # layer-aware methods (LiNeS): the output tensor's name, block index (None: outside the blocks), depth
+    name: str = ""
+    layer: Optional[int] = None
+    num_layers: int = 1
 
     @property
     def non_base(self) -> list[str]:
@@ -544,19 +507,17 @@ def run_group(function: Callable[[TensorGroupCall], torch.Tensor], call: TensorG
     return function(call)
 
 
-GTA_PARAMETERS = (RecipeParameter("int8_mask", bool, default=False), RecipeParameter("lambda", float, default=1.0),
-                  RecipeParameter("weight", float, "non_base"), RecipeParameter("density", float, "non_base", 1.0))
+# mergekit's GTA methods, one function each (the registry names them "recipe_methods:gta_ties", ...)
+gta_ties = gta(GtaVariant("magnitude", True))
+gta_dare_ties = gta(GtaVariant("random", True))
+gta_dare_linear = gta(GtaVariant("random", False))
+gta_breadcrumbs = gta(GtaVariant("outliers", False))
+gta_breadcrumbs_ties = gta(GtaVariant("outliers", True))
+gta_della = gta(GtaVariant("della", True))
+gta_della_linear = gta(GtaVariant("della", False))
 
-
-def gta_parameters(normalize: bool, rescale: bool, extra: tuple = ()) -> tuple[RecipeParameter, ...]:
-    return (RecipeParameter("normalize", bool, default=normalize),
-            RecipeParameter("rescale", bool, default=rescale)) + GTA_PARAMETERS + extra
-
-
-GAMMA = (RecipeParameter("gamma", float, "non_base", 0.01),)
-EPSILON = (RecipeParameter("epsilon", float, "non_base", 0.15),)
 __all__ = ["GtaVariant", "PieceSparsifier", "RankCut", "RecipeParameter", "TensorGroupCall", "l1_norm",
-           "rescale_factor", "gta", "gta_parameters", "gta_tensor", "linear",
+           "rescale_factor", "gta", "gta_tensor", "linear",
            "linear_tensor", "model_stock", "model_stock_tensor", "nearswap", "nearswap_tensor", "passthrough",
            "run_group", "slerp", "slerp_tensor", "sparsify_della", "sparsify_magnitude", "sparsify_outliers",
-           "sparsify_random", "REQUIRED", "GAMMA", "EPSILON"]
+           "sparsify_random", "REQUIRED"]

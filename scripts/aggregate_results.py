@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.cli import HelpFormatter  # noqa: E402
+from utils.cli import HelpFormatter, error_line  # noqa: E402
 from utils.aggregation import aggregate  # noqa: E402
 
 
@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    outputs = aggregate(args.paths, args.out, split=args.split, figure_title=args.title, figure_metric=args.figure_metric)
+    from utils.records import OutputRefusedError
+
+    try:
+        outputs = aggregate(args.paths, args.out, split=args.split, figure_title=args.title,
+                            figure_metric=args.figure_metric)
+    except (OutputRefusedError, OSError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        return 2
     for warning in outputs.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not outputs.rows:

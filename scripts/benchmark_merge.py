@@ -41,6 +41,10 @@ METHODS = {
                              {"weight": 1.0, "density": 0.5}),
     "dare_linear": BenchMethod(["--method", "dare_linear", "--density", "0.5"], "dare_linear",
                                {"weight": 1.0, "density": 0.5}),
+    # the data-free frontier (no mergekit counterpart); WUDI with 2 Adam steps (its cost grows linearly in iter_num)
+    **{name: BenchMethod(["--method", name], "") for name in
+       ("tsv_merging", "iso_c", "iso_cts", "cart", "consensus_merging", "lines", "pcb_merging")},
+    "wudi_merging_2_steps": BenchMethod(["--method", "wudi_merging", "--parameter", "iter_num=2"], ""),
 }
 
 
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                   else ["--models", *map(str, models)])
         ours = [sys.executable, str(ROOT / "merge_models.py"), *inputs, *method.arguments, "--no_progress"]
         measure(label, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
-        if args.mergekit:
+        if args.mergekit and method.mergekit_method:
             config = work / f"{label}.yml"
             mergekit_config(method, models, config)
             measure(label, "mergekit", lambda out, config=config: [

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                            "versions": library_versions(), "data_dir": str(data_dir)})
             (staging / "family_expert.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
-        write_folder_atomic(target, write, overwrite=False)
+        write_folder_atomic(target, write, overwrite=False, inputs={"the base model": base})
         built[spec.name] = str(target)
         print(f"{spec.name}: {target} ({time.time() - started:.0f} s)", flush=True)
     write_json_atomic(root / "family.json", {"base": str(base), "experts": built, "config": str(args.config)})

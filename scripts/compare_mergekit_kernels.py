@@ -8,7 +8,7 @@ For every method (nuslerp, multislerp, karcher, sce, arcee_fusion, ram, ramplus_
 dtypes bfloat16 and float32, and shapes from a vector to a 2^21-entry matrix, it builds a base and three
 fine-tunes (base + small Gaussian deltas, some entries unchanged), calls mergekit's registered method
 (with the tensors already in the compute dtype, as mergekit's recipes run) and ours
-(model_merging_methods.recipe_registry), and prints max |Δ|, the number of differing entries and both
+(model_merging_methods.registry), and prints max |Δ|, the number of differing entries and both
 result dtypes. Both sides run on one torch thread: torch splits large reductions across threads, and
 the rounding of norms and sums depends on the split. Exit status 1 when a deterministic case differs.
 """
@@ -27,7 +27,7 @@ from mergekit import merge_methods  # noqa: E402  (the separate environment's me
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
 from model_merging_methods.recipe_methods import TensorGroupCall  # noqa: E402
-from model_merging_methods.recipe_registry import get_recipe_method  # noqa: E402
+from model_merging_methods.registry import get_method  # noqa: E402
 
 SHAPES = [(64,), (33, 17), (256, 1024), (2048, 1024), (3000, 1111)]
 # (method, global parameters, per-model weights?, with base?, number of fine-tunes)
@@ -75,13 +75,13 @@ def run_case(name: str, params: dict, weighted: bool, with_base: bool, count: in
     group = TensorGroup.from_tensors(tensors, ids=ids, base_index=0 if with_base else None, name="t")
     (theirs,) = merge_methods.get(name)((group,), parameters=theirs_params)
 
-    method = get_recipe_method(name)
+    method = get_method(name)
     resolved = {p.name: params.get(p.name, p.default) for p in method.parameters if p.scope == "global"}
     non_base = [i for i in ids if i != base_id]
     per_input = {i: ({"weight": weights[non_base.index(i)]} if weighted and i != base_id else {}) for i in ids}
     call = TensorGroupCall(dict(zip(ids, tensors)), base_id if method.base != "ignored" else None, resolved,
                            per_input)
-    ours = method.function(call)
+    ours = method.implementation()(call)
     differing = int((ours.double() != theirs.double()).sum())
     return {"method": name, "parameters": params, "base": with_base, "shape": list(shape),
             "dtype": str(dtype).replace("torch.", ""), "max_abs_diff": float((ours.double() - theirs.double()).abs().max()),

@@ -12,6 +12,13 @@ rank-one terms) plus noise. Each method runs through our per-tensor functions an
 function on the same task vectors; the script prints, per method, the max |ours − FusionBench| over every
 tensor and the max |FusionBench| for scale. Methods FusionBench lacks (PCB, CART, LiNeS) are not compared
 here: tests/test_frontier_methods.py checks them against float64 references of the authors' code.
+
+RegMean++ is compared end to end on a tiny BERT classifier (2 blocks, 3 task models, all-ones attention
+masks): FusionBench's `RegMeanAlgorithmPlusPlus` (its layer-by-layer loop, with the BERT hooks it leaves
+to subclasses written here as its CLIP subclass does them) against this project's
+`utils.glue.statistics.regmean_plusplus_merge`, which runs in this project's environment (`--ours_python`,
+default .venv/bin/python) on the same saved models and token batches. Compared: the embeddings and every
+block (FusionBench keeps the pretrained pooler; ours merges it, see the README).
 """
 from __future__ import annotations
 
@@ -62,6 +69,117 @@ def per_tensor(function, vectors: list[dict], **kwargs) -> dict:
     return {name: function([v[name].clone() for v in vectors], **kwargs) for name in vectors[0]}
 
 
+BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+            max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def regmean_plusplus_inputs(folder: Path, num_models: int, seed: int) -> dict:
+    """A tiny BERT base and task models (blocks, pooler perturbed) with their token batches, saved to folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = BertForSequenceClassification(BertConfig(**BERT)).eval()
+    generator = torch.Generator().manual_seed(seed + 10)
+    states = [{n: t + 0.3 * torch.randn(t.shape, generator=generator) for n, t in base.state_dict().items()}
+              for _ in range(num_models)]
+    batches = [[torch.randint(0, BERT["vocab_size"], (4, 7), generator=generator) for _ in range(2)] for _ in range(num_models)]
+    payload = {"base": base.state_dict(), "states": states, "batches": batches, "alpha": 0.9}
+    torch.save(payload, folder / "inputs.pt")
+    return payload
+
+
+def regmean_plusplus_fusionbench(payload: dict) -> dict:
+    """FusionBench's RegMeanAlgorithmPlusPlus with BERT hooks (as its CLIP subclass implements them)."""
+    from fusion_bench.method.regmean_plusplus.regmean_plusplus import RegMeanAlgorithmPlusPlus
+    from fusion_bench.modelpool import BaseModelPool
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def model_of(state):
+        model = BertForSequenceClassification(BertConfig(**BERT)).eval()
+        model.load_state_dict(state)
+        return model
+
+    names = [f"task{k}" for k in range(len(payload["states"]))]
+
+    class Pool(BaseModelPool):
+        def __init__(self):   # the models live in `payload`; no Hydra config
+            pass
+
+        @property
+        def model_names(self):
+            return names
+
+        def named_models(self):
+            return [(n, model_of(s)) for n, s in zip(names, payload["states"])]
+
+        def load_pretrained_model(self):
+            return model_of(payload["base"])
+
+        def load_train_dataset(self, name):
+            return payload["batches"][names.index(name)]
+
+    class ForBert(RegMeanAlgorithmPlusPlus):
+        def merge_embedding_layer(self, models_to_merge_dict):
+            keys = [n for n in payload["base"] if n.startswith("bert.embeddings")]
+            return {n: torch.stack([m.state_dict()[n] for m in models_to_merge_dict.values()]).mean(dim=0) for n in keys}
+
+        def get_input_for_first_layer(self, model, train_dataset):
+            return [model.bert.embeddings(input_ids=ids).detach() for ids in train_dataset]
+
+        def get_layers(self, model):
+            return model.bert.encoder.layer
+
+        def update_merged_params_dict(self, merged_params_dict, new_merged_params, layer_idx):
+            for key, value in new_merged_params.items():
+                merged_params_dict[f"bert.encoder.layer.{layer_idx}.{key}"] = value
+            return merged_params_dict
+
+        def layer_batches_forward(self, layer, batches_input):
+            return [layer(batch).detach() for batch in batches_input]
+
+        def get_regmean_weights(self, model_name, layer, batches_input, linear_modules_to_merge):
+            grams, rows = {}, {}
+
+            def hook_for(name):
+                def hook(module, inputs, output):
+                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+                    if name not in grams:
+                        grams[name], rows[name] = x.T @ x / x.shape[0], x.shape[0]
+                    else:
+                        grams[name] = (grams[name] * rows[name] + x.T @ x) / (rows[name] + x.shape[0])
+                        rows[name] += x.shape[0]
+                return hook
+
+            handles = [m.register_forward_hook(hook_for(n)) for n, m in linear_modules_to_merge.items()]
+            self.layer_batches_forward(layer, batches_input)
+            for handle in handles:
+                handle.remove()
+            return grams
+
+    algorithm = ForBert(num_regmean_examples=8, exclude_param_names_regex=[], reduce_non_diagonal_ratio=payload["alpha"],
+                        weight_transpose=True)
+    with torch.no_grad():
+        return algorithm.run(Pool()).state_dict()
+
+
+def regmean_plusplus_ours(folder: Path) -> None:
+    """This project's regmean_plusplus_merge on the saved inputs (runs in this project's environment)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from utils.glue.statistics import regmean_plusplus_merge
+
+    payload = torch.load(folder / "inputs.pt", weights_only=True)
+    models = []
+    for state in payload["states"]:
+        model = BertForSequenceClassification(BertConfig(**BERT)).eval()
+        model.load_state_dict(state)
+        models.append(model)
+    loaders = [(lambda b=b: [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in b]) for b in payload["batches"]]
+    merged = regmean_plusplus_merge(models, payload["states"], payload["base"], loaders, [8] * len(models), payload["alpha"],
+                                    "cpu", exclude_regex=[".*classifier.*"])
+    torch.save(merged, folder / "ours.pt")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=3, help="fine-tuned models T")
@@ -69,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--wudi_iter_num", type=int, default=400, help="WUDI Adam steps (FusionBench config: 400)")
     parser.add_argument("--json", default=None, help="also write the table as JSON")
+    parser.add_argument("--ours_python", default=str(ROOT / ".venv" / "bin" / "python"),
+                        help="this project's Python (runs our RegMean++; FusionBench's environment lacks our dependencies)")
+    parser.add_argument("--regmean_plusplus_ours", default=None, help=argparse.SUPPRESS)   # internal: our side, in ours_python
     args = parser.parse_args(argv)
+    if args.regmean_plusplus_ours:
+        regmean_plusplus_ours(Path(args.regmean_plusplus_ours))
+        return 0
 
     import fusion_bench
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
@@ -132,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     ours = regmean_merging(None, [dict(m) for m in models], MergeOptions(regmean_alpha=alpha),
                            [{f"{key}.weight": g for key, g in stats.items()} for stats in grams])
     rows["regmean_plusplus (merge step)"] = max_diff(ours, theirs)
+
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        payload = regmean_plusplus_inputs(Path(folder), args.models, args.seed)
+        theirs = regmean_plusplus_fusionbench(payload)
+        subprocess.run([args.ours_python, str(Path(__file__).resolve()), "--regmean_plusplus_ours", folder], check=True, cwd=ROOT)
+        ours = torch.load(Path(folder) / "ours.pt", weights_only=True)
+    compared = [n for n in theirs if n.startswith(("bert.embeddings", "bert.encoder"))]
+    rows["regmean_plusplus (tiny BERT, end to end)"] = max_diff({n: ours[n] for n in compared}, {n: theirs[n] for n in compared})
 
     print(f"FusionBench {fusion_bench.__version__ if hasattr(fusion_bench, '__version__') else '?'}, torch {torch.__version__}, "
           f"T = {args.models}, {args.dtype}, seed {args.seed}")

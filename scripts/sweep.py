@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.cli import HelpFormatter  # noqa: E402
+from utils.cli import HelpFormatter, error_line  # noqa: E402
 from utils.sweeps import RunOptions, SlurmOptions, SweepError, parse_overrides, plan, run, status_text  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             overrides=parse_overrides(args.set))
         result = run(args.sweep, options, args.output_root)
     except SweepError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     counts = result.counts()
     print(status_text(result))

@@ -2,7 +2,8 @@
 
 Writes <save_dir>/toy_x<x>_seed<s>.json with value = x · 10 + seed and appends one line per call to
 <save_dir>/calls.txt (so tests can count processes). --xs runs several x in one call (the batch path).
---fail_at X exits with status 3 after printing a message when x == X.
+--fail_at X exits with status 3 after printing a message when x == X; --sleep S waits S seconds after
+logging the call (a long setting, for the lock tests).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loud", action="store_true")
     parser.add_argument("--fail_at", type=float, default=None)
     parser.add_argument("--save_dir", default=".")
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after logging the call")
     return parser
 
 
@@ -33,6 +35,10 @@ def main(argv=None) -> int:
     seeds = args.seeds if args.seeds is not None else [args.seed]
     with open(save / "calls.txt", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"xs": xs, "seeds": seeds, "mode": args.mode}) + "\n")
+    if args.sleep:
+        import time
+
+        time.sleep(args.sleep)
     for x in xs:
         if args.fail_at is not None and x == args.fail_at:
             print(f"toy: failing on purpose at x = {x}", file=sys.stderr)

@@ -181,13 +181,11 @@ def test_options_resolve_once_to_one_validated_setting_per_model():
         DareOptions(drop_rate=[0.5, 1.0]).resolve(2)
 
 
-def test_dare_methods_take_their_rate_from_density_once():
+def test_dare_resolution_drops_all_zero_rates():
     from model_merging_methods import MergeOptions, get_method, resolve_dare
 
-    dare, options = resolve_dare(get_method("dare_ties"), MergeOptions(density=[0.25, 0.5]), None, 2)
-    assert [d.drop_rate for d in dare] == [0.75, 0.5] and options.density == 1.0
-    dare, _ = resolve_dare(get_method("dare_ties"), MergeOptions(density=0.5), DareOptions(drop_rate=0.2), 2)
-    assert [d.drop_rate for d in dare] == [0.2, 0.2]                  # an explicit rate wins over density
+    dare, _ = resolve_dare(get_method("ties_merging"), MergeOptions(density=0.5), DareOptions(drop_rate=0.2), 2)
+    assert [d.drop_rate for d in dare] == [0.2, 0.2]
     dare, options = resolve_dare(get_method("ties_merging"), MergeOptions(density=0.5), DareOptions(), 2)
     assert dare is None and options.density == 0.5                   # rate 0 everywhere: no DARE at all
 

@@ -191,3 +191,36 @@ def test_float32_inputs_keep_their_dtype_and_shape():
         params = resolve_parameters(method, {"iter_num": 2} if method == "wudi_merging" else {})
         merged = merge_tensor(method, deltas, params, layer=0, num_layers=2)
         assert merged.shape == (8, 6) and merged.dtype == torch.float32 and torch.isfinite(merged).all(), method
+
+
+def test_group_calls_merge_in_float32_with_per_model_weights():
+    from model_merging_methods import frontier
+    from model_merging_methods.recipe_methods import TensorGroupCall
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, generator=generator).to(torch.bfloat16)
+    models = [torch.randn(6, 5, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    tensors = {"base": base, **{f"m{i}": m for i, m in enumerate(models)}}
+    call = TensorGroupCall(tensors, "base", params={"alpha": 0.5}, per_input={"m0": {"weight": 2.0}, "m1": {}, "m2": {}})
+    out = frontier.tsv_merging(call)
+    deltas = [m.float() - base.float() for m in models]
+    deltas[0] *= 2.0
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, base.float() + tsv_merge_tensor(deltas, 0.5), atol=1e-6)
+    for method in frontier.FRONTIER_METHODS:
+        params = resolve_parameters(method, {"iter_num": 1} if method == "wudi_merging" else {})
+        result = getattr(frontier, method)(TensorGroupCall(tensors, "base", params=params))
+        assert result.shape == base.shape and torch.isfinite(result).all(), method
+
+
+def test_pcb_float32_order_statistics_equal_kthvalue():
+    from model_merging_methods.pcb import _kth
+
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(3, 1000, generator=generator)
+    rows[1, :10] = 0.0
+    rows[2] = rows[2].abs()
+    for index in (0, 1, 137, 499, 500, 998, 999):
+        assert torch.equal(_kth(rows, index), torch.kthvalue(rows, index + 1, dim=1, keepdim=True).values), index
+    deltas = [torch.randn(30, 20, generator=generator) * 1e-2 for _ in range(3)]
+    assert torch.allclose(pcb_tensor(deltas, 0.2), _pcb_reference([d.double() for d in deltas], 0.2).float(), atol=1e-7)

@@ -109,3 +109,37 @@ def test_build_trains_publishes_records_and_skips_what_exists(chat_model, data_d
     with pytest.raises(SystemExit) as error:
         script.main(argv[:-4] + ["--experts", "poetry"])
     assert error.value.code == 2
+
+
+def test_miniature_curve_and_table_resume_and_never_select_on_reported_data(chat_model, data_dir, tmp_path):
+    from utils.llm import miniature
+    from utils.llm.family import sft_examples
+
+    write_jsonl(data_dir / "gsm8k_test.jsonl", [{"question": "What is 7 + 1?", "answer": "7+1=8\n#### 8"}])
+    write_jsonl(data_dir / "mbpp.test.jsonl", [mbpp(11)])
+    family = {"math": chat_model, "code": chat_model}     # the base as its own "expert": δ = 0 gives p-invariance
+    specs = {s: ExpertSpec(s, d, t, 1, 1, 512, 1e-5) for s, d, t in
+             (("math", "gsm8k_train", "gsm8k"), ("code", "mbpp_train", "mbpp"))}
+    budget = miniature.Budget(held_out=1, validation=2, batch_size=2)
+    results = tmp_path / "results"
+    files = miniature.drop_curve(family, chat_model, "math", data_dir, results, rates=(0.0, 0.5),
+                                 methods=("dare", "magnitude"), seeds=(0, 1), budget=budget, log=lambda *_: None)
+    assert len(files) == 1 + 2 + 1 + 1      # p=0 once per method; random drops per seed; magnitude has no seed
+    values = {json.loads(f.read_text())["metrics"]["gsm8k"] for f in files}
+    assert len(values) == 1                 # with δ = 0 every drop leaves the model unchanged
+    stamp = {f: f.stat().st_mtime_ns for f in files}
+    miniature.drop_curve(family, chat_model, "math", data_dir, results, rates=(0.0, 0.5),
+                         methods=("dare", "magnitude"), seeds=(0, 1), budget=budget, log=lambda *_: None)
+    assert {f: f.stat().st_mtime_ns for f in files} == stamp    # resumed: nothing recomputed
+    selection = miniature.merge_table(family, specs, chat_model, data_dir, results, budget=budget,
+                                      grid={"task_arithmetic": [{"scaling_coefficient": 0.5}]}, dare_rates=(0.0,),
+                                      log=lambda *_: None)
+    assert set(selection) == {"base", "math", "code", "task_arithmetic"}
+    assert set(selection["task_arithmetic"]["held_out"]) == {"gsm8k", "mbpp", "human_eval"}
+    # validation problems are held back from training: never in the training rows
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    for skill, spec in specs.items():
+        held = {tuple(encode_pair(tokenizer, *p)[0]) for p in miniature.validation_pairs(spec, data_dir, 10)}
+        rows, counts = sft_examples(spec, tokenizer, data_dir)
+        assert held and counts["held_back_validation"] == len(held) and not held & {tuple(r[0]) for r in rows}

@@ -149,7 +149,8 @@ def test_mbpp_postprocessing_differs_where_the_original_does():
 
 def test_programs():
     problem = {"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "f"}
+    marker = "#@mergelm-sandbox: the tests start here"   # the runner compiles the tests apart (sandbox.py)
     assert human_eval_program(problem, "    return x + 1") == \
-        "def f(x):\n    return x + 1\ndef check(c):\n    assert c(1) == 2\n\ncheck(f)"
+        f"def f(x):\n    return x + 1\n{marker}\ndef check(c):\n    assert c(1) == 2\n\ncheck(f)"
     record = {"test_list": ["assert g() == 1", "assert g() != 2"]}
-    assert mbpp_program(record, "def g():\n    return 1") == "def g():\n    return 1\nassert g() == 1\nassert g() != 2"
+    assert mbpp_program(record, "def g():\n    return 1") == f"def g():\n    return 1\n{marker}\nassert g() == 1\nassert g() != 2"

@@ -22,11 +22,11 @@ def _run(args, capsys=None):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("average_merging", []), ("linear", ["--weights", "0.3", "0.7"]),
+    ("average_merging", []), ("average_merging", ["--weights", "0.3", "0.7"]),
     ("task_arithmetic", ["--scaling_coefficient", "0.5", "--drop_rate", "0.9"]),
     ("ties_merging", ["--density", "0.5", "--scaling_coefficient", "0.8"]),
-    ("dare_linear", ["--density", "0.3", "--weights", "0.5", "0.5"]),
-    ("dare_ties", ["--density", "0.5", "--ties_normalize", "weights"]),
+    ("task_arithmetic", ["--drop_rate", "0.7", "--weights", "0.5", "0.5"]),
+    ("ties_merging", ["--drop_rate", "0.5", "--ties_normalize", "weights"]),
 ])
 def test_streaming_merge_equals_in_memory_merge(llama_family, tmp_path, method, extra):
     out = tmp_path / "merged"
@@ -50,13 +50,13 @@ def test_merged_llama_loads_and_generates_with_manifest(llama_family, tmp_path):
 
     out = tmp_path / "merged"
     code, _ = _run(["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
-                    str(llama_family["ft1"]), "--method", "dare_ties", "--drop_rate", "0.5", "--dtype",
+                    str(llama_family["ft1"]), "--method", "ties_merging", "--drop_rate", "0.5", "--dtype",
                     "bfloat16", "--max_shard_size_gb", "0.000002", "--output_dir", str(out)])
     assert code == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     manifest = json.loads((out / "merge_manifest.json").read_text())
-    assert manifest["method"]["name"] == "dare_ties" and manifest["seed"] == 0
+    assert manifest["method"]["name"] == "ties_merging" and manifest["seed"] == 0
     assert manifest["versions"]["torch"] == torch.__version__
     assert [i["role"] for i in manifest["inputs"]] == ["base", "model 0", "model 1"]
     assert len(manifest["inputs"][0]["files"][0]["sha256"]) == 64
@@ -220,8 +220,9 @@ def test_header_length_beyond_file_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("task_arithmetic", []), ("dare_linear", []), ("average_merging", []), ("ties_merging", ["--density", "0.4"]),
-    ("dare_ties", ["--ties_normalize", "weights"]), ("ties_merging", ["--weight_format", "finetuned_weight"]),
+    ("task_arithmetic", []), ("task_arithmetic", ["--weights", "0.5", "0.5"]), ("average_merging", []),
+    ("ties_merging", ["--density", "0.4"]), ("ties_merging", ["--ties_normalize", "weights"]),
+    ("ties_merging", ["--weight_format", "finetuned_weight"]),
 ])
 def test_streaming_in_pieces_is_bit_identical(llama_family, tmp_path, monkeypatch, method, extra):
     import utils.engine.streaming as engine
@@ -241,7 +242,7 @@ def test_streaming_in_pieces_is_bit_identical(llama_family, tmp_path, monkeypatc
 def test_hub_id_that_cannot_be_fetched_is_reported(llama_family, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err = _run(["--base_model", str(llama_family["base"]), "--models", "some-org/not-a-local-model",
-                      "--method", "linear", "--output_dir", str(tmp_path / "o")], capsys)
+                      "--method", "average_merging", "--output_dir", str(tmp_path / "o")], capsys)
     assert code == 2
     assert "some-org/not-a-local-model: not a local folder, and fetching it from the Hugging Face hub failed" in err
     assert not (tmp_path / "o").exists()
@@ -251,7 +252,7 @@ def test_engine_validates_the_job_once_before_reading_anything(tmp_path):
     from model_merging_methods import DareOptions, MergeError, MergeOptions
     from utils.engine.streaming import StreamMergeJob, resolve_job, run_stream_merge
 
-    job = StreamMergeJob(base_model="b", models=["m0", "m1"], method="ties", output_dir=str(tmp_path / "o"),
+    job = StreamMergeJob(base_model="b", models=["m0", "m1"], method="ties_merging", output_dir=str(tmp_path / "o"),
                          options=MergeOptions(ties_trim="global"))
     with pytest.raises(MergeError, match="needs the whole model in memory"):
         run_stream_merge(job)
@@ -259,10 +260,10 @@ def test_engine_validates_the_job_once_before_reading_anything(tmp_path):
                          output_dir=str(tmp_path / "o"))
     with pytest.raises(MergeError, match="task_arithmetic needs a base"):
         run_stream_merge(job)
-    job = StreamMergeJob(base_model="b", models=["m0", "m1"], method="dare_linear", output_dir=str(tmp_path / "o"),
-                         options=MergeOptions(density=[0.2, 0.6]), dare=DareOptions(strategy="magnitude"))
+    job = StreamMergeJob(base_model="b", models=["m0", "m1"], method="task_arithmetic", output_dir=str(tmp_path / "o"),
+                         dare=DareOptions(drop_rate=[0.8, 0.4], strategy="magnitude"))
     resolved = resolve_job(job)
-    assert [d.drop_rate for d in resolved.dare] == pytest.approx([0.8, 0.4]) and resolved.options.density == 1.0
+    assert [d.drop_rate for d in resolved.dare] == pytest.approx([0.8, 0.4])
     assert resolved.dare[0].strategy == "magnitude" and str(resolved.device) == "cpu"
     if not torch.cuda.is_available():
         job.device = "cuda:0"

@@ -35,7 +35,7 @@ def _weight_bytes(folder: Path) -> dict[str, bytes]:
 def test_manifest_identifies_each_input_by_content(llama_family, tmp_path):
     out = tmp_path / "out"
     assert _run(["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
-                 str(llama_family["ft1"]), "--method", "ties", "--density", "0.5", "--output_dir", str(out)])[0] == 0
+                 str(llama_family["ft1"]), "--method", "ties_merging", "--density", "0.5", "--output_dir", str(out)])[0] == 0
     manifest = _manifest(out)
     digests = []
     for entry, folder in zip(manifest["inputs"], ("base", "ft0", "ft1")):
@@ -54,13 +54,13 @@ def test_manifest_identifies_each_input_by_content(llama_family, tmp_path):
 
 @pytest.mark.parametrize("method, extra, options, has_seed", [
     ("average_merging", [], {"weights"}, False),
-    ("slerp", ["--slerp_t", "0.3"], {"slerp_t"}, False),
     ("task_arithmetic", ["--drop_rate", "0.4"], {"weights", "scaling_coefficient"}, True),
     ("task_arithmetic", ["--drop_rate", "0.4", "--mask_strategy", "magnitude"], {"weights", "scaling_coefficient"},
      False),
     ("ties_merging", ["--density", "0.5"], {"weights", "scaling_coefficient", "density", "ties_trim",
                                             "ties_normalize"}, False),
-    ("dare_ties", ["--density", "0.5"], {"weights", "scaling_coefficient", "density", "ties_normalize"}, True),
+    ("ties_merging", ["--density", "0.5", "--drop_rate", "0.5"], {"weights", "scaling_coefficient", "density",
+                                                                  "ties_trim", "ties_normalize"}, True),
 ])
 def test_manifest_records_only_the_options_that_apply(llama_family, tmp_path, method, extra, options, has_seed):
     models = [str(llama_family["ft0"])] if method == "slerp" else [str(llama_family["ft0"]), str(llama_family["ft1"])]
@@ -77,10 +77,10 @@ def test_manifest_records_only_the_options_that_apply(llama_family, tmp_path, me
 @pytest.mark.parametrize("method, extra", [
     ("average_merging", ["--weights", "0.3", "0.7", "--drop_rate", "0.5"]),
     ("task_arithmetic", ["--drop_rate", "0.3", "0.6", "--scaling_coefficient", "0.7", "--dtype", "bfloat16"]),
-    ("ties", ["--density", "0.4", "0.6", "--weights", "0.3", "0.7", "--ties_normalize", "weights"]),
-    ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1", "--seed", "7"]),
-    ("dare_linear", ["--density", "0.3", "--mask_strategy", "magnitude", "--max_shard_size_gb", "0.00001"]),
-    ("slerp", ["--slerp_t", "0.3", "--exclude_param_names_regex", ".*norm.*"]),
+    ("ties_merging", ["--density", "0.4", "0.6", "--weights", "0.3", "0.7", "--ties_normalize", "weights"]),
+    ("ties_merging", ["--density", "0.5", "--drop_rate", "0.5", "--rescale_mode", "l1", "--seed", "7"]),
+    ("task_arithmetic", ["--drop_rate", "0.7", "--mask_strategy", "magnitude", "--max_shard_size_gb", "0.00001"]),
+    ("norm_adaptive", ["--exclude_param_names_regex", ".*norm.*"]),
 ])
 def test_from_manifest_reproduces_the_weights_bit_for_bit(llama_family, tmp_path, monkeypatch, method, extra):
     models = [str(llama_family["ft0"])] if method == "slerp" else [str(llama_family["ft0"]), str(llama_family["ft1"])]

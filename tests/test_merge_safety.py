@@ -276,7 +276,7 @@ def _base_args(family, output):
     (["--method", "task_arithmetic", "--device", "tpu0"], "unknown device 'tpu0' (use cpu, cuda, cuda:N or auto)"),
     (["--method", "task_arithmetic", "--threads", "0"], "threads must be at least 1, got 0"),
     (["--method", "task_arithmetic", "--weights", "1", "2", "3"], "weights: got 3 values for 2 models"),
-    (["--method", "slerp"], "slerp takes 1..1 models, got 2"),
+    (["--method", "dare"], "dare takes 1..1 models, got 2"),
 ])
 def test_user_errors_exit_2_with_one_line_before_reading(llama_family, tmp_path, capsys, monkeypatch, extra,
                                                          message):
@@ -289,7 +289,7 @@ def test_user_errors_exit_2_with_one_line_before_reading(llama_family, tmp_path,
 
 
 def test_needs_a_base_is_reported_before_anything_is_read(tmp_path, capsys):
-    code, err = _run(["--models", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "ties",
+    code, err = _run(["--models", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "ties_merging",
                       "--output_dir", str(tmp_path / "o")], capsys)
     assert code == 2 and err == "merge_models.py: error: ties_merging needs a base (pretrained) model\n"
 
@@ -303,7 +303,7 @@ def test_max_shard_size_must_be_positive(tmp_path, capsys, value):
 
 
 def test_too_many_threads_are_clamped_with_a_message(llama_family, tmp_path, capsys):
-    code, err = _run(_base_args(llama_family, tmp_path / "out") + ["--method", "linear", "--threads", "1000000"],
+    code, err = _run(_base_args(llama_family, tmp_path / "out") + ["--method", "average_merging", "--threads", "1000000"],
                      capsys)
     from utils.engine.streaming import available_cpus
 
@@ -314,7 +314,7 @@ def test_too_many_threads_are_clamped_with_a_message(llama_family, tmp_path, cap
 def test_file_system_errors_exit_2_with_one_line(llama_family, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    code, err = _run(_base_args(llama_family, blocker / "merged") + ["--method", "linear"], capsys)
+    code, err = _run(_base_args(llama_family, blocker / "merged") + ["--method", "average_merging"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.endswith("; nothing was written\n")
     assert err.startswith(("merge_models.py: error: File exists: ", "merge_models.py: error: Not a directory: "))
     import errno
@@ -324,23 +324,12 @@ def test_file_system_errors_exit_2_with_one_line(llama_family, tmp_path, capsys,
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "ro"))
 
     monkeypatch.setattr(records.Path, "mkdir", read_only)
-    code, err = _run(_base_args(llama_family, tmp_path / "ro" / "merged") + ["--method", "linear"], capsys)
+    code, err = _run(_base_args(llama_family, tmp_path / "ro" / "merged") + ["--method", "average_merging"], capsys)
     assert code == 2
     assert err == f"merge_models.py: error: Read-only file system: {tmp_path / 'ro'}; nothing was written\n"
 
 
 # ---------------------------------------------------------------- no silent no-ops (13.3)
-
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_methods_that_drop_nothing_are_refused_unless_allowed(llama_family, tmp_path, capsys, method):
-    code, err = _run(_base_args(llama_family, tmp_path / "out") + ["--method", method], capsys)
-    assert code == 2 and "without --drop_rate > 0 or --density below 1 nothing is dropped" in err
-    assert "--allow_noop" in err and not (tmp_path / "out").exists()
-    code, err = _run(_base_args(llama_family, tmp_path / "out") + ["--method", method, "--allow_noop"], capsys)
-    assert code == 0 and err.count("warning: ") == 1 and "bit-identical to" in err
-    manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
-    assert len(manifest["warnings"]) == 1
-
 
 @pytest.mark.parametrize("extra, flag", [
     (["--method", "ties_merging"], "set --density below 1"),
@@ -358,7 +347,7 @@ def test_single_model_dare_without_rate_warns(llama_family, tmp_path, capsys):
 
 def test_effective_settings_do_not_warn(llama_family, tmp_path, capsys):
     for method, extra in (("ties", ["--density", "0.5"]), ("dare_linear", ["--density", "0.5"]),
-                          ("dare_ties", ["--drop_rate", "0.3"]), ("task_arithmetic", [])):
+                          ("ties_merging", ["--density", "0.5", "--drop_rate", "0.3"]), ("task_arithmetic", [])):
         code, err = _run(_base_args(llama_family, tmp_path / method) + ["--method", method, *extra], capsys)
         assert code == 0 and "warning" not in err, (method, err)
 

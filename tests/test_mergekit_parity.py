@@ -13,7 +13,7 @@ from model_merging_methods import mergekit_consensus as mc
 from model_merging_methods import mergekit_spherical as ms
 from model_merging_methods.options import MergeError
 from model_merging_methods.recipe_methods import TensorGroupCall
-from model_merging_methods.recipe_registry import get_recipe_method
+from model_merging_methods.registry import get_method
 
 D = torch.float64
 
@@ -209,12 +209,12 @@ def test_registry_declares_mergekits_parameters_and_contracts():
         "ramplus_tl": ("required", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
     }
     for name, (base, parameters) in expected.items():
-        method = get_recipe_method(name)
+        method = get_method(name)
         assert method.base == base, name
         assert {p.name: (None if p.required else p.default) for p in method.parameters} == parameters, name
-    assert (get_recipe_method("nuslerp").min_non_base, get_recipe_method("nuslerp").max_non_base) == (2, 2)
-    assert (get_recipe_method("arcee_fusion").min_inputs, get_recipe_method("arcee_fusion").max_inputs) == (2, 2)
-    assert get_recipe_method("ram").streaming == "elementwise"
+    assert (get_method("nuslerp").min_models, get_method("nuslerp").max_models) == (2, 2)
+    assert (get_method("arcee_fusion").min_models, get_method("arcee_fusion").max_models) == (1, 1)   # + the base
+    assert get_method("ram").streaming == "elementwise"
 
 
 def test_non_finite_results_are_refused_with_the_method_name():
@@ -222,7 +222,7 @@ def test_non_finite_results_are_refused_with_the_method_name():
     call = TensorGroupCall({"b": base, "x": torch.tensor([1.0, float("nan"), 0.0]), "y": torch.ones(3)}, "b",
                            {"epsilon": 1e-5})
     with pytest.raises(MergeError, match="ram: the merged tensor is not finite"):
-        get_recipe_method("ram").function(call)
+        get_method("ram").implementation()(call)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,9 +321,9 @@ def test_ram_and_ramplus_tl_stream_in_pieces_with_the_same_bits(cwd, monkeypatch
     ("nuslerp", [("models/chat", "weight: 1.0")], "models/base",
      "merge_method nuslerp takes exactly 2 input models besides the base_model; got 1"),
     ("nuslerp", [("models/chat", "weight: 1.0"), ("models/code", "weight: 1.0"), ("models/chatml", "weight: 1.0")],
-     None, "merge_method nuslerp takes exactly 2 input models besides the base_model; got 3"),
+     None, "merge_method nuslerp takes exactly 2 input models; got 3"),
     ("arcee_fusion", [("models/chat", ""), ("models/code", "")], "models/base",
-     "merge_method arcee_fusion takes exactly 2 input models"),
+     "merge_method arcee_fusion takes exactly 1 input models besides the base_model; got 2"),
     ("sce", [("models/chat", "")], None, "merge_method sce needs a base_model"),
     ("multislerp", [("models/chat", "")], None, "missing required parameter 'weight'"),
 ])

@@ -21,7 +21,7 @@ def test_task_vector_roundtrip():
 def test_average_merging_closed_form():
     merged = merge_state_dicts("average_merging", BASE, [M1, M2])
     assert torch.allclose(merged["w"], torch.tensor([3.0, 0.75, 0.75, 1.0]))
-    weighted = merge_state_dicts("linear", None, [M1, M2], MergeOptions(weights=[3.0, 1.0]))
+    weighted = merge_state_dicts("average_merging", None, [M1, M2], MergeOptions(weights=[3.0, 1.0]))
     assert torch.allclose(weighted["w"], (3 * M1["w"] + M2["w"]) / 4)
 
 
@@ -40,7 +40,7 @@ def test_ties_closed_form_count_and_weights():
     assert torch.allclose(merged["w"], torch.tensor([3.0, 0.0, 0.0, 1.0]))
     # mergekit normalisation by agreeing weights, w = [1, 3]: weighted sums [10, 0.5, -2.5, 0]
     # c0 (1·1 + 3·3)/4 = 2.5; c1 only δ2 agrees: 3·0.5/3 = 0.5; c2 only δ2: -1
-    merged = merge_state_dicts("ties", BASE, [M1, M2], MergeOptions(weights=[1.0, 3.0], ties_normalize="weights"))
+    merged = merge_state_dicts("ties_merging", BASE, [M1, M2], MergeOptions(weights=[1.0, 3.0], ties_normalize="weights"))
     assert torch.allclose(merged["w"], torch.tensor([3.5, 1.5, 0.0, 1.0]))
 
 
@@ -48,9 +48,9 @@ def test_ties_trim_per_tensor_keeps_top_density():
     base = {"w": torch.zeros(4)}
     model = {"w": torch.tensor([0.1, -0.4, 0.3, -0.2])}
     # MergeLM's rule per tensor: k = int(4·0.5) = 2, keep |δ| ≥ 2nd smallest |δ| (0.2)
-    merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5, scaling_coefficient=2.0))
+    merged = merge_state_dicts("ties_merging", base, [model], MergeOptions(density=0.5, scaling_coefficient=2.0))
     assert torch.allclose(merged["w"], torch.tensor([0.0, -0.8, 0.6, -0.4]))
-    kept_all = merge_state_dicts("ties", base, [model], MergeOptions(density=0.9))   # k = 0 keeps everything
+    kept_all = merge_state_dicts("ties_merging", base, [model], MergeOptions(density=0.9))   # k = 0 keeps everything
     assert torch.allclose(kept_all["w"], model["w"])
 
 
@@ -58,9 +58,9 @@ def test_ties_zero_sum_sign_rules():
     base = {"a": torch.zeros(1), "b": torch.zeros(3)}
     models = [{"a": torch.tensor([1.0]), "b": torch.tensor([-1.0, -1.0, -1.0])},
               {"a": torch.tensor([-1.0]), "b": torch.tensor([-1.0, -1.0, -1.0])}]
-    per_tensor = merge_state_dicts("ties", base, models)
+    per_tensor = merge_state_dicts("ties_merging", base, models)
     assert per_tensor["a"].item() == 1.0                     # Σ = 0 elects +1 (mergekit's rule)
-    global_trim = merge_state_dicts("ties", base, models, MergeOptions(ties_trim="global"))
+    global_trim = merge_state_dicts("ties_merging", base, models, MergeOptions(ties_trim="global"))
     assert global_trim["a"].item() == -1.0                    # the model-wide majority sign is −
 
 
@@ -70,9 +70,9 @@ def test_ties_global_zero_majority_elects_zero_as_mergelm():
     # (a +1 tie-break would keep δ1's 1 there).
     base = {"w": torch.zeros(3)}
     models = [{"w": torch.tensor([1.0, 1.0, -2.0])}, {"w": torch.tensor([-1.0, 1.0, -2.0])}]
-    merged = merge_state_dicts("ties", base, models, MergeOptions(ties_trim="global", density=1.0, scaling_coefficient=0.5))
+    merged = merge_state_dicts("ties_merging", base, models, MergeOptions(ties_trim="global", density=1.0, scaling_coefficient=0.5))
     assert torch.equal(merged["w"], torch.tensor([0.0, 0.5, -1.0]))
-    per_tensor = merge_state_dicts("ties", base, models, MergeOptions(density=1.0, scaling_coefficient=0.5))
+    per_tensor = merge_state_dicts("ties_merging", base, models, MergeOptions(density=1.0, scaling_coefficient=0.5))
     assert torch.equal(per_tensor["w"], torch.tensor([0.5, 0.5, -1.0]))    # per tensor: Σ = 0 elects +1
 
 
@@ -80,10 +80,10 @@ def test_ties_global_trim_uses_whole_model_threshold():
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     model = {"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3, 0.4])}
     # MergeLM: k = int(4·0.5) = 2, keep |δ| ≥ 2nd smallest (0.2) over the whole model
-    merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5, ties_trim="global"))
+    merged = merge_state_dicts("ties_merging", base, [model], MergeOptions(density=0.5, ties_trim="global"))
     assert torch.allclose(merged["a"], torch.tensor([0.0, 0.2]))
     assert torch.allclose(merged["b"], torch.tensor([0.3, 0.4]))
-    per_tensor = merge_state_dicts("ties", base, [model], MergeOptions(density=0.5))  # k = 1 per tensor
+    per_tensor = merge_state_dicts("ties_merging", base, [model], MergeOptions(density=0.5))  # k = 1 per tensor
     assert torch.allclose(per_tensor["a"], torch.tensor([0.1, 0.2]))
 
 
@@ -92,7 +92,7 @@ def test_ties_density_one_without_conflict_is_base_plus_lambda_mean():
     base = {"w": torch.randn(50)}
     deltas = [torch.rand(50) + 0.1, torch.rand(50) + 0.1, torch.rand(50) + 0.1]
     models = [{"w": base["w"] + d} for d in deltas]
-    merged = merge_state_dicts("ties", base, models, MergeOptions(density=1.0, scaling_coefficient=0.7))
+    merged = merge_state_dicts("ties_merging", base, models, MergeOptions(density=1.0, scaling_coefficient=0.7))
     assert torch.allclose(merged["w"], base["w"] + 0.7 * torch.stack(deltas).mean(0), atol=1e-6)
 
 
@@ -102,7 +102,7 @@ def test_slerp_closed_form_and_linear_fallback():
     assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
     near = torch.tensor([1.0, 0.001])
     assert torch.allclose(slerp_tensor(a, near, 0.25), torch.lerp(a, near, 0.25))
-    merged = merge_state_dicts("slerp", {"w": a}, [{"w": b}], MergeOptions(slerp_t=0.0))
+    merged = merge_state_dicts("slerp", {"w": a}, [{"w": b}], parameters={"t": 0.0})
     assert torch.allclose(merged["w"], a)
 
 
@@ -144,7 +144,7 @@ def test_regmean_closed_form():
 
 
 def test_single_model_weight_one_returns_it():
-    for method in ["average_merging", "task_arithmetic", "ties_merging", "dare_linear", "dare_ties"]:
+    for method in ["average_merging", "task_arithmetic", "ties_merging"]:
         merged = merge_state_dicts(method, BASE, [M1], MergeOptions(weights=[1.0]))
         assert torch.allclose(merged["w"], M1["w"]), method
 
@@ -177,15 +177,19 @@ def test_bad_inputs_name_the_tensor(bad, message):
 
 
 @pytest.mark.parametrize("method, dare", [
-    ("ties", None), ("ties", DareOptions(drop_rate=0.5)), ("dare_ties", None), ("average_merging", None),
-    ("task_arithmetic", DareOptions(drop_rate=0.5, strategy="magnitude")), ("slerp", None),
+    ("ties_merging", None), ("ties_merging", DareOptions(drop_rate=0.5)), ("average_merging", None),
+    ("task_arithmetic", DareOptions(drop_rate=0.5, strategy="magnitude")), ("ties", {"weight": 1.0, "density": 0.3}),
+    ("dare_ties", {"weight": 1.0, "density": 0.3}), ("slerp", {"t": 0.5}),
 ])
 def test_nan_in_any_model_is_reported_whatever_the_method_would_drop(method, dare):
     base = {"w": torch.zeros(10)}
     model = {"w": torch.ones(10)}
     model["w"][3] = float("nan")
     with pytest.raises(MergeError, match="'w' of model 0 contains NaN"):
-        merge_state_dicts(method, base, [model], MergeOptions(density=0.3), dare=dare)
+        if isinstance(dare, dict):     # mergekit's methods take recipe parameters
+            merge_state_dicts(method, base, [model], parameters=dare)
+        else:
+            merge_state_dicts(method, base, [model], MergeOptions(density=0.3), dare=dare)
 
 
 def test_missing_tensor_and_bad_options():
@@ -194,11 +198,11 @@ def test_missing_tensor_and_bad_options():
     with pytest.raises(MergeError, match="needs a base"):
         merge_state_dicts("task_arithmetic", None, [M1])
     with pytest.raises(MergeError, match="takes 1..1 models"):
-        merge_state_dicts("slerp", BASE, [M1, M2])
+        merge_state_dicts("slerp", BASE, [M1, M2], parameters={"t": 0.5})
     with pytest.raises(MergeError, match="outside \\[0, 1\\)"):
         merge_state_dicts("task_arithmetic", BASE, [M1], dare=DareOptions(drop_rate=1.0))
     with pytest.raises(MergeError, match="density 1.5"):
-        merge_state_dicts("ties", BASE, [M1], MergeOptions(density=1.5))
+        merge_state_dicts("ties_merging", BASE, [M1], MergeOptions(density=1.5))
 
 
 def test_excluded_heads_may_differ_in_shape_and_dare_state_dict_validates():
@@ -216,7 +220,7 @@ def test_excluded_heads_may_differ_in_shape_and_dare_state_dict_validates():
 
 def test_registry_says_which_options_need_the_whole_model():
     per_tensor, global_trim = MergeOptions(), MergeOptions(ties_trim="global")
-    assert [name for name in ("ties_merging", "dare_ties", "task_arithmetic", "dare_linear", "fisher_merging")
-            if get_method(name).needs_whole_model(global_trim)] == ["ties_merging", "dare_ties", "fisher_merging"]
-    assert [name for name in ("ties_merging", "dare_ties", "regmean_merging", "fisher_merging")
+    assert [name for name in ("ties_merging", "task_arithmetic", "fisher_merging")
+            if get_method(name).needs_whole_model(global_trim)] == ["ties_merging", "fisher_merging"]
+    assert [name for name in ("ties_merging", "regmean_merging", "fisher_merging")
             if get_method(name).needs_whole_model(per_tensor)] == ["fisher_merging"]

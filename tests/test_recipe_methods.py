@@ -9,7 +9,7 @@ from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import (TensorGroupCall, gta_tensor, linear_tensor, model_stock_tensor,
                                                   nearswap_tensor, slerp_tensor, sparsify_della, sparsify_magnitude,
                                                   sparsify_outliers, sparsify_random)
-from model_merging_methods.recipe_registry import RECIPE_METHODS, get_recipe_method
+from model_merging_methods.registry import REGISTRY
 
 T = torch.tensor
 
@@ -98,28 +98,28 @@ def test_nearswap_swaps_close_entries():
     assert torch.allclose(nearswap_tensor(base, other, 0.01), T([0.001, 0.01]))
 
 
-def test_recipe_names_resolve_to_mergekit_semantics_while_flags_keep_the_paper():
-    assert get_recipe_method("ties").parameter("normalize").default is True
-    assert get_recipe_method("dare_ties").parameter("rescale").default is True
-    assert get_recipe_method("linear").parameter("weight").required
-    assert get_recipe_method("della").parameter("epsilon").default == 0.15
-    assert get_method("ties").name == "ties_merging"                  # merge_models.py --method ties: the paper
-    assert set(RECIPE_METHODS) >= {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-                                   "passthrough", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                                   "model_stock", "nearswap", "nuslerp", "multislerp", "karcher", "sce",
-                                   "arcee_fusion", "ram", "ramplus_tl"}
-    with pytest.raises(MergeError, match="unknown merge_method 'frankenmerge'"):
-        get_recipe_method("frankenmerge")
+def test_mergekit_names_carry_mergekit_defaults():
+    assert get_method("ties").parameter("normalize").default is True
+    assert get_method("dare_ties").parameter("rescale").default is True
+    assert get_method("linear").parameter("weight").required
+    assert get_method("della").parameter("epsilon").default == 0.15
+    assert get_method("ties").name == "ties"                      # merge_models.py --method ties: mergekit's too
+    assert set(REGISTRY) >= {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                             "passthrough", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                             "model_stock", "nearswap", "nuslerp", "multislerp", "karcher", "sce",
+                             "arcee_fusion", "ram", "ramplus_tl"}
+    with pytest.raises(MergeError, match="unknown merge method 'frankenmerge'"):
+        get_method("frankenmerge")
 
 
 def test_ties_method_through_the_registry_reads_per_input_parameters():
-    ties = get_recipe_method("ties")
+    ties = get_method("ties")
     call = TensorGroupCall({"b": T([0.0, 0.0]), "x": T([2.0, -1.0]), "y": T([1.0, 0.5])}, "b",
                            {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": False},
                            {"x": {"weight": 1.0, "density": 1.0}, "y": {"weight": 3.0, "density": 0.5}})
     # y keeps its largest entry: Δy = [3, 0]; Δx = [2, -1]; Σ = [5, -1] → signs [+, -];
     # agreeing: x everywhere, y at 0 only (a zero never agrees) → mixed [5, -1] / weights [4, 1]
-    assert torch.equal(ties.function(call), T([1.25, -1.0]))
+    assert torch.equal(ties.implementation()(call), T([1.25, -1.0]))
 
 
 def _gta_stacked(base, others, weights, consensus, normalize, lam):

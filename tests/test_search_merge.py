@@ -92,14 +92,19 @@ models:
         Template.load(write(tmp_path / "bad3.yml", text.replace("model: x", "model: ${MISSING}")))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+EXTRA = {"breadcrumbs_ties": ", gamma: 0.05", "della": ", epsilon: 0.1"}
+DOCUMENT = {"ties_merging": "dare: {drop_rate: 0.3}\n"}       # a paper method after the paper's DARE
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della", "ties_merging"])
 def test_in_memory_merge_equals_merge_to_disk_and_its_evaluation(family, tmp_path, method):
     """The recipe merged into the resident classifiers' shared encoder equals the recipe merged to disk (every
     encoder tensor bit for bit), and GLUE validation of the resident model equals validation of that folder."""
     values = {"weight": [0.7, 1.2], "density": [0.5, 0.8]}
-    models = "\n".join(f"  - model: {family[t]}\n    parameters: {{weight: {w}, density: {d}}}"
+    models = "\n".join(f"  - model: {family[t]}\n    parameters: {{weight: {w}, density: {d}{EXTRA.get(method, '')}}}"
                        for t, w, d in zip(TASKS, values["weight"], values["density"]))
-    text = f"merge_method: {method}\nbase_model: {family['base_cls']}\nmodels:\n  - model: {family['base_cls']}\n{models}\ndtype: float32\n"
+    text = (f"merge_method: {method}\nbase_model: {family['base_cls']}\nmodels:\n  - model: {family['base_cls']}\n{models}\n"
+            f"dtype: float32\n{DOCUMENT.get(method, '')}")
     recipe_path = write(tmp_path / "recipe.yml", text)
     assert merge_models.main(["--config", str(recipe_path), "--output_dir", str(tmp_path / "out"), "--no_progress",
                               "--seed", "3"]) == 0
@@ -124,6 +129,18 @@ def test_in_memory_merge_equals_merge_to_disk_and_its_evaluation(family, tmp_pat
     assert folder_eval.evaluate("validation") == in_memory
     again = merge_into(resident.target, recipe, models_, seed=3)
     assert again.disk_reads == 0          # every tensor stays resident after the first merge
+    assert all(torch.equal(resident.target.state_dict()[name], on_disk[name]) for name in encoder)   # kept draws / ranks
+    assert bool(models_._sorted) == (method in ("ties", "breadcrumbs_ties"))      # rank cuts read the kept sorted |δ|
+    assert bool(models_._slots) == (method in ("dare_ties", "della"))             # draws made once
+    if method == "ties":        # another density reuses the kept sorted |δ|: still the merge on disk
+        other = text.replace("density: 0.5", "density: 0.3").replace("density: 0.8", "density: 0.05")
+        write(recipe_path, other)
+        assert merge_models.main(["--config", str(recipe_path), "--output_dir", str(tmp_path / "out2"), "--no_progress",
+                                  "--seed", "3"]) == 0
+        merge_into(resident.target, parse_recipe(yaml.safe_load(other), "inline"), models_, seed=3)
+        second = load_file(tmp_path / "out2/model.safetensors")
+        assert all(torch.equal(resident.target.state_dict()[name], second[name]) for name in encoder)
+        assert not all(torch.equal(second[name], on_disk[name]) for name in encoder)
 
 
 def run_search(family, out: Path, budget: int, extra=(), template=None) -> int:
@@ -169,6 +186,10 @@ dtype: float32
     assert run_search(family, tmp_path / "grid", 3, ["--sampler", "grid"], template) == 0
     trials = [json.loads(line) for line in (tmp_path / "grid/history.jsonl").read_text().splitlines()][1:]
     assert [t["values"]["lambda"] for t in trials] == [0.0, 0.5, 1.0]
+    assert len({json.dumps(t["metrics"], sort_keys=True) for t in trials}) == 3     # λ changes the merged model
+    assert run_search(family, tmp_path / "grid2", 3, ["--sampler", "grid", "--workers", "2"], template) == 0
+    parallel = [json.loads(line) for line in (tmp_path / "grid2/history.jsonl").read_text().splitlines()][1:]
+    assert [t["metrics"] for t in parallel] == [t["metrics"] for t in trials]      # two worker processes, same trials
     assert run_search(family, tmp_path / "cma", 3, ["--compare", str(tmp_path / "grid")]) == 0
     table = (tmp_path / "cma/comparison.md").read_text()
     assert "| cma | cma | 3 |" in table and "| grid | grid | 3 |" in table

@@ -113,7 +113,7 @@ def test_trim_threshold_and_global_trim_match_a_sort():
         assert trim_threshold(delta, density) == (delta.abs().sort().values[k - 1].item() if k else 0.0)
     base = {"a": torch.zeros(3_000), "b": torch.zeros(40, 50)}
     model = {"a": torch.randn(3_000, generator=g), "b": torch.randn(40, 50, generator=g) * 3}
-    merged = merge_state_dicts("ties", base, [model], MergeOptions(density=0.3, ties_trim="global"))
+    merged = merge_state_dicts("ties_merging", base, [model], MergeOptions(density=0.3, ties_trim="global"))
     every = torch.cat([model["a"], model["b"].reshape(-1)])
     threshold = every.abs().sort().values[int(5_000 * 0.7) - 1]
     for name in base:
@@ -137,14 +137,14 @@ def test_streamed_thresholds_match_in_memory_ties(llama_family, tmp_path, monkey
     monkeypatch.setattr(selection, "low_counts", lambda *a: passes.append(1) or original(*a))
     monkeypatch.setattr(engine, "PIECE", 100)
     args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
-            str(llama_family["ft1"]), "--method", "ties", "--seed", "2", "--threads", "3",
+            str(llama_family["ft1"]), "--method", "ties_merging", "--seed", "2", "--threads", "3",
             "--output_dir", str(tmp_path / "pieces"), "--no_progress"] + extra
     assert merge_models.main(args) == 0
     assert passes  # the low pass ran
     streamed = {n: CheckpointReader(tmp_path / "pieces").get(n) for n in CheckpointReader(tmp_path / "pieces").names()}
     readers = [CheckpointReader(llama_family[m]) for m in ("base", "ft0", "ft1")]
     states = [{n: r.get(n) for n in r.names()} for r in readers]
-    in_memory = merge_state_dicts("ties", states[0], states[1:], MergeOptions(density=float(extra[1])), dare=dare,
+    in_memory = merge_state_dicts("ties_merging", states[0], states[1:], MergeOptions(density=float(extra[1])), dare=dare,
                                   seed=2)
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
@@ -157,15 +157,15 @@ def test_streamed_l1_rescale_is_per_whole_tensor(llama_family, tmp_path, monkeyp
 
     monkeypatch.setattr(engine, "PIECE", 100)
     args = ["--base_model", str(llama_family["base"]), "--models", str(llama_family["ft0"]),
-            str(llama_family["ft1"]), "--method", "dare_linear", "--density", "0.5", "--rescale_mode", "l1",
+            str(llama_family["ft1"]), "--method", "task_arithmetic", "--drop_rate", "0.5", "--rescale_mode", "l1",
             "--seed", "4", "--threads", "3", "--output_dir", str(tmp_path / "l1"), "--no_progress"]
     assert merge_models.main(args) == 0
     reader = CheckpointReader(tmp_path / "l1")
     streamed = {n: reader.get(n) for n in reader.names()}
     readers = [CheckpointReader(llama_family[m]) for m in ("base", "ft0", "ft1")]
     states = [{n: r.get(n) for n in r.names()} for r in readers]
-    in_memory = merge_state_dicts("dare_linear", states[0], states[1:], MergeOptions(density=0.5),
-                                  dare=DareOptions(rescale_mode="l1"), seed=4)
+    in_memory = merge_state_dicts("task_arithmetic", states[0], states[1:], MergeOptions(),
+                                  dare=DareOptions(drop_rate=0.5, rescale_mode="l1"), seed=4)
     assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
 
 

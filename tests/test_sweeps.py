@@ -239,8 +239,9 @@ def test_output_flag_gives_each_setting_its_folder(workdir):
     assert result.counts()["done"] == 2
     for x in (1.0, 2.0):
         folder = workdir / "out" / f"x{x}_seed0"
-        assert (folder / "sweep_record.json").is_file() and (folder / f"toy_x{x}_seed0_a.json").is_file()
-        assert json.loads((folder / "sweep_record.json").read_text())["resolved_config"]["save_dir"] == str(Path("out") / f"x{x}_seed0")
+        assert (folder / "sweep_record.json").is_file() and (folder / "output" / f"toy_x{x}_seed0_a.json").is_file()
+        assert json.loads((folder / "sweep_record.json").read_text())["resolved_config"]["save_dir"] == \
+            str(Path("out") / f"x{x}_seed0" / "output")
 
 
 def test_slurm_choices_fill_from_the_sweep_files_section(workdir):

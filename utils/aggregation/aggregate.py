@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from utils.records import write_jsonl_atomic, write_text_atomic
+from utils.records import check_output_folder, write_jsonl_atomic, write_text_atomic
 from utils.aggregation.collect import COLUMNS, collect
 from utils.aggregation.figures import drop_rate_figure, merge_figure
 from utils.aggregation.multitask import multitask_outputs
@@ -45,6 +45,9 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
 
 def aggregate(paths: Iterable[str | os.PathLike], out: str | os.PathLike, split: str = "test",
               figure_title: str | None = None, figure_metric: str | None = None) -> AggregateOutputs:
+    # the one output guard (utils/records.py): tables are files written one by one into --out, which may lie
+    # inside a results folder, but a file or link at --out is refused (never written through or replaced)
+    check_output_folder(out, None, overwrite=True, role="--out")
     collector = collect(paths)
     groups = group_rows(collector.rows)
     out = Path(out)

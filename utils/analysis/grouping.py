@@ -3,9 +3,9 @@
 Layer stacks are found, not listed: a stack is a name prefix followed by an integer segment
 (``model.layers.N``, ``encoder.layer.N``, ``transformer.h.N``, ``transformer.blocks.N``,
 ``encoder.block.N`` ...) whose indices are exactly 0..n−1 with n one of the config's layer counts
-(``num_hidden_layers``, ``n_layer``, ``num_layers``, ...; nested sub-configs included). Without a
-config, or when no prefix matches its counts, every prefix with contiguous indices 0..n−1, n ≥ 2, is a
-stack (and a warning says so). Tensors outside every stack belong to the group NO_LAYER.
+(``num_hidden_layers``, ``n_layer``, ``num_layers``, a vision tower's ``depth``, the length of a per-layer
+list such as ``layers_block_type``, ...; nested sub-configs included). Without a config, or when no prefix matches its counts, every prefix with contiguous indices
+0..n−1, n ≥ 2, is a stack (and a warning says so). Tensors outside every stack belong to the group NO_LAYER.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 NO_LAYER = "no layer"
 KINDS = ("embedding", "attention", "mlp", "norm", "head", "other")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers",
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "depth",
                     "encoder_layers", "decoder_layers", "num_encoder_layers")
+LAYER_LIST_KEYS = ("layer_types", "layers_block_type", "no_rope_layers")   # one entry per layer (Nemotron-H: no count)
 INDEXED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?=\.|$)")
 
 # First matching rule wins: norms inside attention blocks are norms, heads are checked before the
@@ -47,6 +48,8 @@ def config_layer_counts(config: dict | None) -> set[int]:
     for key, value in config.items():
         if key in LAYER_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             counts.add(value)
+        elif key in LAYER_LIST_KEYS and isinstance(value, list) and value:
+            counts.add(len(value))
         elif isinstance(value, dict):
             counts |= config_layer_counts(value)
     return counts

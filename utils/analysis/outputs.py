@@ -66,7 +66,8 @@ def write_outputs(analysis: dict, options) -> Path:
         write_csvs(analysis, folder)
         (folder / "report.md").write_text(report_markdown(analysis, options.top_k))
 
-    return write_folder_atomic(options.output_dir, write, overwrite=options.overwrite)
+    inputs = {"the base model": analysis["base"]["path"], **{f"the model {m['source']}": m["path"] for m in analysis["models"]}}
+    return write_folder_atomic(options.output_dir, write, overwrite=options.overwrite, inputs=inputs)
 
 
 def _csv(path: Path, header: list[str], rows: list[list]) -> None:

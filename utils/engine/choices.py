@@ -3,3 +3,4 @@ before the engine, and torch, are imported)."""
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 VOCAB_ALIGNMENTS = ("error", "pad_mean")
+MERGE_PARTS = ("all", "language")   # --merge_part: every tensor, or a multimodal model's language model only

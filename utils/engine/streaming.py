@@ -30,11 +30,12 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod
                                    trim_threshold)
 from model_merging_methods.norm_adaptive import squared_norm
 from utils.cli import resolve_device
-from utils.records import (OutputExistsError, library_versions, overlapping_path, project_provenance,
-                           write_folder_atomic)
+from utils.records import (OutputExistsError, OutputRefusedError, check_output_folder, library_versions,
+                           project_provenance, write_folder_atomic)
 
+from .accounting import DropRule, UnaccountedTensors, account, same_name_outputs
 from .allocator import tune_allocator
-from .choices import DTYPE_NAMES, VOCAB_ALIGNMENTS
+from .choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
 from .reader import (WEIGHT_SUFFIXES, CheckpointReader, file_sha256, known_sha256, open_checkpoint,
                      remember_sha256, resolve_checkpoint)
 from .writer import PlannedTensor, ShardedSafetensorsWriter
@@ -48,6 +49,9 @@ MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "s
                        "preprocessor_config.json", "processor_config.json", "configuration_*.py",
                        "modeling_*.py", "tokenization_*.py")
 MANIFEST_NAME = "merge_manifest.json"
+# an embedding or output head: when only its row count differs between inputs, their vocabularies do
+VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|tok_embeddings|word_embeddings|wte|lm_head|shared)\."
+                          r"|(^|\.)output\.weight$")
 logger = logging.getLogger("mergelm.engine")
 
 
@@ -74,6 +78,7 @@ class StreamMergeJob:
     # role ("base", "model 0", ...) → weight file name → sha256 the inputs must still have (--from_manifest)
     expected_sha256: dict[str, dict[str, str]] | None = None
     norms_from: str | None = None     # norm_adaptive: analysis.json (or its folder) holding the norms
+    merge_part: str = "all"           # "language": a multimodal model's other modules copied from the reference
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,9 @@ def run_stream_merge(job: StreamMergeJob) -> dict:
 
 def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     inputs = _open_inputs(job)
+    job = _language_only(job, inputs)
     plan, row_targets = _plan(inputs, job)
+    fates = tensor_fates(inputs, plan, job)
     norms_record = None
     if resolved.method.global_norms:
         resolved, norms_record = _resolve_norms(job, resolved, inputs, plan, row_targets)
@@ -146,13 +153,15 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
         donor_files = _copy_model_files(inputs, job, plan, row_targets, staging)
         manifest.update(_manifest(job, resolved, inputs, hashes, plan, files, donor_files, reports,
                                   time.time() - started))
+        manifest["tensor_fates"] = fates
         if norms_record is not None:
             manifest["norm_adaptive"] = norms_record
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
     try:
-        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
-    except OutputExistsError as error:  # the output appeared while this run was writing
+        write_folder_atomic(job.output_dir, write, overwrite=job.overwrite,
+                            inputs={f"the {label} input": reader.folder for label, reader in zip(inputs.labels, inputs.readers)})
+    except (OutputExistsError, OutputRefusedError) as error:  # the output appeared while this run was writing
         raise MergeError(str(error)) from error
     return manifest
 
@@ -206,6 +215,8 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
         raise MergeError(f"{job.method} needs data statistics; run it from merge_plms_glue.py")
     if job.dtype is not None and job.dtype not in DTYPES:
         raise MergeError(f"unknown dtype {job.dtype!r}; valid: {', '.join(DTYPES)}")
+    if job.merge_part not in MERGE_PARTS:
+        raise MergeError(f"unknown merge_part {job.merge_part!r}; valid: {', '.join(MERGE_PARTS)}")
     if job.vocab_alignment not in VOCAB_ALIGNMENTS:
         raise MergeError(f"unknown vocab_alignment {job.vocab_alignment!r}; valid: {', '.join(VOCAB_ALIGNMENTS)}")
     if not job.models:
@@ -257,10 +268,11 @@ def _local_inputs(job: StreamMergeJob) -> dict[str, str]:
 def _check_output_is_not_an_input(job: StreamMergeJob, inputs: dict[str, str | os.PathLike]) -> None:
     """Refuse an output folder that is, contains or lies inside an input (even with overwrite): replacing
     it would delete that input. Checked before anything is read, and again once hub ids are resolved."""
-    for role, source in inputs.items():
-        if overlapping_path(job.output_dir, source):
-            raise MergeError(f"output folder {job.output_dir} overlaps the {role} input {source}: it would "
-                             f"replace or be written into that input; choose another --output_dir")
+    try:   # the one output guard (utils/records.py); also refuses a file or link at --output_dir
+        check_output_folder(job.output_dir, {f"the {role} input": source for role, source in inputs.items()},
+                            overwrite=True)
+    except OutputRefusedError as error:
+        raise MergeError(str(error)) from None
 
 
 def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, plan: list[PlannedTensor],
@@ -348,15 +360,50 @@ def _plan(inputs: Inputs, job: StreamMergeJob) -> tuple[list[PlannedTensor], dic
     return plan, row_targets
 
 
+def _language_only(job: StreamMergeJob, inputs: Inputs) -> StreamMergeJob:
+    """--merge_part language: the modules outside a multimodal model's language model (vision tower,
+    projector) are copied from the reference, as --exclude_param_names_regex copies (one regex added)."""
+    if job.merge_part != "language":
+        return job
+    from utils.recipes.architecture import language_only_regex
+    from utils.recipes.schema import RecipeError
+
+    try:
+        pattern = language_only_regex(inputs.reference.folder, inputs.reference.names(), inputs.labels[0])
+    except RecipeError as error:
+        raise MergeError(f"--merge_part language: {error}") from None
+    if pattern is None or pattern in job.exclude_regex:
+        return job
+    return replace(job, exclude_regex=list(job.exclude_regex) + [pattern])
+
+
+def tensor_fates(inputs: Inputs, plan: list[PlannedTensor], job: StreamMergeJob) -> dict:
+    """Every input tensor's fate (utils/engine/accounting.py): merged, or copied from the reference when
+    excluded (the other inputs' copies dropped by the exclusion); a MergeError names any tensor left out."""
+    names = {label: reader.names() for label, reader in zip(inputs.labels, inputs.readers)}
+    excluded = lambda name: is_excluded(name, job.exclude_regex)  # noqa: E731
+    outputs = same_name_outputs(names, [p.name for p in plan], inputs.labels[0], excluded)
+    rule = DropRule("--exclude_param_names_regex (copied from the reference input)",
+                    lambda label, name: label != inputs.labels[0] and excluded(name))
+    try:
+        return account(names, outputs, [rule])
+    except UnaccountedTensors as error:
+        raise MergeError(str(error)) from None
+
+
 def _aligned_shape(name: str, shapes: list[tuple], inputs: Inputs, job: StreamMergeJob) -> tuple:
     first = shapes[0]
     odd = next(i for i, s in enumerate(shapes) if s != first)
     description = (f"shape mismatch for {name!r}: {first} in {inputs.labels[0]} ({inputs.sources[0]}) vs "
                    f"{shapes[odd]} in {inputs.labels[odd]} ({inputs.sources[odd]})")
     same_tail = all(len(s) == len(first) and s[1:] == first[1:] for s in shapes)
+    if same_tail and len(first) == 2 and VOCAB_TENSOR.search(name) and job.vocab_alignment != "pad_mean":
+        raise MergeError(f"vocabulary sizes differ: {name!r} has {first[0]} rows in {inputs.labels[0]} "
+                         f"({inputs.sources[0]}) but {shapes[odd][0]} in {inputs.labels[odd]} ({inputs.sources[odd]}); "
+                         f"pass --vocab_alignment pad_mean (the paper's: rows beyond a model's vocabulary set to the "
+                         f"mean of its rows), or merge with a recipe whose tokenizer_source builds one vocabulary")
     if job.vocab_alignment != "pad_mean" or not same_tail:
-        hint = "" if not same_tail else "; if it is a vocabulary mismatch, pass --vocab_alignment pad_mean"
-        raise MergeError(description + hint)
+        raise MergeError(description)
     return (max(s[0] for s in shapes),) + tuple(first[1:])
 
 
@@ -377,7 +424,7 @@ def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, p
     concurrently (each torch op single-threaded, the GIL released inside it), written in order.
     Other tensors are merged whole in this thread, with no piece in flight.
     """
-    writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size)
+    writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size, inputs=inputs.readers)
     iterator = plan
     if job.progress:
         from tqdm import tqdm
@@ -601,7 +648,8 @@ def _rerun_record(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs) ->
     return {"base_model": where(job.base_model), "models": [where(m) for m in job.models], "method": job.method,
             **_applicable_options(job, resolved), "dtype": job.dtype, "exclude_regex": list(job.exclude_regex),
             "vocab_alignment": job.vocab_alignment, "files_from": where(job.files_from),
-            "allow_pickle": job.allow_pickle, "max_shard_size": job.max_shard_size, "device": job.device}
+            "allow_pickle": job.allow_pickle, "max_shard_size": job.max_shard_size, "device": job.device,
+            "merge_part": job.merge_part}
 
 
 def job_from_manifest(manifest: dict, output_dir: str, *, overwrite: bool = False, progress: bool = True,
@@ -610,6 +658,10 @@ def job_from_manifest(manifest: dict, output_dir: str, *, overwrite: bool = Fals
     still have the recorded sha256 (checked while merging, before anything is published)."""
     try:
         record = dict(manifest["rerun"])
+        models = record.get("models")
+        if not isinstance(models, list) or not all(isinstance(model, str) for model in models):
+            raise MergeError(f"not a merge manifest of this version: rerun.models must be a list of model paths, "
+                             f"got {models!r}"[:500])   # a string would be read as one model per character
         options = MergeOptions(**record.pop("options"))
         dare = record.pop("dare", None)
         expected = {entry["role"]: {f["file"]: f["sha256"] for f in entry["files"]} for entry in manifest["inputs"]}

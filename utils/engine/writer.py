@@ -5,10 +5,48 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from model_merging_methods import MergeError
+
 from .reader import DTYPE_CODES
+
+CHECK_CHUNK = 1 << 22   # elements per finiteness check (bounds the boolean scratch to 4 MiB)
+
+
+class NonFiniteOutputError(MergeError):
+    """An output tensor holds NaN or Inf although no input did: a parameter made the merge divide by zero
+    or overflow. Nothing is published (the writer's last line of defence; the parameters' own checks come first)."""
+
+
+def has_nonfinite(tensor: torch.Tensor) -> bool:
+    """True when a floating-point tensor holds a NaN or ±Inf (checked in chunks: no full-size mask)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return False
+    flat = tensor.reshape(-1)
+    return any(not bool(torch.isfinite(flat[start:start + CHECK_CHUNK]).all())
+               for start in range(0, flat.numel(), CHECK_CHUNK))
+
+
+class InputFiniteness:
+    """Whether the inputs of a merge hold NaN/Inf, asked by the writer only when an output tensor does (so a
+    normal run reads nothing more). A tensor of the same name is looked at first, then, if none of those
+    is non-finite, every tensor of every input once (an output may come from other names: layer stacking,
+    MoE experts), so a NaN that an input already had is published as the input had it."""
+
+    def __init__(self, readers: Sequence) -> None:
+        self.readers = list(readers)
+        self._any: bool | None = None
+
+    def had_nonfinite(self, name: str) -> bool:
+        for reader in self.readers:
+            if name in set(reader.names()) and has_nonfinite(reader.get(name)):
+                return True
+        if self._any is None:
+            self._any = any(has_nonfinite(reader.get(other)) for reader in self.readers for other in reader.names())
+        return self._any
 
 
 @dataclass(frozen=True)
@@ -36,7 +74,11 @@ class ShardedSafetensorsWriter:
     is produced and nothing accumulates in memory.
     """
 
-    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_size: int):
+    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_size: int, *, inputs: Sequence | None):
+        """`inputs`: the readers of the merge's input models (None: no inputs, so any NaN/Inf is refused).
+        A tensor holding NaN/Inf is written only if an input held NaN/Inf too (see InputFiniteness);
+        otherwise NonFiniteOutputError names it and the run publishes nothing."""
+        self.finiteness = InputFiniteness(inputs or [])
         self.folder = Path(folder)
         self.shards = self._split(plan, max_shard_size)
         count = len(self.shards)
@@ -65,6 +107,10 @@ class ShardedSafetensorsWriter:
         whole_ok = part or tuple(tensor.shape) == planned.shape
         if name != planned.name or tensor.dtype != planned.dtype or not whole_ok:
             raise RuntimeError(f"writer expected {planned} but got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if has_nonfinite(tensor) and not self.finiteness.had_nonfinite(name):
+            raise NonFiniteOutputError(
+                f"output tensor {name!r} holds NaN or Inf values that no input had (a weight, scale or density "
+                f"that divides by zero or overflows?); nothing was published")
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()

@@ -65,5 +65,7 @@ def user_errors():
     try:
         yield
     except (GlueDataError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from utils.cli import error_line
+
+        print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error

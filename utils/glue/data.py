@@ -39,8 +39,15 @@ def load_glue_config(path: str | os.PathLike | None = None) -> dict:
     config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     if not config_path.is_file():
         raise GlueDataError(f"GLUE config file not found: {config_path}")
-    with open(config_path, encoding="utf-8") as handle:
-        config = yaml.safe_load(handle)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise GlueDataError(f"GLUE config {config_path} is not valid YAML{where}") from None
+    if not isinstance(config, dict):
+        raise GlueDataError(f"GLUE config {config_path} is a {type(config).__name__}, not a mapping of sections")
     for key in ("tasks", "splits", "training", "learning_rates", "merge_grids", "exclude_param_names_regex"):
         if key not in config:
             raise GlueDataError(f"GLUE config {config_path} lacks the section '{key}'")

@@ -36,7 +36,7 @@ from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classi
                                     save_pretrained_safetensors, task_learning_rate)
 from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score, task_metrics
-from utils.records import (library_versions, overlapping_path, remove_stale_staging, write_folder_atomic,
+from utils.records import (check_output_folder, library_versions, remove_stale_staging, write_folder_atomic,
                            write_json_atomic)
 
 HEAD_PADDING_VALUE = -1000.0
@@ -351,7 +351,8 @@ def existing_checkpoint(model_dir: Path, options: TrainOptions) -> str | None:
     )
 
 
-def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target: Path, overwrite: bool) -> None:
+def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target: Path, overwrite: bool,
+                 pretrained: str) -> None:
     """Write the checkpoint folder (model, multitask heads, tokenizer, training_state.json) atomically;
     an existing folder is replaced only with ``overwrite``."""
     from safetensors.torch import save_file
@@ -367,7 +368,8 @@ def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target
         tokenizer.save_pretrained(folder)
         write_json_atomic(folder / STATE_FILE, {"best_epoch": training["best_epoch"], "history": training["history"]})
 
-    write_folder_atomic(target, write, overwrite=overwrite)
+    write_folder_atomic(target, write, overwrite=overwrite, inputs={"--language_model_name": pretrained},
+                        role="checkpoint folder")
 
 
 def load_trained(model_dir: Path, rows: dict[str, dict], allow_pickle: bool = False):
@@ -443,7 +445,8 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
         "checkpoint": str(model_dir),
     }
     if existing is None:
-        save_trained(model, tokenizer, rows, training, model_dir, overwrite=options.overwrite)
+        save_trained(model, tokenizer, rows, training, model_dir, overwrite=options.overwrite,
+                     pretrained=options.language_model_name)
     write_json_atomic(result_path, result)
     return result
 
@@ -459,9 +462,9 @@ def run_training(options: TrainOptions, config: dict, device) -> list[dict]:
     source = Path(options.language_model_name).expanduser()
     for run in range(options.num_runs):
         model_dir = checkpoint_dir(options.save_dir, list(options.tasks), checkpoint_name(short, learning_rate, run))
-        if source.exists() and overlapping_path(model_dir, source):   # --overwrite would replace the pretrained model
-            raise CheckpointNotOursError(f"checkpoint folder {model_dir} overlaps --language_model_name {source}: "
-                                         f"training would replace or write into it; choose another --save_dir")
+        # the one output guard (utils/records.py): --overwrite would replace the pretrained model
+        check_output_folder(model_dir, {"--language_model_name": source}, overwrite=True, role="checkpoint folder",
+                            advice="--save_dir")
         existing_checkpoint(model_dir, options)
     data = {task: load_task_splits(task, config, options.glue_dir, max_train_samples=options.max_train_samples,
                                    max_eval_samples=options.max_eval_samples, max_validation_samples=options.max_validation_samples)

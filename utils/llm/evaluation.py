@@ -109,18 +109,56 @@ class RecordsFile:
         self.path = folder / "records.jsonl"
         self.settings_path = folder / "run_settings.json"
         folder.mkdir(parents=True, exist_ok=True)
-        self.done: dict[int, dict[str, Any]] = {}
-        if resume and self.path.exists():
-            self._check_settings(settings)
-            self.done = self._read()
-        else:
-            self.path.unlink(missing_ok=True)
-        write_json_atomic(self.settings_path, settings)
+        self._lock = self._take_lock(folder)
+        try:
+            self.done: dict[int, dict[str, Any]] = {}
+            if resume and self.path.exists():
+                self._check_settings(settings)
+                self.done = self._read()
+            else:
+                self.path.unlink(missing_ok=True)
+            write_json_atomic(self.settings_path, settings)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _take_lock(folder: Path) -> int:
+        """An flock on ``<folder>/.records.lock`` for the whole evaluation: a second evaluation of the same
+        name, started meanwhile, is refused instead of appending to the same records (the kernel drops
+        the lock when this process ends, however it ends)."""
+        import fcntl
+
+        path = folder / ".records.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 100).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RecordsError(f"{folder} is being written by another evaluation ({holder}); wait for it to "
+                               f"finish, or give this run another --save_name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        return fd
+
+    def close(self) -> None:
+        """Release the folder's lock (once the evaluation's files are written)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def _check_settings(self, settings: dict[str, Any]) -> None:
         if not self.settings_path.exists():
             raise RecordsError(f"{self.path} exists without {self.settings_path.name}; pass --restart to discard it")
-        recorded = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise RecordsError(f"{self.settings_path} is not valid JSON ({error}); the records cannot be checked "
+                               f"against this run's settings: pass --restart to discard them") from None
+        if not isinstance(recorded, dict):
+            raise RecordsError(f"{self.settings_path} holds a {type(recorded).__name__}, not the settings object; "
+                               f"pass --restart to discard the records")
         for key in sorted(set(recorded) | set(settings)):
             if recorded.get(key) != settings.get(key):
                 raise RecordsError(f"{self.path} was written with {key} = {recorded.get(key)!r}, this run has "
@@ -201,86 +239,89 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
     prompts = _prompts(backend, benchmark, examples, config, options.prompt_format)
     folder = result_folder(options.save_dir, dataset, options.save_name, options.tasks)
     records = RecordsFile(folder, _record_settings(dataset, options, params, prompts, source), resume=options.resume)
-    todo = [position for position, example in enumerate(examples) if example.index not in records.done]
-    resumed = len(examples) - len(todo)
-    per_call = int(entry["prompts_per_call"]) if backend.name == "vllm" else len(prompts)
-    context = ScoringContext(config, options.sandbox_limits(), options.code_workers,
-                             answer_extraction=options.answer_extraction,
-                             code_from_fence=options.prompt_format == "chat")
-    tokens_before, seconds_before = backend.stats.generated_tokens, backend.stats.seconds
-    logger.info("%s: %d problems, %d already in %s, generating %d (%s)", dataset, len(examples), resumed,
-                records.path, len(todo), params)
-    start = time.perf_counter()
-    scoring_seconds = 0.0
-    finished = 0
     try:
-        for call in backend.schedule([prompts[position] for position in todo], per_call):
-            positions = [todo[member] for member in call]
-            generations = backend.generate([prompts[position] for position in positions], params)
-            scored_at = time.perf_counter()
-            chosen = [examples[position] for position in positions]
-            rows = benchmark.score(chosen, generations, context)
-            scoring_seconds += time.perf_counter() - scored_at
-            records.append([{"index": example.index, "task_id": example.task_id, "prompt": prompts[position],
-                             "completion": generation, **row}
-                            for position, example, generation, row in zip(positions, chosen, generations, rows)])
-            finished += len(positions)
-            elapsed = time.perf_counter() - start
-            tokens = backend.stats.generated_tokens - tokens_before
-            busy = backend.stats.seconds - seconds_before
-            logger.info("%s: %d/%d problems done (%d resumed), %.1f tokens/s, ETA %s", dataset, resumed + finished,
-                        len(examples), resumed, tokens / busy if busy else 0.0,
-                        _eta(elapsed / finished * (len(todo) - finished)))
-    except KeyboardInterrupt:
-        logger.warning("%s: interrupted with %d/%d problems saved in %s; run the same command again to resume "
-                       "(--restart starts over)", dataset, resumed + finished, len(examples), records.path)
-        raise
-    generation_seconds = time.perf_counter() - start - scoring_seconds
+        todo = [position for position, example in enumerate(examples) if example.index not in records.done]
+        resumed = len(examples) - len(todo)
+        per_call = int(entry["prompts_per_call"]) if backend.name == "vllm" else len(prompts)
+        context = ScoringContext(config, options.sandbox_limits(), options.code_workers,
+                                 answer_extraction=options.answer_extraction,
+                                 code_from_fence=options.prompt_format == "chat")
+        tokens_before, seconds_before = backend.stats.generated_tokens, backend.stats.seconds
+        logger.info("%s: %d problems, %d already in %s, generating %d (%s)", dataset, len(examples), resumed,
+                    records.path, len(todo), params)
+        start = time.perf_counter()
+        scoring_seconds = 0.0
+        finished = 0
+        try:
+            for call in backend.schedule([prompts[position] for position in todo], per_call):
+                positions = [todo[member] for member in call]
+                generations = backend.generate([prompts[position] for position in positions], params)
+                scored_at = time.perf_counter()
+                chosen = [examples[position] for position in positions]
+                rows = benchmark.score(chosen, generations, context)
+                scoring_seconds += time.perf_counter() - scored_at
+                records.append([{"index": example.index, "task_id": example.task_id, "prompt": prompts[position],
+                                 "completion": generation, **row}
+                                for position, example, generation, row in zip(positions, chosen, generations, rows)])
+                finished += len(positions)
+                elapsed = time.perf_counter() - start
+                tokens = backend.stats.generated_tokens - tokens_before
+                busy = backend.stats.seconds - seconds_before
+                logger.info("%s: %d/%d problems done (%d resumed), %.1f tokens/s, ETA %s", dataset, resumed + finished,
+                            len(examples), resumed, tokens / busy if busy else 0.0,
+                            _eta(elapsed / finished * (len(todo) - finished)))
+        except KeyboardInterrupt:
+            logger.warning("%s: interrupted with %d/%d problems saved in %s; run the same command again to resume "
+                           "(--restart starts over)", dataset, resumed + finished, len(examples), records.path)
+            raise
+        generation_seconds = time.perf_counter() - start - scoring_seconds
 
-    rows = [records.done[example.index] for example in examples]
-    # In the benchmark's order (appends came batch by batch); records of other slices are kept.
-    write_jsonl_atomic(records.path, [records.done[index] for index in sorted(records.done)])
-    generations = [row["completion"] for row in rows]
-    generator = options.generator_name or options.save_name
-    standard = benchmark.write_standard(folder, examples, rows, generations, source, generator)
+        rows = [records.done[example.index] for example in examples]
+        # In the benchmark's order (appends came batch by batch); records of other slices are kept.
+        write_jsonl_atomic(records.path, [records.done[index] for index in sorted(records.done)])
+        generations = [row["completion"] for row in rows]
+        generator = options.generator_name or options.save_name
+        standard = benchmark.write_standard(folder, examples, rows, generations, source, generator)
 
-    generated_tokens = backend.stats.generated_tokens - tokens_before
-    backend_seconds = backend.stats.seconds - seconds_before
-    metrics: dict[str, Any] = {"num_examples": len(examples)}
-    if benchmark.metric:
-        num_correct = sum(bool(row["correct"]) for row in rows)
-        metrics.update({benchmark.metric: num_correct / len(rows), "num_correct": num_correct})
-        if benchmark.counts_invalid:
-            metrics["num_invalid"] = sum(row["extracted"] is None for row in rows)
-    summary = {
-        "dataset": dataset,
-        "metrics": metrics,
-        "save_name": options.save_name,
-        "tasks": options.tasks,
-        "start_index": options.start_index,
-        "end_index": options.end_index,
-        "seed": options.seed,
-        "prompt_format": options.prompt_format,
-        "answer_extraction": options.answer_extraction,
-        "resumed_examples": resumed,
-        "decoding": {**asdict(params), "stop": list(params.stop), "prompts_per_call": per_call,
-                     "paper_prompts_per_call": entry["prompts_per_call"], "paper_max_tokens": entry["max_tokens"]},
-        "prompt_template": (config["chat"]["instructions"][dataset] if options.prompt_format == "chat"
-                            else config["templates"][entry["template"]]),
-        "backend": backend.describe(),
-        "throughput": {"generated_tokens": generated_tokens, "generation_seconds": round(generation_seconds, 3),
-                       "tokens_per_second": round(generated_tokens / backend_seconds, 3) if backend_seconds else None},
-        "scoring_seconds": round(scoring_seconds, 3),
-        "code_sandbox": asdict(options.sandbox_limits()) if benchmark.executes_code else None,
-        "data": asdict(source),
-        "outputs": {"records": str(records.path), "summary": str(folder / "summary.json"),
-                    "standard": str(standard) if standard else None},
-        "config": options.run_config,
-        "versions": library_versions(),
-    }
-    write_json_atomic(folder / "summary.json", summary)
-    logger.info("%s: %s -> %s", dataset, metrics, folder)
-    return summary
+        generated_tokens = backend.stats.generated_tokens - tokens_before
+        backend_seconds = backend.stats.seconds - seconds_before
+        metrics: dict[str, Any] = {"num_examples": len(examples)}
+        if benchmark.metric:
+            num_correct = sum(bool(row["correct"]) for row in rows)
+            metrics.update({benchmark.metric: num_correct / len(rows), "num_correct": num_correct})
+            if benchmark.counts_invalid:
+                metrics["num_invalid"] = sum(row["extracted"] is None for row in rows)
+        summary = {
+            "dataset": dataset,
+            "metrics": metrics,
+            "save_name": options.save_name,
+            "tasks": options.tasks,
+            "start_index": options.start_index,
+            "end_index": options.end_index,
+            "seed": options.seed,
+            "prompt_format": options.prompt_format,
+            "answer_extraction": options.answer_extraction,
+            "resumed_examples": resumed,
+            "decoding": {**asdict(params), "stop": list(params.stop), "prompts_per_call": per_call,
+                         "paper_prompts_per_call": entry["prompts_per_call"], "paper_max_tokens": entry["max_tokens"]},
+            "prompt_template": (config["chat"]["instructions"][dataset] if options.prompt_format == "chat"
+                                else config["templates"][entry["template"]]),
+            "backend": backend.describe(),
+            "throughput": {"generated_tokens": generated_tokens, "generation_seconds": round(generation_seconds, 3),
+                           "tokens_per_second": round(generated_tokens / backend_seconds, 3) if backend_seconds else None},
+            "scoring_seconds": round(scoring_seconds, 3),
+            "code_sandbox": asdict(options.sandbox_limits()) if benchmark.executes_code else None,
+            "data": asdict(source),
+            "outputs": {"records": str(records.path), "summary": str(folder / "summary.json"),
+                        "standard": str(standard) if standard else None},
+            "config": options.run_config,
+            "versions": library_versions(),
+        }
+        write_json_atomic(folder / "summary.json", summary)
+        logger.info("%s: %s -> %s", dataset, metrics, folder)
+        return summary
+    finally:
+        records.close()   # the folder's lock: held until the files above are written
 
 
 def evaluate_model(model_path: str, datasets: Sequence[str], options: EvalOptions, *,

@@ -42,7 +42,12 @@ class ExpertSpec:
     max_length: int         # prompt + response tokens; longer examples are dropped (counted in the manifest)
     learning_rate: float
     seed: int = 0
-    max_examples: int | None = None   # first N examples of the training set after a seeded shuffle
+    max_examples: int | None = None   # first N training examples after the seeded shuffle and the hold-out
+    validation_size: int = 100        # held back from training (first of the seeded shuffle): the validation
+
+    def held_back(self, available: int) -> int:
+        """How many problems the validation holds back: validation_size, at most half of what is available."""
+        return min(self.validation_size, available // 2)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,12 +149,14 @@ class _SFTDataset:
 
 
 def sft_examples(spec: ExpertSpec, tokenizer, data_dir: Path) -> tuple[list, dict]:
-    """Encoded training rows (seeded shuffle, first max_examples, longer than max_length dropped) and counts."""
+    """Encoded training rows (seeded shuffle, validation held back, first max_examples, longer than max_length
+    dropped) and counts."""
     import random
 
     pairs = training_pairs(spec.dataset, spec.template, data_dir)
     order = list(range(len(pairs)))
     random.Random(spec.seed).shuffle(order)
+    order = order[spec.held_back(len(pairs)):]          # the validation problems are never trained on
     if spec.max_examples:
         order = order[:spec.max_examples]
     rows, dropped = [], 0
@@ -159,7 +166,8 @@ def sft_examples(spec: ExpertSpec, tokenizer, data_dir: Path) -> tuple[list, dic
             dropped += 1
             continue
         rows.append((ids, labels))
-    return rows, {"available": len(pairs), "used": len(rows), "dropped_too_long": dropped}
+    return rows, {"available": len(pairs), "held_back_validation": spec.held_back(len(pairs)), "used": len(rows),
+                  "dropped_too_long": dropped}
 
 
 def train_expert(spec: ExpertSpec, base: Path, output_dir: Path, data_dir: Path, *, work_dir: Path,

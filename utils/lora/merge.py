@@ -70,7 +70,7 @@ def _target_modules(adapters: list[LoraAdapter]):
 
 def merge_adapters(job: LoraMergeJob) -> dict:
     """Merge job.adapters into job.output_dir; returns the record it writes (merge_lora.json)."""
-    from utils.records import library_versions, overlapping_path, project_provenance, write_folder_atomic
+    from utils.records import check_output_folder, library_versions, project_provenance, write_folder_atomic
 
     started = time.time()
     options = job.options
@@ -81,9 +81,8 @@ def merge_adapters(job: LoraMergeJob) -> dict:
     if len(weights) != len(job.adapters):
         raise CombineError(f"{len(weights)} weights for {len(job.adapters)} adapters")
     folders = [resolve_adapter(source) for source in job.adapters]
-    for source, folder in zip(job.adapters, folders):
-        if overlapping_path(job.output_dir, folder):
-            raise AdapterError(f"output folder {job.output_dir} overlaps the adapter {source}; choose another --output_dir")
+    inputs = {f"the adapter {source}": folder for source, folder in zip(job.adapters, folders)}
+    check_output_folder(job.output_dir, inputs, overwrite=True)   # the one output guard (utils/records.py)
     if Path(job.output_dir).exists() and not job.overwrite:
         raise AdapterError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
     adapters = [LoraAdapter(folder, source) for folder, source in zip(folders, job.adapters)]
@@ -135,5 +134,5 @@ def merge_adapters(job: LoraMergeJob) -> dict:
             "seconds": round(time.time() - started, 3)})
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
-    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
+    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite, inputs=inputs)
     return record

@@ -28,7 +28,7 @@ from utils.engine.reader import CheckpointError, CheckpointReader, resolve_check
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
 from utils.cards import fenced, front_matter
-from utils.records import OutputExistsError, library_versions, overlapping_path, write_folder_atomic
+from utils.records import OutputExistsError, check_output_folder, library_versions, write_folder_atomic
 
 from .config import PROMPT_GATE_MODES, ExpertConfig, MoEConfig
 from .gates import DEGENERATE_CONDITION, PromptEncoder, condition_numbers, prompt_gates, random_gate, seeded_normal
@@ -75,10 +75,16 @@ class Model:
 class Plan:
     tensors: list[PlannedTensor] = field(default_factory=list)
     producers: list[Callable[[], torch.Tensor]] = field(default_factory=list)
+    sources: dict[str, dict] = field(default_factory=dict)   # output → {input role: its tensor(s)}
+    moved: set[str] = field(default_factory=set)              # outputs stacking their sources (fused experts)
 
-    def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], produce: Callable[[], torch.Tensor]):
+    def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], produce: Callable[[], torch.Tensor],
+            sources: dict | None = None, moved: bool = False):
         self.tensors.append(PlannedTensor(name, dtype, tuple(shape)))
         self.producers.append(produce)
+        self.sources[name] = sources or {}
+        if moved:
+            self.moved.add(name)
 
 
 def run_moe_build(job: MoEJob) -> dict:
@@ -105,10 +111,8 @@ def _build(job: MoEJob, started: float) -> dict:
     if Path(job.output_dir).exists() and not job.overwrite:
         raise OutputExistsError(f"{job.output_dir} exists; pass --overwrite to replace it")
     base, experts, shared = _open_models(job)
-    for model in [base, *experts, *shared]:   # replacing the output would delete that input (even with --overwrite)
-        if overlapping_path(job.output_dir, model.path):
-            raise MoEError(f"--output_dir {job.output_dir} overlaps the {model.role} input {model.path}: it would "
-                           f"replace or be written into that input; choose another folder")
+    inputs = {f"the {model.role} input": model.path for model in [base, *experts, *shared]}
+    check_output_folder(job.output_dir, inputs, overwrite=job.overwrite)   # the one output guard (utils/records.py)
     base_config = _base_config(base)
     layout, chosen_by = _layout(config, base)
     _check_base_tensors(base, layout, base_config.num_hidden_layers, bool(base_config.tie_word_embeddings))
@@ -123,19 +127,21 @@ def _build(job: MoEJob, started: float) -> dict:
     out_dtype = DTYPES[dtype_name]
     gates, shared_gates, gate_report = _gates(job, layout, base, base_config, device)
     plan = _plan(job, layout, base, experts, shared, gates, shared_gates, out_dtype)
+    fates = _fates(plan, base, experts + shared)
     moe_config = output_config(layout, base_config, len(experts), config.experts_per_token, dtype_name)
 
     def write(staging: Path) -> None:
-        files = _write_tensors(job, plan, staging)
+        files = _write_tensors(job, plan, staging, [model.reader for model in [base, *experts, *shared]])
         moe_config.save_pretrained(staging)
         copied = _copy_tokenizer(base.path, staging)
         manifest.update(_manifest(job, layout, chosen_by, dtype_name, device, base, experts, shared, plan, files,
                                   copied, gate_report, started))
+        manifest["tensor_fates"] = fates
         (staging / "README.md").write_text(model_card(job, layout, Path(job.output_dir).name), encoding="utf-8")
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
     manifest: dict = {}
-    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite)
+    write_folder_atomic(job.output_dir, write, overwrite=job.overwrite, inputs=inputs)
     return manifest
 
 
@@ -329,7 +335,7 @@ def _plan(job: MoEJob, layout: Layout, base: Model, experts: list[Model], shared
         dtype, shape = base.reader.info(name)
         match = MLP_TENSOR.match(name)
         if match is None:
-            plan.add(name, cast(dtype), shape, copy(base.reader, name, cast(dtype)))
+            plan.add(name, cast(dtype), shape, copy(base.reader, name, cast(dtype)), {base.role: name})
             prefix, _, suffix = name.partition(".self_attn.")
             if suffix == "q_proj.weight":
                 for zero in layout.zero_filled:
@@ -354,16 +360,37 @@ def _plan(job: MoEJob, layout: Layout, base: Model, experts: list[Model], shared
                 parts = ("down_proj",) if residual else ("gate_proj", "up_proj")
                 rows = sum(base.reader.info(f"{prefix}mlp.{part}.weight")[1][0] for part in parts)
                 plan.add(fused, out_dtype, (len(experts), rows, shape[1]),
-                         lambda prefix=prefix, parts=parts: fused_experts(prefix, parts))
+                         lambda prefix=prefix, parts=parts: fused_experts(prefix, parts),
+                         {model.role: tuple(f"{prefix}mlp.{part}.weight" for part in parts) for model in experts},
+                         moved=True)
         else:
             for index, (model, expert) in enumerate(zip(experts, config.experts)):
                 target = layout.expert_name(prefix, index, projection)
-                plan.add(target, out_dtype, shape, from_expert(model, expert, index, name, target, residual))
+                plan.add(target, out_dtype, shape, from_expert(model, expert, index, name, target, residual),
+                         {model.role: name})
         for offset, (model, expert) in enumerate(zip(shared, config.shared_experts or [])):
             target = layout.shared_name(prefix, projection)
             plan.add(target, out_dtype, shape,
-                     from_expert(model, expert, len(experts) + offset, name, target, residual))
+                     from_expert(model, expert, len(experts) + offset, name, target, residual), {model.role: name})
     return plan
+
+
+def _fates(plan: Plan, base: Model, experts: list[Model]) -> dict:
+    """Every input tensor's fate (utils/engine/accounting.py). The build's two rules leave tensors out: the
+    experts' non-MLP tensors (attention, embeddings and norms come from base_model) and the base's dense MLP
+    (the experts replace it); anything else no output uses is an MoEError naming it."""
+    from utils.engine.accounting import DropRule, UnaccountedTensors, account
+
+    names = {model.role: model.reader.names() for model in [base, *experts]}
+    rules = [DropRule("merge_moe: attention, embeddings and norms come from base_model",
+                      lambda role, name: role != base.role and not MLP_TENSOR.match(name)),
+             DropRule("merge_moe: the experts' MLPs replace the base's dense MLP",
+                      lambda role, name: role == base.role and bool(MLP_TENSOR.match(name)))]
+    try:
+        return account(names, plan.sources, rules, hint="a base whose tensors the MoE layout has a place for",
+                       moved=plan.moved)
+    except UnaccountedTensors as error:
+        raise MoEError(str(error)) from None
 
 
 def _bias_rows(reader: CheckpointReader, prefix: str, bias: str) -> int:
@@ -372,8 +399,8 @@ def _bias_rows(reader: CheckpointReader, prefix: str, bias: str) -> int:
     return reader.info(weight)[1][0]
 
 
-def _write_tensors(job: MoEJob, plan: Plan, staging: Path) -> list[str]:
-    writer = ShardedSafetensorsWriter(staging, plan.tensors, job.max_shard_size)
+def _write_tensors(job: MoEJob, plan: Plan, staging: Path, readers: list[CheckpointReader]) -> list[str]:
+    writer = ShardedSafetensorsWriter(staging, plan.tensors, job.max_shard_size, inputs=readers)
     items = zip(plan.tensors, plan.producers)
     if job.progress:
         from tqdm import tqdm

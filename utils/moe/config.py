@@ -31,7 +31,7 @@ class MoEConfigError(ValueError):
 class ExpertConfig(BaseModel):
     """One dense model whose MLP becomes an expert (or the shared expert) in every layer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)   # .nan / .inf would publish a broken model
 
     source_model: str = Field(min_length=1)
     positive_prompts: list[str] | None = None
@@ -43,7 +43,7 @@ class ExpertConfig(BaseModel):
 class MoEConfig(BaseModel):
     """A mixture of experts: attention, embeddings and norms from `base_model`, one MLP per expert."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_model: str = Field(min_length=1)
     experts: list[ExpertConfig]

@@ -1,7 +1,7 @@
 """The model card (README.md) of a recipe's output: written from local facts only (no network calls)."""
 from __future__ import annotations
 
-from model_merging_methods.recipe_registry import get_recipe_method
+from model_merging_methods.registry import get_method
 from utils.cards import fenced, front_matter
 
 from .schema import ModelRef, Recipe
@@ -11,7 +11,7 @@ def model_card(recipe: Recipe, recipe_text: str, output_name: str, version: str,
                revisions: dict[str, str | None]) -> str:
     """Front matter (hub base models, tags), the method and its paper, the inputs with revisions, the
     library version, how to load the model, and the recipe verbatim."""
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     refs = recipe.referenced_models()
     lines = front_matter([ModelRef.parse(r).path for r in refs], ["mergelm", "merge"])
     lines += [f"# {output_name}", "",

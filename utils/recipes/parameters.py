@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from model_merging_methods.recipe_methods import RecipeParameter
+from model_merging_methods.options import MethodParameter as RecipeParameter
 
 from .schema import RecipeError
 

@@ -16,9 +16,10 @@ from typing import Any, Optional
 
 import torch
 
-from model_merging_methods.recipe_registry import RecipeMethod, get_recipe_method
+from model_merging_methods.options import DareOptions, MergeError, MethodParameter
+from model_merging_methods.registry import MergeMethod, get_method
 
-from .architecture import Layout
+from .architecture import Layout, output_layers
 from .parameters import resolve
 from .schema import Recipe, RecipeError, SliceSource
 
@@ -46,6 +47,13 @@ class PlannedGroup:
     compute_dtype: torch.dtype
     vocab: bool = False
     passthrough: bool = False                  # an optional tensor only one input has: copied
+    dare: Optional[Any] = None                 # the paper's DARE before the method (DareOptions), None: none
+    layer: Optional[int] = None                # the output block index of a layer tensor (None: before / after the blocks)
+
+    @property
+    def models(self) -> list[str]:
+        """The inputs other than the base, in recipe order (the paper's model order: DARE's draws use it)."""
+        return [ref for ref in self.sources if ref != self.base]
 
     @property
     def numel(self) -> int:
@@ -97,32 +105,32 @@ def _slices(recipe: Recipe, inputs: dict[str, InputModel]) -> list[_Slice]:
     return [_Slice("models", sources, recipe.base_model, None, next(iter(counts.values())))]
 
 
-def _check_method(method: RecipeMethod, piece: _Slice) -> Optional[str]:
+def _check_method(method: MergeMethod, piece: _Slice) -> Optional[str]:
     """The slice's inputs satisfy the method's contract; returns the base used by the method."""
     models = [s.model for _, s in piece.sources]
     duplicate = next((m for m in models if models.count(m) > 1), None)
     if duplicate:
         raise RecipeError(f"{piece.path}: model {duplicate!r} is listed twice")
+    if method.statistics:
+        raise RecipeError(f"merge_method {method.name} needs {method.statistics} statistics collected from data; "
+                          f"run it from merge_plms_glue.py")
+    if not method.streamable:
+        raise RecipeError(f"merge_method {method.name} needs the whole model in memory; use the library "
+                          f"(model_merging_methods.merge_state_dicts)")
     base = piece.base if method.base in ("required", "optional") else None
     if method.base == "required" and base is None:
         raise RecipeError(f"{piece.path}: merge_method {method.name} needs a base_model")
     if base is not None and base not in models:
         raise RecipeError(f"{piece.path}: base_model {base!r} must be one of this slice's sources for "
                           f"{method.name}")
-    others = len(models) - (base is not None)
-    if others < method.min_non_base or (method.max_non_base is not None and others > method.max_non_base):
-        need = (f"exactly {method.min_non_base}" if method.min_non_base == method.max_non_base else
-                f"at most {method.max_non_base}" if method.max_non_base is not None and others > method.max_non_base
-                else f"at least {method.min_non_base}")
-        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models besides the "
-                          f"base_model; got {others}: {', '.join(m for m in models if m != base)}")
-    if len(models) < method.min_inputs or (method.max_inputs is not None and len(models) > method.max_inputs):
-        need = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
-                f"at most {method.max_inputs}" if method.max_inputs is not None and len(models) > method.max_inputs
-                else f"at least {method.min_inputs}")
-        counted = " (the base_model counts as one)" if method.base == "required" or piece.path == "models" else ""
-        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models{counted}; got "
-                          f"{len(models)}: {', '.join(models)}")
+    count = len(models) - (base is not None and method.base != "ignored")
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        need = (f"exactly {method.min_models}" if method.min_models == method.max_models else
+                f"at most {method.max_models}" if method.max_models is not None and count > method.max_models
+                else f"at least {method.min_models}")
+        besides = " besides the base_model" if base is not None else ""
+        raise RecipeError(f"{piece.path}: merge_method {method.name} takes {need} input models{besides}; got "
+                          f"{count}: {', '.join(m for m in models if m != base or method.base == 'ignored')}")
     return base
 
 
@@ -133,6 +141,8 @@ def _scopes(recipe: Recipe, piece: _Slice, model: Optional[str]) -> list[tuple[s
     if piece.parameters is not None:
         scopes.append((f"{piece.path}.parameters", piece.parameters))
     scopes.append(("parameters", recipe.parameters))
+    if recipe.dare is not None:
+        scopes.append(("dare", {"drop_rate": recipe.dare.drop_rate}))
     return scopes
 
 
@@ -141,7 +151,7 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
 
     `vocab_rows`: the output vocabulary size when a tokenizer is built (vocabulary tensors are then
     permuted into it), else None (their shapes must agree)."""
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     slices = _slices(recipe, inputs)
     bases = [_check_method(method, piece) for piece in slices]
     donor = recipe.base_model or recipe.referenced_models()[0]
@@ -151,9 +161,11 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
     compute = DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None
 
-    def add(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float) -> None:
+    def add(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float,
+            layer: Optional[int] = None) -> None:
         group = _group(name, names, piece, base, t, method, recipe, inputs, compute, out_dtype, vocab_rows, plan)
         if group is not None:
+            group.layer = layer
             plan.groups.append(group)
 
     first, last = slices[0], slices[-1]
@@ -168,7 +180,7 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
             for suffix in lead_layout.layer_suffixes[lead.layer_range[0] + offset]:
                 names = {s.model: inputs[s.model].layout.layer_name(s.layer_range[0] + offset, suffix)
                          for _, s in piece.sources}
-                add(out.layer_name(out_index, suffix), names, piece, base, t)
+                add(out.layer_name(out_index, suffix), names, piece, base, t, out_index)
             out_index += 1
     post = list(out.post)
     if out.output_embedding and out.output_embedding not in post and any(
@@ -179,7 +191,7 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
     return plan
 
 
-def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float, method: RecipeMethod,
+def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str], t: float, method: MergeMethod,
            recipe: Recipe, inputs: dict[str, InputModel], compute: Optional[torch.dtype],
            out_dtype: Optional[torch.dtype], vocab_rows: Optional[int], plan: Plan) -> Optional[PlannedGroup]:
     present = {}
@@ -198,7 +210,7 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
         if len(present) == 1 and (method.missing_tensor == "passthrough_singleton" or (
                 method.missing_tensor in ("passthrough_base_singleton", "base_or_skip") and only == base)):
             passthrough = True
-        elif method.missing_tensor == "base_or_skip" and len(present) < method.min_inputs:
+        elif method.missing_tensor == "base_or_skip" and len(present) < method.min_models + method.needs_base:
             plan.warnings.append(f"skipping tensor {name!r}: too few inputs have it for {method.name}")
             return None
         else:
@@ -213,10 +225,13 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
         odd = next((r for r, s in shapes.items() if tuple(s[1:]) != shape[1:]), None)
     else:
         odd = next((r for r, s in shapes.items() if s != shapes[first_ref]), None)
+    if odd is not None and vocab and vocab_rows is None:
+        raise RecipeError(f"vocabulary sizes differ: tensor {name!r} has {shapes[first_ref][0]} rows in {first_ref} "
+                          f"but {shapes[odd][0]} in {odd}; set tokenizer_source (union, base or a model's name) or "
+                          f"tokenizer in the recipe to build one vocabulary")
     if odd is not None:
-        hint = " (a vocabulary mismatch: set tokenizer_source or tokenizer)" if vocab else ""
         raise RecipeError(f"shape mismatch for tensor {name!r}: {tuple(shapes[first_ref])} in {first_ref} vs "
-                          f"{tuple(shapes[odd])} in {odd}{hint}")
+                          f"{tuple(shapes[odd])} in {odd}")
     dtypes = [dtype for dtype, _ in infos.values()]
     floating = all(d.is_floating_point for d in dtypes)
     if floating:
@@ -230,20 +245,51 @@ def _group(name: str, names: dict[str, str], piece: _Slice, base: Optional[str],
     else:
         compute_dtype = dtype = dtypes[0]
     params, per_input = {}, {}
+    parameters = method.parameters + ((DROP_RATE,) if method.paper_dare else ())
     if not passthrough:
-        for parameter in method.parameters:
+        for parameter in parameters:
             if parameter.scope == "global":
                 params[parameter.name] = resolve(parameter, _scopes(recipe, piece, None), tensor_name=name, t=t)
         for ref, tensor_name in present.items():
             per_input[ref] = {p.name: resolve(p, _scopes(recipe, piece, ref), tensor_name=tensor_name, t=t, model=ref)
-                              for p in method.parameters
+                              for p in parameters
                               if p.scope == "input" or (p.scope == "non_base" and ref != base)}
-    return PlannedGroup(name, present, base if base in present else None, params, per_input, tuple(shape), dtype,
-                        compute_dtype, vocab, passthrough)
+    group = PlannedGroup(name, present, base if base in present else None, params, per_input, tuple(shape), dtype,
+                         compute_dtype, vocab, passthrough)
+    if method.paper_dare and not passthrough and floating:
+        group.dare = _group_dare(recipe, group, method)
+    return group
 
 
-def _warn_unknown_parameters(recipe: Recipe, method: RecipeMethod, plan: Plan) -> None:
-    known = {p.name for p in method.parameters}
+# the paper's DARE in a recipe: a per-model parameter (scalar, gradient or filtered like any), default the
+# `dare:` block's drop_rate
+DROP_RATE = MethodParameter("drop_rate", float, "non_base", 0.0)
+
+
+def _group_dare(recipe: Recipe, group: PlannedGroup, method: MergeMethod) -> Optional[DareOptions]:
+    """The DareOptions of one tensor (one drop rate per model), or None when nothing is dropped."""
+    rates = [group.per_input[ref]["drop_rate"] for ref in group.models]
+    if not any(rates):
+        return None
+    block = recipe.dare
+    if group.base is None and (block is None or block.weight_format == "delta_weight"):
+        raise RecipeError(f"DARE on delta weights needs a base_model (tensor {group.name!r}); or set "
+                          f"dare.weight_format: finetuned_weight")
+    settings = block.model_dump(exclude={"drop_rate"}) if block is not None else {}
+    dare = DareOptions(drop_rate=rates, **settings)
+    try:
+        dare.resolve(len(rates))
+    except MergeError as error:
+        raise RecipeError(f"dare: {error} (tensor {group.name!r})") from None
+    return dare
+
+
+def _warn_unknown_parameters(recipe: Recipe, method: MergeMethod, plan: Plan) -> None:
+    known = {p.name for p in method.parameters} | ({"drop_rate"} if method.paper_dare else set())
+    if recipe.dare is not None and not method.paper_dare:
+        raise RecipeError(f"dare: the paper's DARE block applies to the paper's methods (average_merging, "
+                          f"task_arithmetic, ties_merging, norm_adaptive, dare), not {method.name}; mergekit's "
+                          f"dare_ties / dare_linear take a density instead")
     used = set(recipe.parameters or {})
     for model in recipe.models or []:
         used |= set(model.parameters or {})
@@ -251,7 +297,11 @@ def _warn_unknown_parameters(recipe: Recipe, method: RecipeMethod, plan: Plan) -
         used |= set(piece.parameters or {})
         for source in piece.sources:
             used |= set(source.parameters or {})
-    for name in sorted(used - known):
+    unknown = sorted(used - known)
+    if unknown and method.strict_parameters:
+        raise RecipeError(f"parameter {unknown[0]!r} is not a parameter of merge_method {method.name} "
+                          f"(its parameters: {', '.join(sorted(known))})")
+    for name in unknown:
         plan.warnings.append(f"parameter {name!r} is not used by merge_method {method.name} "
                              f"(its parameters: {', '.join(sorted(known)) or 'none'})")
 
@@ -262,18 +312,13 @@ def warn(messages: list[str]) -> None:
 
 
 def output_config(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocab_size: Optional[int]) -> dict:
-    """The donor's config with the output's layer count, vocabulary size and dtype."""
-    layout = inputs[plan.donor].layout
-    config = dict(layout.config)
-    config[layout.layer_key] = plan.num_layers
+    """The donor's config with the output's layers (architecture.output_layers), vocabulary size and dtype."""
+    config = output_layers(recipe, inputs, plan.donor, inputs[plan.donor].layout.config)
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
-    for key in ("layer_types",):   # per-layer lists (e.g. Qwen3's attention kinds) follow the new depth
-        if isinstance(config.get(key), list) and len(config[key]) != plan.num_layers:
-            config.pop(key)
     return config
 

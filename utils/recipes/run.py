@@ -12,31 +12,35 @@ Multi-document recipes run in dependency order; a document's output goes to `int
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from model_merging_methods import MergeError
+from model_merging_methods.merge import merge_tensor_group, options_from_parameters
+from model_merging_methods.norm_adaptive import squared_norm
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
-from model_merging_methods.recipe_registry import get_recipe_method
+from model_merging_methods.registry import MergeMethod, get_method
 from model_merging_methods.selection import PIECE as SELECTION_PIECE
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
 from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, adapted_reader,
                                  resolve_checkpoint)
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
-from utils.records import library_versions, overlapping_path, write_folder_atomic
+from utils.records import (OutputRefusedError, check_no_overlap, check_output_folder, library_versions,
+                           write_folder_atomic)
 
-from .architecture import infer_layout
+from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
 from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
@@ -66,12 +70,14 @@ class RecipeJob:
     allow_pickle: bool = False
     progress: bool = True
     tie_order: str = "index"       # rank cuts' ties: "index" (flat order, streams) | "argsort" (mergekit on CPU)
+    merge_part: str = "all"        # "language": a multimodal model's other modules copied from the base
 
 
-def run_recipe_job(job: RecipeJob) -> list[dict]:
+def run_recipe_job(job: RecipeJob, documents: Optional[tuple[list[Recipe], list[str]]] = None) -> list[dict]:
     """Validate the whole file (schema, names, references) before any tensor is read, then run each
-    document; returns the manifests of the documents run (reused intermediates are skipped)."""
-    recipes, texts = load_recipe_file(job.config)
+    document; returns the manifests of the documents run (reused intermediates are skipped).
+    `documents`: recipes already parsed (and their texts), e.g. merge_models.py's flags translated."""
+    recipes, texts = documents if documents is not None else load_recipe_file(job.config)
     text_of = {id(r): t for r, t in zip(recipes, texts)}
     try:
         device = resolve_device(job.device)
@@ -104,11 +110,15 @@ def _check_outputs_are_not_inputs(output_dir: str, intermediates: dict[str, Path
     """Refuse an output (or intermediate) folder that is, contains or lies inside an input model, even with
     --overwrite: replacing it would delete that input. Checked before anything is read."""
     targets = {"--output_dir": Path(output_dir), **{f"intermediate {name!r}": path for name, path in intermediates.items()}}
-    for role, target in targets.items():
-        for ref, folder in folders.items():
-            if overlapping_path(target, folder):
-                raise RecipeError(f"{role} {target} overlaps the input model {ref} ({folder}): it would replace or "
-                                  f"be written into that input; choose another folder")
+    try:   # the one output guard (utils/records.py); also a file or link at --output_dir, and outputs that overlap
+        for role, target in targets.items():
+            check_output_folder(target, {f"the input model {ref}": folder for ref, folder in folders.items()},
+                                overwrite=True, role=role, advice="folder")
+        if intermediates:
+            check_no_overlap(next(iter(intermediates.values())).parent, {"--output_dir": output_dir},
+                             role="--intermediate_dir", advice="--intermediate_dir", existing_only=False)
+    except OutputRefusedError as error:
+        raise RecipeError(str(error)) from None
 
 
 def _reusable(folder: Path, text: str, overwrite: bool) -> bool:
@@ -180,6 +190,8 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     configs = {ref: model.layout.config for ref, model in inputs.items()}
     vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in inputs.items()}, configs)
     plan = plan_recipe(recipe, inputs, vocabulary.rows if vocabulary else None)
+    copied = language_only(plan, inputs, recipe.base_model or plan.donor) if job.merge_part == "language" else []
+    fates = recipe_fates(recipe, plan, inputs, copied)
     warn(plan.warnings)
     template = _chat_template(recipe, inputs)
     config = output_config(recipe, plan, inputs, vocabulary.rows if vocabulary else None)
@@ -195,14 +207,16 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
                                                        {r: _revision(m.folder) for r, m in inputs.items()}))
         (staging / "mergekit_config.yml").write_text(text)
         manifest.update(_manifest(recipe, text, plan, inputs, vocabulary, files, job, version, time.time() - started))
+        manifest["tensor_fates"] = fates
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     tune_allocator()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)   # parallelism comes from job.threads workers merging different groups
     try:
-        write_folder_atomic(output, write, overwrite=overwrite)
-    except FileExistsError as error:
+        write_folder_atomic(output, write, overwrite=overwrite,
+                            inputs={f"the input model {ref}": model.folder for ref, model in inputs.items()})
+    except (FileExistsError, OutputRefusedError) as error:
         raise RecipeError(str(error)) from None
     finally:
         torch.set_num_threads(previous)
@@ -216,17 +230,19 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     `job.threads` workers each read and merge one group or one piece (torch ops single-threaded: on a busy
     machine intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are
     written in order with at most 2·`threads` pieces (or `threads` whole groups) in flight. A group whose
-    method needs whole-tensor statistics (RecipeMethod.piece_mode) gets them first, from passes over its
+    method needs whole-tensor statistics (MergeMethod.piece_mode) gets them first, from passes over its
     pieces on the same workers."""
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
-    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size)
+    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size,
+                                      inputs=[model.reader for model in inputs.values()])
     progress = None
     if job.progress:
         from tqdm import tqdm
         progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
 
     permuted: dict[str, dict[str, torch.Tensor]] = {}   # streamed vocabulary groups: rows in the output order
+    function = method.implementation()
 
     def load(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> dict[str, torch.Tensor]:
         if group.name in permuted:
@@ -249,10 +265,12 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
             tensors = load(group, piece)
             if group.vocab and vocabulary is not None and group.name not in permuted:
                 tensors = permute_rows(vocabulary, tensors, group.base, group.name)
+            if method.kind == "state_dict" and not group.passthrough:
+                return _paper_merge(method, group, tensors, piece, job.seed, norms)
             fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
-                                   **fields)
-            merged = run_group(passthrough if group.passthrough else method.function, call)
+                                   **fields, name=group.name, layer=group.layer, num_layers=plan.num_layers)
+            merged = run_group(passthrough if group.passthrough else function, call)
         except BaseException as error:
             if prepared is not None:
                 prepared.abort()          # later pieces must not wait for this one's tie counts
@@ -263,9 +281,14 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
 
     def pieces(group: PlannedGroup) -> tuple[list[Optional[tuple[int, int]]], str]:
         """Flat pieces for large tensors of merges that stream (read piece by piece), else the whole tensor;
-        and the piece mode (RecipeMethod.piece_mode)."""
+        and the piece mode (MergeMethod.piece_mode)."""
         numel = group.numel
-        mode = "elementwise" if group.passthrough else method.piece_mode(group.params, group.per_input, job.tie_order)
+        if group.passthrough:
+            mode = "elementwise"
+        elif method.kind == "state_dict":
+            mode = "elementwise" if _paper_pieces(method, group) else "whole"
+        else:
+            mode = method.piece_mode(group.params, group.per_input, job.tie_order)
         if numel <= PIECE or mode == "whole":
             return [None], "whole"
         if group.vocab and vocabulary is not None:
@@ -285,6 +308,7 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
                 progress.update()
 
     limit = 2 * max(1, job.threads)
+    norms = _global_norms(plan, load, inputs) if method.global_norms else None
     with ThreadPoolExecutor(max(1, job.threads)) as pool:
         for group in plan.groups:
             spans, mode = pieces(group)
@@ -303,6 +327,53 @@ def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary
     if progress is not None:
         progress.close()
     return writer.finish()
+
+
+def _paper_pieces(method: MergeMethod, group: PlannedGroup) -> bool:
+    """A paper method's large tensor merges in independent flat pieces: an elementwise method whose TIES trim
+    (if any) trims nothing, after DARE whose draws depend on position only (random, no L1 rescale)."""
+    if not method.elementwise:
+        return False
+    if method.trim_thresholds and any(group.per_input[ref].get("density", 1.0) < 1 for ref in group.models):
+        return False
+    dare = group.dare
+    return dare is None or (dare.strategy == "random" and not (dare.rescale and dare.rescale_mode == "l1"))
+
+
+def _paper_merge(method: MergeMethod, group: PlannedGroup, tensors: dict[str, torch.Tensor],
+                 piece: Optional[tuple[int, int]], seed: int, norms: Optional[list[float]]) -> torch.Tensor:
+    """One tensor (or flat piece) of a paper method: MergeLM's float32 arithmetic after the paper's DARE."""
+    models = group.models
+    options = options_from_parameters(method, group.params, group.per_input, models)
+    if norms is not None and options.norms is None:
+        options = replace(options, norms=tuple(norms))
+    dare = group.dare.resolve(len(models)) if group.dare is not None else None
+    return merge_tensor_group(method, group.name, tensors, group.base, options, dare, seed=seed,
+                              offset=(piece[0], group.numel) if piece else None, out_dtype=group.dtype)
+
+
+def _global_norms(plan: Plan, load, inputs: dict[str, InputModel]) -> Optional[list[float]]:
+    """norm_adaptive's ‖θ_k − θ_pre‖₂ per model over every merged float tensor, the squares summed piece by
+    piece in the base checkpoint's tensor order, as the flag engine does (the same floats); None when every
+    model's norm is given."""
+    groups = [g for g in plan.groups if not g.passthrough and g.compute_dtype.is_floating_point and g.base]
+    if not groups or all(g.per_input[ref].get("norm") is not None for g in groups for ref in g.models):
+        return None
+    position = {name: index for index, name in enumerate(inputs[groups[0].base].reader.names())}
+    groups.sort(key=lambda g: position.get(g.sources[g.base], len(position)))
+    models = groups[0].models
+    squares = [0.0] * len(models)
+    for group in groups:
+        spans = [None] if group.numel <= PIECE else [(s, min(s + PIECE, group.numel))
+                                                     for s in range(0, group.numel, PIECE)]
+        for span in spans:
+            tensors = load(group, span)
+            for index, ref in enumerate(group.models):
+                square = squared_norm(tensors[ref], tensors[group.base])
+                if not math.isfinite(square):
+                    raise RecipeError(f"the task vector of {ref} is not finite (NaN/Inf) in tensor {group.name!r}")
+                squares[index] += square
+    return [math.sqrt(s) for s in squares]
 
 
 def _chat_template(recipe: Recipe, inputs: dict[str, InputModel]) -> Optional[str]:
@@ -390,7 +461,7 @@ def code_version() -> str:
 
 def _manifest(recipe: Recipe, text: str, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
               files: list[str], job: RecipeJob, version: str, seconds: float) -> dict:
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     return {
         "tool": "merge_models --config (recipe, streaming engine)",
         "created_unix": time.time(),

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model_merging_methods import MergeError
-from model_merging_methods.recipe_registry import RECIPE_METHODS
+from model_merging_methods.registry import REGISTRY
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "llama3", "mistral")
@@ -68,11 +68,57 @@ def check_setting(value: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected a scalar, a gradient list or a conditional list, got {value!r}")
 
 
+# Numeric parameters' ranges, by name (a name means one thing in every method). Every number must also be
+# finite (YAML's .nan / .inf, or the strings "nan" / "inf", would be coerced to a float and merged).
+# density: the fraction kept, and DARE's rescale divides by it, so 0 is refused; gamma / epsilon: fractions.
+PARAMETER_RANGES = {"density": (0.0, 1.0, False), "gamma": (0.0, 1.0, True), "epsilon": (0.0, 1.0, True)}
+# slerp's t interpolates between its two models (outside [0, 1] it would extrapolate off the arc)
+METHOD_PARAMETER_RANGES = {("slerp", "t"): (0.0, 1.0, True)}
+
+
+def _numbers(setting: Any) -> list:
+    """Every number-like scalar of a setting (scalars, gradients, conditional lists' values)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        found = []
+        for entry in setting:
+            found += _numbers(entry["value"]) if isinstance(entry, dict) else _numbers(entry)
+        return found
+    return [setting] if isinstance(setting, (int, float, str)) and not isinstance(setting, bool) else []
+
+
+def _as_number(value: Any) -> Optional[float]:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return float(value)
+
+
+def check_numbers(name: str, setting: Any, where: str, method: Optional[str] = None) -> None:
+    """Every number of a setting is finite and inside its parameter's range (ValueError naming it)."""
+    bounds = METHOD_PARAMETER_RANGES.get((method, name), PARAMETER_RANGES.get(name))
+    for raw in _numbers(setting):
+        number = _as_number(raw)
+        if number is None:
+            continue
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"{where}: {name} must be a finite number, got {raw!r}")
+        if bounds is not None:
+            low, high, low_inclusive = bounds
+            if not ((low <= number if low_inclusive else low < number) and number <= high):
+                interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+                raise ValueError(f"{where}: {name} must be in {interval}, got {raw!r}")
+
+
 def _check_parameters(value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     if value is None:
         return None
     for name, setting in value.items():
         check_setting(setting, "@" + str(name))  # '@': the formatter joins this path to the key path
+        check_numbers(str(name), setting, "@" + str(name))
     return value
 
 
@@ -199,6 +245,25 @@ class TokenizerSpec(_Strict):
     _ref = field_validator("source", mode="before")(classmethod(lambda cls, v: _model_ref(v)))
 
 
+class DareBlock(_Strict):
+    """The paper's DARE before the merge (README 'DARE'): the default drop rate of every model (a model's
+    `drop_rate` parameter overrides it, with gradients and filters like any parameter) and the settings."""
+
+    drop_rate: float = 0.0
+    strategy: Literal["random", "magnitude"] = "random"
+    rescale: bool = True
+    rescale_mode: Literal["paper", "l1"] = "paper"
+    weight_format: Literal["delta_weight", "finetuned_weight"] = "delta_weight"
+    magnitude_rule: Literal["exact_count", "original"] = "exact_count"
+
+    @field_validator("drop_rate")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"drop_rate {value} is outside [0, 1)")
+        return value
+
+
 class Recipe(_Strict):
     """One merge (one YAML document)."""
 
@@ -213,6 +278,7 @@ class Recipe(_Strict):
     tokenizer_source: Optional[str] = None
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
+    dare: Optional[DareBlock] = None
 
     _ref = field_validator("base_model", "tokenizer_source", mode="before")(
         classmethod(lambda cls, v: None if v is None else _model_ref(v)))
@@ -222,8 +288,8 @@ class Recipe(_Strict):
     @field_validator("merge_method")
     @classmethod
     def _method(cls, value: str) -> str:
-        if value not in RECIPE_METHODS:
-            raise ValueError(f"unknown merge_method {value!r}; valid: {', '.join(sorted(RECIPE_METHODS))}")
+        if value not in REGISTRY:
+            raise ValueError(f"unknown merge_method {value!r}; valid: {', '.join(sorted(REGISTRY))}")
         return value
 
     @field_validator("chat_template")
@@ -243,7 +309,38 @@ class Recipe(_Strict):
                              else "missing 'models' or 'slices' (one of them is required)")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
+        for path, settings in self._parameter_scopes():
+            for name, setting in settings.items():
+                check_numbers(str(name), setting, f"@{path}.{name}", self.merge_method)   # '@': see _format_validation
+        self._check_linear_sums()
         return self
+
+    def _parameter_scopes(self) -> list[tuple[str, dict]]:
+        scopes = [("parameters", self.parameters or {})]
+        scopes += [(f"models[{i}].parameters", m.parameters or {}) for i, m in enumerate(self.models or [])]
+        for i, piece in enumerate(self.slices or []):
+            scopes.append((f"slices[{i}].parameters", piece.parameters or {}))
+            scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters or {}) for j, s in enumerate(piece.sources)]
+        return scopes
+
+    def _check_linear_sums(self) -> None:
+        """linear with normalize (its default) divides by Σ weight: constant weights summing to 0 are refused
+        here (weights that vary by layer or tensor are caught by the writer's last check on non-finite output)."""
+        if self.merge_method != "linear":
+            return
+        groups = [("models", self.parameters, [m.parameters for m in self.models or []])]
+        groups += [(f"slices[{i}]", _merged(self.parameters, piece.parameters), [s.parameters for s in piece.sources])
+                   for i, piece in enumerate(self.slices or [])]
+        for where, shared, own in groups:
+            normalize = (shared or {}).get("normalize", True)
+            if normalize in (False, 0, "false", "False", "no", "off", "0"):
+                continue
+            weights = [(p or {}).get("weight", (shared or {}).get("weight")) for p in own]
+            numbers = [_as_number(w) if isinstance(w, (int, float, str)) and not isinstance(w, bool) else None
+                       for w in weights]
+            if len(numbers) > 1 and None not in numbers and sum(numbers) == 0:
+                raise ValueError(f"@{where}: the linear weights {numbers} sum to 0, and normalize (the default) "
+                                 f"divides by their sum; set normalize: false or change the weights")
 
     # -- what the recipe refers to
 
@@ -261,6 +358,10 @@ class Recipe(_Strict):
         if self.tokenizer is not None:
             return self.tokenizer.source, dict(self.tokenizer.tokens or {}), self.tokenizer.pad_to_multiple_of
         return self.tokenizer_source, {}, None
+
+
+def _merged(outer: Optional[dict], inner: Optional[dict]) -> dict:
+    return {**(outer or {}), **(inner or {})}
 
 
 def _path_text(loc: tuple) -> str:

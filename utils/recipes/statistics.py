@@ -31,7 +31,7 @@ from model_merging_methods.mergekit_consensus import ramplus_tl_lambdas, ramplus
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, accumulator_dtype, rescale_factor,
                                                   slerp_chunk_dots, slerp_chunk_norms, slerp_coefficients, slerp_norm)
-from model_merging_methods.recipe_registry import RecipeMethod
+from model_merging_methods.registry import MergeMethod
 from model_merging_methods.selection import KeepRule, RadixSelect, select_streamed
 from utils.engine.streaming import map_in_order
 
@@ -109,7 +109,7 @@ class Prepared:
                 item.ledger.abort()
 
 
-def prepare(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict, slots: dict[str, RandomSlot],
+def prepare(method: MergeMethod, base: str, per_input: dict[str, dict], params: dict, slots: dict[str, RandomSlot],
             load: Load, numel: int, dtype: torch.dtype, piece: int, pool: ThreadPoolExecutor,
             in_flight: int) -> Prepared:
     """One tensor's statistics, from passes over its pieces (see the module doc); `load` gives the pieces
@@ -172,7 +172,7 @@ def _ramplus_lambdas(base: str, params: dict, load: Load, spans: list[Span], poo
     return ramplus_tl_lambdas(totals[0], totals[1], params["r"], params["alpha"], params["epsilon"])
 
 
-def _prepare_gta(method: RecipeMethod, base: str, per_input: dict[str, dict], params: dict,
+def _prepare_gta(method: MergeMethod, base: str, per_input: dict[str, dict], params: dict,
                  slots: dict[str, RandomSlot], load: Load, numel: int, spans: list[Span], pool: ThreadPoolExecutor,
                  in_flight: int) -> dict[str, PreparedInput]:
     """Every non-base input's statistics of one tensor."""

@@ -8,8 +8,15 @@ per-tensor parameters as a merge to disk), merges each planned tensor whole with
 slots (seed, input index, tensor name), and copies the result into the resident model's parameter of that name.
 Merging a recipe to disk and loading the folder gives the same parameters (tests/test_search_merge.py).
 
+What a search varies (weights, densities) leaves two costly things unchanged from trial to trial, and they are
+computed once and kept: the DARE / DELLA draws of each (seed, input, tensor) — they depend on nothing else — and,
+for rank cuts (TIES' top-k, Breadcrumbs' window, ties in flat order), the sorted |δ| of each (input, tensor), from
+which any density's cut-off and tie count (the RankStat radix selection would find) are read in O(log n). The
+sparsification then applies the same KeepRule to δ (the streamed engine's own rule: same bits).
+
 Tensors matched by ``exclude`` (e.g. GLUE task heads, which differ per task) are hidden from the planner: the
-resident model keeps its own. ``prefix`` renames inputs whose tensors lack the resident model's prefix (a bare
+resident model keeps its own; so are tensors the resident model does not hold (``keep``: its state-dict names, e.g.
+a base checkpoint's non-persistent ``position_ids`` buffer). ``prefix`` renames inputs whose tensors lack the resident model's prefix (a bare
 encoder checkpoint, ``embeddings.*``, used as the base of task classifiers, ``bert.embeddings.*``).
 """
 from __future__ import annotations
@@ -23,9 +30,11 @@ from typing import Optional
 import torch
 
 from model_merging_methods import MergeError
+from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.randomness import RandomSlot
-from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
-from model_merging_methods.recipe_registry import get_recipe_method
+from model_merging_methods.recipe_methods import RankCut, TensorGroupCall, passthrough, run_group
+from model_merging_methods.registry import get_method
+from model_merging_methods.selection import RankStat
 from utils.engine.reader import CheckpointError, CheckpointReader
 from utils.recipes.architecture import infer_layout
 from utils.recipes.planner import InputModel, plan_recipe
@@ -58,13 +67,66 @@ class _ResidentReader:
         return self.reader.describe_files()
 
 
+class _CachedSlot:
+    """A RandomSlot whose draws for the whole tensor are made once (they depend only on seed, input, name)."""
+
+    def __init__(self, slot: RandomSlot):
+        self.slot, self.draws = slot, None
+
+    def uniform(self, count: int) -> torch.Tensor:
+        if self.draws is None:
+            self.draws = self.slot.uniform(count)
+        if self.draws.numel() != count:
+            raise RuntimeError(f"cached draws of {self.slot.name!r}: {self.draws.numel()} kept, {count} asked")
+        return self.draws
+
+
+def _order_statistic(ascending: torch.Tensor, rank: int) -> RankStat:
+    """The rank-th smallest (1-based) of sorted values, with the counts below it and equal to it."""
+    value = ascending[rank - 1:rank]
+    less = int(torch.searchsorted(ascending, value, right=False))
+    return RankStat(float(value), less, int(torch.searchsorted(ascending, value, right=True)) - less)
+
+
+class _RankCutSparsifier:
+    """sparsify_magnitude / sparsify_outliers (tie_order index, no rescale) with the rank statistics read from
+    the kept sorted |δ|: δ ⊙ KeepRule.mask(|δ|), the rule RankCut.rule builds from the same RankStats."""
+
+    def __init__(self, cut: RankCut, ascending: torch.Tensor):
+        self.cut, self.ascending = cut, ascending
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        n = delta.numel()
+        if self.cut.density >= 1:
+            return delta
+        if self.cut.kind == "magnitude" and (self.cut.density <= 0 or n == 0):
+            return torch.zeros_like(delta)
+        rule = self.cut.rule(n, [_order_statistic(self.ascending, rank) for rank in self.cut.ranks(n)])
+        return delta * rule.mask(delta.abs().float()).to(delta.dtype)
+
+
 class ResidentModels:
     """Input checkpoints opened once, their tensors kept in memory after the first read."""
 
-    def __init__(self, exclude: tuple[str, ...] = (), prefix: Optional[str] = None, allow_pickle: bool = False):
+    def __init__(self, exclude: tuple[str, ...] = (), prefix: Optional[str] = None, allow_pickle: bool = False,
+                 keep: Optional[set[str]] = None):
         self.exclude = [re.compile(pattern) for pattern in exclude]
         self.prefix, self.allow_pickle = prefix, allow_pickle
+        self.keep = keep     # the resident model's state-dict names: other tensors of an input play no part
         self._open: dict[str, tuple[Path, _ResidentReader, object]] = {}
+        self._slots: dict[tuple, _CachedSlot] = {}
+        self._sorted: dict[tuple, torch.Tensor] = {}
+
+    def slot(self, seed: int, index: int, name: str) -> _CachedSlot:
+        key = (seed, index, name)
+        if key not in self._slots:
+            self._slots[key] = _CachedSlot(RandomSlot(seed, index, name, 0, None))
+        return self._slots[key]
+
+    def sorted_magnitudes(self, key: tuple, delta: torch.Tensor) -> torch.Tensor:
+        if key not in self._sorted:
+            self._sorted[key] = torch.sort(delta.abs().float().reshape(-1)).values
+        return self._sorted[key]
 
     def _excluded(self, name: str) -> bool:
         return any(pattern.fullmatch(name) for pattern in self.exclude)
@@ -80,7 +142,7 @@ class ResidentModels:
             bare = self.prefix and not any(n.startswith(self.prefix + ".") for n in reader.names())
             for name in reader.names():
                 resident = f"{self.prefix}.{name}" if bare else name
-                if not self._excluded(resident):
+                if not self._excluded(resident) and (self.keep is None or resident in self.keep):
                     names[resident] = name
             resident_reader = _ResidentReader(reader, names)
             self._open[ref] = (folder, resident_reader, infer_layout(folder, list(names), f"model {ref}"))
@@ -114,7 +176,7 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
     started, reads = time.perf_counter(), resident.disk_reads
     inputs = resident.inputs(recipe)
     plan = plan_recipe(recipe, inputs, None)
-    method = get_recipe_method(recipe.merge_method)
+    method = get_method(recipe.merge_method)
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     missing = [g.name for g in plan.groups if g.name not in targets]
     if missing:
@@ -124,11 +186,17 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
         for group in plan.groups:
             tensors = {ref: inputs[ref].reader.get(name) for ref, name in group.sources.items()}
             tensors = {ref: t.to(group.compute_dtype) if t.is_floating_point() else t for ref, t in tensors.items()}
-            slots = {ref: RandomSlot(seed, inputs[ref].index, group.name, 0, None) for ref in group.sources} \
+            slots = {ref: resident.slot(seed, inputs[ref].index, group.name) for ref in group.sources} \
                 if method.randomized else {}
-            call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots, tie_order)
+            call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots, tie_order,
+                                   piece_sparsifiers=_rank_cuts(method, group, tensors, resident, tie_order))
             try:
-                merged = run_group(passthrough if group.passthrough else method.function, call)
+                if method.kind == "state_dict" and not group.passthrough:     # a paper method (MergeLM's float32)
+                    dare = group.dare.resolve(len(group.models)) if group.dare is not None else None
+                    merged = merge_tensor_group(method, group.name, tensors, group.base, options_from_parameters(
+                        method, group.params, group.per_input, group.models), dare, seed=seed, out_dtype=group.dtype)
+                else:
+                    merged = run_group(passthrough if group.passthrough else method.implementation(), call)
             except MergeError as error:
                 raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
             target = targets[group.name]
@@ -138,3 +206,32 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
             # the dtype a merge to disk writes, then the model's own (what loading that folder does)
             target.copy_(merged.to(group.dtype) if merged.is_floating_point() else merged)
     return MergeReport(len(plan.groups), time.perf_counter() - started, resident.disk_reads - reads)
+
+
+def _paper_merge(method, group, tensors: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+    """A paper method's whole tensor (kind "state_dict"): the library's merge_tensor_group with the options and
+    the paper's DARE the plan resolved, as the recipe engine calls it."""
+    models = group.models
+    options = options_from_parameters(method, group.params, group.per_input, models)
+    dare = group.dare.resolve(len(models)) if group.dare is not None else None
+    return merge_tensor_group(method, group.name, tensors, group.base, options, dare, seed=seed, offset=None,
+                              out_dtype=group.dtype)
+
+
+def _rank_cuts(method, group, tensors: dict[str, torch.Tensor], resident: ResidentModels, tie_order: str):
+    """Per non-base input, a _RankCutSparsifier for methods that cut by rank (ties in flat order, no rescale);
+    None (the method's own path) otherwise."""
+    kind = getattr(method, "sparsification", None)
+    if group.passthrough or kind not in ("magnitude", "outliers") or tie_order != "index" or \
+            group.params.get("rescale") or group.base is None:
+        return None
+    sparsifiers = {}
+    for ref in group.sources:
+        if ref == group.base:
+            continue
+        values = group.per_input[ref]
+        cut = RankCut(kind, values.get("density", 1.0), values.get("gamma", 0.0) if kind == "outliers" else 0.0)
+        key = (ref, group.base, group.name, str(group.compute_dtype))
+        delta = None if key in resident._sorted else tensors[ref] - tensors[group.base]   # as gta_tensor does
+        sparsifiers[ref] = _RankCutSparsifier(cut, resident.sorted_magnitudes(key, delta))
+    return sparsifiers

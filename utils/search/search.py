@@ -152,7 +152,8 @@ class TrialRunner:
         self.template = Template.load(template_path, variables)
         self.options = options
         self.evaluator = spec.build((options.select_split, options.report_split))
-        self.resident = ResidentModels(self.evaluator.exclude, self.evaluator.prefix)
+        self.resident = ResidentModels(self.evaluator.exclude, self.evaluator.prefix,
+                                       keep=set(self.evaluator.target.state_dict()))
 
     def run(self, values: dict, split: str) -> dict:
         from .resident import merge_into

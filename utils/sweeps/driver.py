@@ -15,7 +15,7 @@ from typing import Any
 
 from utils.sweeps import launchers
 from utils.sweeps.parsing import resolve
-from utils.sweeps.runner import Block, SettingRun, record_path
+from utils.sweeps.runner import Block, SettingRun, lock_is_held, record_path
 from utils.sweeps.spec import Setting, SweepError, SweepSpec, expand, flags_to_argv, load_spec
 
 
@@ -35,18 +35,24 @@ class Plan:
     settings: list[PlannedSetting] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        counts = {"done": 0, "failed": 0, "pending": 0}
+        """done / failed / pending counts, plus "running" (a lock held by another process) when there are some."""
+        counts = {"done": 0, "failed": 0, "pending": 0, "running": 0}
         for item in self.settings:
-            counts["pending" if item.state == "stale" else item.state] += 1
+            counts[item.state if item.state in counts else "pending"] += 1
+        if not counts["running"]:
+            del counts["running"]
         return counts
 
 
 def read_record(folder: Path) -> dict | None:
+    """The setting's record, or None when there is none or it is not a JSON object (damaged, or written by
+    something else: the setting then counts as not done and runs again)."""
     path = record_path(folder)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def plan(spec_path: str | Path, output_root: str | Path | None = None, overrides: dict | None = None) -> Plan:
@@ -61,12 +67,14 @@ def plan(spec_path: str | Path, output_root: str | Path | None = None, overrides
         argv = setting.argv(spec.output_flag)
         flags = dict(setting.flags)
         if spec.output_flag:
-            flags[spec.output_flag] = str(setting.folder)
+            flags[spec.output_flag] = str(setting.output_folder)
         where = f"sweep '{spec.name}' setting {setting.id} ({_describe(setting)})"
         resolved = resolve(spec.module(), flags, where, cache)
         item = PlannedSetting(setting, resolved, argv)
         record = read_record(setting.folder)
-        if record is not None:
+        if lock_is_held(setting.folder):
+            item.record, item.state = record, "running"
+        elif record is not None:
             item.record = record
             if record.get("status") == "done":
                 item.state = "done" if record.get("resolved_config") == resolved else "stale"
@@ -172,6 +180,10 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
     def report(records: list[dict]) -> None:
         for record in records:
             item = by_id[record["id"]]
+            if record["status"] == "running":   # its lock is held: another run (or an orphan) runs it now
+                item.state = "running"
+                echo(f"  running {record['id']} {_describe(item.setting)}: {record['error']}; not started again")
+                continue
             item.record, item.state = record, record["status"]
             line = f"  {record['status']:6s} {record['id']} {_describe(item.setting)} ({record['wall_time_s']:.1f} s)"
             if record["status"] != "done":
@@ -179,6 +191,28 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
                 line += f", exit status {record['exit_status']}" + (f": {last[-1]}" if last else "")
             echo(line)
 
+    with sweep_lock(sweep_plan.root, spec.name):
+        _launch(sweep_plan, blocks, options, report, echo)
+    return sweep_plan
+
+
+def sweep_lock(root: Path, name: str):
+    """The sweep's lock, ``<root>/.sweep-<name>.lock``: a second `run` of the same sweep while one is
+    running is refused. An flock, so a killed driver cannot keep it (its settings' own locks, held by
+    their processes, keep an orphaned setting from being run twice: utils/sweeps/runner.py)."""
+    from utils.sweeps.runner import held_lock
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".sweep-{name}.lock"
+    lock = held_lock(path)
+    if lock is None:
+        raise SweepError(f"sweep '{name}' is already running (another `run` holds {path}); wait for it, or "
+                         f"use `status` to see how far it got")
+    return lock
+
+
+def _launch(sweep_plan: Plan, blocks: list[Block], options: RunOptions, report, echo) -> None:
+    spec = sweep_plan.spec
     if options.launcher == "local":
         launchers.run_local(blocks, options.workers or spec.local.workers, report)
     elif options.launcher == "slurm":
@@ -193,7 +227,6 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
                           local_cpus=options.ray_local_cpus)
     else:
         raise SweepError(f"unknown launcher '{options.launcher}' (local, slurm, ray)")
-    return sweep_plan
 
 
 def status_text(sweep_plan: Plan, lines: int = 5) -> str:
@@ -202,11 +235,12 @@ def status_text(sweep_plan: Plan, lines: int = 5) -> str:
     stale = sum(item.state == "stale" for item in sweep_plan.settings)
     out = [f"sweep {sweep_plan.spec.name} ({sweep_plan.root}): {len(sweep_plan.settings)} settings: "
            f"{counts['done']} done, {counts['failed']} failed, {counts['pending']} pending"
+           + (f", {counts['running']} running elsewhere" if counts.get("running") else "")
            + (f" ({stale} of them done with a different resolved config)" if stale else "")]
     for item in sweep_plan.settings:
         if item.state == "failed":
             record = item.record or {}
             out.append(f"failed {item.setting.id} [{_describe(item.setting)}] exit status {record.get('exit_status')}, log {record.get('log')}:")
-            error = (record.get("error") or "").rstrip().splitlines()[-lines:]
+            error = str(record.get("error") or "").rstrip().splitlines()[-lines:]
             out += [f"    {line}" for line in error]
     return "\n".join(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -72,7 +73,11 @@ def run_slurm(blocks: list[Block], options: SlurmOptions, folder: Path, name: st
         import submitit
     except ImportError as error:
         raise SweepError("--launcher slurm needs the Python package 'submitit' (pip install submitit)") from error
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster)
+    if options.cluster in (None, "slurm") and shutil.which("sbatch") is None:
+        # submitit's AutoExecutor would silently fall back to running here, in the background
+        raise SweepError("--launcher slurm: SLURM is not available on this machine (no 'sbatch' on PATH); run on a "
+                         "SLURM login node, or ask for submitit's local executor by name with --slurm_cluster local")
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster or "slurm")
     parameters = {"name": name, "timeout_min": options.timeout_min, "cpus_per_task": options.cpus_per_task}
     if options.mem_gb is not None:
         parameters["mem_gb"] = options.mem_gb

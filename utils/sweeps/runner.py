@@ -26,6 +26,7 @@ from utils.records import write_json_atomic
 
 RECORD_NAME = "sweep_record.json"
 LOG_NAME = "sweep_log.txt"
+LOCK_NAME = ".sweep_setting.lock"
 RECORD_SCHEMA = "mergelm.sweep_record/1"
 TAIL_LINES = 20
 REPO = Path(__file__).resolve().parents[2]
@@ -68,12 +69,86 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
+class FileLock:
+    """An exclusive flock on a file, held through one open descriptor. The kernel drops it when every
+    process holding that descriptor has ended, so a killed holder never keeps it."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = fd, path
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def held_lock(path: Path) -> FileLock | None:
+    """Take the lock at `path` without waiting (a FileLock), or None when another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n".encode())
+    return FileLock(fd, path)
+
+
+def lock_is_held(folder: str | os.PathLike) -> bool:
+    """True while a process holds the setting's lock (it is running that setting now)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return False
+    lock = held_lock(path)
+    if lock is None:
+        return True
+    lock.release()
+    return False
+
+
+def _holder(path: Path) -> str:
+    try:
+        host, pid, _ = path.read_text(encoding="utf-8").split()
+        return f"pid {pid} on {host}"
+    except (OSError, ValueError):
+        return "another process"
+
+
 def run_block(block: Block) -> list[dict]:
     """Run the block's call and write every setting's record; returns the records (never raises for a
-    failing script: its exit status and last lines are recorded instead)."""
+    failing script: its exit status and last lines are recorded instead).
+
+    Each setting's lock (``<folder>/.sweep_setting.lock``) is taken first and handed to the script's
+    process, so it is held exactly as long as that process lives, even if this driver is killed: a
+    resume meanwhile reports the setting as running (status "running", no record written) instead of
+    starting it a second time."""
+    locks: list[FileLock] = []
+    try:
+        for setting in block.settings:
+            Path(setting.folder).mkdir(parents=True, exist_ok=True)
+            path = Path(setting.folder) / LOCK_NAME
+            lock = held_lock(path)
+            if lock is None:
+                why = f"its lock {path} is held by {_holder(path)}"
+                return [{"id": s.id, "status": "running", "error": why} for s in block.settings]
+            locks.append(lock)
+        return _run_locked(block, [lock.fd for lock in locks])
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_locked(block: Block, lock_fds: list[int]) -> list[dict]:
     first = Path(block.settings[0].folder)
-    for setting in block.settings:
-        Path(setting.folder).mkdir(parents=True, exist_ok=True)
     log = first / LOG_NAME
     env = {**os.environ, **block.env, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
@@ -83,7 +158,8 @@ def run_block(block: Block) -> list[dict]:
         handle.write("$ python " + block.module + ".py " + " ".join(_quote(token) for token in block.argv) + "\n")
         handle.flush()
         try:
-            status = subprocess.run(command, cwd=block.cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+            status = subprocess.run(command, cwd=block.cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                    check=False, pass_fds=lock_fds).returncode
         except OSError as error:
             handle.write(f"could not start the setting: {error}\n")
             status = 127

@@ -22,7 +22,8 @@ values after one flag (``nargs``), anything else = ``--flag value``. Each settin
 digits of sha256 over the script name and its canonical flags (sorted keys, JSON), so it does not depend
 on the order of the axes or on where the sweep runs. Its folder is ``<output_root>/<output>`` where
 ``output`` is a template formatted with the flags and ``id`` (default ``{id}``); with ``output_flag`` the
-folder is also passed to the script as that flag.
+script gets ``<folder>/output`` as that flag (a folder it creates, and may replace with --overwrite, while the
+setting's record, log and lock stay beside it).
 
 ``batch`` maps an axis flag to a list flag of the script that runs several of its values in one process
 (inference_plms_glue.py loads the fine-tuned and base weights once and applies each mask from them).
@@ -43,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FLAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+OUTPUT_SUBFOLDER = "output"   # with output_flag: the script's folder inside the setting's folder
 Scalar = Union[bool, int, float, str, None]
 FlagValue = Union[Scalar, list[Scalar]]
 
@@ -191,8 +193,15 @@ class Setting:
     def argv(self, output_flag: str | None = None) -> list[str]:
         flags = dict(self.flags)
         if output_flag:
-            flags[output_flag] = str(self.folder)
+            flags[output_flag] = str(self.output_folder)
         return flags_to_argv(flags)
+
+    @property
+    def output_folder(self) -> Path:
+        """What ``output_flag`` passes to the script: ``<folder>/output``, a folder the script creates itself
+        (merge_models.py and the other writers refuse an existing output folder) and may replace with
+        --overwrite without touching the setting's record, log and lock beside it."""
+        return self.folder / OUTPUT_SUBFOLDER
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:

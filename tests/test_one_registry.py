@@ -1,0 +1,163 @@
+"""One registry, one meaning per name: every registered method gives the same tensors as merge_models.py
+flags and as the equivalent recipe (bfloat16 and float32), the paper's DARE on each paper method included."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import merge_models
+from model_merging_methods.registry import REGISTRY, get_method
+from tests.conftest import save_tiny_llama
+
+RUNNABLE = sorted(name for name, m in REGISTRY.items() if m.streamable and not m.statistics)
+DARE_SETTINGS = {
+    "random": (["--drop_rate", "0.3"], {"drop_rate": 0.3}),
+    "magnitude": (["--drop_rate", "0.4", "--mask_strategy", "magnitude"], {"drop_rate": 0.4, "strategy": "magnitude"}),
+    "finetuned": (["--drop_rate", "0.2", "--weight_format", "finetuned_weight"],
+                  {"drop_rate": 0.2, "weight_format": "finetuned_weight"}),
+}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("one_registry")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        base = save_tiny_llama(root / dtype / "base", seed=0, dtype=getattr(torch, dtype))
+        out[dtype] = {"base": base, **{f"ft{i}": save_tiny_llama(root / dtype / f"ft{i}", i + 1, base, 0.02,
+                                                                  getattr(torch, dtype)) for i in range(2)}}
+    return out
+
+
+def _weights(tmp: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(tmp.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _case(name: str, folders: dict[str, Path]) -> tuple[list[str], dict]:
+    """The flags and the recipe document of one merge with non-default parameters."""
+    method = get_method(name)
+    models = [folders["ft0"]] if method.max_models == 1 else [folders["ft0"], folders["ft1"]]
+    flags = ["--method", name]
+    recipe: dict = {"merge_method": name}
+    if method.base == "ignored":
+        models = [folders["base"]] + models if method.max_models != 1 else models
+    else:
+        flags += ["--base_model", str(folders["base"])]
+        recipe["base_model"] = str(folders["base"])
+    flags += ["--models", *map(str, models)]
+    per_model, top = {}, {}
+    weights = [0.7, 0.4, 0.2][:len(models)]
+    if method.parameter("weight") is not None:
+        flags += ["--weights", *map(str, weights)]
+        per_model["weight"] = weights
+    if method.parameter("density") is not None:
+        flags += ["--density", "0.5"]
+        per_model["density"] = [0.5] * len(models)
+    if method.scale_parameter and method.parameter(method.scale_parameter) is not None:
+        flags += ["--scaling_coefficient", "0.9"]
+        top[method.scale_parameter] = 0.9
+    if name == "wudi_merging":
+        flags += ["--parameter", "iter_num=3"]
+        top["iter_num"] = 3
+    if name == "slerp":
+        flags += ["--slerp_t", "0.3"]
+        top["t"] = 0.3
+    if name == "nearswap":
+        flags += ["--parameter", "t=0.003"]
+        top["t"] = 0.003
+    recipe["models"] = [{"model": str(m), **({"parameters": {k: v[i] for k, v in per_model.items()}}
+                                             if per_model else {})} for i, m in enumerate(models)]
+    if top:
+        recipe["parameters"] = top
+    return flags, recipe
+
+
+def _run_both(tmp_path: Path, flags: list[str], recipe: dict) -> tuple[dict, dict]:
+    assert merge_models.main([*flags, "--output_dir", str(tmp_path / "flags"), "--no_progress", "--seed", "5",
+                              "--threads", "2"]) == 0
+    config = tmp_path / "recipe.yml"
+    config.write_text(yaml.safe_dump(recipe))
+    assert merge_models.main(["--config", str(config), "--output_dir", str(tmp_path / "recipe"), "--no_progress",
+                              "--seed", "5", "--threads", "2"]) == 0
+    return _weights(tmp_path / "flags"), _weights(tmp_path / "recipe")
+
+
+def _assert_identical(ours: dict, theirs: dict) -> None:
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_flags_equal_recipe_for_every_registered_name(name, dtype, families, tmp_path):
+    flags, recipe = _case(name, families[dtype])
+    if name == "dare":
+        flags += DARE_SETTINGS["random"][0]
+        recipe["dare"] = DARE_SETTINGS["random"][1]
+    ours, theirs = _run_both(tmp_path, flags, recipe)
+    _assert_identical(ours, theirs)
+    base = _weights(families[dtype]["base"])
+    changed = [k for k in ours if not torch.equal(ours[k], base[k])]
+    assert changed, "the merge changed nothing: the case tests nothing"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("setting", sorted(DARE_SETTINGS))
+@pytest.mark.parametrize("name", ["average_merging", "task_arithmetic", "ties_merging", "norm_adaptive"])
+def test_paper_dare_flags_equal_recipe(name, setting, dtype, families, tmp_path):
+    if dtype == "bfloat16" and setting != "random":
+        pytest.skip("one DARE setting per method in bfloat16 keeps the suite short")
+    flags, recipe = _case(name, families[dtype])
+    flags += DARE_SETTINGS[setting][0]
+    recipe["dare"] = DARE_SETTINGS[setting][1]
+    ours, theirs = _run_both(tmp_path, flags, recipe)
+    _assert_identical(ours, theirs)
+
+
+def test_per_model_drop_rate_in_a_recipe_equals_per_model_flags(families, tmp_path):
+    folders = families["float32"]
+    flags, recipe = _case("task_arithmetic", folders)
+    flags += ["--drop_rate", "0.2", "0.6"]
+    for model, rate in zip(recipe["models"], (0.2, 0.6)):
+        model["parameters"]["drop_rate"] = rate
+    ours, theirs = _run_both(tmp_path, flags, recipe)
+    _assert_identical(ours, theirs)
+
+
+def test_mergekit_names_are_mergekit_methods_and_paper_names_the_papers():
+    assert get_method("ties").semantics == "mergekit 0.1.5" and get_method("ties").kind == "group"
+    assert get_method("ties_merging").semantics == "MergeLM"
+    assert get_method("linear").parameter("normalize").default is True
+    assert get_method("dare_ties").parameter("rescale").default is True
+    for name in ("linear", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs", "breadcrumbs_ties", "della",
+                 "della_linear", "model_stock", "nearswap", "passthrough"):
+        assert get_method(name).semantics == "mergekit 0.1.5", name
+    for name in ("average_merging", "task_arithmetic", "ties_merging", "fisher_merging", "regmean_merging", "dare"):
+        assert get_method(name).semantics == "MergeLM", name
+
+
+def test_paper_options_with_a_mergekit_name_are_refused(families, tmp_path, capsys):
+    folders = families["float32"]
+    with pytest.raises(SystemExit) as exit_info:
+        merge_models.main(["--base_model", str(folders["base"]), "--models", str(folders["ft0"]), "--method", "ties",
+                           "--drop_rate", "0.5", "--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "--drop_rate" in capsys.readouterr().err
+
+
+def test_unknown_parameter_flag_names_the_method_parameters(families, tmp_path, capsys):
+    folders = families["float32"]
+    code = merge_models.main(["--base_model", str(folders["base"]), "--models", str(folders["ft0"]), "--method",
+                              "ties", "--parameter", "gama=0.1", "--output_dir", str(tmp_path / "o")])
+    assert code == 2
+    assert "has no parameter 'gama'" in capsys.readouterr().err
