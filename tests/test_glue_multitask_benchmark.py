@@ -164,3 +164,28 @@ def test_merge_search_options_for_the_benchmark(bench, tmp_path):
     assert losses[0] != losses[1]                                                   # other masks, other merged weights
     folder = tmp_path / "save_merge_results" / "_".join(TASKS) / "mask_merging" / "task_arithmetic"
     assert sorted(p.name for p in folder.glob("*.json")) == ["all-MiniLM-L6-v2_grid_none.json", "all-MiniLM-L6-v2_grid_none_seed_3.json"]
+
+
+TSV_SMALL_MATRIX = ("tsv_merging refuses a matrix of rank below the number of models (BERT's 2-row token-type "
+                    "embeddings): it does not run on these encoders yet")
+
+
+@pytest.mark.parametrize("method", [pytest.param("tsv_merging", marks=pytest.mark.xfail(raises=SystemExit, reason=TSV_SMALL_MATRIX)), "iso_c", "iso_cts", "wudi_merging", "cart", "consensus_merging", "lines",
+                                    "pcb_merging", "breadcrumbs", "della"])
+def test_registry_parameter_methods_run_in_the_search(bench, tmp_path, method):
+    """Every registry method of the benchmark's grid runs through merge_plms_glue.py with its grid's parameters."""
+    import shutil
+
+    from merge_plms_glue import main as merge_main
+    from utils.glue.cli import registry_methods
+
+    if method not in registry_methods():
+        pytest.skip(f"{method} is not in the registry")
+    root, _, _ = bench
+    shutil.copytree(root / "experts" / "save_models", tmp_path / "save_models")
+    payload = merge_main(["--language_model_name", str(root / "all-MiniLM-L6-v2"), "--glue_dir", str(root / "glue_data"),
+                          "--save_dir", str(tmp_path), "--dataset_names", *TASKS, "--device", "cpu", "--no_progress",
+                          "--merge_grid", "multitask", "--winners", "mean", "--max_eval_samples", "6", "--merging_method_name", method])[0]
+    grid = load_glue_config()["merge_grids"]["multitask"][method]
+    assert len(payload["settings"]) == int(np.prod([len(values) for values in grid.values()]))
+    assert all(np.isfinite(payload["winners"]["mean"]["test_scores"][t]) for t in TASKS)

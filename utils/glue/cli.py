@@ -20,7 +20,8 @@ NOT_SEARCHED = ("slerp", "dare", "dare_linear", "dare_ties", "passthrough")   # 
 def registry_methods() -> tuple[str, ...]:
     """Methods of the merging registry that merge_plms_glue.py can also search (besides the MergeLM ones):
     every registered method that merges several models and needs no statistics (the search collects Fisher and
-    RegMean statistics for those two methods only), in registry order. Their grids (configs/glue.yaml) name MergeOptions fields. The registry loads without torch."""
+    RegMean statistics for those methods only), in registry order. Their grids (configs/glue.yaml) name MergeOptions
+    fields, or the method's parameters for the registry's parameter methods. The registry loads without torch."""
     from model_merging_methods.registry import REGISTRY
 
     return tuple(name for name, method in REGISTRY.items()
