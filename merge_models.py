@@ -25,8 +25,7 @@ STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]
 # the paper's options: flags of the paper's methods only (mergekit's methods take their own parameters)
 PAPER_FLAGS = ("drop_rate", "no_rescale", "rescale_mode", "mask_strategy", "weight_format", "ties_normalize",
-               "norm_mode", "norm_alpha", "norm_beta", "norms", "norms_from", "exclude_param_names_regex",
-               "vocab_alignment", "files_from", "allow_noop")
+               "norm_mode", "norm_alpha", "norm_beta", "norms", "norms_from")
 MANIFEST_FLAGS = {"from_manifest", "output_dir", "overwrite", "threads", "no_progress"}
 # flags that describe a merge; a recipe (--config) describes it instead, so they cannot be combined with it
 METHOD_FLAGS = ("--base_model", "--models", "--method", "--from_manifest", "--weights", "--scaling_coefficient",
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate_dir", default=None,
                         help="multi-document recipes: where earlier documents' outputs go (reused when made from "
                              "the same document)")
-    parser.add_argument("--parameter", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--parameter", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="mergekit-named and frontier methods: any parameter the method declares (e.g. normalize=false, "
                              "rescale=true, gamma=0.02, t=0.001 for nearswap); README 'Recipes'. Frontier methods (default): "
                              + frontier_parameters_help())
@@ -132,7 +131,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         if given:
             parser.error(f"{', '.join(given)}: the paper's options apply to the paper's methods (average_merging, "
                          f"task_arithmetic, ties_merging, norm_adaptive, dare); --method {args.method} is mergekit's "
-                         f"(README 'One name, one meaning')")
+                         f"(README 'One registry, one meaning per name')")
     elif args.parameter or args.tie_order != "index":
         parser.error("--parameter and --tie_order are for mergekit-named methods and recipes")
     if args.from_manifest is None:
@@ -165,7 +164,7 @@ def job_from_args(args: argparse.Namespace):
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
                           max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), progress=not args.no_progress,
                           threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from,
-                          merge_part=args.merge_part)
+                          parameters=list(args.parameter), tie_order=args.tie_order, merge_part=args.merge_part)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,23 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def recipe_job_from_args(args: argparse.Namespace):
-    from utils.recipes.run import RecipeJob  # imported only for recipes: flag runs skip pydantic and YAML
+    from utils.recipes.job import RecipeJob  # imported only for recipes: flag runs skip pydantic and YAML
 
-    return RecipeJob(config=args.config or "merge_models.py flags", output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
+    return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
                      seed=args.seed, device=args.device, threads=args.threads,
                      max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
                      allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order,
                      merge_part=args.merge_part)
-
-
-def flag_recipe(args: argparse.Namespace):
-    """A mergekit-named --method as the recipe its flags describe (utils/recipes/flags.py)."""
-    from utils.recipes.flags import FlagMerge, recipe_from_flags
-
-    given = lambda dest: None if getattr(args, dest) == build_parser().get_default(dest) else getattr(args, dest)  # noqa: E731
-    return recipe_from_flags(FlagMerge(get_method(args.method), args.base_model, args.models, given("weights"),
-                                       given("density"), given("scaling_coefficient"), given("slerp_t"),
-                                       args.parameter, args.dtype))
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -203,11 +192,10 @@ def _merge(args: argparse.Namespace) -> int:
     from utils.engine.streaming import job_from_manifest_file, run_stream_merge
 
     with warnings_to_stderr("merge_models.py", "mergelm.engine"):
-        if args.config or (args.method and get_method(args.method).kind == "group"):
-            from utils.recipes.run import run_recipe_job
+        if args.config:
+            from utils.recipes.job import run_recipe_job
 
-            documents = None if args.config else (lambda r: ([r[0]], [r[1]]))(flag_recipe(args))
-            manifest = run_recipe_job(recipe_job_from_args(args), documents)[-1]   # the last document's: the output
+            manifest = run_recipe_job(recipe_job_from_args(args))[-1]   # the last document's: the output
         else:
             job = (job_from_manifest_file(args.from_manifest, args.output_dir, overwrite=args.overwrite,
                                           progress=not args.no_progress, threads=args.threads)

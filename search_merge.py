@@ -7,8 +7,8 @@ best_recipe.yml, history.png, search_result.json, and with --compare a table of 
 (e.g. grid-searched baselines at the same number of trials): comparison.md.
 
 Example (two MiniLM GLUE experts, TIES weights and densities, 30 trials):
-    python search_merge.py --template configs/search/minilm_ties.yml --experts MRPC=ckpt/mrpc SST-2=ckpt/sst2 \
-        --fitness MRPC=1 SST-2=1 --budget 30 --output_dir search/ties_cma
+    python search_merge.py --template configs/search/pair_ties.yml --var BASE=all-MiniLM-L6-v2 \
+        --experts mrpc=ckpt/mrpc sst2=ckpt/sst2 --fitness mrpc=1 sst2=1 --budget 30 --output_dir search/ties_cma
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .mergekit_spherical import _sum_lazily, checked
 from .recipe_methods import TensorGroupCall
-from .selection import kth_smallest
+from .selection import kth_smallest, rank_statistics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,15 +50,20 @@ def sce_select_mask(task_vectors: torch.Tensor, select_topk: float, mask_dtype: 
     return mask
 
 
-def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+def sce_weights_of(task_vectors) -> torch.Tensor:
     """SCE "calculate": w_i = mean(δ_i²) / Σ_j mean(δ_j²) (the sum as a Python float); 1/n each when
-    |Σ_j mean(δ_j²)| < 1e-6. (One model's square at a time: the same per-row means as mergekit's
-    square of the stacked task vectors.)"""
-    weights = torch.stack([row.square().mean() for row in task_vectors.reshape(task_vectors.shape[0], -1)])
+    |Σ_j mean(δ_j²)| < 1e-6. Takes the δ_i one at a time (the same per-row means as mergekit's square of
+    the stacked task vectors)."""
+    weights = torch.stack([delta.square().mean() for delta in task_vectors])
     total = torch.sum(weights).item()
     if abs(total) < 1e-6:
         return torch.ones_like(weights) / weights.shape[0]
     return weights / total
+
+
+def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+    """sce_weights_of the rows of stacked task vectors [n, ...]."""
+    return sce_weights_of(task_vectors.reshape(task_vectors.shape[0], -1))
 
 
 def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: float = 1.0,
@@ -68,25 +73,34 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
     erase: s = sign(Σ_i δ_i) with 0 → +, e_i = [sign δ_i = s] (0 entries never agree);
     y = b + Σ_i w_i e_i δ_i / max(Σ_i w_i e_i, 1e-6). No model weights, no density (the paper's
     parameters are select_topk only). int8_mask stores the masks as int8 (memory; same values).
-    Memory: the stacked task vectors and one boolean per entry and model; the cross-model sums run one
-    model at a time (same bits as mergekit's sums over the stack)."""
+    Memory: with select_topk ≥ 1 a few tensors (each δ_i is recomputed where it is used), else the stacked
+    task vectors; the cross-model sums run one model at a time (same bits as mergekit's sums over the stack)."""
     if not others:
         return base
-    mask_dtype = torch.int8 if int8_mask else base.dtype
-    task_vectors = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
-    for row, x in zip(task_vectors, others):
-        torch.sub(x, base, out=row)
-    if select_topk < 1:
-        task_vectors *= sce_select_mask(task_vectors, select_topk, mask_dtype).unsqueeze(0)
-    weights = sce_weights(task_vectors)
-    majority = (task_vectors.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    agree = [row.sign().to(mask_dtype) == majority for row in task_vectors]
-    del majority
-    # w_i·e_i is exactly w_i where model i agrees with the elected sign, else 0
-    erased = lambda: (torch.where(a, w, 0) for a, w in zip(agree, weights))  # noqa: E731
-    merged = _sum_lazily((row * e for row, e in zip(task_vectors, erased())), base)
-    del task_vectors
-    return base + merged / _sum_lazily(erased(), base).clamp(min=1e-6)
+    if select_topk < 1:               # the selection needs every model's δ at once (variance across models)
+        mask_dtype = torch.int8 if int8_mask else base.dtype
+        stacked = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
+        for row, x in zip(stacked, others):
+            torch.sub(x, base, out=row)
+        stacked *= sce_select_mask(stacked, select_topk, mask_dtype).unsqueeze(0)
+        delta = lambda i: stacked[i]  # noqa: E731
+    else:                             # δ_i recomputed where it is used (same bits): a few tensors in memory
+        delta = lambda i: others[i] - base  # noqa: E731
+    count = len(others)
+    weights = sce_weights_of(delta(i) for i in range(count))
+    positive = _sum_lazily((delta(i) for i in range(count)), base) >= 0     # the elected sign is + (else −)
+    # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here)
+    # sign δ_i = s exactly when δ_i > 0 (s = +) or δ_i < 0 (s = −); 0 and NaN never agree.
+    # w_i·e_i is exactly w_i where model i agrees, else 0
+    erased = lambda i, d: torch.where(torch.where(positive, d > 0, d < 0), weights[i], 0)  # noqa: E731
+
+    def term(i: int) -> torch.Tensor:
+        d = delta(i)
+        return d.mul_(erased(i, d)) if select_topk >= 1 else d * erased(i, d)
+
+    merged = _sum_lazily((term(i) for i in range(count)), base)
+    divisor = _sum_lazily((erased(i, delta(i)) for i in range(count)), base).clamp_(min=1e-6)
+    return base + merged.div_(divisor)
 
 
 def sce(call: TensorGroupCall) -> torch.Tensor:
@@ -174,21 +188,41 @@ def ramplus_tl(call: TensorGroupCall) -> torch.Tensor:
 QUANTILE_SAMPLE_SIZE = 1_000_000   # mergekit samples larger tensors; we take exact order statistics
 
 
+ROWS = 256   # rows per block: every operation below is row-local, so blocks give the whole tensor's bits
+
+
+def _row_blocks(x: torch.Tensor):
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    return [slice(start, start + ROWS) for start in range(0, rows.shape[0], ROWS)], rows
+
+
 def arcee_fusion_importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Importance |x − b| · KL(p ‖ q) with p = softmax(x) + 1e-8, q = softmax(b) + 1e-8 along the last axis
-    (one KL per row, Σ p log(p/q))."""
-    p = F.softmax(x, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    return (x - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    (one KL per row, Σ p log(p/q)); computed in blocks of rows (a few rows of temporaries)."""
+    blocks, x_rows = _row_blocks(x)
+    _, b_rows = _row_blocks(base)
+    out = torch.empty_like(x_rows)
+    for block in blocks:
+        p = F.softmax(x_rows[block], dim=-1) + 1e-8
+        q = F.softmax(b_rows[block], dim=-1) + 1e-8
+        out[block] = (x_rows[block] - b_rows[block]).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return out.view(x.shape)
 
 
-def _kth_value(flat: torch.Tensor, k: int) -> float:
-    """The k-th smallest (1-based) value of a finite flat tensor, exactly, by radix selection (no sort)."""
+def _order_statistics(flat: torch.Tensor, ks: list[int]) -> list[float]:
+    """The k-th smallest (1-based) values of a finite flat tensor, exactly, by radix selection (no sort):
+    of |x| directly when no entry is negative, else within the negative or the non-negative entries."""
     negative = flat < 0
     count = int(negative.sum())
-    if k <= count:
-        return -kth_smallest(flat[negative], count - k + 1)
-    return kth_smallest(flat[~negative] if count else flat, k - count)
+    if count == 0:
+        return [stat.value for stat in rank_statistics(flat, ks)]
+    values = []
+    for k in ks:
+        if k <= count:
+            values.append(-kth_smallest(flat[negative], count - k + 1))
+        else:
+            values.append(kth_smallest(flat[~negative], k - count))
+    return values
 
 
 def fusion_quartiles(importance: torch.Tensor) -> torch.Tensor:
@@ -200,7 +234,7 @@ def fusion_quartiles(importance: torch.Tensor) -> torch.Tensor:
     positions = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
     if flat.numel() <= QUANTILE_SAMPLE_SIZE:
         return torch.sort(flat)[0][positions.to(flat.device)]
-    values = [_kth_value(flat, int(position) + 1) for position in positions]
+    values = _order_statistics(flat, [int(position) + 1 for position in positions])
     return torch.tensor(values, dtype=flat.dtype, device=flat.device)
 
 
@@ -210,9 +244,14 @@ def arcee_fusion_tensor(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor
     with the mask in float32 (so the result is float32 for bfloat16 / float16 inputs, as mergekit's)."""
     importance = arcee_fusion_importance(other, base)
     q1, median, q3 = fusion_quartiles(importance)
-    mask = (importance >= median + 1.5 * (q3 - q1)).float()
-    del importance
-    return base + (other - base) * mask
+    threshold = median + 1.5 * (q3 - q1)
+    blocks, b_rows = _row_blocks(base)
+    _, x_rows = _row_blocks(other)
+    _, s_rows = _row_blocks(importance)
+    out = torch.empty(b_rows.shape, dtype=torch.promote_types(base.dtype, torch.float32), device=base.device)
+    for block in blocks:      # elementwise from here: b + (x − b)·mask, block by block
+        out[block] = b_rows[block] + (x_rows[block] - b_rows[block]) * (s_rows[block] >= threshold).float()
+    return out.view(base.shape)
 
 
 def arcee_fusion(call: TensorGroupCall) -> torch.Tensor:
@@ -221,4 +260,4 @@ def arcee_fusion(call: TensorGroupCall) -> torch.Tensor:
 
 __all__ = ["arcee_fusion", "arcee_fusion_importance", "arcee_fusion_tensor", "fusion_quartiles", "ram",
            "ram_tensor", "ramplus_tl", "ramplus_tl_counts", "ramplus_tl_lambdas", "ramplus_tl_piece_counts", "ramplus_tl_tensor", "sce", "sce_select_mask",
-           "sce_tensor", "sce_weights", "QUANTILE_SAMPLE_SIZE"]
+           "sce_tensor", "sce_weights", "sce_weights_of", "QUANTILE_SAMPLE_SIZE"]

@@ -101,38 +101,40 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     w ← w / Σw (normalize_weights); u_i = δ_i / (‖δ_i‖ + eps); m = Σ w_i u_i, m ← m / ‖m‖;
     tangent vectors τ_i = u_i − ⟨u_i, m⟩ m; τ = Σ w_i τ_i; ‖τ‖' = ‖τ‖ + eps;
     y = (m cos ‖τ‖' + τ sin ‖τ‖' / ‖τ‖') · Σ w_i ‖δ_i‖.
-    Memory: the stacked task vectors (made unit, then tangent, in place) and two tensors; the cross-model
-    sums run one model at a time (the same bits as mergekit's sums over the stack).
+    Memory: a few tensors, whatever the number of models: each δ_i and u_i is recomputed where it is needed
+    and the cross-model sums run one model at a time (the same bits as mergekit's operations on the stack).
     One input: that input (the base ignored). ‖m‖ < eps (antipodal inputs that cancel): with two inputs
     the linear w_0 δ_0 + w_1 δ_1 (+ b), with more a MergeError."""
     if len(tensors) == 1:
         return tensors[0]
-    stacked = torch.empty((len(tensors),) + tuple(tensors[0].shape), dtype=tensors[0].dtype, device=tensors[0].device)
-    for row, x in zip(stacked, tensors):
-        row.copy_(x) if base is None else torch.sub(x, base, out=row)
-    flat = stacked.view(stacked.shape[0], -1)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    like = tensors[0]
+    w = torch.tensor(weights, dtype=like.dtype, device=like.device)
     if normalize_weights:
         w = w / w.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat.div_(norms + eps)              # in place: the task vectors are not needed again
-    mean = _sum_lazily((unit * weight for unit, weight in zip(units, w)), units[0])
+    delta = lambda x: (x if base is None else x - base).reshape(-1)  # noqa: E731  (δ_i, recomputed: same bits)
+    norms = torch.stack([torch.norm(delta(x), dim=-1, keepdim=True) for x in tensors])
+    unit = lambda i: delta(tensors[i]) / (norms[i] + eps)  # noqa: E731
+    mean = _sum_lazily((unit(i) * w[i] for i in range(len(tensors))), like.reshape(-1))
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
-        if stacked.shape[0] == 2:
-            deltas = [x if base is None else x - base for x in tensors]
-            result = deltas[0] * w[0] + deltas[1] * w[1]
+        if len(tensors) == 2:
+            result = delta(tensors[0]) * w[0] + delta(tensors[1]) * w[1]
+            result = result.view(like.shape)
             return result + base if base is not None else result
         raise MergeError("multislerp: the weighted sum of the unit inputs is zero (antipodal inputs whose "
                          "weights cancel); change the weights")
     mean = mean / mean_norm
-    for unit in units:                          # tangent vectors u_i − ⟨u_i, m⟩ m, in place
-        unit.sub_((unit * mean).sum(-1, keepdim=True) * mean)
-    tangent = _sum_lazily((unit * weight for unit, weight in zip(units, w)), units[0])
-    del stacked, flat, units
+
+    def tangent_term(i: int) -> torch.Tensor:          # w_i (u_i − ⟨u_i, m⟩ m)
+        u = unit(i)
+        u -= (u * mean).sum(-1, keepdim=True) * mean
+        return u.mul_(w[i])
+
+    tangent = _sum_lazily((tangent_term(i) for i in range(len(tensors))), like.reshape(-1))
     tangent_norm = torch.norm(tangent) + eps
-    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors[0].shape)
+    result = mean * torch.cos(tangent_norm)
+    result += tangent.mul_(torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(like.shape)
     return result + base if base is not None else result
 
 
@@ -173,27 +175,23 @@ def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = Non
     # vector_norm(x, dtype=...) upcasts inside the reduction: the same value as vector_norm(x.to(dtype)), which
     # mergekit computes, without a float32 copy of the tensor (scripts/compare_mergekit_kernels.py checks it)
     norm_of = lambda x: torch.linalg.vector_norm(x, dtype=dtype)  # noqa: E731
-    norms, units = [], []
-    for tensor in tensors:
-        norm = norm_of(tensor)
-        norms.append(norm)
-        units.append(torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype))
+    norms = [norm_of(tensor) for tensor in tensors]
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:
         return sum(tensor * 0 for tensor in tensors)
     valid_alphas = [alphas[i] for i in valid]
     alpha_sum = sum(valid_alphas)
     coefficients = [alpha / alpha_sum for alpha in valid_alphas]
-    valid_units = [units[i] for i in valid]
-    del units
-    mean = torch.zeros_like(valid_units[0])
-    for coefficient, unit in zip(coefficients, valid_units):
+    # u_i = x_i / ‖x_i‖ is recomputed where it is used (same bits) instead of held for every input
+    units = lambda: ((tensors[i] / norms[i]).to(tensors[i].dtype) for i in valid)  # noqa: E731
+    mean = torch.zeros_like(tensors[valid[0]])
+    for coefficient, unit in zip(coefficients, units()):
         mean += coefficient * unit
     mean_norm = norm_of(mean)
-    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    mean = next(units()) if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for coefficient, unit in zip(coefficients, valid_units):
+        for coefficient, unit in zip(coefficients, units()):
             dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:

@@ -157,7 +157,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) 
 
     Norms and the dot product are reduced over chunks of 2^20 elements exactly as mergekit does (the norm
     of the chunks' norms; the sum of the chunks' dots), so large tensors round the same way; the streamed
-    form (utils/recipes/statistics.py) computes the same chunk values piece by piece."""
+    form (utils/engine/statistics.py) computes the same chunk values piece by piece."""
     dtype = accumulator_dtype(a.dtype)
     if a.numel() == 0:
         t_ = torch.tensor(t, dtype=dtype)

@@ -26,21 +26,29 @@ HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
 
 @dataclass(frozen=True)
 class BenchMethod:
-    """One benchmarked merge: merge_models.py's arguments and the same merge as a mergekit YAML."""
+    """One benchmarked merge: merge_models.py's arguments and the same merge as a mergekit YAML (None: a
+    paper method mergekit does not have)."""
     arguments: list[str]
-    mergekit_method: str
+    mergekit_method: str | None
     parameters: dict = field(default_factory=lambda: {"weight": 1.0})
     on_base: bool = True   # False: a plain mean of all models, the base model included as one of them
+    single: bool = False   # base + the first variant only (slerp)
 
 
 METHODS = {
+    # mergekit's names (mergekit 0.1.5 semantics as flags too)
     "linear": BenchMethod(["--method", "linear"], "linear", on_base=False),
-    "task_arithmetic": BenchMethod(["--method", "task_arithmetic"], "task_arithmetic"),
     "ties": BenchMethod(["--method", "ties", "--density", "0.5"], "ties", {"weight": 1.0, "density": 0.5}),
     "dare_ties": BenchMethod(["--method", "dare_ties", "--density", "0.5"], "dare_ties",
                              {"weight": 1.0, "density": 0.5}),
     "dare_linear": BenchMethod(["--method", "dare_linear", "--density", "0.5"], "dare_linear",
                                {"weight": 1.0, "density": 0.5}),
+    "slerp": BenchMethod(["--method", "slerp", "--slerp_t", "0.5"], "slerp", {}, single=True),
+    # the paper's names (MergeLM semantics)
+    "average_merging": BenchMethod(["--method", "average_merging"], None, on_base=False),
+    "task_arithmetic": BenchMethod(["--method", "task_arithmetic"], "task_arithmetic"),
+    "ties_merging": BenchMethod(["--method", "ties_merging", "--density", "0.5"], None),
+    "ties_merging+dare": BenchMethod(["--method", "ties_merging", "--density", "0.5", "--drop_rate", "0.3"], None),
     # the data-free frontier (no mergekit counterpart); WUDI with 2 Adam steps (its cost grows linearly in iter_num)
     **{name: BenchMethod(["--method", name], "") for name in
        ("tsv_merging", "iso_c", "iso_cts", "cart", "consensus_merging", "lines", "pcb_merging")},
@@ -77,6 +85,12 @@ def _recipe_passthrough(models, layers):
             f"  - sources: [{{model: {models[1]}, layer_range: [0, {max(1, layers // 2)}]}}]\n")
 
 
+def _recipe_slerp_plain(models, layers):
+    """The same merge as `--method slerp --slerp_t 0.5` (base + the first variant)."""
+    return (f"merge_method: slerp\nbase_model: {models[0]}\ndtype: bfloat16\nmodels:\n  - model: {models[0]}\n"
+            f"  - model: {models[1]}\nparameters: {{t: 0.5}}\n")
+
+
 def _recipe_on_base(method, count=None, parameters="", weights=False):
     """mergekit's `method` on the base and `count` variants (all of them by default)."""
     def recipe(models, layers):
@@ -87,7 +101,7 @@ def _recipe_on_base(method, count=None, parameters="", weights=False):
     return recipe
 
 
-RECIPES = {"linear": _recipe_linear, "ties": _recipe_ties, "dare_ties": _recipe_dare_ties,
+RECIPES = {"linear": _recipe_linear, "ties": _recipe_ties, "dare_ties": _recipe_dare_ties, "slerp": _recipe_slerp_plain,
            "slerp-gradients": _recipe_slerp, "passthrough-1.5x": _recipe_passthrough,
            # mergekit 0.1.5's other methods (nuslerp takes two variants, arcee_fusion one; karcher counts the base)
            "nuslerp": _recipe_on_base("nuslerp", 2, weights=True),
@@ -199,7 +213,11 @@ def mergekit_config(method: BenchMethod, models: list[Path], path: Path) -> None
     lines = [f"merge_method: {method.mergekit_method}", f"base_model: {models[0]}", "dtype: bfloat16", "models:"]
     for model in models[1:]:
         lines.append(f"  - model: {model}")
-        lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in method.parameters.items()) + "}")
+        if method.parameters:
+            lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in method.parameters.items()) + "}")
+    if method.single:
+        lines.insert(4, f"  - model: {models[0]}")
+        lines.append("parameters: {t: 0.5}")
     if not method.on_base:
         lines[1:2] = []
         lines.append(f"  - model: {models[0]}\n    parameters: {{weight: 1.0}}")
@@ -253,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         measure("linear", "torch floor 1 thread", floor, {"OMP_NUM_THREADS": "1"})
     for label in args.methods:
         method = METHODS[label]
-        inputs = (["--base_model", str(models[0]), "--models", *map(str, models[1:])] if method.on_base
+        variants = models[1:2] if method.single else models[1:]
+        inputs = (["--base_model", str(models[0]), "--models", *map(str, variants)] if method.on_base
                   else ["--models", *map(str, models)])
         ours = [sys.executable, str(ROOT / "merge_models.py"), *inputs, *method.arguments, "--no_progress"]
         measure(label, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
         if args.mergekit and method.mergekit_method:
             config = work / f"{label}.yml"
-            mergekit_config(method, models, config)
+            mergekit_config(method, models[:2] if method.single else models, config)
             measure(label, "mergekit", lambda out, config=config: [
                 args.mergekit, str(config), str(out), "--random-seed", "0", "--no-write-model-card",
                 "--no-copy-tokenizer"])

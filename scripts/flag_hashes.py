@@ -107,8 +107,11 @@ def run_settings(settings: dict, work: Path, threads: int) -> dict[str, str]:
                 ["--models", *map(str, models)]
             if flags[1] in ("dare", "slerp"):   # single-model methods
                 inputs = ["--base_model", str(base), "--models", str(models[0])]
-            code = merge_models.main([*inputs, *flags, "--output_dir", str(out), "--no_progress", "--seed", "3",
-                                      "--threads", str(threads), "--max_shard_size_gb", "0.01"])
+            try:
+                code = merge_models.main([*inputs, *flags, "--output_dir", str(out), "--no_progress", "--seed", "3",
+                                          "--threads", str(threads), "--max_shard_size_gb", "0.01"])
+            except SystemExit as refused:          # a setting the flags refuse (argparse's exit 2)
+                code = refused.code
             results[f"{dtype_name} | {label}"] = shard_hashes(out) if code == 0 else f"exit {code}"
             print(f"{dtype_name} | {label}: {results[f'{dtype_name} | {label}'][:40]}…", flush=True)
     return results

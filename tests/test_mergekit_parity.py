@@ -300,7 +300,7 @@ def test_recipes_run_every_method_with_mergekits_wiring(cwd):
 
 
 def test_ram_and_ramplus_tl_stream_in_pieces_with_the_same_bits(cwd, monkeypatch):
-    import utils.recipes.run as recipe_run
+    import utils.engine.streaming as recipe_run   # the one executor
 
     models = [("models/chat", ""), ("models/code", "")]
     recipes = {m: _recipe(cwd, m, m, models, extra="parameters: {epsilon: 0.005}\n") for m in ("ram", "ramplus_tl")}
@@ -349,3 +349,21 @@ def test_non_finite_merge_exits_2_naming_method_and_tensor(cwd, capsys):
     err = capsys.readouterr().err
     assert "ram: the merged tensor is not finite (NaN/Inf)" in err and NAME in err, err
     assert not (cwd / "out-nan").exists()
+
+
+def test_flags_take_mergekits_parameters(cwd, capsys):
+    """merge_models.py --method <name> --parameter KEY=VALUE: the same merge as the recipe's parameters."""
+    import merge_models
+
+    inputs = {n: _weights(f"models/{n}")[NAME] for n in ("base", "chat", "code")}
+    b, x, y = inputs["base"], inputs["chat"], inputs["code"]
+    common = ["--base_model", "models/base", "--models", "models/chat", "models/code", "--no_progress"]
+    assert merge_models.main(["--method", "nuslerp", "--weights", "0.2", "0.8", "--parameter", "nuslerp_flatten=false",
+                              "--output_dir", "flag-nuslerp", *common]) == 0
+    assert torch.equal(_weights("flag-nuslerp")[NAME], ms.nuslerp_tensor([x, y], [0.2, 0.8], base=b, flatten=False))
+    assert merge_models.main(["--method", "ramplus_tl", "--parameter", "r=0.5", "--parameter", "epsilon=0.005",
+                              "--output_dir", "flag-ramplus", *common]) == 0
+    assert torch.equal(_weights("flag-ramplus")[NAME], mc.ramplus_tl_tensor(b, [x, y], r=0.5, epsilon=0.005))
+    assert merge_models.main(["--method", "ram", "--parameter", "bogus=1", "--output_dir", "flag-bad", *common]) == 2
+    assert "ram has no parameter 'bogus'" in capsys.readouterr().err
+    assert not (cwd / "flag-bad").exists()

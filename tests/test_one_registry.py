@@ -161,3 +161,52 @@ def test_unknown_parameter_flag_names_the_method_parameters(families, tmp_path, 
                               "ties", "--parameter", "gama=0.1", "--output_dir", str(tmp_path / "o")])
     assert code == 2
     assert "has no parameter 'gama'" in capsys.readouterr().err
+
+
+def test_mergekit_named_flags_rerun_from_manifest_and_exclude(families, tmp_path, monkeypatch):
+    """mergekit's names as flags run on the one executor with every flag feature: --from_manifest (same
+    bytes), --exclude_param_names_regex (copied from the base), streamed pieces (same bits as whole)."""
+    import json
+
+    import model_merging_methods.recipe_methods as recipe_methods
+    import utils.engine.streaming as executor
+
+    monkeypatch.setattr(recipe_methods, "CHUNK", 100)   # slerp's reduction chunks: whole 100-element pieces
+    folders = families["bfloat16"]
+    args = ["--base_model", str(folders["base"]), "--models", str(folders["ft0"]), str(folders["ft1"]),
+            "--method", "dare_ties", "--density", "0.4", "--weights", "0.6", "0.5", "--parameter", "lambda=0.9",
+            "--seed", "7", "--exclude_param_names_regex", ".*norm.*", "--no_progress"]
+    assert merge_models.main(args + ["--output_dir", str(tmp_path / "first")]) == 0
+    manifest = json.loads((tmp_path / "first" / "merge_manifest.json").read_text())
+    assert manifest["method"]["semantics"] == "mergekit 0.1.5" and manifest["seed"] == 7
+    assert manifest["resolved_parameters"]["global"]["lambda"] == 0.9
+    assert merge_models.main(["--from_manifest", str(tmp_path / "first" / "merge_manifest.json"), "--output_dir",
+                              str(tmp_path / "again"), "--no_progress"]) == 0
+    first, again, base = _weights(tmp_path / "first"), _weights(tmp_path / "again"), _weights(folders["base"])
+    _assert_identical(first, again)
+    assert all(torch.equal(first[n], base[n]) for n in first if "norm" in n)
+    assert not all(torch.equal(first[n], base[n]) for n in first)
+    for method, extra in (("dare_ties", ["--density", "0.4"]), ("ties", ["--density", "0.3"]),
+                          ("breadcrumbs_ties", ["--density", "0.5"]), ("slerp", ["--slerp_t", "0.3"])):
+        models = [str(folders["ft0"])] if method == "slerp" else [str(folders["ft0"]), str(folders["ft1"])]
+        common = ["--base_model", str(folders["base"]), "--models", *models, "--method", method, *extra,
+                  "--seed", "2", "--no_progress"]
+        monkeypatch.setattr(executor, "PIECE", 1 << 30)
+        assert merge_models.main(common + ["--output_dir", str(tmp_path / f"whole-{method}")]) == 0
+        monkeypatch.setattr(executor, "PIECE", 100)   # every projection streams (statistics passes first)
+        assert merge_models.main(common + ["--output_dir", str(tmp_path / f"pieces-{method}"), "--threads",
+                                           "3"]) == 0
+        _assert_identical(_weights(tmp_path / f"whole-{method}"), _weights(tmp_path / f"pieces-{method}"))
+
+
+def test_library_merge_state_dicts_gives_the_flags_tensors_for_mergekit_names(families, tmp_path):
+    """merge_state_dicts("ties", ..., parameters=...) is mergekit's TIES too (one meaning in every interface)."""
+    from model_merging_methods import merge_state_dicts
+
+    folders = families["bfloat16"]
+    assert merge_models.main(["--base_model", str(folders["base"]), "--models", str(folders["ft0"]),
+                              str(folders["ft1"]), "--method", "ties", "--density", "0.5", "--weights", "0.7", "0.4",
+                              "--output_dir", str(tmp_path / "flags"), "--no_progress"]) == 0
+    states = [_weights(folders[k]) for k in ("base", "ft0", "ft1")]
+    merged = merge_state_dicts("ties", states[0], states[1:], parameters={"weight": [0.7, 0.4], "density": 0.5})
+    _assert_identical(_weights(tmp_path / "flags"), merged)

@@ -320,7 +320,7 @@ def test_example_recipes_parse_with_the_schema():
 
 def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, monkeypatch):
     import model_merging_methods.recipe_methods as recipe_methods
-    import utils.recipes.run as recipe_run
+    import utils.engine.streaming as executor
 
     # slerp reduces its norms and dot over 2^20-element chunks (mergekit's); here 100, so that the
     # 100-element pieces below are whole chunks, as 2^20-element pieces are in real runs
@@ -331,7 +331,7 @@ def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
                    "  - model: models/code\n    parameters: {weight: 0.5}\nmerge_method: task_arithmetic\n"
                    "base_model: models/base\ndtype: bfloat16\n")
     assert run(["--config", recipe, "--output_dir", "whole-ta"])[0] == 0
-    monkeypatch.setattr(recipe_run, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
+    monkeypatch.setattr(executor, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
     for name in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml", "ta.yml"):
         source = str(RECIPES / name) if name != "ta.yml" else recipe
         assert run(["--config", source, "--output_dir", f"pieces-{name}"])[0] == 0
@@ -358,8 +358,9 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     really were used (the run reads pieces and the statistics passes ran)."""
     import threading
 
-    import utils.recipes.run as recipe_run
-    import utils.recipes.statistics as statistics
+    import utils.engine.statistics as statistics
+    import utils.engine.streaming as executor
+    import utils.recipes.job as recipe_job
 
     models = ("  - model: models/base\n  - model: models/chat\n    parameters: {weight: 0.6, density: 0.4}\n"
               "  - model: models/code\n    parameters: {weight: 0.5, density: 0.7}\n")
@@ -369,11 +370,11 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
         assert run(["--config", recipe, "--output_dir", f"whole-{label}"])[0] == 0
     prepared, permuted_in = [], []
     original = statistics.prepare
-    monkeypatch.setattr(recipe_run, "prepare", lambda *a, **k: prepared.append(a[0].name) or original(*a, **k))
-    permute = recipe_run.permute_rows
-    monkeypatch.setattr(recipe_run, "permute_rows",
+    monkeypatch.setattr(executor, "prepare", lambda *a, **k: prepared.append(a[0].name) or original(*a, **k))
+    permute = recipe_job.permute_rows
+    monkeypatch.setattr(recipe_job, "permute_rows",
                         lambda *a: permuted_in.append(threading.current_thread().name) or permute(*a))
-    monkeypatch.setattr(recipe_run, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
+    monkeypatch.setattr(executor, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
     for label, recipe in recipes.items():
         assert run(["--config", recipe, "--output_dir", f"pieces-{label}", "--threads", "3"])[0] == 0
         whole, pieces = weights(f"whole-{label}"), weights(f"pieces-{label}")

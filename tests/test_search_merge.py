@@ -215,3 +215,48 @@ def test_bad_input_exits_2_with_one_line(family, tmp_path, capsys):
     assert status_and_line([])[0] == 0
     status, err = status_and_line(["--resume"], ties_template(family).replace("[0.2, 1.5]", "[0.3, 1.5]"))
     assert status == 2 and len(err) == 1 and "comes from another template" in err[0]
+
+
+def test_decoder_search_judged_by_lm_eval_in_memory(tmp_path):
+    """A resident tiny Llama merged in memory and judged by lm-eval (answer NLL on GSM8K train, report on test):
+    each trial's fitness is −NLL, and the best trial's report equals lm-eval on that merge written to disk."""
+    import shutil
+
+    from llm_helpers import save_tiny_llama, write_data_dir
+    from utils.lm_eval import LmEvalOptions, evaluate_folder
+
+    base = save_tiny_llama(tmp_path / "base", seed=0)
+    models = {name: save_tiny_llama(tmp_path / name, seed=seed, base=base, scale=0.05) for name, seed in (("a", 1), ("b", 2))}
+    data = write_data_dir(tmp_path / "data")
+    shutil.copy(data / "gsm8k_test.jsonl", data / "gsm8k_train.jsonl")
+    template = write(tmp_path / "t.yml", f"""merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {base}
+  - model: {models['a']}
+    parameters: {{weight: {{free: {{name: lambda, range: [0.0, 1.0]}}}}}}
+  - model: {models['b']}
+    parameters: {{weight: {{free: {{name: lambda, range: [0.0, 1.0]}}}}}}
+dtype: float32
+""")
+    out = tmp_path / "search"
+    assert search_merge.main(["--template", str(template), "--output_dir", str(out), "--evaluator", "lm_eval",
+                              "--model", str(base), "--lm_eval_tasks", "gsm8k_train_answer_nll",
+                              "--lm_eval_report_tasks", "gsm8k_answer_nll", "--limit", "2", "--data_dir", str(data),
+                              "--fitness", "gsm8k_train_answer_nll:answer_nll,none=-1", "--sampler", "grid",
+                              "--grid_points", "2", "--budget", "2"]) == 0
+    trials = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][1:]
+    assert [t["values"]["lambda"] for t in trials] == [0.0, 1.0]
+    for trial in trials:
+        assert trial["fitness"] == -trial["metrics"]["gsm8k_train_answer_nll"]["answer_nll,none"]
+    assert trials[0]["fitness"] != trials[1]["fitness"]
+    result = json.loads((out / "search_result.json").read_text())
+    best = max(trials, key=lambda t: t["fitness"])
+    assert merge_models.main(["--config", str(out / "best_recipe.yml"), "--output_dir", str(tmp_path / "merged"),
+                              "--no_progress"]) == 0
+    shutil.copy(base / "tokenizer.json", tmp_path / "merged/tokenizer.json")
+    shutil.copy(base / "tokenizer_config.json", tmp_path / "merged/tokenizer_config.json")
+    on_disk = evaluate_folder(tmp_path / "merged", LmEvalOptions(tasks=("gsm8k_answer_nll",), limit=2, data_dir=str(data)))
+    assert result["best"]["values"] == best["values"]
+    assert result["best"]["report_metrics"]["gsm8k_answer_nll"]["answer_nll,none"] == \
+        on_disk["results"]["gsm8k_answer_nll"]["answer_nll,none"]

@@ -226,8 +226,8 @@ def write_folder_atomic(target: str | os.PathLike, write, *, overwrite: bool, in
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     existed = target.exists()
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        staging.mkdir()      # inside the try: a SIGTERM right after it still removes the folder
         write(staging)
         check_output_folder(target, inputs, overwrite=True, role=role)   # again: hub inputs, a file that appeared
         try:

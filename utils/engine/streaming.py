@@ -1,8 +1,15 @@
-"""Streaming merge engine: read each tensor from every checkpoint, merge it, write it, forget it.
+"""The one streaming merge executor, and merge_models.py's flag front-end to it.
 
-Peak memory is a few tensors (one per input plus temporaries), not the model size. Output goes to a
-staging folder beside the target that is published (utils/records.py) only when everything is written.
-The job's options are validated and resolved once, at entry (resolve_job); the rest takes resolved values.
+Every merge — method flags, a recipe (utils/recipes/job.py), --from_manifest — becomes one plan: a list of
+PlannedGroup (utils/engine/plan.py: output tensor → its sources, base, resolved parameters, dtypes), run by
+execute_plan: each output tensor is read from its inputs, merged (whole, or in flat pieces after streamed
+whole-tensor statistics where the method needs them) and written straight into pre-laid-out shards
+(writer.py), so peak memory is a few pieces per worker, not the model size. Output goes to a staging folder
+beside the target that is published (utils/records.py) only when everything is written.
+
+The flag front-end (run_stream_merge) validates and resolves a job's options once (resolve_job), plans one
+group per tensor of the reference checkpoint (flag_groups: same names in every input, `--exclude` copies,
+`pad_mean` rows), runs the executor and writes the manifest (inputs' sha256, a rerun record).
 """
 from __future__ import annotations
 
@@ -26,9 +33,12 @@ import torch
 
 from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, RadixSelect,
                                    ResolvedDare, check_method_inputs, dare_one_model, get_method, is_excluded,
-                                   merge_resolved, norm_adaptive_weights, resolve_dare, select_streamed, trim_rank,
-                                   trim_threshold)
+                                   norm_adaptive_weights, resolve_dare, select_streamed, trim_rank)
+from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.norm_adaptive import squared_norm
+from model_merging_methods.options import per_model
+from model_merging_methods.randomness import RandomSlot
+from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
 from utils.cli import resolve_device
 from utils.records import (OutputExistsError, OutputRefusedError, check_output_folder, library_versions,
                            project_provenance, write_folder_atomic)
@@ -36,8 +46,10 @@ from utils.records import (OutputExistsError, OutputRefusedError, check_output_f
 from .accounting import DropRule, UnaccountedTensors, account, same_name_outputs
 from .allocator import tune_allocator
 from .choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
+from .plan import PlannedGroup
 from .reader import (WEIGHT_SUFFIXES, CheckpointReader, file_sha256, known_sha256, open_checkpoint,
                      remember_sha256, resolve_checkpoint)
+from .statistics import Prepared, map_in_order, prepare
 from .writer import PlannedTensor, ShardedSafetensorsWriter
 
 PIECE = SEGMENT  # elements per streamed piece of a large tensor (4 MiB in float32: temporaries stay in cache)
@@ -78,20 +90,24 @@ class StreamMergeJob:
     # role ("base", "model 0", ...) → weight file name → sha256 the inputs must still have (--from_manifest)
     expected_sha256: dict[str, dict[str, str]] | None = None
     norms_from: str | None = None     # norm_adaptive: analysis.json (or its folder) holding the norms
+    parameters: list[str] = field(default_factory=list)   # mergekit-named methods: KEY=VALUE parameters
+    tie_order: str = "index"          # mergekit's rank cuts (ties, breadcrumbs*): which ties are kept
     merge_part: str = "all"           # "language": a multimodal model's other modules copied from the reference
 
 
 @dataclass(frozen=True)
 class ResolvedJob:
-    """What resolve_job makes of a StreamMergeJob, once: the method, its options after DARE resolution
-    (dare_* methods: density 1), one ResolvedDare per model (None: no DARE), the device, the worker
-    threads (clamped to the CPUs) and the warnings to report (no-op settings, clamped values)."""
+    """What resolve_job makes of a StreamMergeJob, once: the method, its options, one ResolvedDare per model
+    (None: no DARE), the device, the worker threads (clamped to the CPUs), the warnings to report (no-op
+    settings, clamped values) and, for mergekit's methods, their resolved parameters."""
     method: MergeMethod
     options: MergeOptions
     dare: tuple[ResolvedDare, ...] | None
     device: torch.device
     threads: int = 1
     warnings: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)          # mergekit-named methods: resolved global parameters
+    per_input: dict = field(default_factory=dict)       # and per input label ("base", "model 0", ...)
 
 
 def available_cpus() -> int:
@@ -140,19 +156,36 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     job = _language_only(job, inputs)
     plan, row_targets = _plan(inputs, job)
     fates = tensor_fates(inputs, plan, job)
+    layers, depth = _flag_layers(inputs) if resolved.method.layer_aware else ({}, 1)
+    groups = flag_groups(inputs, job, resolved, plan, row_targets, layers)
+    plan = [PlannedTensor(group.name, group.dtype, group.shape) for group in groups]
+    rows = (lambda group, tensors: {ref: pad_rows_with_mean(t, row_targets[group.name]) for ref, t in tensors.items()}) \
+        if row_targets else None
     norms_record = None
     if resolved.method.global_norms:
-        resolved, norms_record = _resolve_norms(job, resolved, inputs, plan, row_targets)
+        resolved, norms_record = _resolve_norms(job, resolved, inputs, groups, rows)
+        for group in groups:
+            group.options = resolved.options
+    readers = dict(zip(inputs.labels, inputs.readers))
+    execution = Execution(resolved.method, job.seed, resolved.device, resolved.threads, job.tie_order,
+                          job.max_shard_size, job.progress, job.method, depth)
     manifest: dict = {}
 
     def write(staging: Path) -> None:
-        reports: list[dict[str, float]] = [{} for _ in job.models]
-        files, hashes = _hash_inputs(inputs, lambda: _merge_tensors(inputs, job, resolved, plan, row_targets,
-                                                                     staging, reports))
+        reports: dict[str, dict[str, float]] = {}
+
+        def merge() -> list[str]:
+            files, kept = execute_plan(groups, readers, {label: i for i, label in enumerate(inputs.labels)},
+                                       execution, staging, rows)
+            reports.update(kept)
+            return files
+
+        files, hashes = _hash_inputs(inputs, merge)
         _check_expected_hashes(job, inputs, hashes)
         donor_files = _copy_model_files(inputs, job, plan, row_targets, staging)
-        manifest.update(_manifest(job, resolved, inputs, hashes, plan, files, donor_files, reports,
-                                  time.time() - started))
+        model_labels = inputs.labels[int(inputs.has_base):]
+        manifest.update(_manifest(job, resolved, inputs, hashes, plan, files, donor_files,
+                                  [reports.get(label, {}) for label in model_labels], time.time() - started))
         manifest["tensor_fates"] = fates
         if norms_record is not None:
             manifest["norm_adaptive"] = norms_record
@@ -164,6 +197,111 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     except (OutputExistsError, OutputRefusedError) as error:  # the output appeared while this run was writing
         raise MergeError(str(error)) from error
     return manifest
+
+
+def flag_groups(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan: list[PlannedTensor],
+                row_targets: dict[str, int], layers: dict[str, int] | None = None) -> list[PlannedGroup]:
+    """The flags' plan: one group per tensor of the reference, from the same name in every input; excluded
+    tensors (--exclude_param_names_regex) are copied from the reference; vocabulary tensors of different
+    row counts are padded (pad_mean) before the merge."""
+    method = resolved.method
+    labels = inputs.labels
+    base = "base" if inputs.has_base and method.base != "ignored" else None
+    groups = []
+    for planned in plan:
+        name = planned.name
+        dtypes = [reader.info(name)[0] for reader in inputs.readers]
+        compute = dtypes[0]
+        for dtype in dtypes[1:]:
+            compute = torch.promote_types(compute, dtype) if compute.is_floating_point and dtype.is_floating_point \
+                else compute
+        vocab = name in row_targets
+        if is_excluded(name, job.exclude_regex):
+            groups.append(PlannedGroup(name, {labels[0]: name}, None, {}, {}, planned.shape, planned.dtype, dtypes[0],
+                                       vocab=vocab, passthrough=True))
+            continue
+        paper = method.kind == "state_dict"
+        dtype = planned.dtype
+        if method.float32_result and job.dtype is None and compute.is_floating_point:
+            dtype = torch.promote_types(compute, torch.float32)   # mergekit saves its float32 result
+        groups.append(PlannedGroup(name, {label: name for label in labels}, base, resolved.params, resolved.per_input,
+                                   planned.shape, dtype, compute, vocab=vocab,
+                                   dare=(job.dare or DareOptions()) if paper and resolved.dare is not None else None,
+                                   options=resolved.options if paper else None, layer=(layers or {}).get(name)))
+    return groups
+
+
+def _flag_layers(inputs: Inputs) -> tuple[dict[str, int], int]:
+    """Layer-aware methods (LiNeS): each tensor's block index and the depth, from the reference's layout
+    (utils/recipes/architecture.py, as a recipe's planner finds them)."""
+    from utils.recipes.architecture import infer_layout
+    from utils.recipes.schema import RecipeError
+
+    reference = inputs.reference
+    try:
+        layout = infer_layout(reference.folder, reference.names(), inputs.labels[0])
+    except RecipeError as error:
+        raise MergeError(f"a layer-aware method needs the layer layout: {error}") from None
+    prefix = layout.prefix + "."
+    layers = {name: int(name[len(prefix):].split(".", 1)[0]) for name in reference.names()
+              if name.startswith(prefix) and name[len(prefix):].split(".", 1)[0].isdigit()}
+    return layers, layout.num_layers
+
+
+def flag_parameters(method: MergeMethod, job: StreamMergeJob) -> tuple[dict, dict]:
+    """A mergekit-named method's parameters from the flags: FLAG_PARAMETERS maps --weights, --density,
+    --scaling_coefficient and --slerp_t onto the method's parameters (per model or global), --parameter
+    KEY=VALUE sets any other; values are validated by the parameter's declaration, required ones checked.
+    Returns (global values, per input label values); labels as the engine's ("base", "model 0", ...)."""
+    labels = (["base"] if job.base_model else []) + [f"model {i}" for i in range(len(job.models))]
+    base = "base" if job.base_model and method.base != "ignored" else None
+    values: dict = {}
+    for flag, (name, _) in FLAG_PARAMETERS.items():
+        value = getattr(job.options, flag)
+        if flag == "slerp_t" and method.name != "slerp":
+            continue                              # --slerp_t is slerp's t (nearswap's t: --parameter t=...)
+        if flag == "scaling_coefficient":
+            name = method.scale_parameter or name   # a frontier method's overall scale
+        if value is not None and method.parameter(name) is not None:
+            values[name] = value
+    for item in job.parameters:
+        key, sep, text = item.partition("=")
+        if not sep or method.parameter(key) is None:
+            known = ", ".join(p.name for p in method.parameters) or "none"
+            raise MergeError(f"--parameter {item!r}: {method.name} has no parameter {key!r} (its parameters: {known})")
+        import yaml
+
+        values[key] = yaml.safe_load(text)
+    params, per_input = {}, {label: {} for label in labels}
+    for parameter in method.parameters:
+        given = values.get(parameter.name)
+        if given is None and parameter.name == "weight":
+            given = 1.0                           # mergekit requires weights: flags default to 1 each
+        if parameter.scope == "global":
+            params[parameter.name] = _flag_value(method, parameter, given)
+            continue
+        scoped = [label for label in labels if parameter.scope == "input" or label != base]
+        given = per_model(given, len(scoped), f"--{_flag_of(parameter.name)}") \
+            if isinstance(given, (list, tuple)) else [given] * len(scoped)
+        for label, value in zip(scoped, given):
+            per_input[label][parameter.name] = _flag_value(method, parameter, value)
+    return params, per_input
+
+
+# flag (MergeOptions field) → (parameter of a mergekit-named method, per model?)
+FLAG_PARAMETERS = {"weights": ("weight", True), "density": ("density", True),
+                   "scaling_coefficient": ("lambda", False), "slerp_t": ("t", False)}
+
+
+def _flag_value(method: MergeMethod, parameter, value):
+    """A flag's value for one parameter: validated by its declaration; the default where not given."""
+    if value is None and parameter.required:
+        raise MergeError(f"{method.name} needs the parameter {parameter.name!r} (--parameter {parameter.name}=VALUE)")
+    return parameter.default if value is None else parameter.validate(value, f"--method {method.name}")
+
+
+def _flag_of(parameter: str) -> str:
+    return next((flag for flag, (name, _) in FLAG_PARAMETERS.items() if name == parameter), "parameter")
 
 
 def _hash_inputs(inputs: Inputs, merge: Callable[[], list[str]]) -> tuple[list[str], list[list[str]]]:
@@ -207,6 +345,15 @@ def _check_expected_hashes(job: StreamMergeJob, inputs: Inputs, hashes: list[lis
 def resolve_job(job: StreamMergeJob) -> ResolvedJob:
     """Validate the job once (a MergeError names the bad value) and resolve its method, options and DARE."""
     method = get_method(job.method)
+    if method.kind == "group" and (_paper_dare_given(job.dare) or job.options.ties_normalize != "count"
+                                   or job.options.norms is not None or job.norms_from is not None):
+        raise MergeError(f"the paper's options (DARE, ties_normalize, norms) apply to the paper's methods "
+                         f"(average_merging, task_arithmetic, ties_merging, norm_adaptive, dare); {job.method} is "
+                         f"mergekit's")
+    if method.kind != "group" and (job.parameters or job.tie_order != "index"):
+        raise MergeError(f"--parameter and --tie_order are for mergekit-named methods, not {job.method}")
+    if job.tie_order not in ("index", "argsort"):
+        raise MergeError(f"unknown tie order {job.tie_order!r}; valid: index, argsort")
     job.options.validate()
     if method.needs_whole_model(job.options):
         raise MergeError(f"{job.method} needs the whole model in memory (global statistics); "
@@ -248,6 +395,18 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
         device = resolve_device(job.device)
     except ValueError as error:
         raise MergeError(str(error)) from error
+    if method.kind == "group":
+        count = len(job.models) + (job.base_model is not None and method.base == "ignored")
+        if method.needs_base and job.base_model is None:
+            raise MergeError(f"{method.name} needs a base (pretrained) model")
+        if count < method.min_models or (method.max_models and count > method.max_models):
+            need = (f"exactly {method.min_models}" if method.min_models == method.max_models else
+                    f"at most {method.max_models}" if method.max_models and count > method.max_models
+                    else f"at least {method.min_models}")
+            raise MergeError(f"{method.name} takes {need} input models{' besides the base' if method.needs_base else ''}"
+                             f"; got {count}")
+        params, per_input = flag_parameters(method, job)
+        return ResolvedJob(method, job.options, None, device, threads, tuple(warnings), params, per_input)
     dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
     check_method_inputs(method, job.base_model is not None, len(job.models), None, dare, job.options)
     noop = method.noop(options, dare, len(job.models))
@@ -256,6 +415,11 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
     if noop is not None:
         warnings.append(f"{method.name}: {noop.message}")
     return ResolvedJob(method, options, dare, device, threads, tuple(warnings))
+
+
+def _paper_dare_given(dare: DareOptions | None) -> bool:
+    """Any DARE setting other than the defaults (no drop)."""
+    return dare is not None and dare != DareOptions() and dare.drop_rate not in (0, 0.0, [0.0], (0.0,))
 
 
 def _local_inputs(job: StreamMergeJob) -> dict[str, str]:
@@ -275,11 +439,11 @@ def _check_output_is_not_an_input(job: StreamMergeJob, inputs: dict[str, str | o
         raise MergeError(str(error)) from None
 
 
-def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, plan: list[PlannedTensor],
-                   row_targets: dict[str, int]) -> tuple[ResolvedJob, dict]:
+def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, groups: list[PlannedGroup],
+                   rows: Rows | None) -> tuple[ResolvedJob, dict]:
     """norm_adaptive's global norms ‖θ_k − θ_pre‖₂ over the merged tensors (before DARE): as given, read
     from an analysis.json (matched to the inputs, utils/analysis/norms.py), or computed here in a first
-    streaming pass. Returns the job with options.norms set, and the manifest's record of them."""
+    streaming pass (global_norms). Returns the job with options.norms set, and the manifest's record."""
     options = resolved.options
     if job.norms_from is not None:
         from utils.analysis import AnalysisError, norms_from_analysis
@@ -292,35 +456,22 @@ def _resolve_norms(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, p
     elif options.norms is not None:
         norms, source = [float(n) for n in options.norms], "given"
     else:
-        names = [p.name for p in plan if inputs.reference.info(p.name)[0].is_floating_point
-                 and not is_excluded(p.name, job.exclude_regex)]
-        norms, source = _task_vector_norms(inputs, resolved, names, row_targets), "computed (first streaming pass)"
+        readers = dict(zip(inputs.labels, inputs.readers))
+        try:
+            norms = global_norms(groups, readers, resolved.device, rows)
+        except MergeError as error:
+            label = str(error).split("the task vector of ", 1)[-1].split(" ", 2)
+            index = inputs.labels.index(f"{label[0]} {label[1]}") if len(label) > 1 and \
+                f"{label[0]} {label[1]}" in inputs.labels else None
+            if index is None:
+                raise
+            raise MergeError(str(error).replace(f"{label[0]} {label[1]}", f"{inputs.labels[index]} "
+                                                                          f"({inputs.sources[index]})")) from None
+        source = "computed (first streaming pass)"
     weights = norm_adaptive_weights(norms, options.norm_mode, options.norm_alpha, options.norm_beta)
     record = {"norms": norms, "source": source, "mode": options.norm_mode, "alpha": options.norm_alpha,
               "beta": options.norm_beta, "weights": weights, "scaling_coefficient": options.scaling_coefficient}
     return replace(resolved, options=replace(options, norms=tuple(norms))), record
-
-
-def _task_vector_norms(inputs: Inputs, resolved: ResolvedJob, names: list[str],
-                       row_targets: dict[str, int]) -> list[float]:
-    """‖θ_k − θ_pre‖₂ per model, read piece by piece (rows padded as the merge pads them)."""
-    squares = [0.0] * (len(inputs.readers) - 1)
-    for name in names:
-        if name in row_targets:
-            pieces = [[pad_rows_with_mean(r.get(name), row_targets[name]) for r in inputs.readers]]
-        else:
-            numel = math.prod(inputs.reference.info(name)[1])
-            pieces = ([r.get(name, start, min(start + PIECE, numel)) for r in inputs.readers]
-                      for start in range(0, numel, PIECE))
-        for tensors in pieces:
-            base = tensors[0].to(resolved.device)
-            for index, tensor in enumerate(tensors[1:]):
-                square = squared_norm(tensor.to(resolved.device), base)
-                if not math.isfinite(square):
-                    raise MergeError(f"the task vector of {inputs.labels[index + 1]} ({inputs.sources[index + 1]}) "
-                                     f"is not finite (NaN/Inf) in tensor {name!r}")
-                squares[index] += square
-    return [math.sqrt(s) for s in squares]
 
 
 def _open_inputs(job: StreamMergeJob) -> Inputs:
@@ -416,78 +567,196 @@ def pad_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
 
 
-def _merge_tensors(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan: list[PlannedTensor],
-                   row_targets: dict[str, int], staging: Path, reports: list[dict[str, float]]) -> list[str]:
-    """Merge and write every planned tensor.
+# ----------------------------------------------------------------------------------------------
+# the executor: one plan (a list of PlannedGroup), whichever interface made it
 
-    Large tensors of elementwise merges go in flat pieces that `job.threads` worker threads merge
-    concurrently (each torch op single-threaded, the GIL released inside it), written in order.
-    Other tensors are merged whole in this thread, with no piece in flight.
-    """
-    writer = ShardedSafetensorsWriter(staging, plan, job.max_shard_size, inputs=inputs.readers)
-    iterator = plan
-    if job.progress:
+
+@dataclass(frozen=True)
+class Execution:
+    """How a plan runs: the method (one for the whole plan), the seed of every draw, the device, the worker
+    threads, the tie order of mergekit's rank cuts, the shard size and a progress bar label."""
+    method: MergeMethod
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    threads: int = 1
+    tie_order: str = "index"
+    max_shard_size: int = 5 * 2**30
+    progress: bool = False
+    label: str = ""
+    num_layers: int = 1          # the output's depth (layer-aware methods: LiNeS)
+
+
+Rows = Callable[[PlannedGroup, dict], dict]   # whole tensors of a vocabulary group → their rows in the output order
+
+
+def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, int], execution: Execution,
+                 staging: Path, rows: Rows | None = None,
+                 norms: list[float] | None = None) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Merge every planned group and write it, in plan order, into sharded safetensors files in `staging`;
+    returns the files written and, per model id, the paper DARE's kept fraction of every tensor.
+
+    `readers[id]` reads input `id` (get(name, start, stop), info(name)); `indices[id]` is its position among
+    the inputs (mergekit's draws use it). `execution.threads` workers each read and merge one group or one
+    flat piece of PIECE elements (torch ops single-threaded: on a busy machine intra-op threads cost more
+    than they gain); the results are written in order with at most 2·threads pieces (or `threads` whole
+    groups) in flight, so peak memory is a few pieces per worker for every method that streams:
+    - mergekit's methods stream as MergeMethod.piece_mode says, after the whole-tensor statistics passes
+      (statistics.prepare) where it is "statistics";
+    - the paper's methods stream when elementwise, after DARE whose draws depend on position only (random,
+      no L1 rescale); TIES's per-tensor trim thresholds are found first by streamed radix selection over the
+      same DARE'd deltas (paper_thresholds), so pieces give the bits of the whole tensor.
+    Vocabulary groups (`group.vocab` with `rows`) are re-rowed once (a recipe's tokenizer permutation, the
+    flags' pad_mean) and their permuted tensors then stream like any. `norms`: norm_adaptive's global norms
+    (global_norms), given to every group whose parameters do not carry them."""
+    method = execution.method
+    writer = ShardedSafetensorsWriter(staging, [PlannedTensor(g.name, g.dtype, g.shape) for g in groups],
+                                      execution.max_shard_size, inputs=list(readers.values()))
+    function = method.implementation()
+    progress = None
+    if execution.progress:
         from tqdm import tqdm
-        iterator = tqdm(plan, desc=f"merging ({job.method})", unit="tensor")
-    method, dare = resolved.method, resolved.dare
-    # Flat pieces need every output entry to depend only on the same entries of the inputs: magnitude DARE
-    # ranks the whole tensor and the l1 rescale multiplies by a whole-tensor norm ratio, so both go whole.
-    in_pieces = method.elementwise and (dare is None or all(d.strategy == "random" and not
-                                                            (d.rescale and d.rescale_mode == "l1") for d in dare))
-    densities = resolved.options.densities(len(job.models))
-    thresholds_needed = method.trim_thresholds and min(densities) < 1.0
+        progress = tqdm(total=len(groups), desc=f"merging ({execution.label or method.name})", unit="tensor")
+    permuted: dict[str, dict[str, torch.Tensor]] = {}   # vocabulary groups streamed: rows in the output order
+    reports: dict[str, dict[str, float]] = {}
     kept: dict[str, list[float]] = {}
-    pending: deque[Future] = deque()
 
-    def finish_oldest() -> None:
-        planned, start, stop, numel, merged, fractions = pending.popleft().result()
-        writer.write(planned.name, merged, part=True)
-        totals = kept.setdefault(planned.name, [0.0] * len(reports))
-        kept[planned.name] = [t + (f or 0.0) * (stop - start) for t, f in zip(totals, fractions)]
-        if stop == numel:
-            fractions = [t / numel if f is not None else None for t, f in zip(kept.pop(planned.name), fractions)]
-            _record(reports, planned.name, fractions)
+    def load(group: PlannedGroup, piece: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        if group.name in permuted:
+            return {ref: t.reshape(-1)[slice(*piece) if piece else slice(None)] for ref, t in permuted[group.name].items()}
+        span = piece or (None, None)
+        tensors = {ref: readers[ref].get(name, *span) for ref, name in group.sources.items()}
+        # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
+        tensors = {ref: t.to(device=execution.device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
+                   for ref, t in tensors.items()}
+        if group.vocab and rows is not None and piece is None:
+            tensors = rows(group, tensors)
+        return tensors
 
-    def merge_piece(planned, start, stop, numel, thresholds):
-        tensors = [reader.get(planned.name, start, stop) for reader in inputs.readers]
-        merged, fractions = _merge_one(inputs, job, resolved, planned, tensors, (start, numel), thresholds)
-        return planned, start, stop, numel, merged, fractions
+    def slots(group: PlannedGroup, piece: tuple[int, int] | None = None) -> dict[str, RandomSlot]:
+        """Each input's draws for the tensor, or for the piece's positions of it (the same numbers)."""
+        start, total = (piece[0], group.numel) if piece else (0, None)
+        return {ref: RandomSlot(execution.seed, indices[ref], group.name, start, total) for ref in group.sources} \
+            if method.randomized else {}
 
-    threads = resolved.threads
+    def merge(group: PlannedGroup, piece: tuple[int, int] | None, index: int = 0,
+              prepared: Prepared | None = None, thresholds: list | None = None):
+        try:
+            tensors = load(group, piece)
+            if method.kind == "state_dict" and not group.passthrough:
+                return _paper_merge(method, group, tensors, piece, execution.seed, norms, thresholds)
+            fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
+            call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece),
+                                   execution.tie_order, **fields, name=group.name, layer=group.layer,
+                                   num_layers=execution.num_layers)
+            merged = run_group(passthrough if group.passthrough else function, call)
+        except BaseException as error:
+            if prepared is not None:
+                prepared.abort()          # later pieces must not wait for this one's tie counts
+            if isinstance(error, MergeError) and "(while merging tensor" not in str(error):
+                raise type(error)(f"{error} (while merging tensor {group.name!r})") from None
+            raise
+        return (merged.to(group.dtype) if merged.is_floating_point() else merged), None
+
+    def pieces(group: PlannedGroup) -> tuple[list[tuple[int, int] | None], str]:
+        """Flat pieces for large tensors of merges that stream (read piece by piece), else the whole tensor;
+        and the piece mode ("elementwise", "statistics" or "whole")."""
+        if group.passthrough:
+            mode = "elementwise"
+        elif method.kind == "state_dict":
+            mode = _paper_piece_mode(method, group)
+        else:
+            mode = method.piece_mode(group.params, group.per_input, execution.tie_order)
+        if group.numel <= PIECE or mode == "whole":
+            return [None], "whole"
+        if group.vocab and rows is not None:
+            # an input's rows move to the output's order: re-row each input once, here, and stream pieces
+            # of the re-rowed tensors (no whole-tensor temporaries of the merge)
+            permuted[group.name] = load(group, None)
+        return [(start, min(start + PIECE, group.numel)) for start in range(0, group.numel, PIECE)], mode
+
+    pending: deque[tuple[PlannedGroup, tuple[int, int] | None, bool, Future]] = deque()
+
+    def write_oldest() -> None:
+        group, span, last, future = pending.popleft()
+        merged, fractions = future.result()
+        writer.write(group.name, merged, part=span is not None)
+        if fractions is not None:
+            size = (span[1] - span[0]) if span is not None else group.numel
+            totals = kept.setdefault(group.name, [0.0] * len(fractions))
+            kept[group.name] = [t + (f or 0.0) * size for t, f in zip(totals, fractions)]
+        if last:
+            permuted.pop(group.name, None)
+            totals = kept.pop(group.name, None)
+            if totals is not None:
+                for ref, total, fraction in zip(group.models, totals, fractions):
+                    if fraction is not None:
+                        reports.setdefault(ref, {})[group.name] = total / max(group.numel, 1)
+            if progress is not None:
+                progress.update()
+
+    threads = max(1, execution.threads)
+    limit = 2 * threads
     with ThreadPoolExecutor(threads) as pool:
-        for planned in iterator:
-            numel = planned.numel
-            if in_pieces and planned.name not in row_targets and numel > PIECE:
-                thresholds = None
-                if thresholds_needed and not is_excluded(planned.name, job.exclude_regex):
-                    thresholds = _trim_thresholds(inputs, job, resolved, planned.name, numel, densities, pool)
-                for start in range(0, numel, PIECE):
-                    pending.append(pool.submit(merge_piece, planned, start, min(start + PIECE, numel), numel,
-                                               thresholds))
-                    while len(pending) > 2 * threads:
-                        finish_oldest()
-                continue
-            while pending:
-                finish_oldest()
-            tensors = [reader.get(planned.name) for reader in inputs.readers]
-            if planned.name in row_targets:
-                tensors = [pad_rows_with_mean(t, row_targets[planned.name]) for t in tensors]
-            merged, fractions = _merge_one(inputs, job, resolved, planned, tensors, None)
-            writer.write(planned.name, merged)
-            _record(reports, planned.name, fractions)
+        for group in groups:
+            spans, mode = pieces(group)
+            prepared, thresholds = None, None
+            if mode == "statistics" and method.kind == "group":
+                prepared = prepare(method, group.base, group.per_input, group.params, slots(group),
+                                   lambda span, group=group: load(group, span), group.numel, group.compute_dtype,
+                                   PIECE, pool, limit)
+            elif mode == "statistics":
+                thresholds = paper_thresholds(group, lambda span, group=group: load(group, span), execution,
+                                              pool, limit)
+            for index, span in enumerate(spans):
+                pending.append((group, span, index == len(spans) - 1,
+                                pool.submit(merge, group, span, index, prepared, thresholds)))
+                while len(pending) >= (limit if span is not None else threads):
+                    write_oldest()
         while pending:
-            finish_oldest()
-    return writer.finish()
+            write_oldest()
+    if progress is not None:
+        progress.close()
+    return writer.finish(), reports
 
 
-def _record(reports: list[dict[str, float]], name: str, fractions: list[float | None]) -> None:
-    for report, fraction in zip(reports, fractions):
-        if fraction is not None:
-            report[name] = fraction
+def group_options(method: MergeMethod, group: PlannedGroup, norms: list[float] | None = None) -> MergeOptions:
+    """A paper method's MergeOptions for one group: as given (flags), else from its resolved parameters."""
+    options = group.options if group.options is not None else \
+        options_from_parameters(method, group.params, group.per_input, group.models)
+    if norms is not None and method.global_norms and options.norms is None:
+        options = replace(options, norms=tuple(norms))
+    return options
 
 
-def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, name: str, numel: int,
-                     densities: list[float], pool: ThreadPoolExecutor) -> list[dict[str, torch.Tensor]]:
+def _paper_piece_mode(method: MergeMethod, group: PlannedGroup) -> str:
+    """How a paper method's large tensor streams: "elementwise" (independent flat pieces: an elementwise
+    method after DARE whose draws depend on position only), "statistics" (the same, after the whole tensor's
+    TIES trim thresholds), or "whole" (magnitude DARE ranks and the l1 rescale needs the whole tensor)."""
+    dare = group.dare
+    if not method.elementwise or (dare is not None and (dare.strategy != "random" or
+                                                        (dare.rescale and dare.rescale_mode == "l1"))):
+        return "whole"
+    if method.trim_thresholds and min(group_options(method, group).densities(len(group.models))) < 1:
+        return "statistics"
+    return "elementwise"
+
+
+def _paper_merge(method: MergeMethod, group: PlannedGroup, tensors: dict[str, torch.Tensor],
+                 piece: tuple[int, int] | None, seed: int, norms: list[float] | None,
+                 thresholds: list | None) -> tuple[torch.Tensor, list[float | None]]:
+    """One tensor (or flat piece) of a paper method: MergeLM's float32 arithmetic after the paper's DARE;
+    returns it and each model's DARE kept fraction (None without DARE)."""
+    options = group_options(method, group, norms)
+    dare = group.dare.resolve(len(group.models)) if group.dare is not None else None
+    report: list[dict[str, float]] = [{} for _ in group.models]
+    merged = merge_tensor_group(method, group.name, tensors, group.base, options, dare, seed=seed,
+                                offset=(piece[0], group.numel) if piece else None, out_dtype=group.dtype,
+                                statistics=thresholds, report=report)
+    return merged, [r.get(group.name) for r in report]
+
+
+def paper_thresholds(group: PlannedGroup, load: Callable, execution: Execution, pool: ThreadPoolExecutor,
+                     in_flight: int) -> list[dict[str, torch.Tensor]]:
     """Per model, TIES's trim threshold of this whole tensor (ties.trim_threshold), from the same (DARE'd)
     delta that the merge computes piece by piece, so that merging flat pieces gives bit-identical results.
 
@@ -495,91 +764,55 @@ def _trim_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob,
     of every piece, and a second one only for the models whose k-th smallest |δ| is not the smallest
     value of its high-16-bit bin. The pieces are re-read and their deltas (DARE draws included: they
     depend only on the seed, model, tensor and position) recomputed per pass; the workers count pieces
-    in parallel, a few in flight at a time, so memory stays at a few pieces whatever the tensor size.
-    DARE with the l1 rescale (a factor of the whole tensor) keeps the whole-tensor computation."""
-    if resolved.dare is not None and any(d.rescale and d.rescale_mode == "l1" for d in resolved.dare):
-        return _whole_tensor_thresholds(inputs, job, resolved, name, densities)
-    ranks = [trim_rank(numel, d) for d in densities]
+    in parallel, a few in flight at a time, so memory stays at a few pieces whatever the tensor size."""
+    models, numel, name = group.models, group.numel, group.name
+    dare = group.dare.resolve(len(models)) if group.dare is not None else None
+    ranks = [trim_rank(numel, d) for d in group_options(execution.method, group).densities(len(models))]
     selections = {index: [RadixSelect(k, numel)] for index, k in enumerate(ranks) if k}
     spans = [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)]
 
-    def deltas(span: tuple[int, int], models: set) -> dict[int, torch.Tensor]:
-        base = inputs.readers[0].get(name, *span).to(resolved.device).float()
-        return {index: _piece_delta(inputs.readers[1 + index].get(name, *span), base, resolved, job.seed, index,
-                                    (span[0], numel), name) for index in sorted(models)}
+    def deltas(span: tuple[int, int], indices: set) -> dict[int, torch.Tensor]:
+        tensors = load(span)
+        base = tensors[group.base].float()
+        out = {}
+        for index in sorted(indices):
+            model = tensors[models[index]].float()
+            out[index] = model.sub_(base) if dare is None else dare_one_model(
+                {name: model}, {name: base}, dare[index], on_deltas=True, seed=execution.seed, model_index=index,
+                offsets={name: (span[0], numel)}).pop(name)
+        return out
 
-    select_streamed(selections, lambda work, reduce: map_in_order(pool, spans, work, reduce, 2 * resolved.threads),
-                    deltas)
+    select_streamed(selections, lambda work, reduce: map_in_order(pool, spans, work, reduce, in_flight), deltas)
     return [{name: torch.tensor(selections[index][0].value if index in selections else 0.0)}
             for index in range(len(ranks))]
 
 
-def map_in_order(pool: ThreadPoolExecutor, items: list, work: Callable, reduce: Callable, in_flight: int,
-                 on_error: Callable[[], None] | None = None) -> None:
-    """work(item) on the pool for every item, at most `in_flight` results waiting; reduce(result) in this
-    thread, in item order. `on_error` runs in the worker whose work raised (before the error propagates),
-    e.g. to release items that wait on it."""
-    pending: deque[Future] = deque()
-
-    def guarded(item):
-        try:
-            return work(item)
-        except BaseException:
-            if on_error is not None:
-                on_error()
-            raise
-
-    for item in items:
-        pending.append(pool.submit(guarded, item))
-        while len(pending) > in_flight:
-            reduce(pending.popleft().result())
-    while pending:
-        reduce(pending.popleft().result())
-
-
-def _piece_delta(piece: torch.Tensor, base: torch.Tensor, resolved: ResolvedJob, seed: int, index: int,
-                 offset: tuple[int, int], name: str) -> torch.Tensor:
-    """Model `index`'s float32 delta on one flat piece, DARE'd as merge_resolved does it on that piece."""
-    model = piece.to(resolved.device).float()
-    if resolved.dare is None:
-        return model.sub_(base)
-    return dare_one_model({name: model}, {name: base}, resolved.dare[index], on_deltas=True, seed=seed,
-                          model_index=index, offsets={name: offset}).pop(name)
-
-
-def _whole_tensor_thresholds(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, name: str,
-                             densities: list[float]) -> list[dict[str, torch.Tensor]]:
-    """The thresholds from whole-tensor deltas, one model's tensor in memory at a time."""
-    base = inputs.readers[0].get(name).to(resolved.device)   # kept in its own dtype: ops promote exactly
-    thresholds = []
-    for index, reader in enumerate(inputs.readers[1:]):
-        model = {name: reader.get(name).to(resolved.device).float()}
-        if resolved.dare is None:
-            delta = model.pop(name).sub_(base)
-        else:
-            delta = dare_one_model(model, {name: base}, resolved.dare[index], on_deltas=True, seed=job.seed,
-                                   model_index=index).pop(name)
-        thresholds.append({name: torch.tensor(trim_threshold(delta, densities[index]))})
-        del model, delta
-    return thresholds
-
-
-def _merge_one(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, planned: PlannedTensor,
-               tensors: list[torch.Tensor], piece: tuple[int, int] | None,
-               statistics: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[float | None]]:
-    """Merge one tensor (or one flat piece of it); returns it and each model's DARE kept fraction."""
-    name = planned.name
-    tensors = [t.to(resolved.device) for t in tensors]
-    base = {name: tensors[0]} if inputs.has_base else None
-    models = [{name: t} for t in (tensors[1:] if inputs.has_base else tensors)]
-    report = [{} for _ in models]
-    try:
-        merged = merge_resolved(resolved.method, base, models, resolved.options, resolved.dare, seed=job.seed,
-                                exclude_regex=job.exclude_regex, report=report, out_dtype=planned.dtype,
-                                offsets={name: piece} if piece else None, statistics=statistics)
-    except MergeError as error:
-        raise MergeError(f"{error} (while merging tensor {name!r})") from error
-    return merged[name], [r.get(name) for r in report]
+def global_norms(groups: list[PlannedGroup], readers: dict, device: torch.device, rows: Rows | None = None,
+                 order: Callable[[PlannedGroup], int] | None = None) -> list[float]:
+    """norm_adaptive's ‖θ_k − θ_pre‖₂ per model over every merged float group (before DARE): δ in float32,
+    the squares summed in float64 per piece of PIECE elements (whole tensors up to PIECE and re-rowed
+    vocabulary tensors), the pieces' sums added in `order` (default: plan order)."""
+    groups = [g for g in groups if not g.passthrough and g.base is not None and g.compute_dtype.is_floating_point]
+    if order is not None:
+        groups = sorted(groups, key=order)
+    squares: list[float] = []
+    for group in groups:
+        if not squares:
+            squares = [0.0] * len(group.models)
+        numel = group.numel
+        whole = numel <= PIECE or (group.vocab and rows is not None)
+        spans = [None] if whole else [(s, min(s + PIECE, numel)) for s in range(0, numel, PIECE)]
+        for span in spans:
+            tensors = {ref: readers[ref].get(name, *(span or (None, None))) for ref, name in group.sources.items()}
+            if group.vocab and rows is not None:
+                tensors = rows(group, tensors)
+            base = tensors[group.base].to(device)
+            for index, ref in enumerate(group.models):
+                square = squared_norm(tensors[ref].to(device), base)
+                if not math.isfinite(square):
+                    raise MergeError(f"the task vector of {ref} is not finite (NaN/Inf) in tensor {group.name!r}")
+                squares[index] += square
+    return [math.sqrt(s) for s in squares]
 
 
 def _copy_model_files(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTensor], row_targets: dict[str, int],
@@ -628,6 +861,18 @@ def _applicable_options(job: StreamMergeJob, resolved: ResolvedJob) -> dict:
     """The job's settings that can change the weights of this method, as given: everything a re-run needs
     (other settings keep their defaults there, which cannot matter)."""
     method = resolved.method
+    if method.kind == "group":      # mergekit's methods: the flags mapped onto their parameters
+        used = [flag for flag, (name, _) in FLAG_PARAMETERS.items()
+                if method.parameter(method.scale_parameter or name if flag == "scaling_coefficient" else name)
+                is not None and (flag != "slerp_t" or method.name == "slerp")]
+        record = {"options": {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in ((flag, getattr(job.options, flag)) for flag in used)},
+                  "parameters": list(job.parameters)}
+        if method.sparsification in ("magnitude", "outliers"):
+            record["tie_order"] = job.tie_order
+        if method.randomized:
+            record["seed"] = job.seed
+        return record
     options = {name: getattr(job.options, name) for name in method.options_used}
     record: dict = {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
     if resolved.dare is not None:
@@ -693,11 +938,11 @@ def _manifest(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, hashes
     method = resolved.method
     excluded = [p.name for p in plan if is_excluded(p.name, job.exclude_regex)]
     manifest = {
-        "tool": "merge_models (streaming engine)",
+        "tool": "merge_models (streaming executor)",
         "manifest_version": 2,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "project": project_provenance(),
-        "method": {"name": method.name, "requested": job.method, "paper": method.paper},
+        "method": {"name": method.name, "requested": job.method, "paper": method.paper, "semantics": method.semantics},
         **_applicable_options(job, resolved),
         "inputs": [{"role": label, "source": source, "path": str(reader.folder),
                     "files": [{"file": path.name, "bytes": path.stat().st_size, "sha256": digest}
@@ -708,6 +953,8 @@ def _manifest(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, hashes
                    "dtype": job.dtype or "the reference's", "exclude_regex": list(job.exclude_regex),
                    "vocab_alignment": job.vocab_alignment, "model_files": donor_files},
         "excluded_tensors": excluded,
+        **({"resolved_parameters": {"global": resolved.params, "per_input": resolved.per_input}}
+           if method.kind == "group" else {}),
         "warnings": list(resolved.warnings),
         "device": str(resolved.device),
         "versions": library_versions(),

@@ -8,7 +8,6 @@ when it is not listed).
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 
 from model_merging_methods.options import DareOptions, MergeError, MethodParameter
 from model_merging_methods.registry import MergeMethod, get_method
+
+from utils.engine.plan import PlannedGroup
 
 from .architecture import Layout, output_layers
 from .parameters import resolve
@@ -33,31 +34,6 @@ class InputModel:
     reader: Any                   # utils.engine CheckpointReader
     layout: Layout
     index: int                    # position in the recipe's referenced models (random draws use it)
-
-
-@dataclass
-class PlannedGroup:
-    name: str                                  # output tensor name
-    sources: dict[str, str]                    # input id → that input's tensor name (recipe order)
-    base: Optional[str]
-    params: dict[str, Any]
-    per_input: dict[str, dict[str, Any]]
-    shape: tuple[int, ...]
-    dtype: torch.dtype                         # output dtype
-    compute_dtype: torch.dtype
-    vocab: bool = False
-    passthrough: bool = False                  # an optional tensor only one input has: copied
-    dare: Optional[Any] = None                 # the paper's DARE before the method (DareOptions), None: none
-    layer: Optional[int] = None                # the output block index of a layer tensor (None: before / after the blocks)
-
-    @property
-    def models(self) -> list[str]:
-        """The inputs other than the base, in recipe order (the paper's model order: DARE's draws use it)."""
-        return [ref for ref in self.sources if ref != self.base]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass

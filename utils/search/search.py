@@ -348,18 +348,26 @@ def _finish(template: Template, pool: Pool, fitness, options: SearchOptions, his
               "best": {"trial": best["trial"], "values": best["values"], "fitness": best["fitness"],
                        "selection_split": options.select_split, "selection_metrics": best["metrics"],
                        "report_split": options.report_split, "report_metrics": report["metrics"],
-                       "report_fitness": fitness_value(fitness, report["metrics"])},
+                       "report_fitness": _report_fitness(fitness, report["metrics"])},
               "timing": timing, "versions": library_versions()}
+    reported = result["best"]["report_fitness"]
+    reported = f"{reported:.4f}" if reported is not None else "– (other tasks)"
     header = (f"# best of {len(trials)} trials ({options.sampler}) of {history.header['template']}: "
-              f"{options.select_split} fitness {best['fitness']:.4f}, {options.report_split} fitness "
-              f"{result['best']['report_fitness']:.4f}\n")
+              f"{options.select_split} fitness {best['fitness']:.4f}, {options.report_split} fitness {reported}\n")
     write_text_atomic(output_dir / "best_recipe.yml", template.yaml(best["values"], header))
     _figure(trials, output_dir / "history.png", f"{Path(history.header['template']).name} ({options.sampler})")
     write_json_atomic(output_dir / "search_result.json", result)
     log(f"best trial {best['trial']}: {options.select_split} fitness {best['fitness']:.4f}, "
-        f"{options.report_split} fitness {result['best']['report_fitness']:.4f}; "
+        f"{options.report_split} fitness {reported}; "
         f"{timing['trials_per_minute']:.2f} trials/min, merging {100 * timing['merge_share']:.1f}% of a trial")
     return result
+
+
+def _report_fitness(fitness, metrics: dict) -> Optional[float]:
+    """The fitness on the report split, when its tasks are the selection's (lm-eval may report other tasks)."""
+    if any(term.task not in metrics or term.metric not in metrics[term.task] for term in fitness):
+        return None
+    return fitness_value(fitness, metrics)
 
 
 def _figure(trials: list[dict], path: Path, title: str) -> None:

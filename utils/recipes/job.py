@@ -1,56 +1,42 @@
-"""Run a recipe file through the streaming engine: plan everything first, then read, merge and write one
-output tensor at a time; tensors above 2^20 elements go in flat pieces of that size, read piece by piece
-(after passes gathering the whole tensor's statistics where the method needs them: statistics.py), so
-peak memory is a few pieces per worker, whatever the tensor size.
-
-Reading (utils/engine/reader.py: positioned reads, no memory map), writing (utils/engine/writer.py: shard
-headers computed up front, each tensor written as soon as it is merged) and publishing
-(utils/records.write_folder_atomic: a staging folder renamed into place) are the engine's.
+"""Run a recipe file: validate every document, plan it (planner.py), run the plan through the one streaming
+executor (utils/engine/streaming.execute_plan: each output tensor read, merged and written, large tensors in
+flat pieces, so peak memory is a few pieces per worker whatever the tensor size), and write what a recipe's
+output holds besides the weights: config.json, the tokenizer (built or copied), the model card, the recipe
+and the manifest. Publishing is utils/records.write_folder_atomic (a staging folder renamed into place).
 Multi-document recipes run in dependency order; a document's output goes to `intermediate_dir/<name>`
 (reused when it was made from the same document text) and the last document's to `output_dir`.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from model_merging_methods import MergeError
-from model_merging_methods.merge import merge_tensor_group, options_from_parameters
-from model_merging_methods.norm_adaptive import squared_norm
-from model_merging_methods.randomness import RandomSlot
-from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
-from model_merging_methods.registry import MergeMethod, get_method
-from model_merging_methods.selection import PIECE as SELECTION_PIECE
+from model_merging_methods.registry import get_method
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
 from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, adapted_reader,
                                  resolve_checkpoint)
-from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
+from utils.engine.streaming import Execution, execute_plan, global_norms
+from utils.engine.writer import PlannedTensor
 from utils.records import (OutputRefusedError, check_no_overlap, check_output_folder, library_versions,
                            write_folder_atomic)
 
 from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
-from .planner import InputModel, Plan, PlannedGroup, output_config, plan_recipe, warn
+from .planner import InputModel, Plan, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
-from .statistics import Prepared, prepare
 from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
 
 NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
               "pytorch_model.bin.index.json"}
-PIECE = SELECTION_PIECE   # elements per streamed piece (4 MiB in float32: stays in cache, as the flag engine); the
-                          # L1 sums of recipe_methods.l1_norm use the same pieces, so streamed and whole sums agree
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                         "vocab.txt")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -225,155 +211,24 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
 
 def _merge(recipe: Recipe, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
            staging: Path, job: RecipeJob, device: torch.device) -> list[str]:
-    """Merge every planned group and write it in plan order.
-
-    `job.threads` workers each read and merge one group or one piece (torch ops single-threaded: on a busy
-    machine intra-op threads cost more than they gain, see utils/engine/streaming.py); the results are
-    written in order with at most 2·`threads` pieces (or `threads` whole groups) in flight. A group whose
-    method needs whole-tensor statistics (MergeMethod.piece_mode) gets them first, from passes over its
-    pieces on the same workers."""
+    """The recipe's plan through the one executor (utils/engine/streaming.execute_plan); a built vocabulary
+    re-rows the inputs' embedding and lm_head tensors first."""
     method = get_method(recipe.merge_method)
-    planned = [PlannedTensor(g.name, g.dtype, g.shape) for g in plan.groups]
-    writer = ShardedSafetensorsWriter(staging, planned, job.max_shard_size,
-                                      inputs=[model.reader for model in inputs.values()])
-    progress = None
-    if job.progress:
-        from tqdm import tqdm
-        progress = tqdm(total=len(plan.groups), desc=f"merging ({recipe.merge_method})", unit="tensor")
-
-    permuted: dict[str, dict[str, torch.Tensor]] = {}   # streamed vocabulary groups: rows in the output order
-    function = method.implementation()
-
-    def load(group: PlannedGroup, piece: Optional[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        if group.name in permuted:
-            return {ref: t.reshape(-1)[slice(*piece) if piece else slice(None)] for ref, t in permuted[group.name].items()}
-        span = piece or (None, None)
-        tensors = {ref: inputs[ref].reader.get(name, *span) for ref, name in group.sources.items()}
-        # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
-        return {ref: t.to(device=device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
-                for ref, t in tensors.items()}
-
-    def slots(group: PlannedGroup, piece: Optional[tuple[int, int]] = None) -> dict[str, RandomSlot]:
-        """Each input's draws for the tensor, or for the piece's positions of it (the same numbers)."""
-        start, total = (piece[0], group.numel) if piece else (0, None)
-        return {ref: RandomSlot(job.seed, inputs[ref].index, group.name, start, total) for ref in group.sources} \
-            if method.randomized else {}
-
-    def merge(group: PlannedGroup, piece: Optional[tuple[int, int]], index: int = 0,
-              prepared: Optional[Prepared] = None) -> torch.Tensor:
-        try:
-            tensors = load(group, piece)
-            if group.vocab and vocabulary is not None and group.name not in permuted:
-                tensors = permute_rows(vocabulary, tensors, group.base, group.name)
-            if method.kind == "state_dict" and not group.passthrough:
-                return _paper_merge(method, group, tensors, piece, job.seed, norms)
-            fields = prepared.call_fields(index, piece, group.numel) if prepared is not None else {}
-            call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots(group, piece), job.tie_order,
-                                   **fields, name=group.name, layer=group.layer, num_layers=plan.num_layers)
-            merged = run_group(passthrough if group.passthrough else function, call)
-        except BaseException as error:
-            if prepared is not None:
-                prepared.abort()          # later pieces must not wait for this one's tie counts
-            if isinstance(error, MergeError):
-                raise RecipeError(f"{error} (while merging tensor {group.name!r})") from None
-            raise
-        return merged.to(group.dtype) if merged.is_floating_point() else merged
-
-    def pieces(group: PlannedGroup) -> tuple[list[Optional[tuple[int, int]]], str]:
-        """Flat pieces for large tensors of merges that stream (read piece by piece), else the whole tensor;
-        and the piece mode (MergeMethod.piece_mode)."""
-        numel = group.numel
-        if group.passthrough:
-            mode = "elementwise"
-        elif method.kind == "state_dict":
-            mode = "elementwise" if _paper_pieces(method, group) else "whole"
-        else:
-            mode = method.piece_mode(group.params, group.per_input, job.tie_order)
-        if numel <= PIECE or mode == "whole":
-            return [None], "whole"
-        if group.vocab and vocabulary is not None:
-            # an input's rows move to the output vocabulary's order: permute each input once, here, and
-            # stream pieces of the permuted tensors (no whole-tensor temporaries of the merge)
-            permuted[group.name] = permute_rows(vocabulary, load(group, None), group.base, group.name)
-        return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)], mode
-
-    pending: deque[tuple[PlannedGroup, bool, bool, Future]] = deque()
-
-    def write_oldest() -> None:
-        group, part, last, future = pending.popleft()
-        writer.write(group.name, future.result(), part=part)
-        if last:
-            permuted.pop(group.name, None)
-            if progress is not None:
-                progress.update()
-
-    limit = 2 * max(1, job.threads)
-    norms = _global_norms(plan, load, inputs) if method.global_norms else None
-    with ThreadPoolExecutor(max(1, job.threads)) as pool:
-        for group in plan.groups:
-            spans, mode = pieces(group)
-            prepared = None
-            if mode == "statistics":
-                prepared = prepare(method, group.base, group.per_input, group.params, slots(group),
-                                   lambda span, group=group: load(group, span), group.numel, group.compute_dtype,
-                                   PIECE, pool, limit)
-            for index, span in enumerate(spans):
-                pending.append((group, span is not None, index == len(spans) - 1,
-                                pool.submit(merge, group, span, index, prepared)))
-                while len(pending) >= (limit if span is not None else max(1, job.threads)):
-                    write_oldest()
-        while pending:
-            write_oldest()
-    if progress is not None:
-        progress.close()
-    return writer.finish()
-
-
-def _paper_pieces(method: MergeMethod, group: PlannedGroup) -> bool:
-    """A paper method's large tensor merges in independent flat pieces: an elementwise method whose TIES trim
-    (if any) trims nothing, after DARE whose draws depend on position only (random, no L1 rescale)."""
-    if not method.elementwise:
-        return False
-    if method.trim_thresholds and any(group.per_input[ref].get("density", 1.0) < 1 for ref in group.models):
-        return False
-    dare = group.dare
-    return dare is None or (dare.strategy == "random" and not (dare.rescale and dare.rescale_mode == "l1"))
-
-
-def _paper_merge(method: MergeMethod, group: PlannedGroup, tensors: dict[str, torch.Tensor],
-                 piece: Optional[tuple[int, int]], seed: int, norms: Optional[list[float]]) -> torch.Tensor:
-    """One tensor (or flat piece) of a paper method: MergeLM's float32 arithmetic after the paper's DARE."""
-    models = group.models
-    options = options_from_parameters(method, group.params, group.per_input, models)
-    if norms is not None and options.norms is None:
-        options = replace(options, norms=tuple(norms))
-    dare = group.dare.resolve(len(models)) if group.dare is not None else None
-    return merge_tensor_group(method, group.name, tensors, group.base, options, dare, seed=seed,
-                              offset=(piece[0], group.numel) if piece else None, out_dtype=group.dtype)
-
-
-def _global_norms(plan: Plan, load, inputs: dict[str, InputModel]) -> Optional[list[float]]:
-    """norm_adaptive's ‖θ_k − θ_pre‖₂ per model over every merged float tensor, the squares summed piece by
-    piece in the base checkpoint's tensor order, as the flag engine does (the same floats); None when every
-    model's norm is given."""
-    groups = [g for g in plan.groups if not g.passthrough and g.compute_dtype.is_floating_point and g.base]
-    if not groups or all(g.per_input[ref].get("norm") is not None for g in groups for ref in g.models):
-        return None
-    position = {name: index for index, name in enumerate(inputs[groups[0].base].reader.names())}
-    groups.sort(key=lambda g: position.get(g.sources[g.base], len(position)))
-    models = groups[0].models
-    squares = [0.0] * len(models)
-    for group in groups:
-        spans = [None] if group.numel <= PIECE else [(s, min(s + PIECE, group.numel))
-                                                     for s in range(0, group.numel, PIECE)]
-        for span in spans:
-            tensors = load(group, span)
-            for index, ref in enumerate(group.models):
-                square = squared_norm(tensors[ref], tensors[group.base])
-                if not math.isfinite(square):
-                    raise RecipeError(f"the task vector of {ref} is not finite (NaN/Inf) in tensor {group.name!r}")
-                squares[index] += square
-    return [math.sqrt(s) for s in squares]
+    readers = {ref: model.reader for ref, model in inputs.items()}
+    rows = (lambda group, tensors: permute_rows(vocabulary, tensors, group.base, group.name)) \
+        if vocabulary is not None else None
+    norms = None
+    if method.global_norms and not all(g.per_input[ref].get("norm") is not None for g in plan.groups
+                                       if not g.passthrough for ref in g.models):
+        groups = [g for g in plan.groups if g.base is not None]
+        position = {name: index for index, name in enumerate(inputs[groups[0].base].reader.names())} if groups else {}
+        norms = global_norms(plan.groups, readers, device, rows,
+                             order=lambda g: position.get(g.sources.get(g.base, ""), len(position)))
+    execution = Execution(method, job.seed, device, job.threads, job.tie_order, job.max_shard_size, job.progress,
+                          recipe.merge_method, plan.num_layers)
+    files, _ = execute_plan(plan.groups, readers, {ref: model.index for ref, model in inputs.items()}, execution,
+                            staging, rows, norms)
+    return files
 
 
 def _chat_template(recipe: Recipe, inputs: dict[str, InputModel]) -> Optional[str]:

@@ -20,7 +20,8 @@ as merging the whole tensor (tests/test_recipes.py checks that).
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,10 +34,33 @@ from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, accu
                                                   slerp_chunk_dots, slerp_chunk_norms, slerp_coefficients, slerp_norm)
 from model_merging_methods.registry import MergeMethod
 from model_merging_methods.selection import KeepRule, RadixSelect, select_streamed
-from utils.engine.streaming import map_in_order
 
 Span = tuple[int, int]
 Load = Callable[[Span], dict[str, torch.Tensor]]   # a piece of every input, in the compute dtype
+
+
+def map_in_order(pool: ThreadPoolExecutor, items: list, work: Callable, reduce: Callable, in_flight: int,
+                 on_error: Callable[[], None] | None = None) -> None:
+    """work(item) on the pool for every item, at most `in_flight` results waiting; reduce(result) in this
+    thread, in item order. `on_error` runs in the worker whose work raised (before the error propagates),
+    e.g. to release items that wait on it."""
+    pending: deque[Future] = deque()
+
+    def guarded(item):
+        try:
+            return work(item)
+        except BaseException:
+            if on_error is not None:
+                on_error()
+            raise
+
+    for item in items:
+        pending.append(pool.submit(guarded, item))
+        while len(pending) > in_flight:
+            reduce(pending.popleft().result())
+    while pending:
+        reduce(pending.popleft().result())
+
 
 
 class TieLedger:
