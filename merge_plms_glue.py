@@ -20,8 +20,8 @@ import argparse
 import itertools
 
 from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, resolve_device
-from utils.glue.cli import (BASE_METHODS, MASK_SEARCHES, MERGING_METHODS, add_run_arguments, check_tasks,
-                            config_from_argv, user_errors)
+from utils.glue.cli import (BASE_METHODS, MASK_SEARCHES, MERGING_METHODS, WINNERS, add_run_arguments, check_tasks,
+                            config_from_argv, registry_methods, user_errors)
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -29,7 +29,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--language_model_name", default="roberta-base", help="pretrained encoder θ_pre (hub id or folder); also names the checkpoints")
     parser.add_argument("--dataset_names", nargs="+", default=None, help="tasks whose models are merged together (default: every pair of the eight tasks)")
-    parser.add_argument("--merging_method_name", default="average_merging", choices=MERGING_METHODS, help="merging method")
+    extra = registry_methods()
+    parser.add_argument("--merging_method_name", default="average_merging", choices=(*MERGING_METHODS, *extra),
+                        help="merging method (MergeLM's, or another method of the registry: its grid names MergeOptions fields)")
     parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES / norm_adaptive (grid none)")
     parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=None, help="examples for each model's Fisher (grid none)")
     parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=None, help="per-model Fisher coefficients c_k (grid none; default 1/K)")
@@ -42,7 +44,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--norm_alpha", type=float, default=1.5, help="norm_adaptive power exponent α (grid none)")
     parser.add_argument("--norm_beta", type=float, default=1.0, help="norm_adaptive exp rate β (grid none)")
     add_dare_arguments(parser)
-    parser.add_argument("--mask_apply_method", default="average_merging", choices=BASE_METHODS, help="method applied after DARE in mask_merging")
+    parser.add_argument("--mask_apply_method", default="average_merging", choices=(*BASE_METHODS, *extra), help="method applied after DARE in mask_merging")
     parser.add_argument("--mask_merging_search", default="per_task", choices=MASK_SEARCHES,
                         help="mask_merging: per_task (the original) searches the drop rate on each task's own winning setting of the "
                              "apply method; wide lets every task choose among all the apply method's winning settings × rates")
@@ -51,10 +53,17 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=config["training"]["batch_size"], help="evaluation and statistics batch size")
     parser.add_argument("--seed", type=int, default=merging["seed"], help="seed of the DARE masks and of the Fisher/RegMean example order; the examples depend only on "
                         "(seed, count), so a setting re-run alone reproduces its grid result")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the whole search once per seed (instead of --seed), loading data and models once (e.g. DARE mask seeds)")
     parser.add_argument("--learning_rate", type=float, default=None, help="learning rate in the checkpoint names (default: the config's table)")
     parser.add_argument("--max_seq_length", type=int, default=config["training"]["max_seq_length"], help="truncation length in tokens")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N train examples for statistics")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples of validation and test")
+    parser.add_argument("--eval_batch_size", type=int, default=None, help="evaluation batch size (default: --batch_size; the statistics keep --batch_size, "
+                        "which the Fisher depends on)")
+    parser.add_argument("--max_validation_samples", type=int, default=None, help="use only the first N examples of validation (overrides --max_eval_samples there)")
+    parser.add_argument("--winners", choices=WINNERS, default="all",
+                        help="all: select the mean's winner and each task's own (the original); mean: only the mean's (one merged model for every task)")
     parser.add_argument("--ties_trim", default=merging["ties_trim"], choices=["global", "per_tensor"], help="TIES trim over the whole model (MergeLM GLUE) or per tensor")
     parser.add_argument("--ties_normalize", default=merging["ties_normalize"], choices=["count", "weights"], help="TIES disjoint-mean divisor")
     add_run_arguments(parser, save_dir_help="root of save_models/ (input) and save_merge_results/ (output)")
@@ -76,6 +85,8 @@ def options_from_args(args: argparse.Namespace, groups: list[list[str]]) -> Merg
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, glue_dir=args.glue_dir,
         save_dir=args.save_dir, allow_pickle=args.allow_pickle, progress=not args.no_progress,
         flags={**vars(args), "progress": not args.no_progress}, mask_search=args.mask_merging_search,
+        max_validation_samples=args.max_validation_samples, winners=args.winners, eval_batch_size=args.eval_batch_size,
+        seeds=tuple(args.seeds) if args.seeds else None,
     )
 
 
@@ -87,6 +98,9 @@ def main(argv=None) -> list[dict]:
     check_tasks(parser, config, tasks)
     if len(set(tasks)) != len(tasks) or len(tasks) < 2:
         parser.error(f"--dataset_names needs at least two distinct tasks, got {tasks}")
+    for name in ("max_validation_samples", "eval_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     groups = [tasks] if args.dataset_names else [list(pair) for pair in itertools.combinations(tasks, 2)]
     options = options_from_args(args, groups)
     with user_errors():

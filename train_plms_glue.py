@@ -31,6 +31,8 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--max_seq_length", type=int, default=training["max_seq_length"], help="truncation length in tokens")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N examples of the train split")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples of validation and test")
+    parser.add_argument("--max_validation_samples", type=int, default=None,
+                        help="use only the first N examples of validation, the split the best epoch is chosen on (overrides --max_eval_samples there)")
     parser.add_argument("--group_by_length", action="store_true", help="batch train examples of similar length (HF Trainer option; faster on CPU; off in the paper)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="Trainer mixed precision (fp32 = the paper)")
     parser.add_argument("--report_to", nargs="*", default=[], help="Trainer logging integrations (tensorboard, wandb, ...; default none)")
@@ -43,8 +45,8 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
 
 def check_args(args, config: dict, parser: argparse.ArgumentParser) -> list[str]:
     """The task list (target last); bad values -> parser.error (exit 2) before anything is written."""
-    for name in ("batch_size", "num_epochs", "num_runs", "max_seq_length"):
-        if getattr(args, name) <= 0:
+    for name in ("batch_size", "num_epochs", "num_runs", "max_seq_length", "max_validation_samples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.learning_rate is not None and args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
@@ -63,7 +65,7 @@ def options_from_args(args: argparse.Namespace, tasks: list[str]) -> TrainOption
         learning_rate=args.learning_rate, batch_size=args.batch_size, num_epochs=args.num_epochs, num_runs=args.num_runs,
         seed=args.seed, max_seq_length=args.max_seq_length, group_by_length=args.group_by_length, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle, glue_dir=args.glue_dir, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, save_dir=args.save_dir, progress=not args.no_progress,
+        max_eval_samples=args.max_eval_samples, max_validation_samples=args.max_validation_samples, save_dir=args.save_dir, progress=not args.no_progress,
         flags={**vars(args), "progress": not args.no_progress}, precision=args.precision, report_to=tuple(args.report_to),
     )
 

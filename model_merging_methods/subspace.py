@@ -69,16 +69,16 @@ def tsv_merge_tensor(deltas: Sequence[torch.Tensor], alpha: float = 1.0, what: s
     Vᵀ = [V_1ᵀ[:k]; …; V_Tᵀ[:k]] (Tk × n); τ* = polar(U) diag(s) polar(Vᵀ).
     Non-matrix tensors: the mean of the task vectors, (1/T) Σ τ_t (FusionBench; the paper's code likewise).
     Both are then multiplied by α (FusionBench `alpha`, default 1; a list of per-model α scales each τ_t
-    before the merge instead — callers pass those as weights).
+    before the merge instead — callers pass those as weights). A matrix of rank r < T keeps int(r/T) = 0
+    vectors: its merged task vector is 0, as in FusionBench (θ* = θ_pre there).
     """
     if not is_matrix(deltas[0]):
         return _mean(deltas).mul_(alpha)
     count = len(deltas)
     rank = min(deltas[0].shape)
     k = int(rank * (1 / count))
-    if k == 0:
-        raise MergeError(f"{what}: a {tuple(deltas[0].shape)} matrix has rank {rank} < {count} models, so TSV-M keeps "
-                         "int(r/T) = 0 singular vectors per model")
+    if k == 0:   # rank < T: FusionBench keeps no singular vector, so the matrix's merged task vector is 0
+        return torch.zeros_like(deltas[0])
     us, ss, vhs = [], [], []
     for delta in deltas:
         u, s, vh = _svd(delta, what)

@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timed(command: list[str]) -> tuple[float, float]:
+def timed(command: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GiB) and CPU seconds (user + system) of one child process: on a shared
+    machine the CPU seconds compare tools more fairly than wall time."""
     import os
 
     start = time.perf_counter()
@@ -34,7 +36,7 @@ def timed(command: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return round(wall, 2), round(usage.ru_maxrss / 2**20, 3)
+    return round(wall, 2), round(usage.ru_maxrss / 2**20, 3), round(usage.ru_utime + usage.ru_stime, 1)
 
 
 def compare_errors(base: Path, model: Path, ours: Path, theirs: Path, layers: int) -> dict:
@@ -105,11 +107,12 @@ def main(argv=None) -> int:
     rows["merge_with_adapter"] = (*timed(merge(f"{base}+{adapter}", work / "m_adapter")), load())
     print("merge, base+adapter", rows["merge_with_adapter"], flush=True)
     result = {"params_billion": args.params, "rank": args.rank,
-              "rows": {k: {"wall_s": v[0], "peak_rss_gib": v[1], "load_1min": v[2]} for k, v in rows.items()},
+              "rows": {k: {"wall_s": v[0], "peak_rss_gib": v[1], "cpu_s": v[2], "load_1min": v[3]}
+                       for k, v in rows.items()},
               "comparison": comparison}
-    print("\n| run | wall (s) | peak RSS (GiB) | load |\n|---|---|---|---|")
-    for name, (wall, rss, avg) in rows.items():
-        print(f"| {name} | {wall} | {rss} | {avg} |")
+    print("\n| run | wall (s) | CPU (s) | peak RSS (GiB) | load |\n|---|---|---|---|---|")
+    for name, (wall, rss, cpu, avg) in rows.items():
+        print(f"| {name} | {wall} | {cpu} | {rss} | {avg} |")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="*", default=[], choices=list(RECIPES),
                         help="also time these recipes (merge_models.py --config, and mergekit on the same file)")
     parser.add_argument("--skip_floor", action="store_true", help="do not time the torch floor")
+    parser.add_argument("--mergekit_only", action="store_true",
+                        help="time only mergekit (with --mergekit), e.g. after a run of ours under the same load")
     parser.add_argument("--floor_only", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = (["--base_model", str(models[0]), "--models", *map(str, variants)] if method.on_base
                   else ["--models", *map(str, models)])
         ours = [sys.executable, str(ROOT / "merge_models.py"), *inputs, *method.arguments, "--no_progress"]
-        measure(label, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
+        if not args.mergekit_only:
+            measure(label, "merge_models", lambda out, ours=ours: ours + ["--output_dir", str(out)])
         if args.mergekit and method.mergekit_method:
             config = work / f"{label}.yml"
             mergekit_config(method, models[:2] if method.single else models, config)
@@ -285,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     for label in args.recipes:
         recipe = work / f"recipe-{label}.yml"
         recipe.write_text(RECIPES[label](models, layer_count(args.params)))
-        measure(f"recipe {label}", "merge_models --config", lambda out, recipe=recipe: [
-            sys.executable, str(ROOT / "merge_models.py"), "--config", str(recipe), "--output_dir", str(out),
-            "--no_progress"])
+        if not args.mergekit_only:
+            measure(f"recipe {label}", "merge_models --config", lambda out, recipe=recipe: [
+                sys.executable, str(ROOT / "merge_models.py"), "--config", str(recipe), "--output_dir", str(out),
+                "--no_progress"])
         if args.mergekit:
             measure(f"recipe {label}", "mergekit", lambda out, recipe=recipe: [
                 args.mergekit, str(recipe), str(out), "--random-seed", "0", "--no-write-model-card",

@@ -6,15 +6,17 @@
 # Usage: scripts/glue_search_demo.sh SET OUT BASE GLUE_DIR BUDGET MAX_EVAL TASK=FOLDER...
 #   SET: pair (mrpc + sst2) or glue6 (cola sst2 mrpc stsb rte qqp); BUDGET: trials per search (a square: the
 #   2-D grids take sqrt(BUDGET) points per axis); MAX_EVAL: validation examples per task (first N).
+#   Environment: MAX_REPORT (test examples per task, default all), POP (CMA-ES population, default 6 / 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SET=$1; OUT=$2; BASE=$3; GLUE=$4; BUDGET=$5; MAXEVAL=$6; shift 6
 EXPERTS=("$@")
 TASKS=(); for e in "${EXPERTS[@]}"; do TASKS+=("${e%%=*}=1"); done
 SIDE=$(python3 -c "import math; print(round(math.sqrt($BUDGET)))")
-POP=$([ "$SET" = glue6 ] && echo 8 || echo 6)
+POP=${POP:-$([ "$SET" = glue6 ] && echo 8 || echo 6)}
 common=(--experts "${EXPERTS[@]}" --var BASE="$BASE" --glue_dir "$GLUE" --fitness "${TASKS[@]}"
         --max_eval_samples "$MAXEVAL" --budget "$BUDGET" --seed 0)
+[ -n "${MAX_REPORT:-}" ] && common+=(--max_report_samples "$MAX_REPORT")
 run() { name=$1; shift; [ -f "$OUT/$name/search_result.json" ] && return 0
         .venv/bin/python search_merge.py --output_dir "$OUT/$name" "${common[@]}" "$@" \
           $([ -f "$OUT/$name/history.jsonl" ] && echo --resume) 2>&1 | grep -v "Warning\|it/s\]" ; }

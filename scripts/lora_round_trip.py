@@ -39,7 +39,11 @@ def _examples(task: str, split: str, count: int) -> list[tuple[str, str]]:
     return pairs[:count]
 
 
-def _batches(tokenizer, pairs, max_length=256):
+MAX_LENGTH = [192]   # tokens per example (prompt + answer), set from --max_length
+
+
+def _batches(tokenizer, pairs, max_length=None):
+    max_length = max_length or MAX_LENGTH[0]
     import torch
 
     for prompt, answer in pairs:
@@ -64,7 +68,7 @@ def nll(model, tokenizer, pairs) -> float:
     return total / tokens
 
 
-def fine_tune(base: Path, task: str, out: Path, steps: int, lr: float, seed: int) -> dict:
+def fine_tune(base: Path, task: str, out: Path, steps: int, lr: float, seed: int, batch: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,22 +79,22 @@ def fine_tune(base: Path, task: str, out: Path, steps: int, lr: float, seed: int
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    pairs = _examples(task, "train", steps * 4)
+    pairs = _examples(task, "train", steps * batch)
     batches = list(_batches(tokenizer, pairs))
     started, losses = time.time(), []
     for step in range(steps):
         optimizer.zero_grad()
         loss_sum = 0.0
-        for ids, labels in batches[step * 4:(step + 1) * 4]:
-            loss = model(input_ids=ids, labels=labels).loss / 4
+        for ids, labels in batches[step * batch:(step + 1) * batch]:
+            loss = model(input_ids=ids, labels=labels).loss / batch
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         optimizer.step()
         losses.append(loss_sum)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    record = {"task": task, "steps": steps, "batch": 4, "lr": lr, "seed": seed, "train_loss_first": losses[0],
-              "train_loss_last": sum(losses[-5:]) / 5, "seconds": round(time.time() - started, 1)}
+    record = {"task": task, "steps": steps, "batch": batch, "max_length": MAX_LENGTH[0], "lr": lr, "seed": seed, "train_loss_first": losses[0],
+              "train_loss_last": sum(losses[-3:]) / len(losses[-3:]), "seconds": round(time.time() - started, 1)}
     (out / "fine_tune.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -131,6 +135,7 @@ def run(args) -> None:
     from utils.records import library_versions, project_provenance, write_json_atomic
 
     torch.set_num_threads(2)
+    MAX_LENGTH[0] = args.max_length
     work = Path(args.work_dir)
     base = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -140,10 +145,10 @@ def run(args) -> None:
         given = args.math_expert if task == "math" else None
         experts[task] = Path(given) if given else work / f"expert_{task}"
         if not given:
-            training[task] = fine_tune(base, task, experts[task], args.steps, args.lr, args.seed)
-    score = lambda model: {task: nll(model, tokenizer, pairs) for task, pairs in held_out.items()}
+            training[task] = fine_tune(base, task, experts[task], args.steps, args.lr, args.seed, args.batch)
+    score = lambda model, tasks=("math", "code"): {task: nll(model, tokenizer, held_out[task]) for task in tasks}
     results = {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}, "training": training,
-               "eval_examples": args.eval_examples, "ranks": args.ranks, "seed": args.seed,
+               "eval_examples": args.eval_examples, "max_length": args.max_length, "ranks": args.ranks, "seed": args.seed,
                "versions": library_versions(), "project": project_provenance(), "nll": {}, "extraction": {},
                "merges": {}}
     results["nll"]["base"] = score(AutoModelForCausalLM.from_pretrained(base))
@@ -155,12 +160,13 @@ def run(args) -> None:
                                              non_lora="save", dtype="float32", overwrite=True))
             results["extraction"][f"{task}_r{rank}"] = {
                 "rank": rank, "relative_error": report["total"]["relative_error"], "seconds": report["seconds"],
-                "adapter_parameters": report["total"]["adapter_parameters"], "nll": score(folded_model(base, adapter))}
+                "adapter_parameters": report["total"]["adapter_parameters"],
+                "nll": score(folded_model(base, adapter), (task,))}
             print(task, rank, results["extraction"][f"{task}_r{rank}"], flush=True)
     rank = args.merge_rank
-    for method in ("task_arithmetic", "ties_merging"):
+    for method in args.delta_methods:
         results["merges"][f"full_deltas_{method}"] = score(delta_merge(base, [experts["math"], experts["code"]], method))
-    for combination in ("cat", "svd", "ties", "knots_ties"):   # the norms extracted in full cannot be merged in
+    for combination in args.combinations:   # the norms extracted in full cannot be merged in
         adapters = []                                              # adapter space: LoRA-only extractions here
         for task in ("math", "code"):
             adapter = work / f"lora_{task}_r{rank}_nonorm"
@@ -184,16 +190,15 @@ def report(args) -> None:
 
     results = json.loads(Path(args.results).read_text())
     ranks = results["ranks"]
-    lines = ["| model | rank | rel. error ‖ΔW−BA‖/‖ΔW‖ | NLL math (GSM8K test) | NLL code (MBPP test) |",
-             "|---|---|---|---|---|",
-             f"| base | – | – | {results['nll']['base']['math']:.4f} | {results['nll']['base']['code']:.4f} |"]
+    lines = ["| expert | rank | adapter parameters | rel. error ‖ΔW−BA‖/‖ΔW‖ | NLL on its task (held out) |",
+             "|---|---|---|---|---|"]
     for task in ("math", "code"):
+        lines.append(f"| {task}: base model | – | – | – | {results['nll']['base'][task]:.4f} |")
         for rank in ranks:
             row = results["extraction"][f"{task}_r{rank}"]
-            lines.append(f"| {task} LoRA | {rank} | {row['relative_error']:.3f} | {row['nll']['math']:.4f} | "
-                         f"{row['nll']['code']:.4f} |")
-        full = results["nll"][f"{task}_expert"]
-        lines.append(f"| {task} expert (full) | – | 0 | {full['math']:.4f} | {full['code']:.4f} |")
+            lines.append(f"| {task} | {rank} | {row['adapter_parameters']:,} | {row['relative_error']:.3f} | "
+                         f"{row['nll'][task]:.4f} |")
+        lines.append(f"| {task}: full fine-tune | – | – | 0 | {results['nll'][f'{task}_expert'][task]:.4f} |")
     lines += ["", f"| merge of math + code (weights 1, 1) | NLL math | NLL code |", "|---|---|---|"]
     for name, value in results["merges"].items():
         lines.append(f"| {name} | {value['math']:.4f} | {value['code']:.4f} |")
@@ -220,12 +225,16 @@ def main(argv=None) -> int:
     run_parser.add_argument("--work_dir", required=True)
     run_parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "lora_round_trip.json"))
     run_parser.add_argument("--math_expert", default=None, help="a math fine-tune of SmolLM2 to use instead of training")
-    run_parser.add_argument("--steps", type=int, default=40)
-    run_parser.add_argument("--lr", type=float, default=5e-5)
+    run_parser.add_argument("--steps", type=int, default=12)
+    run_parser.add_argument("--lr", type=float, default=1e-4)
     run_parser.add_argument("--seed", type=int, default=0)
     run_parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     run_parser.add_argument("--merge_rank", type=int, default=64)
-    run_parser.add_argument("--eval_examples", type=int, default=40)
+    run_parser.add_argument("--eval_examples", type=int, default=16)
+    run_parser.add_argument("--batch", type=int, default=4)
+    run_parser.add_argument("--max_length", type=int, default=192)
+    run_parser.add_argument("--delta_methods", nargs="+", default=["task_arithmetic", "ties_merging"])
+    run_parser.add_argument("--combinations", nargs="+", default=["cat", "svd", "ties", "knots_ties"])
     report_parser = sub.add_parser("report")
     report_parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "lora_round_trip.json"))
     report_parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "lora_round_trip.png"))

@@ -118,3 +118,17 @@ def test_unknown_recipe_parameter_and_one_model_exit_2(family, tmp_path, capsys)
                           "--output_dir", str(tmp_path / "one")], capsys)
         assert code == 2 and method in err and "at least 2" in err, (method, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "one").exists()
+
+
+def test_recipe_gradients_set_per_layer_parameters(family, tmp_path):
+    # a gradient over the 2 blocks: block 0 gets 0.5, block 1 gets 1.5; tensors outside the blocks the first value
+    recipe = {"merge_method": "iso_c", "base_model": str(family["base"]),
+              "models": [{"model": str(family["ft0"])}, {"model": str(family["ft1"])}],
+              "parameters": {"scaling_factor": [0.5, 1.5]}}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    assert _run(["--config", str(tmp_path / "r.yml"), "--output_dir", str(tmp_path / "out")])[0] == 0
+    out, base = _weights(tmp_path / "out"), _weights(family["base"])
+    a, b = _weights(family["ft0"]), _weights(family["ft1"])
+    for name, scale in [("model.layers.0.mlp.up_proj.weight", 0.5), ("model.layers.1.mlp.up_proj.weight", 1.5)]:
+        expected = base[name] + merge_tensor("iso_c", [a[name] - base[name], b[name] - base[name]], {"scaling_factor": scale})
+        assert torch.allclose(out[name], expected, atol=1e-6), name

@@ -3,7 +3,8 @@
 Written to ``out`` (atomically, file by file): ``results_tidy.csv`` / ``results_tidy.jsonl`` (one row per
 metric value, columns of utils/aggregation/collect.py), ``results_groups.csv`` (mean / std / n over seeds),
 ``tables.md`` and ``tables.tex`` (every table, each followed by its sources), ``skipped.txt`` (files not
-read, and why), and the figures ``drop_rate.png`` / ``merge.png`` with their ``.sources.txt``.
+read, and why), and the figures ``drop_rate.png`` / ``merge.png`` with their ``.sources.txt``; merges of three or more tasks also get the normalised tables and figures
+of utils/aggregation/multitask.py.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from typing import Iterable
 from utils.records import check_output_folder, write_jsonl_atomic, write_text_atomic
 from utils.aggregation.collect import COLUMNS, collect
 from utils.aggregation.figures import drop_rate_figure, merge_figure
+from utils.aggregation.multitask import multitask_outputs
 from utils.aggregation.tables import Table, all_tables, group_rows
 
-GROUP_COLUMNS = [c for c in COLUMNS if c not in ("source", "seed", "value")] + ["mean", "std", "n", "seeds", "sources"]
+GROUP_COLUMNS = [c for c in COLUMNS if c not in ("source", "seed", "setting", "value")] + ["mean", "std", "n", "seeds", "settings", "sources"]
 
 
 @dataclass
@@ -48,8 +50,9 @@ def aggregate(paths: Iterable[str | os.PathLike], out: str | os.PathLike, split:
     check_output_folder(out, None, overwrite=True, role="--out")
     collector = collect(paths)
     groups = group_rows(collector.rows)
-    tables = all_tables(groups, split)
     out = Path(out)
+    multitask_tables, multitask_files = multitask_outputs(collector.rows, out, split, figure_title)
+    tables = multitask_tables + all_tables(groups, split)
     files = {
         "tidy_csv": write_text_atomic(out / "results_tidy.csv", _csv(collector.rows, COLUMNS)),
         "tidy_jsonl": write_jsonl_atomic(out / "results_tidy.jsonl", collector.rows),
@@ -58,6 +61,7 @@ def aggregate(paths: Iterable[str | os.PathLike], out: str | os.PathLike, split:
         "tables_tex": write_text_atomic(out / "tables.tex", "\n".join(t.latex() for t in tables)),
         "skipped": write_text_atomic(out / "skipped.txt", "".join(f"{w}\n" for w in collector.warnings)),
     }
+    files.update(multitask_files)
     for name, function in (("drop_rate", drop_rate_figure), ("merge", merge_figure)):
         path = function(groups, out / f"{name}.png", split, figure_title)
         if path is not None:

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 COLUMNS = ["source", "domain", "script", "kind", "model", "task", "tasks", "method", "dare", "variant", "drop_rate",
-           "rescale", "mask_strategy", "weight_format", "seed", "split", "metric", "is_main", "value"]
+           "rescale", "mask_strategy", "weight_format", "seed", "setting", "split", "metric", "is_main", "value"]
+TIMING_SPLIT = "timing"   # merge rows of wall times (metric merge_time_s / search_time_s), not scores
 GLUE_ROOTS = ("save_model_results", "save_merge_results")
 LLM_ROOTS = ("save_gen_instruct_responses_results", "save_gen_codes_results", "save_gen_math_results",
              "save_lm_eval_results")
@@ -119,6 +120,8 @@ class Collector:
             return self._glue_drop
         if script == "merge_plms_glue.py" and "winners" in payload:
             return self._glue_merge
+        if script == "glue_multitask_benchmark.py" and payload.get("kind") == "constant_baseline":
+            return self._constant_baseline
         if script == "evaluate_lm_eval.py" and isinstance(payload.get("tasks"), dict):
             return self._lm_eval
         if {"dataset", "metrics", "config"} <= set(payload) and isinstance(payload.get("config"), dict) \
@@ -167,7 +170,10 @@ class Collector:
         dare = config["merging_method_name"] == "mask_merging"
         rate = float(winner.get("weight_mask_rate", 0.0)) if dare else 0.0
         tasks = list(config["tasks"])
-        base = {"domain": "glue", "script": "merge_plms_glue.py", "kind": "merge",
+        setting = winner.get("name")
+        if dare and setting is not None and "weight_mask_rate" not in setting:
+            setting += f"_weight_mask_rate_{rate}"
+        base = {"domain": "glue", "script": "merge_plms_glue.py", "kind": "merge", "setting": setting,
                 "model": short_name(config["language_model_name"]), "tasks": "+".join(tasks),
                 "method": config["base_method"], "dare": dare,
                 "variant": variant_name(rate, bool(config["use_weight_rescale"]), config["mask_strategy"], config["weight_format"]) if dare else "none",
@@ -179,6 +185,23 @@ class Collector:
             rows += self._metric_rows({**base, "task": task}, "test", winner["test_metrics"][task], self.glue_main(task))
         rows.append({**base, "task": AVERAGE, "split": "test", "metric": "mean_main", "is_main": True,
                      "value": float(winner["test_scores"]["mean"])})
+        timing = winner.get("timing")
+        if timing:   # the winner's merge: DARE + statistics + the merge function (evaluation excluded)
+            merge_time = sum(float(timing.get(key, 0.0)) for key in ("dare_time_s", "statistics_time_s", "merge_time_s"))
+            rows.append({**base, "task": AVERAGE, "split": TIMING_SPLIT, "metric": "merge_time_s", "is_main": False, "value": merge_time})
+        if "wall_time_s" in payload:
+            rows.append({**base, "task": AVERAGE, "split": TIMING_SPLIT, "metric": "search_time_s", "is_main": False,
+                         "value": float(payload["wall_time_s"])})
+        return rows
+
+    def _constant_baseline(self, payload: dict) -> list[dict]:
+        """The best constant prediction's score per task (what an expert must clearly beat)."""
+        rows = []
+        for task, entry in payload["test_metrics"].items():
+            base = {"domain": "glue", "script": "glue_multitask_benchmark.py", "kind": "baseline",
+                    "model": "constant", "task": task, "tasks": task, "method": "constant", "dare": False,
+                    "variant": "none", "drop_rate": 0.0, "setting": entry.get("prediction")}
+            rows += self._metric_rows(base, "test", entry["metrics"], self.glue_main(task))
         return rows
 
     def _llm(self, payload: dict) -> list[dict]:

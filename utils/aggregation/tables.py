@@ -19,7 +19,7 @@ import numpy as np
 
 from utils.aggregation.collect import AVERAGE
 
-GROUP_EXCLUDED = ("source", "seed", "value")
+GROUP_EXCLUDED = ("source", "seed", "setting", "value")
 VARIANT_ORDER = ["fine-tuned", "DARE", "DropOnly", "magnitude", "magnitude + rescale", "fine-tuned weights",
                  "fine-tuned weights (no rescale)"]
 METHOD_ORDER = ["average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "regmean_plusplus", "ties_merging"]
@@ -43,6 +43,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
             "n": len(values),
             "seeds": sorted({m["seed"] for m in members if m["seed"] is not None}),
+            "settings": sorted({m["setting"] for m in members if m.get("setting") is not None}),
             "sources": sorted({m["source"] for m in members}),
         })
     return result

@@ -1,7 +1,8 @@
 """No tensor left behind: the fate of every input tensor in a merge plan, and a refusal for any without one.
 
 A plan says, per output tensor, which input tensors it is made from (input label → that input's tensor
-name). Every tensor of every input then has exactly one fate:
+name): the PlannedGroup.sources of the groups the one executor runs (utils/engine/plan.py), for flags and
+recipes alike, and merge_moe's plan. Every tensor of every input then has exactly one fate:
 - merged: it feeds an output tensor that two or more inputs feed;
 - copied: it is the only source of an output tensor of the same name;
 - renumbered: it is the only source of an output tensor of another name (a layer moved by slices, an
@@ -85,14 +86,6 @@ def account(inputs: Mapping[str, Iterable[str]], outputs: Mapping[str, Mapping[s
     if missing:
         raise UnaccountedTensors(_message(missing, hint), missing)
     return {"counts": counts, "per_input": per_input, "dropped_by": dropped_by}
-
-
-def same_name_outputs(inputs: Mapping[str, Iterable[str]], planned: Iterable[str], reference: str,
-                      copied: Callable[[str], bool]) -> dict[str, dict[str, str]]:
-    """The plan of a merge that writes each planned tensor under its own name from every input (the flag
-    engine), except those `copied` from the `reference` input alone (--exclude_param_names_regex)."""
-    labels = list(inputs)
-    return {name: {reference: name} if copied(name) else {label: name for label in labels} for name in planned}
 
 
 def _message(missing: dict[str, list[str]], hint: str) -> str:

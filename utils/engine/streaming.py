@@ -43,7 +43,7 @@ from utils.cli import resolve_device
 from utils.records import (OutputExistsError, OutputRefusedError, check_output_folder, library_versions,
                            project_provenance, write_folder_atomic)
 
-from .accounting import DropRule, UnaccountedTensors, account, same_name_outputs
+from .accounting import DropRule, UnaccountedTensors, account
 from .allocator import tune_allocator
 from .choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
 from .plan import PlannedGroup
@@ -155,9 +155,9 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
     inputs = _open_inputs(job)
     job = _language_only(job, inputs)
     plan, row_targets = _plan(inputs, job)
-    fates = tensor_fates(inputs, plan, job)
     layers, depth = _flag_layers(inputs) if resolved.method.layer_aware else ({}, 1)
     groups = flag_groups(inputs, job, resolved, plan, row_targets, layers)
+    fates = tensor_fates(inputs, groups, job)
     plan = [PlannedTensor(group.name, group.dtype, group.shape) for group in groups]
     rows = (lambda group, tensors: {ref: pad_rows_with_mean(t, row_targets[group.name]) for ref, t in tensors.items()}) \
         if row_targets else None
@@ -528,16 +528,15 @@ def _language_only(job: StreamMergeJob, inputs: Inputs) -> StreamMergeJob:
     return replace(job, exclude_regex=list(job.exclude_regex) + [pattern])
 
 
-def tensor_fates(inputs: Inputs, plan: list[PlannedTensor], job: StreamMergeJob) -> dict:
-    """Every input tensor's fate (utils/engine/accounting.py): merged, or copied from the reference when
-    excluded (the other inputs' copies dropped by the exclusion); a MergeError names any tensor left out."""
+def tensor_fates(inputs: Inputs, groups: list[PlannedGroup], job: StreamMergeJob) -> dict:
+    """Every input tensor's fate in the groups the executor runs (utils/engine/accounting.py): merged, or
+    copied from the reference when excluded (the other inputs' copies dropped by the exclusion); a
+    MergeError names any tensor left out."""
     names = {label: reader.names() for label, reader in zip(inputs.labels, inputs.readers)}
-    excluded = lambda name: is_excluded(name, job.exclude_regex)  # noqa: E731
-    outputs = same_name_outputs(names, [p.name for p in plan], inputs.labels[0], excluded)
     rule = DropRule("--exclude_param_names_regex (copied from the reference input)",
-                    lambda label, name: label != inputs.labels[0] and excluded(name))
+                    lambda label, name: label != inputs.labels[0] and is_excluded(name, job.exclude_regex))
     try:
-        return account(names, outputs, [rule])
+        return account(names, {group.name: group.sources for group in groups}, [rule])
     except UnaccountedTensors as error:
         raise MergeError(str(error)) from None
 

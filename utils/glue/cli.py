@@ -13,6 +13,20 @@ BASE_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean
                 "norm_adaptive")
 MERGING_METHODS = (*BASE_METHODS, "mask_merging")
 MASK_SEARCHES = ("per_task", "wide")   # mask_merging: each task on its own best base setting (the original), or wider
+WINNERS = ("all", "mean")   # which winners a merge search selects (and scores on test)
+NOT_SEARCHED = ("slerp", "dare", "dare_linear", "dare_ties", "passthrough")   # one model / DARE built in: use mask_merging
+
+
+def registry_methods() -> tuple[str, ...]:
+    """Methods of the merging registry that merge_plms_glue.py can also search (besides the MergeLM ones):
+    every registered method that merges several models and needs no statistics (the search collects Fisher and
+    RegMean statistics for those methods only), in registry order. Their grids (configs/glue.yaml) name MergeOptions
+    fields, or the method's parameters for the registry's parameter methods. The registry loads without torch."""
+    from model_merging_methods.registry import REGISTRY
+
+    return tuple(name for name, method in REGISTRY.items()
+                 if name not in BASE_METHODS and name not in NOT_SEARCHED and method.statistics is None
+                 and (method.max_models is None or method.max_models >= 2))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> None:

@@ -317,11 +317,14 @@ def load_task_splits(
     splits: tuple[str, ...] = SPLITS,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    max_validation_samples: int | None = None,
 ) -> dict[str, GlueSplit]:
     """The requested splits of ``task``: train (90%), validation (10% of GLUE train), test (GLUE dev).
 
     ``max_train_samples`` keeps the first examples of the (already permuted) train split;
-    ``max_eval_samples`` the first examples of validation and test.
+    ``max_eval_samples`` the first examples of validation and test; ``max_validation_samples``, when
+    given, caps validation instead (a random sample, the split being permuted), so that a search can
+    select on a small validation sample while test stays whole.
     """
     task_info(config, task)
     for split in splits:
@@ -343,7 +346,8 @@ def load_task_splits(
         if "train" in splits:
             result["train"] = _renamed(original_train.select(train_idx), "train").head(max_train_samples)
         if "validation" in splits:
-            result["validation"] = _renamed(original_train.select(val_idx), "validation").head(max_eval_samples)
+            validation_cap = max_eval_samples if max_validation_samples is None else max_validation_samples
+            result["validation"] = _renamed(original_train.select(val_idx), "validation").head(validation_cap)
     if "test" in splits:
         result["test"] = _renamed(read("test"), "test").head(max_eval_samples)
     for split, data in result.items():

@@ -50,6 +50,7 @@ from utils.records import library_versions, write_json_atomic
 
 STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples",
                    "regmean_plusplus": "nums_regmean_examples"}
+DEFAULT_MERGE_SEED = 0   # configs/glue.yaml merging.seed; another seed is named in mask_merging's result files
 
 
 def expand_grid(axes: dict[str, list], where: str) -> list[dict]:
@@ -140,7 +141,33 @@ def merge_options(method: str, setting: dict, num_models: int, methods: MethodOp
     if method == "norm_adaptive":  # the norms: ‖δ_k‖₂ over the merged (non-head) tensors, computed by the library
         return MergeOptions(scaling_coefficient=float(setting["scaling_coefficient"]), norm_mode=str(setting["norm_mode"]),
                             norm_alpha=float(setting.get("norm_alpha", 1.5)), norm_beta=float(setting.get("norm_beta", 1.0)))
-    return MergeOptions()
+    if method in BASE_METHODS or is_parameter_method(method):
+        return MergeOptions()
+    return generic_merge_options(method, setting)
+
+
+def is_parameter_method(method: str) -> bool:
+    """A registry method that takes recipe-style ``parameters`` (mergekit's methods) instead of MergeOptions."""
+    from model_merging_methods import get_method
+
+    return getattr(get_method(method), "kind", "state_dict") == "group"
+
+
+def merge_parameters(method: str, setting: dict) -> dict | None:
+    """The ``parameters`` of a parameter method (its grid's keys are its parameter names), else None."""
+    return dict(setting) if is_parameter_method(method) else None
+
+
+def generic_merge_options(method: str, setting: dict) -> MergeOptions:
+    """Any other registry method: the grid's keys are MergeOptions fields, passed as they are (lists become
+    tuples); a key that is not a field is an error naming it."""
+    fields = {f.name for f in dataclasses.fields(MergeOptions)}
+    unknown = sorted(set(setting) - fields)
+    if unknown:
+        raise ValueError(f"{method}: grid key(s) {unknown} are not merge options; known: {', '.join(sorted(fields))}")
+    options = MergeOptions(**{key: tuple(value) if isinstance(value, list) else value for key, value in setting.items()})
+    options.validate()
+    return options
 
 
 def per_model_examples(value, num_models: int, what: str) -> list[int]:
@@ -180,6 +207,8 @@ class MergeSearch:
         self.states = [member.state for member in members]
         self.device, self.options = device, options
         self._statistics_cache: dict = {}
+        self._statistics_seconds: dict = {}
+        self.last_timing: dict[str, float] = {}
 
     def dare_options(self, rate: float) -> DareOptions:
         return dataclasses.replace(self.options.dare, drop_rate=rate)
@@ -203,6 +232,7 @@ class MergeSearch:
         for k, (member, state, count) in enumerate(zip(self.members, states, counts)):
             key = (method, k, count, rate)
             if key not in self._statistics_cache:
+                started = time.perf_counter()
                 set_random_seed(self.options.seed)
                 member.model.load_state_dict(self.with_own_head(member, state))
                 collect = diagonal_fisher if method == "fisher_merging" else regmean_gram_matrices
@@ -210,27 +240,41 @@ class MergeSearch:
                     member.model, member.statistics_loader(), count, self.device, exclude_regex=self.exclude_regex, progress=self.options.progress
                 )
                 member.model.load_state_dict(member.state)
+                self._statistics_seconds[key] = time.perf_counter() - started
             result.append(self._statistics_cache[key])
+        self.last_timing["statistics_time_s"] = sum(self._statistics_seconds[(method, k, count, rate)] for k, count in enumerate(counts))
         return result
 
     def merge(self, method: str, setting: dict, rate: float) -> dict:
-        """The merged state dict of one setting (base method ``method``, DARE rate ``rate``)."""
+        """The merged state dict of one setting (base method ``method``, DARE rate ``rate``). ``last_timing``
+        then holds its wall times: ``dare_time_s`` (DARE on every model), ``statistics_time_s`` (Fisher /
+        RegMean statistics: the time they took when first collected, even if cached since) and
+        ``merge_time_s`` (the merge function itself)."""
+        started = time.perf_counter()
+        self.last_timing = {"statistics_time_s": 0.0}
         set_random_seed(self.options.seed)
         states = self.model_states(rate)
+        self.last_timing["dare_time_s"] = time.perf_counter() - started
         counts = None
         if method in STATISTICS_AXIS:
             counts = per_model_examples(setting[STATISTICS_AXIS[method]], len(self.members), STATISTICS_AXIS[method])
         options = merge_options(method, setting, len(self.members), self.options.methods)
-        if method == "regmean_plusplus":   # statistics and merge interleave, block by block
+        started = time.perf_counter()
+        if method == "regmean_plusplus":   # statistics and merge interleave, block by block (its time is the merge's)
             merged = regmean_plusplus_merge([m.model for m in self.members], [self.with_own_head(m, s) for m, s in zip(self.members, states)],
                                             self.base_state, [m.statistics_loader for m in self.members], counts, options.regmean_alpha,
                                             self.device, exclude_regex=self.exclude_regex, progress=self.options.progress)
             for member in self.members:
                 member.model.load_state_dict(member.state)
+            self.last_timing["merge_time_s"] = time.perf_counter() - started
             return merged
         statistics = self.statistics(method, counts, rate, states) if counts else None
-        return merge_state_dicts(method, self.base_state, states, options, seed=self.options.seed, statistics=statistics,
-                                 exclude_regex=self.exclude_regex)
+        started = time.perf_counter()
+        parameters = merge_parameters(method, setting)
+        merged = merge_state_dicts(method, self.base_state, states, options, seed=self.options.seed, statistics=statistics,
+                                   exclude_regex=self.exclude_regex, **({"parameters": parameters} if parameters is not None else {}))
+        self.last_timing["merge_time_s"] = time.perf_counter() - started
+        return merged
 
     def evaluate(self, merged: dict, split: str) -> dict[str, dict]:
         """Each task's metrics on ``split`` with the merged encoder and the task's own head."""
@@ -317,6 +361,14 @@ class MergeRunOptions:
     progress: bool
     flags: dict
     mask_search: str = "per_task"
+    max_validation_samples: int | None = None   # cap of the validation split only (default: max_eval_samples)
+    eval_batch_size: int | None = None          # evaluation batch size (default: batch_size, which statistics use)
+    seeds: tuple[int, ...] | None = None        # run the search once per seed (data loaded once); None: ``seed``
+    winners: str = "all"                        # "all": the mean's and each task's winner; "mean": only the mean's
+
+    def criteria(self, tasks) -> list[str]:
+        """The selection criteria: ``mean`` (one merged model for every task), then each task's own."""
+        return ["mean"] if self.winners == "mean" else ["mean", *tasks]
 
     @property
     def base_method(self) -> str:
@@ -355,6 +407,8 @@ def result_suffix(options: MergeRunOptions, for_apply_method: bool = False) -> s
     if options.method == "mask_merging" and not for_apply_method:
         suffix += dare_suffix(options.dare, searched_rate=True)
         suffix += "" if options.mask_search == "per_task" or options.grid == "none" else f"_search_{options.mask_search}"
+        # the DARE masks' seed (the apply method's file, read for its winners, is seed-independent)
+        suffix += "" if options.seed == DEFAULT_MERGE_SEED else f"_seed_{options.seed}"
     return suffix
 
 
@@ -385,10 +439,11 @@ def grid_settings(options: MergeRunOptions, config: dict, tasks) -> tuple[str, l
         short = model_short_name(options.language_model_name)
         apply_file = result_dir(options, tasks, apply, None) / f"{short}{result_suffix(options, for_apply_method=True)}.json"
         base_winners = read_apply_method_winners(apply_file, apply)
-        missing = [criterion for criterion in ("mean", *tasks) if criterion not in base_winners]
+        missing = [criterion for criterion in options.criteria(tasks) if criterion not in base_winners]
         if missing:
             raise ValueError(f"{apply_file} has no winner for {', '.join(missing)}")
         base_settings = []
+        base_winners = {criterion: base_winners[criterion] for criterion in options.criteria(tasks)}
         for setting in base_winners.values():
             if setting not in base_settings:
                 base_settings.append(setting)
@@ -414,7 +469,8 @@ def load_member(task: str, row: dict, checkpoint: Path, data: dict, options: Mer
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     member = TaskMember(task=task, row=row, model=model, state={k: v.detach().clone() for k, v in model.state_dict().items()})
     for split in {options.select_on, "test"}:
-        member.eval_loaders[split] = make_loader(encode_split(tokenizer, data[split], row, options.max_seq_length), tokenizer, options.batch_size, shuffle=False)
+        member.eval_loaders[split] = make_loader(encode_split(tokenizer, data[split], row, options.max_seq_length), tokenizer,
+                                                 options.eval_batch_size or options.batch_size, shuffle=False)
     if needs_train:
         encoded = encode_split(tokenizer, data["train"], row, options.max_seq_length)
         member.statistics_loader = functools.partial(make_loader, encoded, tokenizer, options.batch_size, shuffle=True, seed=options.seed)
@@ -442,11 +498,16 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
     records = []
     for setting, rate in settings:
         full_setting = {**setting, **({"weight_mask_rate": rate} if options.method == "mask_merging" else {})}
-        metrics = search.evaluate(search.merge(method, setting, rate), options.select_on)
+        merged = search.merge(method, setting, rate)
+        timing = dict(search.last_timing)
+        started_evaluation = time.perf_counter()
+        metrics = search.evaluate(merged, options.select_on)
+        timing["selection_evaluation_time_s"] = time.perf_counter() - started_evaluation
         record = {
             "name": setting_name(full_setting),
             "setting": setting,
             "weight_mask_rate": rate,
+            "timing": timing,
             "selection_split": options.select_on,
             "selection_metrics": metrics,
             "selection_scores": scores_of(members, metrics),
@@ -454,7 +515,7 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
         records.append(record)
         print(f"{'_'.join(tasks)} {options.method} {record['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["selection_scores"].items()))
     winners = {}
-    for criterion, index in select_winners(records, ["mean", *tasks], candidates).items():
+    for criterion, index in select_winners(records, options.criteria(tasks), candidates).items():
         record = records[index]
         if "test_metrics" not in record:
             test = record["selection_metrics"] if options.select_on == "test" else search.evaluate(search.merge(method, record["setting"], record["weight_mask_rate"]), "test")
@@ -484,7 +545,8 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
 
 
 def run_merge_search(options: MergeRunOptions, config: dict, device) -> list[dict]:
-    """Check every group's grid and every checkpoint before any merge, load the data once, search each group."""
+    """Check every group's grid and every checkpoint before any merge, load the data once, search each group
+    (once per seed of ``options.seeds``)."""
     for group in options.groups:
         grid_settings(options, config, group)
     tasks = list(dict.fromkeys(task for group in options.groups for task in group))
@@ -492,6 +554,10 @@ def run_merge_search(options: MergeRunOptions, config: dict, device) -> list[dic
     data, checkpoints = {}, {}
     for task in tasks:
         data[task] = load_task_splits(task, config, options.glue_dir, splits=splits, max_train_samples=options.max_train_samples,
-                                      max_eval_samples=options.max_eval_samples)
+                                      max_eval_samples=options.max_eval_samples, max_validation_samples=options.max_validation_samples)
         checkpoints[task] = task_checkpoint(options.save_dir, config, options.language_model_name, task, options.learning_rate)
-    return [run_group(options, config, list(group), data, checkpoints, device) for group in options.groups]
+    results = []
+    for seed in options.seeds or (options.seed,):
+        seeded = dataclasses.replace(options, seed=seed, seeds=None, flags={**options.flags, "seed": seed, "seeds": None})
+        results += [run_group(seeded, config, list(group), data, checkpoints, device) for group in options.groups]
+    return results

@@ -313,6 +313,7 @@ class TrainOptions:
     flags: dict
     precision: str = "fp32"
     report_to: tuple[str, ...] = ()
+    max_validation_samples: int | None = None   # cap of validation only (default: max_eval_samples)
 
 
 def build_model(options: TrainOptions, rows: dict[str, dict]):
@@ -466,7 +467,8 @@ def run_training(options: TrainOptions, config: dict, device) -> list[dict]:
                             advice="--save_dir")
         existing_checkpoint(model_dir, options)
     data = {task: load_task_splits(task, config, options.glue_dir, max_train_samples=options.max_train_samples,
-                                   max_eval_samples=options.max_eval_samples) for task in options.tasks}
+                                   max_eval_samples=options.max_eval_samples, max_validation_samples=options.max_validation_samples)
+            for task in options.tasks}
     tokenizer = AutoTokenizer.from_pretrained(options.language_model_name)
     results = []
     for run in range(options.num_runs):

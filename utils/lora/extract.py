@@ -6,8 +6,11 @@ One module at a time (two tensors read, factors kept, nothing else held):
   rule; either bound may be absent); B = U_r diag(√σ_r), A = diag(√σ_r) V_rᵀ ("distribute scale", as
   mergekit), so B A is the best rank-r approximation of ΔW. The decomposition works in the smaller
   dimension k = min(m, n): the Gram matrix ΔW ΔWᵀ (or ΔWᵀ ΔW) in float64 and its eigendecomposition give
-  σ and U exactly (to float64 rounding), then A = U_rᵀ ΔW / √σ — cheaper than a full SVD of an m × n matrix
-  when m ≠ n, and as accurate for the kept directions.
+  σ and U, then A = U_rᵀ ΔW / √σ. With a threshold (sv_epsilon) the eigendecomposition is float64, so
+  small σ are exact to float64 rounding; with a rank only, the eigenvectors come from a float32
+  eigendecomposition of the float64 Gram matrix and σ² from float64 Rayleigh quotients (the reconstruction
+  error moves by ~1e-13 relative; ~1.6x faster). Either way it is cheaper than the full float32 SVD per
+  module that mergekit-extract-lora runs.
 - which tensors: 2-D weights of Linear / Conv1D modules (Conv1D: ΔWᵀ is decomposed, fan_in_fan_out);
   embeddings and lm_head per ``embeddings``: ``lora`` (Embedding: lora_embedding_A/B; lm_head: a Linear
   LoRA; a tied lm_head is the input embedding's tensor and gets its LoRA once, without PEFT's
@@ -88,8 +91,12 @@ def low_rank(delta: torch.Tensor, rank: int | None, sv_epsilon: float | None) ->
     wide = delta.shape[0] <= delta.shape[1]
     d = delta.to(torch.float64)
     gram = d @ d.T if wide else d.T @ d
-    eigenvalues, vectors = torch.linalg.eigh(gram)
-    order = torch.arange(eigenvalues.shape[0] - 1, -1, -1)
+    if sv_epsilon is None:   # eigenvectors in float32 (the eigendecomposition is most of the time: ~1.6x
+        vectors = torch.linalg.eigh(gram.float())[1].double()   # faster), eigenvalues refined as float64
+        eigenvalues = ((gram @ vectors) * vectors).sum(0)       # Rayleigh quotients; the error of B·A moves
+    else:                                                       # by ~1e-13 relative. A threshold needs small σ
+        eigenvalues, vectors = torch.linalg.eigh(gram)          # exactly: float64 throughout
+    order = torch.argsort(eigenvalues, descending=True, stable=True)
     sigma = eigenvalues[order].clamp_min(0).sqrt()
     vectors = vectors[:, order]
     keep = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])

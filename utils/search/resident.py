@@ -189,7 +189,8 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
             slots = {ref: resident.slot(seed, inputs[ref].index, group.name) for ref in group.sources} \
                 if method.randomized else {}
             call = TensorGroupCall(tensors, group.base, group.params, group.per_input, slots, tie_order,
-                                   piece_sparsifiers=_rank_cuts(method, group, tensors, resident, tie_order))
+                                   piece_sparsifiers=_rank_cuts(method, group, tensors, resident, tie_order),
+                                   name=group.name, layer=group.layer, num_layers=plan.num_layers)
             try:
                 if method.kind == "state_dict" and not group.passthrough:     # a paper method (MergeLM's float32)
                     dare = group.dare.resolve(len(group.models)) if group.dare is not None else None
