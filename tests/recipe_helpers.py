@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import save_tiny_llama
 
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 64)]
@@ -36,3 +38,20 @@ def build_models(root: Path) -> dict[str, Path]:
     folders["chatml"] = save_tiny_llama(models / "chatml", seed=3, base=base, vocab_size=66)
     save_tokenizer(folders["chatml"], CHATML)
     return folders
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder holding models/{base,chat,code,chatml}; each test links it into its own cwd (import this
+    fixture and `cwd` into a test module to use them)."""
+    root = tmp_path_factory.mktemp("recipes")
+    build_models(root)
+    return root
+
+
+@pytest.fixture
+def cwd(workspace, tmp_path, monkeypatch):
+    (tmp_path / "models").symlink_to(workspace / "models")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path

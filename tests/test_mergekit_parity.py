@@ -229,21 +229,7 @@ def test_non_finite_results_are_refused_with_the_method_name():
 # recipes end to end (tiny Llamas): wiring, dtype rules, streaming, bad input
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from tests.recipe_helpers import build_models
-
-    root = tmp_path_factory.mktemp("mergekit-parity")
-    build_models(root)
-    return root
-
-
-@pytest.fixture
-def cwd(workspace, tmp_path, monkeypatch):
-    (tmp_path / "models").symlink_to(workspace / "models")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
+from tests.recipe_helpers import cwd, workspace  # noqa: E402,F401 (fixtures: tiny Llamas in models/)
 
 
 def _recipe(cwd, name, method, models, base="models/base", extra="", dtype="bfloat16"):

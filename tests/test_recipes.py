@@ -11,26 +11,10 @@ from safetensors.torch import load_file
 import merge_models
 from model_merging_methods.recipe_methods import RecipeParameter, gta_tensor, sparsify_magnitude
 from tests.conftest import ROOT
-from tests.recipe_helpers import build_models
+from tests.recipe_helpers import build_models, cwd, workspace  # noqa: F401 (fixtures)
 from utils.recipes.parameters import evaluate_setting, resolve
 
 RECIPES = ROOT / "configs" / "recipes"
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A folder holding models/{base,chat,code,chatml}; each test copies it (symlinks) into its own cwd."""
-    root = tmp_path_factory.mktemp("recipes")
-    build_models(root)
-    return root
-
-
-@pytest.fixture
-def cwd(workspace, tmp_path, monkeypatch):
-    (tmp_path / "models").symlink_to(workspace / "models")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
 
 
 def run(args, capsys=None):
