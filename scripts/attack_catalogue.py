@@ -321,8 +321,9 @@ def _result(work: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- sandbox
 
-def sandbox_cases() -> list[tuple[str, Callable[[Path], str | None]]]:
-    """(name, attack(work) → None if the sandbox held, else what escaped)."""
+def sandbox_cases(outside: Path) -> list[tuple[str, Callable[[Path], str | None]]]:
+    """(name, attack(work) → None if the sandbox held, else what escaped). `outside`: a folder outside the
+    sandbox's where the escapes try to create files ({o} in a program)."""
     import subprocess
     import time
     import uuid
@@ -334,7 +335,7 @@ def sandbox_cases() -> list[tuple[str, Callable[[Path], str | None]]]:
 
     def holds(program: str, effect: Callable[[], str | None] = lambda: None, must_fail: bool = True):
         def attack(work: Path) -> str | None:
-            result = run_program(program.replace("{w}", str(work)), limits)
+            result = run_program(program.replace("{w}", str(work)).replace("{o}", str(outside)), limits)
             if must_fail and result.passed:
                 return "the program passed"
             return effect()
@@ -363,23 +364,24 @@ def sandbox_cases() -> list[tuple[str, Callable[[Path], str | None]]]:
             b"Z" != open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] else None
 
     shm = f"mergelm-attack-{uuid.uuid4().hex[:8]}"
+    out = lambda name: str(outside / name)  # noqa: E731
     fake = {"prompt": "def f(x):\n", "test": "def check(candidate):\n    assert candidate(1) == 2\n", "entry_point": "f"}
     return [
         ("sandbox: pidfd_open + pidfd_send_signal", victim_survives("import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({pid}), 9)\n")),
         ("sandbox: os.kill of another process", victim_survives("import os\nos.kill({pid}, 9)\n")),
         ("sandbox: setpgrp, then kill the supervisor", runner_gone),
         ("sandbox: sqlite3 file: URI outside", holds("import sqlite3\nsqlite3.connect('file:{w}/x.db?mode=rwc', uri=True).execute('create table t(x)')\n", lambda: None)),
-        ("sandbox: sqlite3 ATTACH outside", holds("import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute(\"attach '/tmp/mergelm-attached.db' as a\")\nc.execute('create table a.t(x)')\n",
-                                                 lambda: "attached" if os.path.exists("/tmp/mergelm-attached.db") else None)),
-        ("sandbox: readline history file outside", holds("import readline\nreadline.write_history_file('/tmp/mergelm-history')\n",
-                                                        lambda: "written" if os.path.exists("/tmp/mergelm-history") else None)),
+        ("sandbox: sqlite3 ATTACH outside", holds("import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute(\"attach '{o}/attached.db' as a\")\nc.execute('create table a.t(x)')\n",
+                                                 lambda: "attached" if os.path.exists(out("attached.db")) else None)),
+        ("sandbox: readline history file outside", holds("import readline\nreadline.write_history_file('{o}/history')\n",
+                                                        lambda: "written" if os.path.exists(out("history")) else None)),
         ("sandbox: shm_open leaves /dev/shm objects", holds(f"import _posixshmem, os\n_posixshmem.shm_open('/{shm}', os.O_CREAT | os.O_RDWR, 0o600)\n",
                                                            lambda: "left" if os.path.exists(f"/dev/shm/{shm}") else None)),
-        ("sandbox: os.system", holds("import os\nos.system('touch /tmp/mergelm-system')\n", lambda: "ran" if os.path.exists("/tmp/mergelm-system") else None)),
-        ("sandbox: subprocess", holds("import subprocess\nsubprocess.run(['touch', '/tmp/mergelm-sub'])\n", lambda: "ran" if os.path.exists("/tmp/mergelm-sub") else None)),
-        ("sandbox: ctypes", holds("import ctypes\nctypes.CDLL(None).system(b'touch /tmp/mergelm-ctypes')\n", lambda: "ran" if os.path.exists("/tmp/mergelm-ctypes") else None)),
+        ("sandbox: os.system", holds("import os\nos.system('touch {o}/system')\n", lambda: "ran" if os.path.exists(out("system")) else None)),
+        ("sandbox: subprocess", holds("import subprocess\nsubprocess.run(['touch', '{o}/sub'])\n", lambda: "ran" if os.path.exists(out("sub")) else None)),
+        ("sandbox: ctypes", holds("import ctypes\nctypes.CDLL(None).system(b'touch {o}/ctypes')\n", lambda: "ran" if os.path.exists(out("ctypes")) else None)),
         ("sandbox: read /etc/passwd", holds("print(open('/etc/passwd').read())\n")),
-        ("sandbox: write outside the folder", holds("open('/tmp/mergelm-written', 'w').write('x')\n", lambda: "written" if os.path.exists("/tmp/mergelm-written") else None)),
+        ("sandbox: write outside the folder", holds("open('{o}/written', 'w').write('x')\n", lambda: "written" if os.path.exists(out("written")) else None)),
         ("sandbox: a socket", holds("import socket\nsocket.create_connection(('127.0.0.1', 22))\n")),
         ("sandbox: os._exit(0) before the tests", holds("import os\nos._exit(0)\nassert False\n")),
         ("sandbox: an object whose == is always True", holds(human_eval_program(fake, "    class A:\n        __eq__ = lambda s, o: True\n    return A()\n"))),
@@ -438,7 +440,9 @@ def main(argv=None) -> int:
         print(f"{'ok   ' if problem is None else 'WRONG'} {case.name}" + (f": {problem}" if problem else ""), flush=True)
         if problem:
             wrong.append(case.name)
-    for name, attack in sandbox_cases():
+    outside = root / "outside"
+    outside.mkdir()
+    for name, attack in sandbox_cases(outside):
         if args.only and args.only not in name:
             continue
         work = root / f"case{tried:03d}"
@@ -447,10 +451,8 @@ def main(argv=None) -> int:
             problem = attack(work)
         except Exception as error:  # the attack harness itself failed: count as wrong
             problem = f"harness error {type(error).__name__}: {error}"
-        for leftover in ("/tmp/mergelm-attached.db", "/tmp/mergelm-history", "/tmp/mergelm-system", "/tmp/mergelm-sub",
-                         "/tmp/mergelm-ctypes", "/tmp/mergelm-written"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+        for leftover in outside.iterdir():   # what an escape created must not fail the next case
+            leftover.unlink()
         tried += 1
         right += problem is None
         print(f"{'ok   ' if problem is None else 'WRONG'} {name}" + (f": {problem}" if problem else ""), flush=True)
