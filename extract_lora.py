@@ -4,7 +4,7 @@ Per-module rank: min(--rank, number of singular values > --sv_epsilon) (either b
 and lm_head (tied included) get LoRA factors or are saved in full (--embeddings); changed norms and biases
 are saved in full as modules_to_save (a LoRA module's bias as lora_B.bias), skipped, or refused
 (--non_lora). Writes the adapter folder and extract_report.json (rank and reconstruction error per module
-and in total). README "LoRA in and out" has the details and the comparison with mergekit-extract-lora.
+and in total). docs/lora.md has the details and the comparison with mergekit-extract-lora.
 
 Example:
     python extract_lora.py --base base/ --model finetuned/ --output_dir lora/ --rank 32

@@ -3,7 +3,7 @@ r"""Merge PEFT LoRA adapters of one base into one adapter, in adapter space (no 
 Combinations: PEFT's add_weighted_adapter types (linear, cat, svd, ties, ties_svd, dare_linear, dare_ties,
 dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd), with PEFT's semantics, and KnOTS
 (knots_linear, knots_ties, knots_dare_linear, knots_dare_ties: SVD alignment, then the rule on the aligned
-coefficients). README "LoRA in and out" states each formula.
+coefficients). docs/lora.md states each formula.
 
 Example:
     python merge_lora.py --adapters lora_math/ lora_code/ --weights 0.6 0.4 --combination cat --output_dir merged_lora/

@@ -1,5 +1,5 @@
 """Rerun a catalogue of hostile and careless inputs against every entry script and the code sandbox, and
-check the promise of README "Reliability" for each: bad input → exit status 2 and one short line (no
+check the promise of docs/reliability.md for each: bad input → exit status 2 and one short line (no
 traceback), inputs unchanged, nothing half-written or left over, nothing non-finite published, no escape.
 
     python scripts/attack_catalogue.py [--only SUBSTRING] [--keep]

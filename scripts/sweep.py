@@ -8,7 +8,7 @@ Every setting (a point of the sweep's axes × seeds) has a stable id (hash of it
 failure) and sweep_log.txt. `run` checks every setting's flags with the script's own parser first, skips
 settings already done with the same resolved config (--force reruns them), and keeps going when a
 setting fails (exit status 1 at the end). Relative paths in the sweep's flags are relative to the
-current directory, as on the command line. See README "Sweeps" and utils/sweeps/.
+current directory, as on the command line. See docs/sweeps.md and utils/sweeps/.
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """The architecture coverage matrix, as data: every architecture the tests build (tiny, random, from its
 transformers config class: no download), and per operation whether it works or is refused, and why.
 
-tests/test_architecture_matrix.py runs every cell; the README's matrix is rendered from this file
-(`render_matrix`), and a test checks that the README holds exactly that table.
+tests/test_architecture_matrix.py runs every cell; the matrix in docs/architectures.md is rendered from this file
+(`render_matrix`), and a test checks that docs/architectures.md holds exactly that table.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# column key → README header
+# column key → header of the matrix in docs/architectures.md
 OPERATIONS = {
     "flags": "flags: TA, TIES, DARE",
     "slices": "recipe: passthrough slices",
@@ -31,7 +31,7 @@ LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], line
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str                     # the README cell
+    reason: str                     # the matrix cell
     message: str                    # a substring of the exit-2 error
 
 
@@ -49,7 +49,7 @@ def text(**changes) -> dict:
 @dataclass(frozen=True)
 class Architecture:
     key: str                        # test id
-    label: str                      # README row
+    label: str                      # matrix row
     config_class: str               # transformers configuration class
     model_class: str                # transformers model class saved (config.architectures[0])
     auto_class: str                 # the Auto class that must load a merge of it
@@ -202,7 +202,7 @@ def dummy_inputs(architecture: Architecture) -> dict:
 
 
 def render_matrix() -> str:
-    """The README's matrix: one row per architecture, one column per operation."""
+    """The matrix of docs/architectures.md: one row per architecture, one column per operation."""
     header = "| architecture | " + " | ".join(OPERATIONS.values()) + " |"
     rule = "| --- |" + " --- |" * len(OPERATIONS)
     rows = [f"| {a.label} | " + " | ".join(a.status(o) for o in OPERATIONS) + " |" for a in ARCHITECTURES]

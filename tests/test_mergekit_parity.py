@@ -2,7 +2,7 @@
 tiny tensors, invariants, dtype rules, streaming in pieces, recipes end to end and bad input.
 
 Bit-identity with mergekit itself is checked by scripts/compare_mergekit_kernels.py and
-scripts/compare_with_mergekit.py in mergekit's own environment (figures in the README); these tests need
+scripts/compare_with_mergekit.py in mergekit's own environment (figures in docs/methods.md); these tests need
 no mergekit."""
 import math
 

@@ -35,13 +35,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True,
                         help="folder to create (written atomically); must not be, contain or lie inside an input")
     parser.add_argument("--config", default=None, metavar="RECIPE",
-                        help="a mergekit-compatible YAML recipe instead of the method flags (README 'Recipes')")
+                        help="a mergekit-compatible YAML recipe instead of the method flags (docs/recipes.md)")
     parser.add_argument("--intermediate_dir", default=None,
                         help="multi-document recipes: where earlier documents' outputs go (reused when made from "
                              "the same document)")
     parser.add_argument("--parameter", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="mergekit-named and frontier methods: any parameter the method declares (e.g. normalize=false, "
-                             "rescale=true, gamma=0.02, t=0.001 for nearswap); README 'Recipes'. Frontier methods (default): "
+                             "rescale=true, gamma=0.02, t=0.001 for nearswap); docs/recipes.md. Frontier methods (default): "
                              + frontier_parameters_help())
     parser.add_argument("--tie_order", choices=["index", "argsort"], default="index",
                         help="mergekit's ties / breadcrumbs*: which entries tied at a rank cut-off (ties, breadcrumbs*) are kept: the first "
@@ -124,7 +124,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         if given:
             parser.error(f"{', '.join(given)}: the paper's options apply to the paper's methods (average_merging, "
                          f"task_arithmetic, ties_merging, norm_adaptive, dare); --method {args.method} is mergekit's "
-                         f"(README 'One registry, one meaning per name')")
+                         f"(docs/methods.md, 'One registry, one meaning per name')")
     elif args.parameter or args.tie_order != "index":
         parser.error("--parameter and --tie_order are for mergekit-named methods and recipes")
     if args.from_manifest is None:

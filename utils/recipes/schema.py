@@ -246,7 +246,7 @@ class TokenizerSpec(_Strict):
 
 
 class DareBlock(_Strict):
-    """The paper's DARE before the merge (README 'DARE'): the default drop rate of every model (a model's
+    """The paper's DARE before the merge (docs/methods.md, DARE): the default drop rate of every model (a model's
     `drop_rate` parameter overrides it, with gradients and filters like any parameter) and the settings."""
 
     drop_rate: float = 0.0
