@@ -374,3 +374,78 @@ def test_train_removes_the_trainer_folders_of_killed_runs_only(ws, tmp_path):
     assert not stale.exists() and (alive / "checkpoint-1").is_dir()
     assert (parent / NAME / "training_state.json").is_file()
     assert sorted(p.name for p in parent.iterdir()) == sorted([NAME, alive.name])   # its own work folder is gone too
+
+
+KILL_AFTER_FIRST_EPOCH = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+from transformers import TrainerCallback
+import utils.glue.training as training
+from train_plms_glue import main
+
+original = training.make_trainer_class
+
+
+class KillAfterSave(TrainerCallback):          # SIGKILL once the first epoch checkpoint is on disk
+    def on_save(self, args, state, control, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killing_trainer_class():
+    base = original()
+
+    class Killing(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(KillAfterSave())
+    return Killing
+
+
+training.make_trainer_class = killing_trainer_class
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_training_resumes_from_its_last_epoch_checkpoint(ws, tmp_path, capsys):
+    """SIGKILL right after epoch 1's checkpoint: the rerun resumes at that step (global_step continues, the log
+    keeps epoch 1) and ends with the same weights as the uninterrupted 2-epoch run of the ws fixture; a rerun
+    with other settings is refused until --overwrite; the work folder goes once the checkpoint is published."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    argv = ["--dataset_name", "mrpc", "--num_epochs", "2", "--num_runs", "1", "--save_dir", str(tmp_path), *ws.common]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH, *argv], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    parent = tmp_path / "save_models" / "mrpc"
+    work = parent / f".{NAME}.trainer"
+    steps_per_epoch = -(-94 // 16)                               # 94 train pairs, batch 16
+    assert [p.name for p in work.glob("checkpoint-*")] == [f"checkpoint-{steps_per_epoch}"]
+    assert not (parent / NAME).exists()                          # nothing published by the killed run
+
+    expect_exit(train_main, [*argv[:3], "3", *argv[4:]], capsys, str(work), "changed: num_epochs", "--overwrite", code=2)
+    assert (work / f"checkpoint-{steps_per_epoch}").is_dir()     # the refusal leaves the checkpoints alone
+
+    result = train_main(argv)[0]
+    assert "resuming from" in capsys.readouterr().out
+    assert result["training"]["resumed_from_step"] == steps_per_epoch and result["training"]["total_steps"] == 2 * steps_per_epoch
+    assert [epoch["step"] for epoch in result["training"]["history"]] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert not work.exists() and (parent / NAME / "training_state.json").is_file()
+    resumed = load_file(parent / NAME / "model.safetensors")
+    uninterrupted = load_file(ws.save / "save_models" / "mrpc" / NAME / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_overwrite_starts_afresh_when_the_settings_changed(ws, tmp_path):
+    from utils.glue.training import RESUME_SETTINGS_FILE
+
+    work = tmp_path / "save_models" / "rte" / f".{NAME}.trainer"
+    stale = work / "checkpoint-3"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (work / RESUME_SETTINGS_FILE).write_text(json.dumps({"num_epochs": 7}))
+    result = train_main(["--dataset_name", "rte", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(tmp_path),
+                         "--overwrite", *ws.common])[0]
+    assert result["training"]["resumed_from_step"] is None and not work.exists()

@@ -13,13 +13,19 @@ where the original's 4.33 used its own ``adamw_hf``: the same update up to where
 clipped at 1.0, evaluation and checkpointing each epoch on the validation split, and the best epoch
 (``load_best_model_at_end``; ``metric_for_best_model`` = the mean over the tasks of their main validation
 score, strictly higher wins) restored at the end. ``group_by_length`` is the Trainer's length-grouped sampler.
-The Trainer's epoch checkpoints go to a working folder next to the checkpoint that the run removes when
-it ends; the project's checkpoint folder holds the best model only (safetensors).
+The Trainer's epoch checkpoints (model, optimizer, scheduler and RNG states) go to a working folder next to
+the checkpoint, ``.<name>.trainer/``, that the run removes when it ends; the project's checkpoint folder holds
+the best model only (safetensors). A run that was killed or interrupted leaves that folder behind, and the next
+run of the same command resumes from its last complete epoch checkpoint (the Trainer's own
+``resume_from_checkpoint``: optimizer, schedule, RNG, best-epoch bookkeeping and log continue) instead of
+starting over (also with --overwrite); a run with different training settings is refused (exit 2) unless
+--overwrite, which starts afresh. One process at a time trains into a folder (a lock in the working folder).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +265,7 @@ def training_arguments(options: "TrainOptions", config: dict, learning_rate: flo
         adam_epsilon=training["adam_epsilon"], max_grad_norm=training["max_grad_norm"], lr_scheduler_type="linear",
         optim="adamw_torch", eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
         load_best_model_at_end=True, metric_for_best_model="main_score", greater_is_better=True,
-        save_total_limit=1, save_only_model=True, seed=seed,
+        save_total_limit=1, save_only_model=False, seed=seed,   # optimizer/scheduler/RNG kept: a killed run resumes
         train_sampling_strategy="group_by_length" if options.group_by_length else "random",
         label_names=["labels"], remove_unused_columns=False, report_to=list(options.report_to) or "none",
         disable_tqdm=not options.progress, use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
@@ -268,14 +274,15 @@ def training_arguments(options: "TrainOptions", config: dict, learning_rate: flo
 
 
 def train_with_trainer(model: nn.Module, tokenizer, train_set: Dataset, validation_sets: dict[str, Dataset], rows: dict[str, dict],
-                       arguments) -> dict:
-    """Fine-tune ``model`` with the Trainer; the best epoch's weights are loaded into the returned model's
-    place (``model`` is trained in place). Returns the history and the best epoch."""
+                       arguments, resume_from: Path | None = None) -> dict:
+    """Fine-tune ``model`` with the Trainer (from the epoch checkpoint ``resume_from`` when given); the best
+    epoch's weights are loaded into the returned model's place (``model`` is trained in place). Returns the
+    history and the best epoch."""
     trainer = make_trainer_class()(
         model=model, args=arguments, train_dataset=train_set, eval_dataset=validation_sets, data_collator=make_collator(tokenizer),
         processing_class=tokenizer, task_rows=rows, validation_sets=validation_sets,
     )
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     history = training_history(trainer.state.log_history, list(rows))
     best = next((record for record in history if record["step"] == trainer.state.best_global_step), None)
     return {
@@ -387,10 +394,125 @@ def load_trained(model_dir: Path, rows: dict[str, dict], allow_pickle: bool = Fa
     return load_classifier(model_dir, allow_pickle=allow_pickle)
 
 
+TRAINER_WORK_SUFFIX = ".trainer"                 # .<checkpoint name>.trainer/: the Trainer's epoch checkpoints
+RESUME_SETTINGS_FILE = "resume_settings.json"    # in the work folder: what a resumed run must match
+
+
+def trainer_work_dir(model_dir: Path) -> Path:
+    """The Trainer's working folder of a checkpoint folder (absolute: the Trainer records checkpoint paths)."""
+    return model_dir.parent.resolve() / f".{model_dir.name}{TRAINER_WORK_SUFFIX}"
+
+
+def resume_settings(options: TrainOptions, learning_rate: float, seed: int) -> dict:
+    """Everything that shapes the training trajectory: a run resumes an earlier run's epoch checkpoints only
+    when these are equal (device, progress bars, evaluation caps of the test split may differ)."""
+    return {"language_model_name": str(options.language_model_name), "tasks": list(options.tasks),
+            "multitask": options.multitask, "learning_rate": learning_rate, "seed": seed, "batch_size": options.batch_size,
+            "num_epochs": options.num_epochs, "max_seq_length": options.max_seq_length,
+            "group_by_length": options.group_by_length, "precision": options.precision,
+            "glue_dir": None if options.glue_dir is None else str(options.glue_dir),
+            "max_train_samples": options.max_train_samples,
+            "validation_samples": options.max_eval_samples if options.max_validation_samples is None else options.max_validation_samples}
+
+
+def last_complete_checkpoint(work_dir: Path) -> tuple[Path | None, int | None]:
+    """The Trainer checkpoint with the highest step whose trainer_state.json (written last) reads as JSON."""
+    candidates = []
+    for folder in work_dir.glob("checkpoint-*"):
+        suffix = folder.name[len("checkpoint-"):]
+        if folder.is_dir() and suffix.isdigit():
+            try:
+                step = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue                                  # killed while saving: not a checkpoint to resume from
+            candidates.append((int(step), folder))
+    if not candidates:
+        return None, None
+    step, folder = max(candidates)
+    return folder, step
+
+
+class TrainerWorkFolder:
+    """The Trainer's working folder of one checkpoint, held under an exclusive lock while training.
+
+    On entry: a folder left by an earlier run with the same ``settings`` gives ``resume_from`` (its last
+    complete epoch checkpoint), with or without ``overwrite`` (rerunning the same command always resumes);
+    different settings are refused (ValueError, exit 2) unless ``overwrite``, which empties the folder. On a
+    clean exit the folder is removed; on an exception or a kill it is kept, so that the next run resumes.
+    Under torchrun only the primary process (rank 0) locks, empties and removes the folder; the others read
+    the same checkpoint."""
+
+    def __init__(self, work_dir: Path, settings: dict, *, overwrite: bool, primary: bool = True):
+        self.work_dir, self.settings, self.overwrite, self.primary = work_dir, settings, overwrite, primary
+        self.resume_from: Path | None = None
+        self.resumed_step: int | None = None
+        self._lock = None
+
+    def __enter__(self) -> "TrainerWorkFolder":
+        if self.primary:
+            self._take_lock()
+        try:
+            self._decide()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _take_lock(self) -> None:
+        import fcntl
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.work_dir / "lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._release()
+            raise ValueError(f"another process is training into {self.work_dir.parent} (it holds {self.work_dir / 'lock'}); "
+                             "wait for it or stop it") from None
+
+    def _decide(self) -> None:
+        import shutil
+
+        settings_file = self.work_dir / RESUME_SETTINGS_FILE
+        try:
+            previous = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        checkpoint, step = last_complete_checkpoint(self.work_dir) if self.work_dir.is_dir() else (None, None)
+        if checkpoint is not None and previous == self.settings:
+            self.resume_from, self.resumed_step = checkpoint, step
+            return
+        if checkpoint is not None and not self.overwrite:
+            changed = sorted(key for key in set(self.settings) | set(previous or {})
+                             if (previous or {}).get(key) != self.settings.get(key))
+            raise ValueError(f"{self.work_dir} holds the epoch checkpoints of an unfinished run with other settings "
+                             f"(changed: {', '.join(changed) or 'unreadable ' + RESUME_SETTINGS_FILE}); rerun with its "
+                             "settings to resume it, or pass --overwrite to start afresh")
+        if self.primary:                                   # nothing to resume, or --overwrite: start afresh
+            for entry in self.work_dir.iterdir():
+                if entry.name != "lock":
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            write_json_atomic(settings_file, self.settings)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        import shutil
+
+        if self.primary and kind is None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        elif self.primary and last_complete_checkpoint(self.work_dir)[0] is not None:
+            print(f"training stopped; its epoch checkpoints are kept in {self.work_dir}: rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+        self._release()
+        return False
+
+
 def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device, run: int) -> dict:
     """Train (or reuse) run ``run`` (seed + run) and write its checkpoint and result JSON; returns the result."""
-    import shutil
-
     tasks = list(options.tasks)
     short = model_short_name(options.language_model_name)
     rows = {task: task_info(config, task) for task in tasks}
@@ -406,28 +528,40 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
                     for split in ("validation", "test")}
     started = time.time()
     existing = existing_checkpoint(model_dir, options)
-    trainer = None
     if existing is not None:
         model = load_trained(model_dir, rows, allow_pickle=options.allow_pickle)
         training = {"reused_checkpoint": str(model_dir), "written_by": "train_plms_glue.py" if existing == "ours" else "original MergeLM"}
-    else:
-        if len(train_set) == 0:
-            raise ValueError("no training steps: the train split is empty")
-        model = build_model(options, rows)
-        # The Trainer's epoch checkpoints: a working folder of this run, removed when the run ends (and, if
-        # a run was killed, by the next run into the same checkpoint folder).
-        remove_stale_staging(model_dir, kind="trainer")
-        work_dir = model_dir.parent / f".{model_dir.name}.trainer-{os.getpid()}"
-        arguments = training_arguments(options, config, learning_rate, seed, work_dir, device)
-        try:
-            training = train_with_trainer(model, tokenizer, train_set, {task: encoded[task]["validation"] for task in tasks}, rows, arguments)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        return _evaluate_and_record(options, config, data, rows, model, training, eval_loaders, device, run, seed, learning_rate,
+                                    model_dir, result_path, started, save=False)
+    if len(train_set) == 0:
+        raise ValueError("no training steps: the train split is empty")
+    model = build_model(options, rows)
+    remove_stale_staging(model_dir, kind="trainer")      # per-process folders of earlier versions, if killed
+    work_dir = trainer_work_dir(model_dir)
+    arguments = training_arguments(options, config, learning_rate, seed, work_dir, device)
+    # the work folder (and the epoch checkpoints in it) goes only once the checkpoint folder is published
+    with TrainerWorkFolder(work_dir, resume_settings(options, learning_rate, seed), overwrite=options.overwrite,
+                           primary=int(os.environ.get("RANK", "0")) == 0) as work:
+        if work.resume_from is not None:
+            print(f"resuming from {work.resume_from} (step {work.resumed_step}): the last epoch checkpoint of an earlier "
+                  "run of this command that did not finish", flush=True)
+        training = train_with_trainer(model, tokenizer, train_set, {task: encoded[task]["validation"] for task in tasks}, rows,
+                                      arguments, resume_from=work.resume_from)
+        training["resumed_from_step"] = work.resumed_step
         trainer = training.pop("trainer")
-        model = trainer.model
         training["training_arguments"] = json.loads(arguments.to_json_string())
-    if trainer is not None and not trainer.is_world_process_zero():
-        return {}
+        if not trainer.is_world_process_zero():
+            return {}
+        return _evaluate_and_record(options, config, data, rows, trainer.model, training, eval_loaders, device, run, seed,
+                                    learning_rate, model_dir, result_path, started, save=True, tokenizer=tokenizer)
+
+
+def _evaluate_and_record(options: TrainOptions, config: dict, data: dict, rows: dict, model, training: dict, eval_loaders: dict,
+                         device, run: int, seed: int, learning_rate: float, model_dir: Path, result_path: Path, started: float,
+                         *, save: bool, tokenizer=None) -> dict:
+    """Score the (trained or reused) model on test and validation, publish the checkpoint folder (``save``)
+    and write the result JSON; returns the result."""
+    tasks = list(options.tasks)
     model.to(device)
     test = {task: evaluate_task(model, loader, rows[task], device, progress=options.progress, description=f"test {task}")
             for task, loader in eval_loaders["test"].items()}
@@ -444,7 +578,7 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
         "wall_time_s": time.time() - started,
         "checkpoint": str(model_dir),
     }
-    if existing is None:
+    if save:
         save_trained(model, tokenizer, rows, training, model_dir, overwrite=options.overwrite,
                      pretrained=options.language_model_name)
     write_json_atomic(result_path, result)
