@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.llm_helpers import save_tiny_llama, write_jsonl
-from utils.llm.family import (ExpertSpec, answer_nll, encode_pair, gsm8k_response, mbpp_train_records,
-                              training_pairs)
+from utils.llm.benchmarks import gsm8k_response
+from utils.llm.family import ExpertSpec, mbpp_train_records, training_pairs
+from utils.llm.nll import answer_nll, encode_pair
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")

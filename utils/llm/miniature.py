@@ -2,7 +2,7 @@
 
 Every setting is one result file ``<results>/<experiment>/<setting>.json`` (resolved setting, seed, versions,
 metrics), written atomically and skipped when it exists, so a run resumes where it stopped. Metrics are
-teacher-forced answer NLL per token (utils/llm/family.answer_nll): a forward pass, and a number that moves at
+teacher-forced answer NLL per token (utils/llm/nll.answer_nll): a forward pass, and a number that moves at
 135M parameters where exact match does not.
 
 Splits (never trained or selected on the reported data):
@@ -51,30 +51,18 @@ class Budget:
 
 
 def held_out_pairs(skill: str, data_dir: Path, limit: int) -> dict[str, list[tuple[str, str]]]:
-    """Reported data per benchmark: (chat prompt, reference response) in the evaluation's prompt form."""
-    from utils.llm.data import load_human_eval
-    from utils.llm.family import gsm8k_response
-    from utils.llm.prompts import load_task_config, mbpp_input
+    """Reported data per benchmark: (chat prompt, reference response) of the first ``limit`` problems, exactly as
+    ``--metric nll`` of the LLM scripts builds them (utils/llm/nll.reference_pairs)."""
+    from utils.llm.benchmarks import load_dataset
+    from utils.llm.nll import reference_pairs
+    from utils.llm.prompts import load_task_config
 
+    benchmarks = {"math": ("gsm8k",), "code": ("mbpp", "human_eval")}
+    if skill not in benchmarks:
+        raise ValueError(f"unknown skill {skill!r} (math, code)")
     config = load_task_config()
-    instructions = config["chat"]["instructions"]
-
-    def read(name: str) -> list[dict]:
-        with open(data_dir / name, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-
-    if skill == "math":
-        return {"gsm8k": [(instructions["gsm8k"].format(input=r["question"]), gsm8k_response(r["answer"]))
-                          for r in read("gsm8k_test.jsonl")[:limit]]}
-    if skill == "code":
-        mbpp = sorted(read("mbpp.test.jsonl"), key=lambda r: int(r["task_id"]))[:limit]
-        examples, _ = load_human_eval()
-        return {"mbpp": [(instructions["mbpp"].format(input=mbpp_input(r, config)),
-                          "```python\n" + r["code"].replace("\r\n", "\n").strip() + "\n```") for r in mbpp],
-                "human_eval": [(instructions["human_eval"].format(input=e.record["prompt"]),
-                                "```python\n" + e.record["prompt"] + e.record["canonical_solution"] + "```")
-                               for e in examples[:limit]]}
-    raise ValueError(f"unknown skill {skill!r} (math, code)")
+    return {name: reference_pairs(name, load_dataset(name, data_dir=str(data_dir))[0][:limit], config)
+            for name in benchmarks[skill]}
 
 
 def validation_pairs(spec, data_dir: Path, limit: int) -> list[tuple[str, str]]:
@@ -99,7 +87,7 @@ class Evaluator:
         self.batch_size = batch_size
 
     def score(self, state: dict, sets: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
-        from utils.llm.family import answer_nll
+        from utils.llm.nll import answer_nll
 
         self.model.load_state_dict(state, strict=False)
         return {name: answer_nll(self.model, self.tokenizer, pairs, batch_size=self.batch_size)["nll_per_token"]
