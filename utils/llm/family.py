@@ -149,7 +149,11 @@ def train_expert(spec: ExpertSpec, base: Path, output_dir: Path, data_dir: Path,
         weight_decay=0.0, logging_steps=max(1, min(10, spec.max_steps // 2)), save_steps=50, save_total_limit=1, seed=spec.seed,
         data_seed=spec.seed, report_to=[], disable_tqdm=not progress, use_cpu=True, dataloader_num_workers=0,
         remove_unused_columns=False)
-    trainer = Trainer(model=model, args=arguments, train_dataset=_SFTDataset(rows), data_collator=collate)
+    from utils.progress import trainer_callback
+
+    callback = trainer_callback("sft")
+    trainer = Trainer(model=model, args=arguments, train_dataset=_SFTDataset(rows), data_collator=collate,
+                      callbacks=[callback] if callback else None)
     resume = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
     result = trainer.train(resume_from_checkpoint=resume)
     model.save_pretrained(output_dir, safe_serialization=True)
