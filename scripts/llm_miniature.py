@@ -6,7 +6,8 @@
 Stages (each resumable: finished settings are result files that are skipped), as configs/llm_miniature.yaml
 declares them: ``family`` trains the experts (scripts/build_llm_family.py, configs/llm_family.yaml); ``curve``
 the drop-rate curves of the math and code experts; ``magnitude`` the same curve for the large-δ math expert;
-``table`` the merge table (selected on validation, reported on held-out); ``report`` writes report.md and the
+``table`` the merge table (selected on validation, reported on held-out); ``generate`` exact match / pass@1 of
+θ_pre, the experts and selected merges on small subsets; ``report`` writes report.md and the
 figures from the result files only (utils/llm/miniature_report.py).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STAGES = ("family", "curve", "magnitude", "table", "report")
+STAGES = ("family", "curve", "magnitude", "table", "generate", "report")
 
 
 def tiny_assets(root: Path) -> tuple[Path, Path]:
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         stage("table")
         merge_table(family, specs, base, data_dir, root, grid=plan["merge"]["grid"], dare_rate=plan["merge"]["dare_rate"],
                     experts=tuple(plan["merge"]["experts"]), budget=budget)
+    if "generate" in args.stages:
+        stage("generate")
+        from utils.llm.miniature import generate_stage
+        generate_stage(family, base, data_dir, root, plan, python=sys.executable,
+                       script=ROOT / "inference_llms_instruct_math_code.py")
     if "report" in args.stages:
         from utils.llm.miniature_report import write_report
 

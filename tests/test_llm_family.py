@@ -170,6 +170,8 @@ def test_llm_miniature_tiny_runs_every_stage_and_resumes(tmp_path, capsys):
     plan["seeds"] = [0, 1]
     plan["merge"]["grid"] = {"task_arithmetic": [{"options": {"scaling_coefficient": 0.5}}],
                              "tsv_merging": [{"parameters": {"alpha": 1.0}}]}
+    plan["generate"] = {"limit": 2, "max_tokens": 4, "models": {"math": ["gsm8k"]},
+                        "merges": {"task_arithmetic": ["mbpp"]}}
     config = tmp_path / "plan.yaml"
     config.write_text(yaml.safe_dump(plan))
     root = tmp_path / "mini"
@@ -185,3 +187,6 @@ def test_llm_miniature_tiny_runs_every_stage_and_resumes(tmp_path, capsys):
     assert f"| tsv_merging + DARE | {selection['tsv_merging + DARE']['held_out']['gsm8k']:.3f} |" in report
     assert all((root / name).is_file() for name in ("drop_curve.png", "magnitude.png", "merge_table.png"))
     assert set(json.loads((root / "deltas.json").read_text())) >= {"math", "code", "math_large"}
+    summaries = sorted((root / "generate").glob("save_gen_*/*/*/summary.json"))
+    assert len(summaries) == 2 and "## Generation" in report
+    assert all(json.loads(p.read_text())["metrics"]["num_examples"] == 2 for p in summaries)

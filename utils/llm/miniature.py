@@ -275,3 +275,47 @@ def merge_table(family: dict[str, Path], specs: dict, base: Path, data_dir: Path
     if {k: v for k, v in previous.items() if k != "versions"} != selection:   # a resumed run rewrites nothing
         _write(folder / "selection.json", selection)
     return selection
+
+
+def generate_stage(family: dict[str, Path], base: Path, data_dir: Path, results: Path, plan: dict, *,
+                   python: str, script: Path, tiny: bool = False, log=print) -> list[Path]:
+    """Exact match / pass@1 with inference_llms_instruct_math_code.py (chat prompts, greedy) on the first
+    ``limit`` problems of each listed benchmark, for θ_pre, the listed experts and the merge table's selected
+    setting of each listed method (materialised once under ``generate/models/``). The script resumes from its
+    records; the summaries land under ``generate/save_gen_*``."""
+    import subprocess
+
+    from utils.records import write_folder_atomic
+
+    settings = plan["generate"]
+    folder = results / "generate"
+    models = {name: (base if name == "base" else family[name], benches) for name, benches in settings["models"].items()}
+    selection_file = results / "merge_table" / "selection.json"
+    if settings.get("merges") and selection_file.is_file():
+        rows = json.loads(selection_file.read_text())["rows"]
+        for method, benches in settings["merges"].items():
+            target = folder / "models" / f"merged_{method}"
+            if not (target / "config.json").is_file():
+                def write(staging: Path, method=method) -> None:
+                    from transformers import AutoModelForCausalLM, AutoTokenizer
+                    experts = json.loads(selection_file.read_text())["experts"]
+                    merged = _merge(method, _state(base), [_state(family[e]) for e in experts],
+                                    rows[method]["setting"], 0.0, 0)
+                    model = AutoModelForCausalLM.from_pretrained(base)
+                    model.load_state_dict(merged, strict=False)
+                    model.save_pretrained(staging, safe_serialization=True)
+                    AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+                write_folder_atomic(target, write, overwrite=False, inputs={"the base model": base})
+            models[f"merged_{method}"] = (target, benches)
+    summaries = []
+    for name, (model, benches) in models.items():
+        for bench in benches:
+            command = [python, str(script), "--finetuned_model_name", str(model), "--dataset_name", bench,
+                       "--end_index", str(settings["limit"]), "--prompt_format", "chat", "--backend", "transformers",
+                       "--device", "cpu", "--max_tokens", str(settings["max_tokens"]), "--batch_size", "8",
+                       "--data_dir", str(data_dir), "--save_dir", str(folder)]
+            log(f"generate {name} {bench}: {' '.join(command[1:])}")
+            if subprocess.run(command).returncode != 0:
+                raise RuntimeError(f"generation of {name} on {bench} failed (command above)")
+            summaries += list(folder.glob(f"save_gen_*/{bench}/{Path(model).name}_inference_mask_0.0*/summary.json"))
+    return summaries

@@ -165,6 +165,7 @@ def write_report(root: Path) -> list[Path]:
             written.append(_magnitude_figure(plt, table, root / "magnitude.png"))
     merge_lines, merge_figure = _merge_lines(root, plt)
     lines += merge_lines
+    lines += _generate_lines(root)
     if merge_figure:
         written.append(merge_figure)
     write_text_atomic(root / "report.md", "\n".join(lines) + "\n")
@@ -190,3 +191,24 @@ def _magnitude_figure(plt, table: dict, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _generate_lines(root: Path) -> list[str]:
+    """Exact match / pass@1 of the generate stage: model × benchmark (correct / problems)."""
+    summaries = _read((root / "generate").glob("save_gen_*/*/*/summary.json"))
+    if not summaries:
+        return []
+    cells: dict = {}
+    for summary in summaries:
+        metrics = summary["metrics"]
+        metric = "accuracy" if "accuracy" in metrics else "pass@1"
+        model = summary["save_name"].split("_inference_mask_")[0]
+        cells[(model, summary["dataset"])] = (f"{100 * metrics[metric]:.1f} ({metrics['num_correct']}/"
+                                              f"{metrics['num_examples']})")
+    models = sorted({m for m, _ in cells})
+    benches = [b for b in ("gsm8k", "mbpp", "human_eval") if any(b == d for _, d in cells)]
+    lines = ["## Generation: GSM8K exact match and MBPP / HumanEval pass@1 (%, greedy, chat prompts)", "",
+             "| model | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
+    for model in models:
+        lines.append(f"| {model} | " + " | ".join(cells.get((model, b), "–") for b in benches) + " |")
+    return lines + ["", f"Source: {root / 'generate'}/save_gen_*/<benchmark>/<model>/summary.json.", ""]
