@@ -333,8 +333,12 @@ def test_drop_sweep_with_batch_and_aggregation(ws, tmp_path, monkeypatch):
     path = tmp_path / "tiny_drop.yml"
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     result = run(path, RunOptions(workers=1))
-    assert result.counts() == {"done": 10, "failed": 0, "pending": 0}
+    assert result.counts() == {"done": 10, "failed": 0, "pending": 0, "running": 0, "interrupted": 0}
     assert sorted(item.record["block_size"] for item in result.settings) == [4] * 4 + [6] * 6  # 2 calls
+    # each call streamed its progress to its log: every evaluation's batches, and which of the call's parts ran
+    log = Path(next(item.record["log"] for item in result.settings if item.record["block_size"] == 6)).read_text()
+    assert "progress: test mrpc 1/4 batches (25%)" in log and "; part 1/6 (mrpc), call ETA" in log, log
+    assert not any((item.setting.folder / "sweep_progress.json").exists() for item in result.settings)
     assert plan(path).counts()["done"] == 10
     outputs = aggregate([save], tmp_path / "summary")
     groups = [g for g in outputs.groups if g["is_main"] and g["kind"] == "drop"]
@@ -449,3 +453,19 @@ def test_overwrite_starts_afresh_when_the_settings_changed(ws, tmp_path):
     result = train_main(["--dataset_name", "rte", "--num_epochs", "1", "--num_runs", "1", "--save_dir", str(tmp_path),
                          "--overwrite", *ws.common])[0]
     assert result["training"]["resumed_from_step"] is None and not work.exists()
+
+
+def test_training_reports_its_trainer_steps_to_a_sweeps_progress_file(ws, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 1: under a sweep (MERGELM_PROGRESS set) the Trainer's steps go to the progress file and log."""
+    import re
+
+    progress_file = tmp_path / "sweep_progress.json"
+    monkeypatch.setenv("MERGELM_PROGRESS", str(progress_file))
+    train_main(["--dataset_name", "rte", "--num_epochs", "2", "--num_runs", "1", "--save_dir", str(tmp_path), *ws.common])
+    err = capsys.readouterr().err
+    first = re.search(r"progress: train rte 1/(\d+) steps", err)
+    assert first, err
+    total = int(first.group(1))
+    assert f"progress: train rte {total}/{total} steps (100%)" in err
+    state = json.loads(progress_file.read_text())
+    assert state["schema"] == "mergelm.progress/1" and state["step"] == state["total"] > 0   # the last stage ended

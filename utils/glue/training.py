@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from utils import progress as sweep_progress
 from utils.cli import set_random_seed
 from utils.glue.checkpoints import (checkpoint_dir, checkpoint_name, load_classifier, model_result_path, model_short_name,
                                     save_pretrained_safetensors, task_learning_rate)
@@ -177,7 +178,8 @@ def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = Fa
     """Concatenated logits and labels of a loader, model in eval mode."""
     model.eval()
     all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
+    for batch in sweep_progress.track(tqdm(loader, desc=description, disable=not progress, leave=False), description,
+                                      total=len(loader), unit="batch"):
         batch = to_device(batch, device)
         all_logits.append(model_logits(model, batch).float().cpu())
         all_labels.append(batch["labels"].cpu())
@@ -281,6 +283,7 @@ def train_with_trainer(model: nn.Module, tokenizer, train_set: Dataset, validati
     trainer = make_trainer_class()(
         model=model, args=arguments, train_dataset=train_set, eval_dataset=validation_sets, data_collator=make_collator(tokenizer),
         processing_class=tokenizer, task_rows=rows, validation_sets=validation_sets,
+        callbacks=[callback for callback in [sweep_progress.trainer_callback("train " + "+".join(rows))] if callback],
     )
     output = trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     history = training_history(trainer.state.log_history, list(rows))
