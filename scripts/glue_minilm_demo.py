@@ -1,14 +1,19 @@
 """Small-scale GLUE experiment of the paper on the real all-MiniLM-L6-v2, on CPU, as a chain of sweeps.
 
-1. configs/sweeps/glue_demo_train.yml: fine-tune MiniLM on MRPC and an SST-2 slice;
-2. configs/sweeps/minilm_mrpc_drop.yml: drop the MRPC model's delta parameters — DARE, DropOnly and
-   magnitude pruning at p ∈ {0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99} × 3 mask seeds (one load per variant);
-   configs/sweeps/glue_demo_drop_weights.yml: drop fine-tuned weights instead of deltas;
-3. configs/sweeps/glue_demo_merge.yml: merge the two models with every method (grid "demo");
-4. configs/sweeps/glue_demo_merge_dare.yml: DARE + every method (reads step 3's winners);
+The main job (default; about 10 minutes on 2 idle cores) shows the paper's two encoder claims:
+1. configs/sweeps/glue_demo_train.yml: fine-tune MiniLM on MRPC (all 3,301 train pairs) and an SST-2 slice;
+2. configs/sweeps/glue_quick_drop.yml: DARE vs DropOnly on the MRPC model at p ∈ {0, 0.5, 0.9, 0.95, 0.99}
+   (one mask seed): DARE holds the score to p = 0.9 and beyond, DropOnly falls;
+3. configs/sweeps/glue_quick_merge.yml: merge the two models with the paper's five methods, one setting each;
+4. configs/sweeps/glue_quick_merge_dare.yml: DARE (p = 0.9) + each method: the merge table ± DARE;
 5. scripts/aggregate_results.py's library: tidy table, tables (markdown, LaTeX) and figures in
    <save_dir>/summary/.
-Each step is resumable: settings already done are skipped (--force reruns them). The sweeps' paths are
+--full runs the whole demo instead (after the same fine-tuning, which it reuses): configs/sweeps/minilm_mrpc_drop.yml
+(DARE, DropOnly and magnitude pruning at p ∈ {0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99} × 3 mask seeds),
+glue_demo_drop_weights.yml (dropping fine-tuned weights instead of deltas), glue_demo_merge.yml and
+glue_demo_merge_dare.yml (every method over the grid "demo", without and with DARE at p ∈ {0.5, 0.9}).
+Each step is resumable: settings already done are skipped (--force reruns them), and a killed fine-tuning
+resumes from its last epoch checkpoint. The sweeps' paths are
 set from --save_dir / --glue_dir / --device (sweep.py's --set). Every stage is announced with the overall
 ETA, and every 30 s (every second on a terminal) a line per running setting shows its progress, then the
 overall ETA (utils/sweeps/chain.py). Ctrl-C / SIGTERM stops the running setting (recorded as interrupted)
@@ -32,12 +37,19 @@ from utils.sweeps.chain import ChainProgress, Stage  # noqa: E402
 
 # the stages, with the seconds each takes on an idle 2-core machine (estimates: the ETA rescales them by
 # this machine's speed once a stage has finished)
-STAGES = (Stage("glue_demo_train", 600, "fine-tune MiniLM on MRPC and an SST-2 slice"),
-          Stage("minilm_mrpc_drop", 330, "drop MRPC's delta parameters (DARE / DropOnly / magnitude, 8 rates x 3 seeds)"),
-          Stage("glue_demo_drop_weights", 15, "drop fine-tuned weights instead of deltas"),
-          Stage("glue_demo_merge", 200, "merge the two models with every method"),
-          Stage("glue_demo_merge_dare", 200, "DARE + every method"))
-DEMO_SWEEPS = tuple(stage.name for stage in STAGES)
+TRAIN = Stage("glue_demo_train", 520, "fine-tune MiniLM on MRPC (3 epochs) and an SST-2 slice")
+STAGES = {   # the main job, and the full demo (--full)
+    "quick": (TRAIN,
+              Stage("glue_quick_drop", 60, "DARE vs DropOnly on MRPC's delta parameters (5 rates, 1 seed)"),
+              Stage("glue_quick_merge", 100, "merge the two models with the paper's five methods"),
+              Stage("glue_quick_merge_dare", 100, "DARE (p = 0.9) + each method")),
+    "full": (TRAIN,
+             Stage("minilm_mrpc_drop", 330, "drop MRPC's delta parameters (DARE / DropOnly / magnitude, 8 rates x 3 seeds)"),
+             Stage("glue_demo_drop_weights", 15, "drop fine-tuned weights instead of deltas"),
+             Stage("glue_demo_merge", 200, "merge the two models with every method"),
+             Stage("glue_demo_merge_dare", 200, "DARE + every method")),
+}
+DEMO_SWEEPS = tuple(dict.fromkeys(stage.name for stages in STAGES.values() for stage in stages))
 MODEL_NAME = "all-MiniLM-L6-v2"  # names the checkpoints and picks the learning rate (configs/glue.yaml)
 DEFAULT_SAVE_DIR = "save_glue_demo"  # the sweep files' save_dir
 
@@ -81,15 +93,22 @@ def main(argv=None) -> int:
     parser.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="output folder (checkpoints, result JSONs, sweeps, summary)")
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default: $GLUE_DIR, else the sweep files' ../shared/data/glue)")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: the sweep files' cpu)")
-    parser.add_argument("--steps", nargs="+", choices=DEMO_SWEEPS, default=list(DEMO_SWEEPS), help="sweeps to run (in this order)")
+    parser.add_argument("--full", action="store_true", help="the whole demo (more rates, seeds, grids; about 20 minutes on 2 idle "
+                                                               "cores) instead of the main job")
+    parser.add_argument("--steps", nargs="+", choices=DEMO_SWEEPS, default=None,
+                        help="run only these sweeps of the main job (or of --full), in the job's order")
     parser.add_argument("--force", action="store_true", help="rerun settings that are already done")
     args = parser.parse_args(argv)
+    job = STAGES["full" if args.full else "quick"]
+    stages = [stage for stage in job if args.steps is None or stage.name in args.steps]
+    if not stages:
+        parser.error(f"--steps: none of {args.steps} is a sweep of the {'full demo' if args.full else 'main job (add --full)'}: "
+                     + ", ".join(stage.name for stage in job))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     save_dir = Path(args.save_dir)
     minilm_folder(save_dir)
     print(f"run from {Path.cwd()}: the sweeps' relative paths start here", flush=True)
     overrides = demo_overrides(save_dir, args.glue_dir, args.device)
-    stages = [stage for stage in STAGES if stage.name in args.steps]
     chain = ChainProgress(stages)
     failed = 0
     try:

@@ -48,7 +48,7 @@ def test_trainer_gets_the_original_training_arguments(tmp_path):
     assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (5e-5, 3, 16, 16)
     assert args.get_warmup_steps(100) == 6 and args.get_warmup_steps(101) == 7           # ceil(0.06 · T)
     assert (args.weight_decay, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.01, 0.9, 0.999, 1e-8, 1.0)
-    assert args.lr_scheduler_type == "linear" and args.optim == "adamw_torch" and args.seed == 43
+    assert args.lr_scheduler_type == "linear" and args.optim == "adamw_torch_fused" and args.seed == 43
     assert args.eval_strategy == "epoch" and args.save_strategy == "epoch" and args.load_best_model_at_end
     assert args.metric_for_best_model == "main_score" and args.greater_is_better
     assert args.train_sampling_strategy == "group_by_length" and not args.bf16 and not args.fp16 and args.use_cpu

@@ -216,6 +216,8 @@ def test_shipped_sweeps_expand_and_pass_their_scripts_parsers(path, tmp_path):
     assert sum(len(block.settings) for block in blocks) == len(result.settings)
     if path.stem == "minilm_mrpc_drop":  # 8 rates × 3 seeds × 3 variants, p = 0 once: 3 calls
         assert len(result.settings) == 66 and len(blocks) == 3
+    if path.stem == "glue_quick_drop":  # the main job: DARE at 5 rates, DropOnly at 4 (p = 0 once), one seed: 2 calls
+        assert len(result.settings) == 9 and len(blocks) == 2
 
 
 def test_set_overrides_fixed_flags(workdir):
