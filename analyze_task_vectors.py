@@ -4,7 +4,7 @@ cosine similarity and sign agreement, figures and a report. Streams tensor by te
 Example:
     python analyze_task_vectors.py --base_model base/ --models ft_a/ ft_b/ --output_dir analysis/
 
-Outputs (--output_dir, written atomically): analysis.json (everything, inputs with header hashes, versions),
+Outputs (--output_dir, written atomically): analysis.json (everything; the manifest fields: inputs with file sha256, time, commit, versions),
 <model>/summary.json, tensors.csv, layers.csv, pairwise.csv, figures/*.png, report.md.
 The global L2 norms feed `merge_models.py --method norm_adaptive --norms_from <output_dir>/analysis.json`.
 """

@@ -25,7 +25,8 @@ from model_merging_methods import is_excluded
 from utils.engine.allocator import tune_allocator
 from utils.engine.reader import CheckpointReader, resolve_checkpoint
 from utils.engine.statistics import map_in_order
-from utils.records import check_output_folder, library_versions
+from utils.manifest import hash_beside, input_record, run_manifest
+from utils.records import check_output_folder
 
 from .grouping import KINDS, NO_LAYER, LayerGrouping, kind_of
 from .statistics import AnalysisError, Histogram, NonFiniteDelta, cosine, pair_statistics, tensor_statistics
@@ -204,6 +205,7 @@ def run_analysis(options: AnalysisOptions, progress: bool = False) -> dict:
 
 def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
     """The whole analysis as a JSON-ready dict (no files written)."""
+    started = time.time()
     options.validate()
     base, models = open_sources(options.base_model, options.models, options.allow_pickle)
     names, skipped, prefix = analysed_names(base, models, list(options.exclude_regex))
@@ -248,11 +250,15 @@ def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
             bar.update()
 
     threads = max(1, min(options.threads, os.cpu_count() or 1))
-    with ThreadPoolExecutor(threads) as pool:
-        map_in_order(pool, names, work, reduce, in_flight=threads)
+
+    def run() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            map_in_order(pool, names, work, reduce, in_flight=threads)
+
+    _, digests = hash_beside([path for source in (base, *models) for path in source.reader.weight_files()], run)
     if bar is not None:
         bar.close()
-    analysis = _assemble(options, base, models, names, skipped, grouping, sums, tensors)
+    analysis = _assemble(options, base, models, names, skipped, grouping, sums, tensors, digests, started)
     analysis["model_name_prefix"] = prefix
     return analysis
 
@@ -262,8 +268,14 @@ def _group_json(values: list) -> dict:
     return {"numel": numel, "l2": math.sqrt(ssq), "l1": l1}
 
 
+def _files(reader: CheckpointReader, digests: dict) -> list[dict]:
+    """The reader's weight files (name, size, header hash: norms.py compares those) with their sha256."""
+    by_name = {path.name: digests[path] for path in reader.weight_files()}
+    return [entry | {"sha256": by_name.get(entry["file"])} for entry in reader.describe_files()]
+
+
 def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], names: list[str], skipped: dict,
-              grouping: LayerGrouping, sums: _Sums, tensors: list[dict]) -> dict:
+              grouping: LayerGrouping, sums: _Sums, tensors: list[dict], digests: dict, started: float) -> dict:
     layers_in_use = [label for label in grouping.layer_order()
                      if any(layer == label for groups in sums.groups for layer, _ in groups)]
     model_entries = []
@@ -282,7 +294,7 @@ def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], na
         numel = total[0]
         model_entries.append({
             "label": model.label, "source": model.source, "path": str(model.reader.folder.resolve()),
-            "files": model.reader.describe_files(),
+            "files": _files(model.reader, digests),
             "global": {**_group_json(total), "base_l2": base_l2,
                        "relative_l2": math.sqrt(total[1]) / base_l2 if base_l2 > 0 else None,
                        "max_abs": max(s["max_abs"] for s in stats),
@@ -304,11 +316,10 @@ def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], na
                                   "sign_agreement": v[1] / v[2] if v[2] else None, "both_nonzero": v[2]}
                           for layer in layers_in_use if (v := layers.get(layer))},
         })
-    return {
-        "tool": "analyze_task_vectors",
-        "created_unix": time.time(),
+    described = [input_record(role, source.source, source.reader.folder, source.reader.weight_files(), digests)
+                 for role, source in [("base", base)] + [(f"model {m.label}", m) for m in models]]
+    return run_manifest("analyze_task_vectors", started, described, **{
         "options": asdict(options),
-        "versions": library_versions(),
         "definitions": {
             "task_vector": "δ_i = θ_i − θ_base, per tensor, in the computation dtype",
             "std": "sample standard deviation (divisor n − 1)",
@@ -321,10 +332,10 @@ def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], na
             "sign_agreement": "#{sign δ_a = sign δ_b} / #{δ_a ≠ 0 and δ_b ≠ 0}",
         },
         "base": {"source": base.source, "path": str(base.reader.folder.resolve()),
-                 "files": base.reader.describe_files()},
+                 "files": _files(base.reader, digests)},
         "grouping": {**grouping.to_json(), "layers": layers_in_use},
         "num_tensors": len(names),
         "skipped_tensors": skipped,
         "models": model_entries,
         "pairwise": pairwise,
-    }
+    })
