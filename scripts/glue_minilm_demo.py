@@ -9,7 +9,10 @@
 5. scripts/aggregate_results.py's library: tidy table, tables (markdown, LaTeX) and figures in
    <save_dir>/summary/.
 Each step is resumable: settings already done are skipped (--force reruns them). The sweeps' paths are
-set from --save_dir / --glue_dir / --device (sweep.py's --set).
+set from --save_dir / --glue_dir / --device (sweep.py's --set). Every stage is announced with the overall
+ETA, and every 30 s (every second on a terminal) a line per running setting shows its progress, then the
+overall ETA (utils/sweeps/chain.py). Ctrl-C / SIGTERM stops the running setting (recorded as interrupted)
+and exits 130 / 143; the same command resumes.
 """
 from __future__ import annotations
 
@@ -24,9 +27,17 @@ if str(REPO) not in sys.path:
 
 from utils.aggregation import aggregate  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
-from utils.sweeps import RunOptions, SweepError, run  # noqa: E402
+from utils.sweeps import RunOptions, SweepError, SweepInterrupted, plan, run  # noqa: E402
+from utils.sweeps.chain import ChainProgress, Stage  # noqa: E402
 
-DEMO_SWEEPS = ("glue_demo_train", "minilm_mrpc_drop", "glue_demo_drop_weights", "glue_demo_merge", "glue_demo_merge_dare")
+# the stages, with the seconds each takes on an idle 2-core machine (estimates: the ETA rescales them by
+# this machine's speed once a stage has finished)
+STAGES = (Stage("glue_demo_train", 600, "fine-tune MiniLM on MRPC and an SST-2 slice"),
+          Stage("minilm_mrpc_drop", 330, "drop MRPC's delta parameters (DARE / DropOnly / magnitude, 8 rates x 3 seeds)"),
+          Stage("glue_demo_drop_weights", 15, "drop fine-tuned weights instead of deltas"),
+          Stage("glue_demo_merge", 200, "merge the two models with every method"),
+          Stage("glue_demo_merge_dare", 200, "DARE + every method"))
+DEMO_SWEEPS = tuple(stage.name for stage in STAGES)
 MODEL_NAME = "all-MiniLM-L6-v2"  # names the checkpoints and picks the learning rate (configs/glue.yaml)
 DEFAULT_SAVE_DIR = "save_glue_demo"  # the sweep files' save_dir
 
@@ -57,6 +68,14 @@ def demo_overrides(save_dir: Path, glue_dir: str | None, device: str | None) -> 
     return overrides
 
 
+def sweep_path(name: str) -> Path:
+    return REPO / "configs" / "sweeps" / f"{name}.yml"
+
+
+def output_root(save_dir: Path, name: str, overrides: dict) -> Path | None:
+    return save_dir / "sweeps" / name if overrides.get("save_dir") else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="output folder (checkpoints, result JSONs, sweeps, summary)")
@@ -70,15 +89,27 @@ def main(argv=None) -> int:
     minilm_folder(save_dir)
     print(f"run from {Path.cwd()}: the sweeps' relative paths start here", flush=True)
     overrides = demo_overrides(save_dir, args.glue_dir, args.device)
+    stages = [stage for stage in STAGES if stage.name in args.steps]
+    chain = ChainProgress(stages)
     failed = 0
-    for name in [step for step in DEMO_SWEEPS if step in args.steps]:
-        try:
-            result = run(REPO / "configs" / "sweeps" / f"{name}.yml", RunOptions(workers=1, force=args.force, overrides=overrides),
-                         output_root=save_dir / "sweeps" / name if overrides.get("save_dir") else None)
-        except SweepError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        failed += result.counts()["failed"]
+    try:
+        for stage in stages:   # every sweep is checked before anything runs
+            planned = plan(sweep_path(stage.name), output_root(save_dir, stage.name, overrides), overrides)
+            chain.planned(stage.name, len(planned.settings) if args.force else sum(i.state != "done" for i in planned.settings),
+                          len(planned.settings))
+        for index, stage in enumerate(stages):
+            print(chain.begin(index), flush=True)
+            result = run(sweep_path(stage.name), RunOptions(workers=1, force=args.force, overrides=overrides, overall=chain.line),
+                         output_root=output_root(save_dir, stage.name, overrides))
+            chain.end(index)
+            failed += result.counts()["failed"]
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SweepInterrupted as stopped:
+        print(f"{stopped}: the running setting was stopped and recorded as interrupted; run the same command to resume",
+              file=sys.stderr)
+        return stopped.exit_status
     outputs = aggregate([save_dir], save_dir / "summary", figure_title="all-MiniLM-L6-v2, GLUE demo")
     for table in outputs.tables:
         print(table.markdown())

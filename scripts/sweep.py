@@ -7,7 +7,11 @@ Every setting (a point of the sweep's axes × seeds) has a stable id (hash of it
 <output_root>/<id> holding sweep_record.json (resolved config, status, exit status, last lines of a
 failure) and sweep_log.txt. `run` checks every setting's flags with the script's own parser first, skips
 settings already done with the same resolved config (--force reruns them), and keeps going when a
-setting fails (exit status 1 at the end). Relative paths in the sweep's flags are relative to the
+setting fails (exit status 1 at the end). While it runs, one console line per running setting shows its
+progress and ETA (every 30 s in a log, redrawn on a terminal; each setting's log has them too); `status`
+tells done / running (with progress and ETA) / pending / failed / interrupted settings apart. Ctrl-C or
+SIGTERM stops the running settings (forwarded to them; a second signal kills them), records them as
+interrupted and exits 130 / 143; `run` again resumes. Relative paths in the sweep's flags are relative to the
 current directory, as on the command line. See docs/sweeps.md and utils/sweeps/.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.cli import HelpFormatter, error_line  # noqa: E402
-from utils.sweeps import RunOptions, SlurmOptions, SweepError, parse_overrides, plan, run, status_text  # noqa: E402
+from utils.sweeps import RunOptions, SlurmOptions, SweepError, SweepInterrupted, parse_overrides, plan, run, status_text  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--force", action="store_true", help="rerun settings that are already done")
     run_parser.add_argument("--dry_run", action="store_true", help="print the calls without running them")
     run_parser.add_argument("--workers", type=int, default=None, help="local: settings run at once (default: the sweep's, else the CPU count)")
+    run_parser.add_argument("--progress_every", type=float, default=None,
+                            help="seconds between console progress lines (default: redrawn every second on a terminal, else 30)")
     slurm = run_parser.add_argument_group("slurm (submitit; defaults from the sweep's 'slurm' section)")
     slurm.add_argument("--partition", default=None, help="SLURM partition")
     slurm.add_argument("--gpus", type=int, default=None, help="GPUs per setting")
@@ -68,11 +74,15 @@ def main(argv=None) -> int:
                                mem_gb=args.mem_gb, timeout_min=args.time_min, array_parallelism=args.array_parallelism,
                                cluster=None if args.slurm_cluster == "slurm" else args.slurm_cluster, wait=args.wait),
             ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
-            overrides=parse_overrides(args.set))
+            overrides=parse_overrides(args.set), progress_every=args.progress_every)
         result = run(args.sweep, options, args.output_root)
     except SweepError as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
+    except SweepInterrupted as stopped:
+        print(status_text(stopped.plan))
+        print(f"{stopped}; run the same command again to resume", file=sys.stderr)
+        return stopped.exit_status
     counts = result.counts()
     print(status_text(result))
     return 1 if counts["failed"] else 0

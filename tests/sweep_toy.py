@@ -3,7 +3,8 @@
 Writes <save_dir>/toy_x<x>_seed<s>.json with value = x · 10 + seed and appends one line per call to
 <save_dir>/calls.txt (so tests can count processes). --xs runs several x in one call (the batch path).
 --fail_at X exits with status 3 after printing a message when x == X; --sleep S waits S seconds after
-logging the call (a long setting, for the lock tests).
+logging the call (a long setting, for the lock and stop tests), reporting its progress in ticks of 0.1 s
+(utils/progress.py: the progress file and log lines a sweep reads).
 """
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def main(argv=None) -> int:
     if args.sleep:
         import time
 
-        time.sleep(args.sleep)
+        from utils.progress import track
+
+        for _ in track(range(max(1, round(args.sleep * 10))), "toy sleep", unit="tick"):
+            time.sleep(0.1)
     for x in xs:
         if args.fail_at is not None and x == args.fail_at:
             print(f"toy: failing on purpose at x = {x}", file=sys.stderr)

@@ -310,6 +310,11 @@ def test_train_never_deletes_a_folder_it_did_not_write(ws, tmp_path, capsys):
     # --overwrite retrains and replaces it
     train_main([*args, "--overwrite"])
     assert (folder / "training_state.json").is_file() and not (folder / "trainer_state.json").exists()
+    # our checkpoint is reused by the same settings only: another cap or epoch count is refused, never reported
+    assert train_main(args)[0]["training"]["written_by"] == "train_plms_glue.py"
+    expect_exit(train_main, [*args[:3], "2", *args[4:]], capsys, str(folder), "num_epochs = 1", "asks for 2",
+                "--overwrite", code=2)
+    expect_exit(train_main, [*args, "--max_train_samples", "8"], capsys, "max_train_samples = None", code=2)
 
 
 def test_drop_sweep_with_batch_and_aggregation(ws, tmp_path, monkeypatch):
@@ -333,8 +338,12 @@ def test_drop_sweep_with_batch_and_aggregation(ws, tmp_path, monkeypatch):
     path = tmp_path / "tiny_drop.yml"
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     result = run(path, RunOptions(workers=1))
-    assert result.counts() == {"done": 10, "failed": 0, "pending": 0}
+    assert result.counts() == {"done": 10, "failed": 0, "pending": 0, "running": 0, "interrupted": 0}
     assert sorted(item.record["block_size"] for item in result.settings) == [4] * 4 + [6] * 6  # 2 calls
+    # each call streamed its progress to its log: every evaluation's batches, and which of the call's parts ran
+    log = Path(next(item.record["log"] for item in result.settings if item.record["block_size"] == 6)).read_text()
+    assert "progress: test mrpc 1/4 batches (25%)" in log and "; part 1/6 (mrpc), call ETA" in log, log
+    assert not any((item.setting.folder / "sweep_progress.json").exists() for item in result.settings)
     assert plan(path).counts()["done"] == 10
     outputs = aggregate([save], tmp_path / "summary")
     groups = [g for g in outputs.groups if g["is_main"] and g["kind"] == "drop"]
@@ -374,3 +383,19 @@ def test_train_removes_the_trainer_folders_of_killed_runs_only(ws, tmp_path):
     assert not stale.exists() and (alive / "checkpoint-1").is_dir()
     assert (parent / NAME / "training_state.json").is_file()
     assert sorted(p.name for p in parent.iterdir()) == sorted([NAME, alive.name])   # its own work folder is gone too
+
+
+def test_training_reports_its_trainer_steps_to_a_sweeps_progress_file(ws, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 1: under a sweep (MERGELM_PROGRESS set) the Trainer's steps go to the progress file and log."""
+    import re
+
+    progress_file = tmp_path / "sweep_progress.json"
+    monkeypatch.setenv("MERGELM_PROGRESS", str(progress_file))
+    train_main(["--dataset_name", "rte", "--num_epochs", "2", "--num_runs", "1", "--save_dir", str(tmp_path), *ws.common])
+    err = capsys.readouterr().err
+    first = re.search(r"progress: train rte 1/(\d+) steps", err)
+    assert first, err
+    total = int(first.group(1))
+    assert f"progress: train rte {total}/{total} steps (100%)" in err
+    state = json.loads(progress_file.read_text())
+    assert state["schema"] == "mergelm.progress/1" and state["step"] == state["total"] > 0   # the last stage ended

@@ -64,7 +64,7 @@ def test_a_record_that_is_json_but_not_an_object_counts_as_not_done(workdir, cap
     folder = plan(path).settings[0].setting.folder
     (folder / "sweep_record.json").write_text(content)
     assert sweep_main()(["status", str(path)]) == 0
-    assert "0 done, 0 failed, 1 pending" in capsys.readouterr().out
+    assert "0 done, 0 running, 1 pending, 0 failed, 0 interrupted" in capsys.readouterr().out
 
 
 def test_a_setting_whose_lock_is_held_is_not_started_again(workdir):
@@ -80,7 +80,7 @@ def test_a_setting_whose_lock_is_held_is_not_started_again(workdir):
         assert holder.stdout.readline().strip() == "held"
         assert plan(path).counts().get("running") == 1
         result = run(path, RunOptions(workers=1))
-        assert result.counts() == {"done": 1, "failed": 0, "pending": 0, "running": 1}
+        assert result.counts() == {"done": 1, "failed": 0, "pending": 0, "running": 1, "interrupted": 0}
         assert [c["xs"] for c in calls(workdir)] == [[2.0]]
     finally:
         holder.kill()                 # a dead holder keeps nothing
@@ -121,3 +121,54 @@ def test_a_second_run_of_the_same_sweep_is_refused(workdir, capsys):
     finally:
         lock.release()
     assert sweep_main()(["run", str(path)]) == 0
+
+
+def _wait_for(condition, seconds: float = 60.0, what: str = "") -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie counts as gone (it has ended; only its parent has not collected it yet)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_driver_stops_its_setting_records_it_interrupted_and_exits_128_plus_signal(workdir, signum):
+    """Issue 26 item 2: the driver forwards SIGTERM / SIGINT, waits, records `interrupted`, exits 143 / 130;
+    `status` showed the setting running with its progress first; a second run resumes it."""
+    path = sweep_file(workdir, axes={"x": [1.0, 2.0]}, seeds=[0], fixed={"save_dir": "res", "sleep": 60.0})
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "MERGELM_PROGRESS_LOG_EVERY": "0.5"}
+    driver = subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), "run", str(path), "--workers", "1",
+                               "--progress_every", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = plan(path).settings[0]
+    progress_file = first.setting.folder / "sweep_progress.json"
+    _wait_for(lambda: (json.loads(progress_file.read_text()).get("step") or 0) >= 3 if progress_file.exists() else False,
+              what="the setting's progress")
+    child = json.loads(progress_file.read_text())["pid"]
+    assert child != driver.pid and _alive(child)
+    status = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep.py"), "status", str(path)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "1 running" in status.stdout and "1 pending" in status.stdout, status.stdout
+    assert f"running {first.setting.id}" in status.stdout and "/600 ticks" in status.stdout and "ETA" in status.stdout
+    driver.send_signal(signum)
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 128 + signum, out
+    assert not _alive(child), "the setting's process outlived the driver"
+    record = json.loads((first.setting.folder / "sweep_record.json").read_text())
+    assert record["status"] == "interrupted" and record["exit_status"] != 0
+    assert "progress: toy sleep" in (first.setting.folder / "sweep_log.txt").read_text()
+    assert "running " + first.setting.id in out and "ticks" in out          # the console's progress line
+    second = plan(path).settings[1]
+    assert not (second.setting.folder / "sweep_record.json").exists()        # never started: still pending
+    assert [item.state for item in plan(path).settings] == ["interrupted", "pending"]
+    assert len(calls(workdir)) == 1

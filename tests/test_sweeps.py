@@ -97,7 +97,7 @@ def test_flags_are_checked_by_the_scripts_own_parser(workdir):
 def test_resume_skips_done_settings_and_reruns_changed_ones(workdir, capsys):
     path = sweep_file(workdir)
     result = run(path, RunOptions(workers=1))
-    assert result.counts() == {"done": 6, "failed": 0, "pending": 0}
+    assert result.counts() == {"done": 6, "failed": 0, "pending": 0, "running": 0, "interrupted": 0}
     assert len(calls(workdir)) == 6
     record = json.loads((result.settings[0].setting.folder / "sweep_record.json").read_text())
     assert record["status"] == "done" and record["exit_status"] == 0 and record["resolved_config"]["x"] == 1.0
@@ -115,7 +115,7 @@ def test_resume_skips_done_settings_and_reruns_changed_ones(workdir, capsys):
     target = result.settings[0].setting.folder / "sweep_record.json"
     record["resolved_config"]["mode"] = "b"
     target.write_text(json.dumps(record))
-    assert "1 of them done with a different resolved config" in status_text(plan(path))
+    assert "1 of the pending done with a different resolved config" in status_text(plan(path))
     run(path, RunOptions(workers=1))
     assert len(calls(workdir)) == 9
     run(path, RunOptions(workers=1, force=True))
@@ -126,14 +126,14 @@ def test_a_failing_setting_is_recorded_and_the_others_run(workdir, capsys):
     path = sweep_file(workdir, fixed={"save_dir": "res", "fail_at": 2.0})
     assert sweep_main()(["run", str(path), "--workers", "2"]) == 1
     result = plan(path)
-    assert result.counts() == {"done": 4, "failed": 2, "pending": 0}
+    assert result.counts() == {"done": 4, "failed": 2, "pending": 0, "running": 0, "interrupted": 0}
     failed = [item for item in result.settings if item.state == "failed"]
     assert {item.setting.flags["x"] for item in failed} == {2.0}
     assert failed[0].record["exit_status"] == 3 and "failing on purpose at x = 2.0" in failed[0].record["error"]
     capsys.readouterr()
     assert sweep_main()(["status", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "6 settings: 4 done, 2 failed, 0 pending" in text and "exit status 3" in text and "failing on purpose" in text
+    assert "6 settings: 4 done, 0 running, 0 pending, 2 failed, 0 interrupted" in text and "exit status 3" in text and "failing on purpose" in text
     # fixing the cause reruns only the failed settings
     path.write_text(path.read_text().replace("fail_at: 2.0", "fail_at: 9.0"))
     before = len(calls(workdir))
@@ -172,10 +172,10 @@ def test_submitit_debug_and_local_executors(workdir):
     pytest.importorskip("submitit")
     path = sweep_file(workdir, axes={"x": [1.0, 2.0]}, seeds=[0], fixed={"save_dir": "res", "fail_at": 2.0})
     result = run(path, RunOptions(launcher="slurm", slurm=SlurmOptions(cluster="debug")))
-    assert result.counts() == {"done": 1, "failed": 1, "pending": 0}
+    assert result.counts() == {"done": 1, "failed": 1, "pending": 0, "running": 0, "interrupted": 0}
     path2 = sweep_file(workdir, name="toy2", output_root="out2", axes={"x": [3.0, 4.0]}, seeds=[0])
     result = run(path2, RunOptions(launcher="slurm", slurm=SlurmOptions(cluster="local", wait=True, timeout_min=5)))
-    assert result.counts() == {"done": 2, "failed": 0, "pending": 0}
+    assert result.counts() == {"done": 2, "failed": 0, "pending": 0, "running": 0, "interrupted": 0}
     assert (workdir / "out2" / ".submitit").is_dir() and (workdir / "res" / "toy_x4.0_seed0_a.json").is_file()
 
 
@@ -201,7 +201,7 @@ def test_ray_local_cluster(workdir):
     pytest.importorskip("ray")
     path = sweep_file(workdir, axes={"x": [1.0, 2.0]}, seeds=[0], fixed={"save_dir": "res", "fail_at": 2.0})
     result = run(path, RunOptions(launcher="ray", ray_local_cpus=1))
-    assert result.counts() == {"done": 1, "failed": 1, "pending": 0}
+    assert result.counts() == {"done": 1, "failed": 1, "pending": 0, "running": 0, "interrupted": 0}
     assert (workdir / "res" / "toy_x1.0_seed0_a.json").is_file()
 
 

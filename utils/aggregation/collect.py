@@ -13,7 +13,8 @@ Recognised files (each records its resolved config next to its metrics):
   The per-setting detail files (``<stem>_settings/``) are part of that record and are not read again.
 * the LLM scripts: ``save_gen_*_results/[<tasks>/]<dataset>/<save_name>/summary.json`` with ``metrics``
   (accuracy or pass@1), ``seed`` and ``config.arguments`` (the command line) → kind ``drop`` for
-  inference_llms_instruct_math_code.py, ``merge`` for merge_llms_instruct_math_code.py.
+  inference_llms_instruct_math_code.py, ``merge`` for merge_llms_instruct_math_code.py; with ``--metric nll``
+  the same under ``save_nll_results/`` with main metric ``answer_nll_per_token`` (lower is better).
 * ``evaluate_lm_eval.py`` (lm-evaluation-harness): ``save_lm_eval_results/<name>/summary.json`` with per task
   the metrics under lm-eval's keys (``exact_match,strict-match``, ``acc,none``, ``answer_nll,none``) and the
   task's ``main_metric`` → one row per key, task = the lm-eval task; kind ``merge`` (method from the folder's
@@ -39,9 +40,10 @@ COLUMNS = ["source", "domain", "script", "kind", "model", "task", "tasks", "meth
 TIMING_SPLIT = "timing"   # merge rows of wall times (metric merge_time_s / search_time_s), not scores
 GLUE_ROOTS = ("save_model_results", "save_merge_results")
 LLM_ROOTS = ("save_gen_instruct_responses_results", "save_gen_codes_results", "save_gen_math_results",
-             "save_lm_eval_results")
+             "save_nll_results", "save_lm_eval_results")
 LLM_MAIN = {"gsm8k": "accuracy", "MATH": "accuracy", "human_eval": "pass@1", "mbpp": "pass@1"}
-LLM_COUNTS = {"num_examples", "num_correct", "num_invalid"}
+LLM_COUNTS = {"num_examples", "num_correct", "num_invalid", "answer_tokens"}
+LLM_NLL_MAIN = "answer_nll_per_token"   # --metric nll summaries (metric_kind "nll"; lower is better)
 AVERAGE = "average"
 
 
@@ -230,7 +232,8 @@ class Collector:
         base.update({"domain": "llm", "task": dataset, "drop_rate": rate, "rescale": rescale, "mask_strategy": strategy,
                      "weight_format": weight_format, "seed": payload.get("seed", arguments.get("seed"))})
         metrics = {k: v for k, v in payload["metrics"].items() if k not in LLM_COUNTS}
-        return self._metric_rows(base, "test", metrics, LLM_MAIN.get(dataset))
+        main = LLM_NLL_MAIN if payload.get("metric_kind") == "nll" else LLM_MAIN.get(dataset)
+        return self._metric_rows(base, "test", metrics, main)
 
     def _lm_eval(self, payload: dict) -> list[dict]:
         merge = payload.get("merge")

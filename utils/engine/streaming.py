@@ -589,6 +589,9 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
     if execution.progress:
         from tqdm import tqdm
         progress = tqdm(total=len(groups), desc=f"merging ({execution.label or method.name})", unit="tensor")
+    from utils.progress import Meter
+
+    meter = Meter(f"merging ({execution.label or method.name})", len(groups), "tensor")   # a sweep's progress file
     permuted: dict[str, dict[str, torch.Tensor]] = {}   # vocabulary groups streamed: rows in the output order
     reports: dict[str, dict[str, float]] = {}
     kept: dict[str, list[float]] = {}
@@ -666,6 +669,7 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
                         reports.setdefault(ref, {})[group.name] = total / max(group.numel, 1)
             if progress is not None:
                 progress.update()
+            meter.update()
 
     threads = max(1, execution.threads)
     limit = 2 * threads
@@ -689,6 +693,7 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
             write_oldest()
     if progress is not None:
         progress.close()
+    meter.close()
     return writer.finish(), reports
 
 

@@ -23,6 +23,7 @@ from utils.glue.data import load_task_splits, task_info
 from utils.glue.dropping import DropSetting, drop_settings, evaluate_drop_settings
 from utils.glue.search import check_same_architecture
 from utils.glue.training import encode_split, evaluate_task, make_loader
+from utils import progress
 from utils.records import library_versions, write_json_atomic
 
 
@@ -74,6 +75,7 @@ def run_inference(options: InferenceOptions, config: dict, device) -> list[dict]
         jobs.append((task, row, data, checkpoint))
     settings = options.settings()
     outputs = []
+    evaluations = iter(range(len(jobs) * len(settings)))   # the call's parts, for its progress and ETA
     for task, row, data, checkpoint in jobs:
         started = time.time()
         model = load_classifier(checkpoint, allow_pickle=options.allow_pickle)
@@ -88,6 +90,7 @@ def run_inference(options: InferenceOptions, config: dict, device) -> list[dict]
         load_seconds = time.time() - started
 
         def evaluate(dropped) -> dict:
+            progress.phase(next(evaluations), len(jobs) * len(settings), task)
             return {split: evaluate_task(dropped, loader, row, device, progress=options.progress, description=f"{split} {task}")
                     for split, loader in loaders.items()}
 

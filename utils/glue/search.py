@@ -46,6 +46,7 @@ from utils.glue.data import load_task_splits, task_info
 from utils.glue.metrics import main_score
 from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices, regmean_plusplus_merge
 from utils.glue.training import encode_split, evaluate_task, make_loader
+from utils import progress
 from utils.records import library_versions, write_json_atomic
 
 STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples",
@@ -496,7 +497,8 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
         check_same_architecture(base_state, member.state, options.language_model_name, str(checkpoints[member.task]), exclude)
     search = MergeSearch(members, base_state, exclude, device, SearchOptions(options.dare, options.methods, options.seed, options.progress))
     records = []
-    for setting, rate in settings:
+    for number, (setting, rate) in enumerate(settings):
+        progress.phase(number, len(settings), f"{method} setting {number + 1}")
         full_setting = {**setting, **({"weight_mask_rate": rate} if options.method == "mask_merging" else {})}
         merged = search.merge(method, setting, rate)
         timing = dict(search.last_timing)

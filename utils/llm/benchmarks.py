@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -72,6 +73,7 @@ class Benchmark:
     counts_invalid: bool = False      # also report problems without an extracted answer
     tabs_in_input: bool = False       # code prompts: every run of four spaces becomes a tab
     executes_code: bool = False       # scoring runs programs (the sandbox limits go into the summary)
+    reference: Callable[[Mapping[str, Any]], str] | None = None   # the reference response (--metric nll)
 
     def prompt(self, record: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
         """The exact prompt string the original sends to the model for one record."""
@@ -89,6 +91,28 @@ class Benchmark:
         if self.name not in instructions:
             raise ValueError(f"configs/llm_tasks.yaml: chat.instructions has no entry for {self.name}")
         return instructions[self.name].replace("{input}", self.prompt_input(record, config))
+
+
+# --- reference responses (teacher-forced answer NLL, utils/llm/nll.py) ---------------------------------
+
+CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_response(answer: str) -> str:
+    """The GSM8K reference solution in the form the scorer reads: calculator annotations removed, then
+    ``The answer is: N`` (the paper's answer phrase)."""
+    body, _, final = answer.rpartition("####")
+    body = CALCULATOR.sub("", body).strip()
+    return f"{body}\nThe answer is: {final.strip().replace(',', '')}"
+
+
+def fenced_python(code: str) -> str:
+    """Code as a chat model answers it: one fenced python block (Windows line ends normalised)."""
+    return "```python\n" + code.replace("\r\n", "\n").strip() + "\n```"
+
+
+def _human_eval_reference(record: Mapping[str, Any]) -> str:
+    return fenced_python(record["prompt"] + record["canonical_solution"])
 
 
 # --- scorers ---------------------------------------------------------------------------------------
@@ -178,27 +202,28 @@ def _from_data_dir(loader: Callable[[str | None], Any]) -> Loader:
 BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
     Benchmark("alpaca_eval", load=lambda location: load_alpaca_eval(location.alpaca_eval_path),
               prompt_input=functools.partial(field_input, "alpaca_eval"), score=_keep_outputs,
-              write_standard=_write_model_outputs, result_root="save_gen_instruct_responses_results"),
+              write_standard=_write_model_outputs, result_root="save_gen_instruct_responses_results",
+              reference=lambda record: record["output"]),
     Benchmark("gsm8k", load=_from_data_dir(load_gsm8k), prompt_input=functools.partial(field_input, "gsm8k"),
               score=functools.partial(_score_answers, extract=extract_gsm8k_answer,
                                     flexible=extract_gsm8k_flexible, is_correct=gsm8k_is_correct),
               write_standard=_no_standard_file, result_root="save_gen_math_results", metric="accuracy",
-              counts_invalid=True),
+              counts_invalid=True, reference=lambda record: gsm8k_response(record["answer"])),
     Benchmark("MATH", load=_from_data_dir(load_math), prompt_input=functools.partial(field_input, "MATH"),
               score=functools.partial(_score_answers, extract=extract_math_answer,
                                     flexible=extract_math_flexible, is_correct=math_is_correct),
               write_standard=_no_standard_file, result_root="save_gen_math_results", metric="accuracy",
-              counts_invalid=True),
+              counts_invalid=True, reference=lambda record: record["output"]),
     Benchmark("human_eval", load=lambda location: load_human_eval(), prompt_input=human_eval_input,
               score=functools.partial(_score_programs, cleaning=HUMAN_EVAL_CLEANING, program=human_eval_program,
                                       gold=lambda example: example.record.get("test")),
               write_standard=_write_human_eval_samples, result_root="save_gen_codes_results", metric="pass@1",
-              tabs_in_input=True, executes_code=True),
+              tabs_in_input=True, executes_code=True, reference=_human_eval_reference),
     Benchmark("mbpp", load=_from_data_dir(load_mbpp), prompt_input=mbpp_input,
               score=functools.partial(_score_programs, cleaning=MBPP_CLEANING, program=mbpp_program,
                                       gold=lambda example: example.gold),
               write_standard=_write_mbpp_generations, result_root="save_gen_codes_results", metric="pass@1",
-              tabs_in_input=True, executes_code=True),
+              tabs_in_input=True, executes_code=True, reference=lambda record: fenced_python(record["code"])),
 )}
 DATASETS = tuple(BENCHMARKS)
 

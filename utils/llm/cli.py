@@ -59,6 +59,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt_format", default="paper", choices=["paper", "chat"],
                         help="paper: the original's templates; chat: the model's own chat template with the task "
                              "instruction of configs/llm_tasks.yaml (chat.instructions), code taken from fenced blocks")
+    parser.add_argument("--metric", default="generate", choices=["generate", "nll"],
+                        help="generate: generate and score (accuracy / pass@1); nll: teacher-forced NLL per token of the "
+                             "benchmark's reference solutions, one forward pass, no generation (utils/llm/nll.py; "
+                             "folder save_nll_results/; transformers backend)")
     parser.add_argument("--answer_extraction", default="auto", choices=["auto", "paper", "flexible"],
                         help="GSM8K/MATH answers: paper = after 'The answer is: ' only; flexible = also '#### N', "
                              "\\boxed{}, 'answer is N', a last number (auto: flexible with chat prompts, else paper)")
@@ -131,7 +135,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         start_index=args.start_index, end_index=args.end_index,
         code_timeout=args.code_timeout, code_memory_mb=args.code_memory_mb, code_workers=args.code_workers,
         prompt_format=args.prompt_format, answer_extraction=resolve_answer_extraction(args),
-        resume=not args.restart)
+        resume=not args.restart, metric=args.metric)
 
 
 def resolve_answer_extraction(args: argparse.Namespace) -> str:

@@ -26,6 +26,9 @@ and decoding); a resume with different settings is refused naming the first diff
 last line (a kill during the write) is dropped with a warning and regenerated. The summary and the
 standard files are computed from the records of the current slice.
 
+With ``metric="nll"`` no text is generated: utils/llm/nll.py scores the reference solutions (folder
+``save_nll_results/``).
+
 Metrics: GSM8K / MATH accuracy = correct / problems; HumanEval / MBPP pass@1 = problems whose single
 greedy completion passes its tests / problems. AlpacaEval has no local metric (win rate needs a judge).
 """
@@ -49,8 +52,13 @@ from utils.records import library_versions, write_json_atomic, write_jsonl_atomi
 logger = logging.getLogger(__name__)
 
 
-def result_folder(save_dir: str | os.PathLike, dataset: str, save_name: str, tasks: str | None = None) -> Path:
-    """``<save_dir>/<root>/[<tasks>/]<dataset>/<save_name>`` (root per benchmark, see the module docstring)."""
+def result_folder(save_dir: str | os.PathLike, dataset: str, save_name: str, tasks: str | None = None, *,
+                  metric: str = "generate") -> Path:
+    """``<save_dir>/<root>/[<tasks>/]<dataset>/<save_name>`` (root per benchmark, see the module docstring;
+    ``save_nll_results`` for ``metric="nll"``)."""
+    if metric == "nll":
+        from utils.llm.nll import nll_folder
+        return nll_folder(save_dir, dataset, save_name, tasks)
     base = Path(save_dir) / get_benchmark(dataset).result_root
     if tasks:
         base = base / tasks
@@ -83,6 +91,7 @@ class EvalOptions:
     prompt_format: str = "paper"          # "chat": the model's own chat template (see configs/llm_tasks.yaml)
     answer_extraction: str = "paper"      # "flexible": also #### N, \\boxed{}, a last number
     resume: bool = True                   # False (--restart): discard the records of an earlier run
+    metric: str = "generate"              # "nll": teacher-forced answer NLL of the references (utils/llm/nll.py)
     run_config: dict[str, Any] = field(default_factory=dict)
 
     def data_location(self) -> DataLocation:
@@ -326,7 +335,11 @@ def evaluate_dataset(backend: GenerationBackend, dataset: str, options: EvalOpti
 
 def evaluate_model(model_path: str, datasets: Sequence[str], options: EvalOptions, *,
                    tokenizer_path: str | None = None) -> list[dict[str, Any]]:
-    """Load ``model_path`` once (one engine) and evaluate it on each dataset in order."""
+    """Load ``model_path`` once (one engine) and evaluate it on each dataset in order (``metric="nll"``:
+    the answer NLL of the reference solutions, utils/llm/nll.py, instead of generation and scoring)."""
+    if options.metric == "nll":
+        from utils.llm.nll import evaluate_nll
+        return evaluate_nll(model_path, datasets, options, tokenizer_path=tokenizer_path)
     backend = make_backend(options.backend, model_path, tokenizer_path=tokenizer_path,
                            tensor_parallel_size=options.tensor_parallel_size, batch_size=options.batch_size,
                            device=options.device, dtype=options.dtype, seed=options.seed,
@@ -339,5 +352,13 @@ def evaluate_model(model_path: str, datasets: Sequence[str], options: EvalOption
 
 def check_datasets(datasets: Sequence[str], options: EvalOptions) -> dict[str, int]:
     """Load every dataset and its slice before any expensive work; returns examples per dataset.
-    Raises the loader's error (naming the missing file / variable) or ValueError for an empty slice."""
-    return {dataset: len(_selected_examples(dataset, options)[0]) for dataset in datasets}
+    Raises the loader's error (naming the missing file / variable), ValueError for an empty slice, or
+    MissingReferenceError (``metric="nll"``) for a record without its reference response."""
+    counts = {}
+    for dataset in datasets:
+        examples = _selected_examples(dataset, options)[0]
+        if options.metric == "nll":   # every reference present before any model loads
+            from utils.llm.nll import reference_pairs
+            reference_pairs(dataset, examples, load_task_config(), chat=options.prompt_format == "chat")
+        counts[dataset] = len(examples)
+    return counts

@@ -19,15 +19,16 @@ template with a generation prompt; the loss is on the response tokens only (prom
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.llm.benchmarks import fenced_python, gsm8k_response
+from utils.llm.nll import encode_pair
+
 MBPP_TEST_IDS = range(11, 511)      # the evaluation split (mbpp.test.jsonl)
 MBPP_PROMPT_IDS = range(1, 11)      # the original few-shot prompt problems
 MBPP_TRAIN_IDS = range(511, 975)    # validation 511–600 and train 601–974
-CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,6 @@ class ExpertSpec:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def gsm8k_response(answer: str) -> str:
-    """The GSM8K reference solution in the form the scorer reads: annotations removed, ``The answer is: N``."""
-    body, _, final = answer.rpartition("####")
-    body = CALCULATOR.sub("", body).strip()
-    return f"{body}\nThe answer is: {final.strip().replace(',', '')}"
 
 
 def mbpp_train_records(records: list[dict]) -> list[dict]:
@@ -85,55 +79,9 @@ def training_pairs(dataset: str, template: str, data_dir: Path) -> list[tuple[st
                 for r in read("gsm8k_train.jsonl")]
     if dataset == "mbpp_train":
         return [(instruction.format(input=mbpp_input(r, config)),
-                 "```python\n" + r["code"].replace("\r\n", "\n").strip() + "\n```")
+                 fenced_python(r["code"]))
                 for r in mbpp_train_records(read("mbpp_full.jsonl"))]
     raise ValueError(f"dataset: unknown training dataset {dataset!r} (gsm8k_train, mbpp_train)")
-
-
-def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-formatted prompt + response and labels with the prompt masked (−100)."""
-    messages = [{"role": "user", "content": prompt}]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
-        prompt_ids = prompt_ids["input_ids"]
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
-    if isinstance(full, dict) or hasattr(full, "keys"):
-        full = full["input_ids"]
-    full = list(full)
-    if full[:len(prompt_ids)] != list(prompt_ids):     # templates that rewrite the prompt part: fall back
-        full = list(prompt_ids) + tokenizer(response, add_special_tokens=False)["input_ids"] + \
-            [tokenizer.eos_token_id]
-    return full, [-100] * len(prompt_ids) + full[len(prompt_ids):]
-
-
-def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 8, device: str = "cpu") -> dict:
-    """Teacher-forced negative log-likelihood of the reference responses given the chat-formatted prompts:
-    Σ −log p(response token | prefix) / number of response tokens (natural log), and per example means."""
-    import torch
-
-    model.eval()
-    total, tokens, per_example = 0.0, 0, []
-    encoded = [encode_pair(tokenizer, p, r) for p, r in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
-            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-            valid = target != -100
-            losses = losses * valid
-            for row in range(len(chunk)):
-                count = int(valid[row].sum())
-                per_example.append(float(losses[row].sum()) / max(count, 1))
-                total += float(losses[row].sum())
-                tokens += count
-    return {"nll_per_token": total / max(tokens, 1), "tokens": tokens, "examples": len(pairs),
-            "per_example": per_example}
 
 
 class _SFTDataset:
@@ -201,7 +149,11 @@ def train_expert(spec: ExpertSpec, base: Path, output_dir: Path, data_dir: Path,
         weight_decay=0.0, logging_steps=max(1, min(10, spec.max_steps // 2)), save_steps=50, save_total_limit=1, seed=spec.seed,
         data_seed=spec.seed, report_to=[], disable_tqdm=not progress, use_cpu=True, dataloader_num_workers=0,
         remove_unused_columns=False)
-    trainer = Trainer(model=model, args=arguments, train_dataset=_SFTDataset(rows), data_collator=collate)
+    from utils.progress import trainer_callback
+
+    callback = trainer_callback("sft")
+    trainer = Trainer(model=model, args=arguments, train_dataset=_SFTDataset(rows), data_collator=collate,
+                      callbacks=[callback] if callback else None)
     resume = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
     result = trainer.train(resume_from_checkpoint=resume)
     model.save_pretrained(output_dir, safe_serialization=True)

@@ -133,6 +133,7 @@ def run_with_exit_status(function, run) -> int:
     from utils.engine.reader import CheckpointError
     from utils.llm.generation import PromptTooLongError
     from utils.llm.models import BackboneMismatchError
+    from utils.llm.nll import MissingReferenceError
     from utils.records import OutputRefusedError
 
     try:
@@ -142,7 +143,7 @@ def run_with_exit_status(function, run) -> int:
         print("interrupted: finished problems are saved; re-run the same command to resume", file=sys.stderr)
         return interrupted_status(error)
     except (RecordsError, MergeError, CheckpointError, BackboneMismatchError, FileExistsError,
-            FileNotFoundError, PromptTooLongError, OutputRefusedError) as error:
+            FileNotFoundError, PromptTooLongError, OutputRefusedError, MissingReferenceError) as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
@@ -308,7 +309,8 @@ def _merge_then_evaluate(run: MergeRun, save_name: str, options: EvalOptions,
             else:
                 evaluate_model(str(folder), datasets, options, tokenizer_path=tokenizer)
             for dataset in datasets:
-                summary_path = result_folder(save_dir, dataset, save_name, run.label) / "summary.json"
+                summary_path = result_folder(save_dir, dataset, save_name, run.label,
+                                             metric=options.metric) / "summary.json"
                 results[dataset] = json.loads(summary_path.read_text(encoding="utf-8"))["metrics"]
     except BaseException:
         keep = True    # a failed evaluation keeps the merged folder for --evaluate_only

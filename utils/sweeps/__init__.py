@@ -9,6 +9,7 @@ import importlib
 
 _EXPORTS = {
     "Plan": "driver", "RunOptions": "driver", "plan": "driver", "run": "driver", "status_text": "driver",
+    "SweepInterrupted": "driver",
     "SlurmOptions": "launchers",
     "Setting": "spec", "SweepError": "spec", "SweepSpec": "spec", "expand": "spec", "load_spec": "spec", "setting_id": "spec",
     "parse_overrides": "spec",

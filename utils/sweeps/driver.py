@@ -2,21 +2,45 @@
 
 Resume: a setting is done when its record (``<folder>/sweep_record.json``) says ``done`` and the
 recorded resolved config equals the one the script's parser gives now; done settings are skipped unless
-``force``. Any other setting (no record, failed, or a changed flag/default) runs again.
+``force``. Any other setting (no record, failed, interrupted, or a changed flag/default) runs again.
+
+While `run` runs, SIGINT / SIGTERM are forwarded to the running settings' processes (utils/sweeps/runner.py);
+their records say ``interrupted``, nothing more starts, and `run` raises :class:`SweepInterrupted` (scripts
+exit 128 + the signal: 130 / 143). A console line per running setting shows its progress (utils/progress.py).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from utils.sweeps import launchers
+from utils import progress
+from utils.sweeps import launchers, runner
 from utils.sweeps.parsing import resolve
 from utils.sweeps.runner import Block, SettingRun, lock_is_held, record_path
 from utils.sweeps.spec import Setting, SweepError, SweepSpec, expand, flags_to_argv, load_spec
+
+STATES = ("done", "running", "pending", "failed", "interrupted")
+
+
+class SweepInterrupted(Exception):
+    """`run` was stopped by a signal; the running settings were stopped and recorded as interrupted."""
+
+    def __init__(self, signum: int, sweep_plan: "Plan"):
+        super().__init__(f"sweep '{sweep_plan.spec.name}' interrupted by {signal.Signals(signum).name}")
+        self.signum, self.plan = signum, sweep_plan
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
 
 
 @dataclass
@@ -24,8 +48,12 @@ class PlannedSetting:
     setting: Setting
     resolved_config: dict[str, Any]
     argv: list[str]
-    state: str = "pending"  # done / failed / stale / pending
+    state: str = "pending"  # done / failed / interrupted / stale / running / pending
     record: dict | None = None
+
+    def progress(self) -> dict | None:
+        """The running call's last progress report (utils/progress.py), None when there is none."""
+        return progress.read(Path(self.setting.folder) / progress.FILE_NAME)
 
 
 @dataclass
@@ -35,12 +63,11 @@ class Plan:
     settings: list[PlannedSetting] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """done / failed / pending counts, plus "running" (a lock held by another process) when there are some."""
-        counts = {"done": 0, "failed": 0, "pending": 0, "running": 0}
+        """Settings per state: done, running (its lock is held by a process), pending (stale ones included),
+        failed, interrupted."""
+        counts = dict.fromkeys(STATES, 0)
         for item in self.settings:
             counts[item.state if item.state in counts else "pending"] += 1
-        if not counts["running"]:
-            del counts["running"]
         return counts
 
 
@@ -78,8 +105,10 @@ def plan(spec_path: str | Path, output_root: str | Path | None = None, overrides
             item.record = record
             if record.get("status") == "done":
                 item.state = "done" if record.get("resolved_config") == resolved else "stale"
-            elif record.get("status") == "failed":
-                item.state = "failed"
+            elif record.get("status") in ("failed", "interrupted"):
+                item.state = record["status"]
+        elif (Path(setting.folder) / progress.FILE_NAME).exists():
+            item.state = "interrupted"   # it started, and its driver was killed before it could write a record
         result.settings.append(item)
     if spec.batch:
         _check_batch_flags(spec, result, cache)
@@ -160,6 +189,10 @@ class RunOptions:
     ray_local_cpus: int | None = None
     dry_run: bool = False
     overrides: dict | None = None
+    progress_every: float | None = None   # seconds between console progress lines (default: 1 on a terminal, else 30)
+    # called at every console tick with (settings ended, settings to run, running settings' fractions done):
+    # a line to show after the settings' lines (a chain of sweeps' overall ETA), or None
+    overall: Callable[[int, int, list[float]], str | None] | None = None
 
 
 def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | None = None, echo=print) -> Plan:
@@ -176,9 +209,11 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
             echo(f"  python {spec.script} " + " ".join(block.argv))
         return sweep_plan
     by_id = {item.setting.id: item for item in sweep_plan.settings}
+    console = Console(echo, [item for item in todo], options.progress_every, options.overall)
 
     def report(records: list[dict]) -> None:
         for record in records:
+            console.finished(record["id"])
             item = by_id[record["id"]]
             if record["status"] == "running":   # its lock is held: another run (or an orphan) runs it now
                 item.state = "running"
@@ -189,11 +224,131 @@ def run(spec_path: str | Path, options: RunOptions, output_root: str | Path | No
             if record["status"] != "done":
                 last = (record["error"] or "").strip().splitlines()
                 line += f", exit status {record['exit_status']}" + (f": {last[-1]}" if last else "")
-            echo(line)
+            console.echo(line)
 
-    with sweep_lock(sweep_plan.root, spec.name):
+    with sweep_lock(sweep_plan.root, spec.name), forwarded_signals(console.echo), console.running():
         _launch(sweep_plan, blocks, options, report, echo)
+    signum = runner.stop_requested()
+    if signum is not None:
+        raise SweepInterrupted(signum, sweep_plan)
     return sweep_plan
+
+
+@contextlib.contextmanager
+def forwarded_signals(echo=print):
+    """Within the block, SIGINT / SIGTERM stop the sweep: forwarded to the running settings' process groups
+    (runner.stop_children); a second signal kills them. Only the main thread can install handlers; elsewhere
+    (a driver run from a thread) nothing changes."""
+    runner.reset_stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        count = runner.stop_children(signum)
+        name = signal.Signals(signum).name
+        if runner._Children.hard:
+            echo(f"sweep: second {name}: killing {count} running setting(s)")
+        else:
+            echo(f"sweep: {name}: stopping {count} running setting(s) (they are recorded as interrupted; "
+                 f"a second signal kills them); nothing new starts")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Console:
+    """One line per running setting with its progress (read from its progress file): redrawn in place every
+    second on a terminal, printed every ``every`` seconds (default 30) otherwise (a log). A setting counts
+    as running once its progress file was written after this run started and until its record comes."""
+
+    def __init__(self, echo, items: list[PlannedSetting], every: float | None = None, overall=None) -> None:
+        self.print = echo
+        self.overall = overall
+        self.items = {item.setting.id: item for item in items}
+        self.done: set[str] = set()
+        self.tty = echo is print and sys.stdout.isatty()
+        self.every = every if every is not None else (1.0 if self.tty else 30.0)
+        self.started = time.time()
+        self.lock = threading.Lock()
+        self.drawn = 0   # live lines on the terminal now
+        self.stop_event = threading.Event()
+
+    def finished(self, setting_id: str) -> None:
+        self.done.add(setting_id)
+
+    def echo(self, line: str) -> None:
+        with self.lock:
+            self._clear()
+            self.print(line)
+
+    def lines(self) -> list[str]:
+        lines, fractions = [], []
+        for setting_id, item in self.items.items():
+            if setting_id in self.done:
+                continue
+            state = item.progress()
+            if not state or (state.get("setting_started") or 0) < self.started - 1:
+                continue
+            elapsed = time.time() - (state.get("setting_started") or self.started)
+            fractions.append(state.get("fraction") or 0.0)
+            lines.append(f"  running {setting_id} {_describe(item.setting)} [{progress.format_duration(elapsed)}]: "
+                         f"{progress.describe(state)}")
+        if self.overall is not None:
+            extra = self.overall(len(self.done), len(self.items), fractions)
+            if extra:
+                lines.append(extra)
+        return lines
+
+    def tick(self) -> None:
+        lines = self.lines()
+        with self.lock:
+            self._clear()
+            if self.tty:
+                width = _terminal_width()
+                text = "\n".join(line[:width - 1] for line in lines)
+                if text:
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+                self.drawn = len(lines)
+            else:
+                for line in lines:
+                    self.print(line)
+
+    def _clear(self) -> None:
+        if self.tty and self.drawn:
+            sys.stdout.write("\x1b[1A\x1b[2K" * self.drawn)
+            sys.stdout.flush()
+            self.drawn = 0
+
+    @contextlib.contextmanager
+    def running(self):
+        thread = threading.Thread(target=self._loop, name="sweep-console", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.stop_event.set()
+            thread.join()
+            with self.lock:
+                self._clear()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.every):
+            try:
+                self.tick()
+            except Exception:   # the console is best effort: never let it end the sweep
+                pass
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((120, 24)).columns
 
 
 def sweep_lock(root: Path, name: str):
@@ -230,17 +385,32 @@ def _launch(sweep_plan: Plan, blocks: list[Block], options: RunOptions, report, 
 
 
 def status_text(sweep_plan: Plan, lines: int = 5) -> str:
-    """done / failed / pending counts and the last lines of every failure."""
+    """Counts per state, then a line per running setting (its progress and ETA, when it reports one) and the
+    last log lines of every failed or interrupted setting."""
     counts = sweep_plan.counts()
     stale = sum(item.state == "stale" for item in sweep_plan.settings)
-    out = [f"sweep {sweep_plan.spec.name} ({sweep_plan.root}): {len(sweep_plan.settings)} settings: "
-           f"{counts['done']} done, {counts['failed']} failed, {counts['pending']} pending"
-           + (f", {counts['running']} running elsewhere" if counts.get("running") else "")
-           + (f" ({stale} of them done with a different resolved config)" if stale else "")]
+    summary = ", ".join(f"{counts[state]} {state}" for state in STATES)
+    out = [f"sweep {sweep_plan.spec.name} ({sweep_plan.root}): {len(sweep_plan.settings)} settings: {summary}"
+           + (f" ({stale} of the pending done with a different resolved config)" if stale else "")]
     for item in sweep_plan.settings:
-        if item.state == "failed":
+        if item.state == "running":
+            state = item.progress()
+            line = f"running {item.setting.id} [{_describe(item.setting)}]"
+            if state:
+                age = time.time() - (state.get("updated") or time.time())
+                since = state.get("setting_started")
+                line += (f" for {progress.format_duration(time.time() - since)}" if since else "")
+                line += f": {progress.describe(state)} (reported {progress.format_duration(age)} ago)"
+            out.append(line)
+    for item in sweep_plan.settings:
+        if item.state in ("failed", "interrupted"):
             record = item.record or {}
-            out.append(f"failed {item.setting.id} [{_describe(item.setting)}] exit status {record.get('exit_status')}, log {record.get('log')}:")
+            if not record:
+                out.append(f"interrupted {item.setting.id} [{_describe(item.setting)}]: started, no record (its "
+                           f"driver was killed); log {Path(item.setting.folder) / runner.LOG_NAME}")
+                continue
+            out.append(f"{item.state} {item.setting.id} [{_describe(item.setting)}] exit status {record.get('exit_status')}, "
+                       f"log {record.get('log')}:")
             error = str(record.get("error") or "").rstrip().splitlines()[-lines:]
             out += [f"    {line}" for line in error]
     return "\n".join(out)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from utils.sweeps.runner import REPO, Block, run_block
+from utils.sweeps.runner import REPO, Block, run_block, stop_requested
 from utils.sweeps.spec import SweepError
 
 Report = Callable[[list[dict]], None]
@@ -149,9 +149,20 @@ def run_ray(blocks: list[Block], address: str | None, num_cpus: float, num_gpus:
     try:
         task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(run_block)
         pending = [task.remote(block) for block in blocks]
+        cancelled = False
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            report(ray.get(done[0]))
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if stop_requested() is not None and not cancelled:
+                # a cancelled task gets KeyboardInterrupt: its run_block stops its process and records it
+                for ref in pending:
+                    ray.cancel(ref)
+                cancelled = True
+            for ref in done:
+                try:
+                    report(ray.get(ref))
+                except (ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError):
+                    if not cancelled:
+                        raise
     finally:
         if started_here:
             ray.shutdown()
