@@ -139,3 +139,4 @@ def test_labels_in_words():
     assert figures.score_label("glue", "validation", "f1", main=False) == "validation (10% of GLUE train) F1 ×100"
     assert figures.score_label("glue", "test", "loss", main=False) == "GLUE dev loss"
     assert figures.score_label("llm", "test", "accuracy", main=False) == "test accuracy ×100"
+    assert figures.score_label("llm", "test", "answer_nll_per_token") == "test answer NLL per token"

@@ -31,15 +31,16 @@ COLORS = {"DARE": "tab:blue", "DropOnly": "tab:orange", "magnitude": "tab:green"
 SPLIT_NAMES = {"glue": {"test": "GLUE dev", "validation": "validation (10% of GLUE train)"}}
 METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "matthews_correlation": "Matthews corr.", "pearson": "Pearson r",
                 "spearmanr": "Spearman ρ", "averaged_scores": "score", "loss": "loss", "exact_match": "exact match",
-                "pass@1": "pass@1", "answer_nll": "answer NLL per token"}
-UNSCALED = {"loss", "answer_nll"}     # plotted as they are; every other metric ×100
+                "pass@1": "pass@1", "answer_nll_per_token": "answer NLL per token"}
+UNSCALED = {"loss", "answer_nll_per_token"}     # plotted as they are (lower is better); every other metric ×100
 
 
 def score_label(domain: str, split: str, metric: str | None = None, main: bool = True) -> str:
     """The y-axis label in words: "GLUE dev score ×100" for the main metric, "GLUE dev F1 ×100", "GLUE dev
     loss"; LLM splits keep their name ("test accuracy ×100")."""
     where = SPLIT_NAMES.get(domain, {}).get(split, split)
-    what = "score" if main or metric is None else METRIC_NAMES.get(metric, metric.replace("_", " "))
+    named = metric is not None and (not main or metric in UNSCALED)
+    what = METRIC_NAMES.get(metric, metric.replace("_", " ")) if named else "score"
     return f"{where} {what}" + ("" if metric in UNSCALED else " ×100")
 
 
@@ -99,9 +100,9 @@ def drop_rate_figure(groups: list[dict], path: Path, split: str = "test", title:
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 4.6 * len(panels)), 3.8), squeeze=False)
     sources: set[str] = set()
-    scale = 1.0 if metric in UNSCALED else 100.0
     for axis, (domain, model, task) in zip(axes[0], panels):
         members = [g for g in drops if (g["domain"], g["model"], g["task"]) == (domain, model, task)]
+        scale = 1.0 if members[0]["metric"] in UNSCALED else 100.0
         baseline = next((g for g in members if g["variant"] == "fine-tuned"), None)
         variants = sorted({g["variant"] for g in members if g["variant"] != "fine-tuned"}, key=lambda v: sort_key(v, VARIANT_ORDER))
         drawn: list[float] = []
@@ -164,21 +165,23 @@ def merge_figure(groups: list[dict], path: Path, split: str = "test", title: str
             methods = sorted({g["method"] for g in members}, key=lambda m: sort_key(m, METHOD_ORDER))
             positions = np.arange(len(methods))
             drawn: list[float] = []
+            metric = next((g["metric"] for g in members if g["task"] != AVERAGE), members[0]["metric"])
+            scale = 1.0 if metric in UNSCALED else 100.0
             for offset, dare, color in ((-0.2, False, "tab:gray"), (0.2, True, "tab:blue")):
                 cells = [(i, next((g for g in members if g["method"] == m and g["dare"] == dare), None))
                          for i, m in enumerate(methods)]
                 cells = [(i, c) for i, c in cells if c is not None]     # a missing cell is no bar, not a bar at 0
                 if not cells:
                     continue
-                heights = [100 * c["mean"] for _, c in cells]
-                errors = [100 * c["std"] for _, c in cells]
+                heights = [scale * c["mean"] for _, c in cells]
+                errors = [scale * c["std"] for _, c in cells]
                 axis.bar([positions[i] + offset for i, _ in cells], heights, width=0.4, yerr=errors, capsize=2,
                          color=color, label="with DARE" if dare else "without DARE")
                 drawn += [h - e for h, e in zip(heights, errors)] + [h + e for h, e in zip(heights, errors)]
                 sources |= {s for _, c in cells for s in c["sources"]}
             experts = [_finetuned(groups, split, model, t) for t in (tasks.split("+") if task == AVERAGE else [task])]
             if experts and all(experts):
-                reference = 100 * float(np.mean([e["mean"] for e in experts]))
+                reference = scale * float(np.mean([e["mean"] for e in experts]))
                 axis.axhline(reference, color="black", linestyle="--", linewidth=0.9,
                              label="fine-tuned experts (mean)" if task == AVERAGE else "fine-tuned model")
                 drawn.append(reference)
@@ -187,7 +190,7 @@ def merge_figure(groups: list[dict], path: Path, split: str = "test", title: str
             axis.set_ylim(*score_limits(drawn))
             axis.set_xticks(positions, [METHOD_LABELS.get(m, m) for m in methods], rotation=20, ha="right", fontsize=8)
             what = "average of the tasks" if task == AVERAGE else (task.upper() if domain == "glue" else task)
-            axis.set_ylabel(score_label(domain, split))
+            axis.set_ylabel(score_label(domain, split, metric))
             axis.set_title(f"{model}, {tasks.replace('+', ' + ')} merged: {what}", fontsize=9)
             axis.grid(axis="y", alpha=0.3)
             axis.legend(fontsize=7)
