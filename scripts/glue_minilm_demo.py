@@ -37,7 +37,7 @@ from utils.sweeps.chain import ChainProgress, Stage  # noqa: E402
 
 # the stages, with the seconds each takes on an idle 2-core machine (estimates: the ETA rescales them by
 # this machine's speed once a stage has finished)
-TRAIN = Stage("glue_demo_train", 520, "fine-tune MiniLM on MRPC (3 epochs) and an SST-2 slice")
+TRAIN = Stage("glue_demo_train", 360, "fine-tune MiniLM on MRPC (2 epochs) and an SST-2 slice")
 STAGES = {   # the main job, and the full demo (--full)
     "quick": (TRAIN,
               Stage("glue_quick_drop", 60, "DARE vs DropOnly on MRPC's delta parameters (5 rates, 1 seed)"),

@@ -474,3 +474,24 @@ def test_training_reports_its_trainer_steps_to_a_sweeps_progress_file(ws, tmp_pa
     assert f"progress: train rte {total}/{total} steps (100%)" in err
     state = json.loads(progress_file.read_text())
     assert state["schema"] == "mergelm.progress/1" and state["step"] == state["total"] > 0   # the last stage ended
+
+
+def test_the_main_jobs_merge_table_runs_each_method_once_without_and_with_dare(ws, tmp_path):
+    """The quick chain (configs/sweeps/glue_quick_merge*.yml, grid "quick"): one setting per method, then DARE at
+    p = 0.9 on top of it (read from the method's result file of the same grid), for every method the sweeps list."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    plain = yaml.safe_load((root / "glue_quick_merge.yml").read_text())
+    dare = yaml.safe_load((root / "glue_quick_merge_dare.yml").read_text())
+    methods = plain["axes"]["merging_method_name"]
+    assert methods == dare["axes"]["mask_apply_method"] and plain["fixed"]["merge_grid"] == dare["fixed"]["merge_grid"] == "quick"
+    for name in ("mrpc", "stsb"):
+        shutil.copytree(ws.save / "save_models" / name / NAME, tmp_path / "save_models" / name / NAME)
+    base = ["--dataset_names", "mrpc", "stsb", "--merge_grid", "quick", "--save_dir", str(tmp_path), *ws.common[:-2]]
+    for method in methods:
+        result = merge_main(["--merging_method_name", method, *base])[0]
+        assert len(result["settings"]) == 1
+        merged = merge_main(["--merging_method_name", "mask_merging", "--mask_apply_method", method, "--use_weight_rescale", *base])[0]
+        assert [s["weight_mask_rate"] for s in merged["settings"]] == [0.9]
+        assert {key: value for key, value in merged["settings"][0]["setting"].items() if key != "weight_mask_rate"} == \
+            result["settings"][0]["setting"]
+        assert (tmp_path / "save_merge_results" / "mrpc_stsb" / "mask_merging" / method / "tiny-bert_grid_quick.json").is_file()
