@@ -53,9 +53,15 @@ def slerp64(a, b, t):
 # ---------------------------------------------------------------------------------------------- examples
 
 
+def filled(recipe: str, layers: int = 2) -> str:
+    """An example with its layer-count placeholders (N, N/2) filled in for `layers`-layer models, in the cwd."""
+    text = (RECIPES / recipe).read_text().replace("N/2]", f"{layers // 2}]").replace("[N/2,", f"[{layers // 2},")
+    return write(Path(recipe), text.replace(", N]", f", {layers}]"))
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yml") if p.name != "two-stage.yml"))
 def test_every_example_recipe_merges_loads_and_generates(cwd, recipe):
-    code, _ = run(["--config", str(RECIPES / recipe), "--output_dir", "out"])
+    code, _ = run(["--config", filled(recipe), "--output_dir", "out"])
     assert code == 0
     model = generate("out")
     assert (cwd / "out" / "README.md").read_text().count((RECIPES / recipe).read_text().splitlines()[-1]) >= 1
@@ -111,8 +117,27 @@ def test_dare_ties_masks_follow_the_seed(cwd):
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
+def test_example_layer_ranges_are_refused_until_filled_in(cwd, capsys):
+    """Issue 26 item 3: an example written for some depth cannot silently truncate another model."""
+    code, err = run(["--config", str(RECIPES / "passthrough-depth-up.yml"), "--output_dir", "out"], capsys)
+    assert code == 2 and not (cwd / "out").exists()
+    assert "slices[0].sources[0].layer_range: [0, 'N'] holds the placeholder 'N': write layer numbers of models/chat" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_slice_plan_that_drops_layers_warns_with_the_counts(cwd, capsys):
+    recipe = write(cwd / "top.yml", "slices:\n  - sources:\n      - model: models/chat\n        layer_range: [1, 2]\n"
+                                    "merge_method: passthrough\ndtype: float32\n")
+    code, err = run(["--config", recipe, "--output_dir", "out"], capsys)
+    assert code == 0
+    assert "warning: model models/chat has 2 layers; the output (1 layers) takes 1 of them: layers 0 are dropped" in err
+    code, err = run(["--config", filled("passthrough-depth-up.yml"), "--output_dir", "deep"], capsys)
+    assert code == 0 and "models/chat has" not in err       # every layer of chat is taken
+    assert "warning: model models/code has 2 layers; the output (3 layers) takes 1 of them: layers 0 are dropped" in err
+
+
 def test_passthrough_stacks_and_renumbers_layers(cwd):
-    assert run(["--config", str(RECIPES / "passthrough-depth-up.yml"), "--output_dir", "out"])[0] == 0
+    assert run(["--config", filled("passthrough-depth-up.yml"), "--output_dir", "out"])[0] == 0
     out, chat, code = weights("out"), weights("models/chat"), weights("models/code")
     config = json.loads((cwd / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["dtype"] == "bfloat16"
