@@ -4,13 +4,14 @@ cosine similarity and sign agreement, figures and a report. Streams tensor by te
 Example:
     python analyze_task_vectors.py --base_model base/ --models ft_a/ ft_b/ --output_dir analysis/
 
-Outputs (--output_dir, written atomically): analysis.json (everything, inputs with header hashes, versions),
+Outputs (--output_dir, written atomically): analysis.json (everything; the manifest fields: inputs with file sha256, time, commit, versions),
 <model>/summary.json, tensors.csv, layers.csv, pairwise.csv, figures/*.png, report.md.
 The global L2 norms feed `merge_models.py --method norm_adaptive --norms_from <output_dir>/analysis.json`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from utils.analysis.defaults import COMPUTE_DTYPE_NAMES, DEFAULT_QUANTILES
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_k", type=int, default=10, help="tensors listed per model in summaries and report")
     parser.add_argument("--rel_tol", type=float, default=1e-6,
                         help="|δ| ≤ rel_tol·|θ_base| counts as unchanged")
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="tensors analysed at once, on worker threads (results do not depend on it)")
     parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--allow_pickle", action="store_true",
                         help="accept .bin checkpoints (torch.load with weights_only=True)")
@@ -46,7 +49,8 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
     return AnalysisOptions(base_model=args.base_model, models=args.models, output_dir=args.output_dir,
                            device=args.device, dtype=args.dtype, exclude_regex=args.exclude_param_names_regex,
                            quantiles=tuple(args.quantiles), top_k=args.top_k, rel_tol=args.rel_tol,
-                           overwrite=args.overwrite, allow_pickle=args.allow_pickle, figures=not args.no_figures)
+                           overwrite=args.overwrite, allow_pickle=args.allow_pickle, figures=not args.no_figures,
+                           threads=args.threads)
 
 
 def precheck(args: argparse.Namespace) -> int | None:

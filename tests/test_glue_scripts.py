@@ -310,6 +310,11 @@ def test_train_never_deletes_a_folder_it_did_not_write(ws, tmp_path, capsys):
     # --overwrite retrains and replaces it
     train_main([*args, "--overwrite"])
     assert (folder / "training_state.json").is_file() and not (folder / "trainer_state.json").exists()
+    # our checkpoint is reused by the same settings only: another cap or epoch count is refused, never reported
+    assert train_main(args)[0]["training"]["written_by"] == "train_plms_glue.py"
+    expect_exit(train_main, [*args[:3], "2", *args[4:]], capsys, str(folder), "num_epochs = 1", "asks for 2",
+                "--overwrite", code=2)
+    expect_exit(train_main, [*args, "--max_train_samples", "8"], capsys, "max_train_samples = None", code=2)
 
 
 def test_drop_sweep_with_batch_and_aggregation(ws, tmp_path, monkeypatch):

@@ -123,20 +123,29 @@ def test_miniature_curve_and_table_resume_and_never_select_on_reported_data(chat
              (("math", "gsm8k_train", "gsm8k"), ("code", "mbpp_train", "mbpp"))}
     budget = miniature.Budget(held_out=1, validation=2, batch_size=2)
     results = tmp_path / "results"
-    files = miniature.drop_curve(family, chat_model, "math", data_dir, results, rates=(0.0, 0.5),
-                                 methods=("dare", "magnitude"), seeds=(0, 1), budget=budget, log=lambda *_: None)
-    assert len(files) == 1 + 2 + 1 + 1      # p=0 once per method; random drops per seed; magnitude has no seed
+    files = miniature.drop_curve(family, chat_model, "math", ["gsm8k"], data_dir, results, rates=(0.0, 0.5),
+                                 methods=("dare", "magnitude", "drop_only"), seeds=(0, 1), single_seed=("drop_only",),
+                                 budget=budget, log=lambda *_: None)
+    # p=0 once per method; random drops per seed; magnitude and single-seed methods one seed
+    assert len(files) == 1 + 2 + 1 + 1 + 1 + 1
     values = {json.loads(f.read_text())["metrics"]["gsm8k"] for f in files}
     assert len(values) == 1                 # with δ = 0 every drop leaves the model unchanged
     stamp = {f: f.stat().st_mtime_ns for f in files}
-    miniature.drop_curve(family, chat_model, "math", data_dir, results, rates=(0.0, 0.5),
-                         methods=("dare", "magnitude"), seeds=(0, 1), budget=budget, log=lambda *_: None)
+    miniature.drop_curve(family, chat_model, "math", ["gsm8k"], data_dir, results, rates=(0.0, 0.5),
+                         methods=("dare", "magnitude", "drop_only"), seeds=(0, 1), single_seed=("drop_only",),
+                         budget=budget, log=lambda *_: None)
     assert {f: f.stat().st_mtime_ns for f in files} == stamp    # resumed: nothing recomputed
-    selection = miniature.merge_table(family, specs, chat_model, data_dir, results, budget=budget,
-                                      grid={"task_arithmetic": [{"scaling_coefficient": 0.5}]}, dare_rates=(0.0,),
-                                      log=lambda *_: None)
-    assert set(selection) == {"base", "math", "code", "task_arithmetic"}
+    grid = {"task_arithmetic": [{"options": {"scaling_coefficient": 0.5}}, {"options": {"scaling_coefficient": 1.0}}],
+            "iso_c": [{"parameters": {"scaling_factor": 1.0}}]}
+    selection = miniature.merge_table(family, specs, chat_model, data_dir, results, budget=budget, grid=grid,
+                                      dare_rate=0.5, log=lambda *_: None)["rows"]
+    assert set(selection) == {"base", "math", "code", "task_arithmetic", "task_arithmetic + DARE", "iso_c",
+                              "iso_c + DARE"}
     assert set(selection["task_arithmetic"]["held_out"]) == {"gsm8k", "mbpp", "human_eval"}
+    assert selection["task_arithmetic"]["candidates"] == 2 and selection["iso_c + DARE"]["dare_rate"] == 0.5
+    # selection read validation only: the select files hold no held-out benchmark
+    for path in (results / "merge_table" / "select").glob("*.json"):
+        assert set(json.loads(path.read_text())["metrics"]) == {"math_validation", "code_validation"}
     # validation problems are held back from training: never in the training rows
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
@@ -144,3 +153,40 @@ def test_miniature_curve_and_table_resume_and_never_select_on_reported_data(chat
         held = {tuple(encode_pair(tokenizer, *p)[0]) for p in miniature.validation_pairs(spec, data_dir, 10)}
         rows, counts = sft_examples(spec, tokenizer, data_dir)
         assert held and counts["held_back_validation"] == len(held) and not held & {tuple(r[0]) for r in rows}
+
+
+def test_llm_miniature_tiny_runs_every_stage_and_resumes(tmp_path, capsys):
+    """The one command in --tiny mode with a small plan: family, curves, magnitude study, table, report; a second
+    run recomputes nothing (result files untouched) and the report's numbers are the result files'."""
+    import yaml
+
+    import scripts.llm_miniature as command
+    from utils.llm.miniature import CONFIG
+
+    plan = yaml.safe_load(CONFIG.read_text())
+    for block in ("curve", "magnitude_study"):
+        plan[block]["rates"] = [0.0, 0.9]
+    plan["curve"]["methods"] = ["dare", "drop_only", "magnitude"]
+    plan["seeds"] = [0, 1]
+    plan["merge"]["grid"] = {"task_arithmetic": [{"options": {"scaling_coefficient": 0.5}}],
+                             "tsv_merging": [{"parameters": {"alpha": 1.0}}]}
+    plan["generate"] = {"limit": 2, "max_tokens": 4, "models": {"math": ["gsm8k"]},
+                        "merges": {"task_arithmetic": ["mbpp"]}}
+    config = tmp_path / "plan.yaml"
+    config.write_text(yaml.safe_dump(plan))
+    root = tmp_path / "mini"
+    assert command.main(["--tiny", "--root", str(root), "--config", str(config)]) == 0
+    files = sorted((root / "drop_curve").glob("*.json")) + sorted((root / "merge_table").rglob("*.json"))
+    # curve: math & code × (dare 1+2, drop_only 1+2, magnitude 1+1); magnitude study: math_large × (dare 1+2, drop_only 1+2)
+    assert len(list((root / "drop_curve").glob("*.json"))) == 2 * 8 + 2 * 3
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    assert command.main(["--tiny", "--root", str(root), "--config", str(config)]) == 0
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    selection = json.loads((root / "merge_table" / "selection.json").read_text())["rows"]
+    report = (root / "report.md").read_text()
+    assert f"| tsv_merging + DARE | {selection['tsv_merging + DARE']['held_out']['gsm8k']:.3f} |" in report
+    assert all((root / name).is_file() for name in ("drop_curve.png", "magnitude.png", "merge_table.png"))
+    assert set(json.loads((root / "deltas.json").read_text())) >= {"math", "code", "math_large"}
+    summaries = sorted((root / "generate").glob("save_gen_*/*/*/summary.json"))
+    assert len(summaries) == 2 and "## Generation" in report
+    assert all(json.loads(p.read_text())["metrics"]["num_examples"] == 2 for p in summaries)

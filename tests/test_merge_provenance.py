@@ -187,7 +187,7 @@ def test_manifest_written_by_an_older_version_is_refused(tmp_path, capsys):
 
 def test_known_hashes_are_not_recomputed_and_changed_files_are(llama_family, tmp_path, monkeypatch):
     """A sweep over the same inputs hashes each file once (stat-keyed cache); a rewritten file is hashed again."""
-    import utils.engine.streaming as engine
+    import utils.manifest as engine
 
     monkeypatch.setenv("MERGELM_HASH_CACHE", str(tmp_path / "cache.json"))
     model = tmp_path / "ft0"
@@ -212,7 +212,7 @@ def test_known_hashes_are_not_recomputed_and_changed_files_are(llama_family, tmp
 
 
 def test_hub_cache_blobs_are_named_by_their_sha256(tmp_path):
-    from utils.engine.reader import known_sha256
+    from utils.manifest import known_sha256
 
     content = b"weights"
     digest = hashlib.sha256(content).hexdigest()

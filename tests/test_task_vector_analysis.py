@@ -312,3 +312,45 @@ def test_an_output_below_a_file_exits_2_with_one_line(llama_family, tmp_path, ca
     assert code == 2 and len(err.splitlines()) == 1 and err.endswith("; nothing was written\n")
     assert err.startswith(("analyze_task_vectors.py: error: File exists: ",
                            "analyze_task_vectors.py: error: Not a directory: "))
+
+
+def test_worker_threads_do_not_change_any_figure(llama_family, tmp_path):
+    """Tensors are analysed on worker threads and accumulated in tensor order: 1 or 3 threads, the same JSON."""
+    from utils.analysis.analyze import AnalysisOptions, analyze
+
+    results = []
+    for threads in (1, 3):
+        options = AnalysisOptions(base_model=str(llama_family["base"]),
+                                  models=[str(llama_family["ft0"]), str(llama_family["ft1"])],
+                                  output_dir=str(tmp_path / f"out{threads}"), threads=threads)
+        analysis = analyze(options)
+        for key in ("created", "wall_seconds"):
+            analysis.pop(key)
+        analysis.pop("options")
+        results.append(json.dumps(analysis, sort_keys=True))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_task_vector_is_refused_without_a_separate_pass(bad):
+    from utils.analysis.statistics import NonFiniteDelta
+
+    delta = torch.zeros(1000)
+    delta[637] = bad
+    with pytest.raises(NonFiniteDelta):
+        tensor_statistics(delta, torch.ones(1000), [0.5], 1e-6)
+
+
+def test_histogram_from_the_radix_counts_equals_the_direct_one():
+    """The float32 path fills the |δ| histogram from the quantiles' bincount of bits >> 16: same bins."""
+    from utils.analysis.statistics import Histogram
+
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randn(50_000, generator=generator) * torch.logspace(-8, 1, 50_000)
+    delta[::7] = 0.0
+    direct, fused = Histogram(), Histogram()
+    direct.add(delta.abs())
+    stats = tensor_statistics(delta, torch.ones_like(delta), [0.1, 0.5, 0.99], 1e-6, fused)
+    assert fused.to_json() == direct.to_json() and fused.zeros == len(range(0, 50_000, 7))
+    assert list(stats["quantiles"].values()) == pytest.approx(
+        torch.quantile(delta.abs().double(), torch.tensor([0.1, 0.5, 0.99], dtype=torch.float64)).tolist(), rel=1e-6)

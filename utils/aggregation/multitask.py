@@ -131,10 +131,11 @@ class MultitaskGroup:
                      f"mean ± std over DARE seeds", header, rows, sorted(self.sources))
 
     def bar_figure(self, path: Path, title: str | None = None) -> Path:
-        from utils.aggregation.figures import _finish, _pyplot
+        from utils.aggregation.figures import SPLIT_NAMES, _finish, _pyplot, score_limits
 
         plt = _pyplot()
         methods = list(dict.fromkeys(method for method, _ in self.keys()))
+        drawn = [100.0]
         figure, axis = plt.subplots(figsize=(max(6.0, 0.75 * len(methods) + 2), 4.2))
         positions = np.arange(len(methods))
         for offset, dare, color in ((-0.2, False, "tab:gray"), (0.2, True, "tab:blue")):
@@ -142,20 +143,24 @@ class MultitaskGroup:
             for method in methods:
                 runs = self.per_seed((method, dare)) if (method, dare) in self.runs else []
                 values = [100 * run["normalised_mean"] for run in runs if not np.isnan(run["normalised_mean"])]
-                heights.append(float(np.mean(values)) if values else 0.0)
+                heights.append(float(np.mean(values)) if values else float("nan"))   # nan: no bar
                 errors.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
             axis.bar(positions + offset, heights, width=0.4, yerr=errors, capsize=2, color=color,
-                     label="+ DARE (3 mask seeds)" if dare else "without DARE")
-        axis.axhline(100.0, color="black", linewidth=0.8, linestyle="--", label="individual experts")
+                     label="+ DARE (mask seeds: mean ± std)" if dare else "without DARE")
+            drawn += [h - e for h, e in zip(heights, errors)] + [h + e for h, e in zip(heights, errors)]
+        axis.axhline(100.0, color="black", linewidth=0.8, linestyle="--", label="fine-tuned experts (= 100)")
+        axis.axhline(0.0, color="black", linewidth=0.5)
+        axis.set_ylim(*score_limits(drawn))
         axis.set_xticks(positions, [METHOD_LABELS.get(m, m) for m in methods], rotation=30, ha="right", fontsize=8)
-        axis.set_ylabel(f"normalised average ({self.split}, % of experts)")
-        axis.set_title(f"{self.model}: {len(self.tasks)} tasks merged ({', '.join(self.tasks)})", fontsize=9)
+        where = SPLIT_NAMES["glue"].get(self.split, self.split)
+        axis.set_ylabel(f"{where} score, % of the expert's (task mean)")
+        default = f"{self.model}: {len(self.tasks)} GLUE tasks merged ({', '.join(self.tasks)}), normalised to the experts"
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize=7)
-        return _finish(plt, figure, path, title, self.sources)
+        return _finish(plt, figure, path, title or default, self.sources)
 
     def heatmap_figure(self, path: Path, title: str | None = None) -> Path:
-        from utils.aggregation.figures import _finish, _pyplot
+        from utils.aggregation.figures import SPLIT_NAMES, _finish, _pyplot
 
         plt = _pyplot()
         keys = [key for key in self.keys() if self.per_seed(key)]
@@ -170,9 +175,10 @@ class MultitaskGroup:
                 axis.text(j, i, "–" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.0f}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(columns)), columns, fontsize=8)
         axis.set_yticks(range(len(keys)), [_label(*key) for key in keys], fontsize=7)
-        axis.set_title(f"{self.model}: merged / individual ×100 ({self.split}; DARE rows: mean of seeds)", fontsize=9)
-        figure.colorbar(image, ax=axis, fraction=0.03)
-        return _finish(plt, figure, path, title, self.sources)
+        where = SPLIT_NAMES["glue"].get(self.split, self.split)
+        default = f"{self.model}: merged / fine-tuned expert ×100 ({where}; DARE rows: mean of seeds)"
+        figure.colorbar(image, ax=axis, fraction=0.03, label="% of the expert's score")
+        return _finish(plt, figure, path, title or default, self.sources)
 
 
 def multitask_groups(rows: list[dict], split: str = "test") -> list[MultitaskGroup]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -20,11 +22,14 @@ import torch
 from .defaults import COMPUTE_DTYPE_NAMES, DEFAULT_QUANTILES
 
 from model_merging_methods import is_excluded
+from utils.engine.allocator import tune_allocator
 from utils.engine.reader import CheckpointReader, resolve_checkpoint
-from utils.records import check_output_folder, library_versions
+from utils.engine.statistics import map_in_order
+from utils.manifest import hash_beside, input_record, run_manifest
+from utils.records import check_output_folder
 
 from .grouping import KINDS, NO_LAYER, LayerGrouping, kind_of
-from .statistics import AnalysisError, Histogram, cosine, pair_statistics, tensor_statistics
+from .statistics import AnalysisError, Histogram, NonFiniteDelta, cosine, pair_statistics, tensor_statistics
 
 COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 
@@ -43,6 +48,7 @@ class AnalysisOptions:
     overwrite: bool = False
     allow_pickle: bool = False
     figures: bool = True
+    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))   # tensors analysed at once
 
     def validate(self) -> None:
         if not self.models:
@@ -52,6 +58,8 @@ class AnalysisOptions:
         for q in self.quantiles:
             if not 0.0 <= q <= 1.0:
                 raise AnalysisError(f"quantile {q} is outside [0, 1]")
+        if self.threads < 1:
+            raise AnalysisError(f"threads = {self.threads}; it must be at least 1")
         if self.top_k < 0:
             raise AnalysisError(f"top_k = {self.top_k} is negative")
         for pattern in self.exclude_regex:
@@ -182,6 +190,8 @@ def run_analysis(options: AnalysisOptions, progress: bool = False) -> dict:
     # one torch thread, as the merge engine (utils/engine/streaming.py): the work is histograms and
     # elementwise passes over one tensor at a time, where intra-op threads' synchronisation costs more
     # than it gains; on a busy 2-core machine a 2-thread bincount of a small tensor took 24 ms, 1 thread 0.02
+    # and the merge engine's allocator settings: freed tensors are reused instead of page-faulted in again
+    tune_allocator()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -195,6 +205,7 @@ def run_analysis(options: AnalysisOptions, progress: bool = False) -> dict:
 
 def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
     """The whole analysis as a JSON-ready dict (no files written)."""
+    started = time.time()
     options.validate()
     base, models = open_sources(options.base_model, options.models, options.allow_pickle)
     names, skipped, prefix = analysed_names(base, models, list(options.exclude_regex))
@@ -203,28 +214,51 @@ def analyze(options: AnalysisOptions, progress: bool = False) -> dict:
     dtype, device = COMPUTE_DTYPES[options.dtype], torch.device(options.device)
     sums = _Sums(len(models))
     tensors: list[dict[str, dict]] = [{} for _ in models]
-    iterator = names
+    bar = None
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(names, desc="analysing", unit="tensor")
-    for name in iterator:
-        layer, kind = grouping.layer_of(name), kind_of(name)
+        bar = tqdm(total=len(names), desc="analysing", unit="tensor")
+    quantiles = list(options.quantiles)
+
+    def work(name: str) -> tuple:
+        """Every statistic of one tensor (on a worker thread: torch releases the GIL in its kernels)."""
         theta = base.reader.get(name).to(device=device, dtype=dtype)
-        deltas = []
-        for index, model in enumerate(models):
+        deltas, stats, histograms = [], [], []
+        for model in models:
             delta = model.reader.get(prefix + name).to(device=device, dtype=dtype).sub_(theta)
-            if not bool(torch.isfinite(delta).all()):
-                raise AnalysisError(f"task vector of model {model.label} ({model.source}) is not finite (NaN/Inf) "
-                                    f"in tensor {name!r}")
-            stats = tensor_statistics(delta, theta, list(options.quantiles), options.rel_tol,
-                                      sums.histograms[index])
-            tensors[index][name] = {"layer": layer, "kind": kind, "shape": list(delta.shape), **stats}
-            sums.add(index, layer, kind, stats)
+            histograms.append(Histogram())
+            try:
+                stats.append(tensor_statistics(delta, theta, quantiles, options.rel_tol, histograms[-1]))
+            except NonFiniteDelta:
+                raise AnalysisError(f"task vector of model {model.label} ({model.source}) is not finite "
+                                    f"(NaN/Inf) in tensor {name!r}") from None
             deltas.append(delta)
-        for i, j in sums.pairs:
-            sums.add_pair((i, j), layer, pair_statistics(deltas[i], deltas[j]))
-        del theta, deltas
-    analysis = _assemble(options, base, models, names, skipped, grouping, sums, tensors)
+        pairs = {(i, j): pair_statistics(deltas[i], deltas[j]) for i, j in sums.pairs}
+        return name, list(theta.shape), stats, histograms, pairs
+
+    def reduce(result: tuple) -> None:
+        """Accumulate in tensor order, so that every sum is the same whatever the number of threads."""
+        name, shape, stats, histograms, pairs = result
+        layer, kind = grouping.layer_of(name), kind_of(name)
+        for index, (entry, histogram) in enumerate(zip(stats, histograms)):
+            tensors[index][name] = {"layer": layer, "kind": kind, "shape": shape, **entry}
+            sums.add(index, layer, kind, entry)
+            sums.histograms[index].merge(histogram)
+        for pair, entry in pairs.items():
+            sums.add_pair(pair, layer, entry)
+        if bar is not None:
+            bar.update()
+
+    threads = max(1, min(options.threads, os.cpu_count() or 1))
+
+    def run() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            map_in_order(pool, names, work, reduce, in_flight=threads)
+
+    _, digests = hash_beside([path for source in (base, *models) for path in source.reader.weight_files()], run)
+    if bar is not None:
+        bar.close()
+    analysis = _assemble(options, base, models, names, skipped, grouping, sums, tensors, digests, started)
     analysis["model_name_prefix"] = prefix
     return analysis
 
@@ -234,8 +268,14 @@ def _group_json(values: list) -> dict:
     return {"numel": numel, "l2": math.sqrt(ssq), "l1": l1}
 
 
+def _files(reader: CheckpointReader, digests: dict) -> list[dict]:
+    """The reader's weight files (name, size, header hash: norms.py compares those) with their sha256."""
+    by_name = {path.name: digests[path] for path in reader.weight_files()}
+    return [entry | {"sha256": by_name.get(entry["file"])} for entry in reader.describe_files()]
+
+
 def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], names: list[str], skipped: dict,
-              grouping: LayerGrouping, sums: _Sums, tensors: list[dict]) -> dict:
+              grouping: LayerGrouping, sums: _Sums, tensors: list[dict], digests: dict, started: float) -> dict:
     layers_in_use = [label for label in grouping.layer_order()
                      if any(layer == label for groups in sums.groups for layer, _ in groups)]
     model_entries = []
@@ -254,7 +294,7 @@ def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], na
         numel = total[0]
         model_entries.append({
             "label": model.label, "source": model.source, "path": str(model.reader.folder.resolve()),
-            "files": model.reader.describe_files(),
+            "files": _files(model.reader, digests),
             "global": {**_group_json(total), "base_l2": base_l2,
                        "relative_l2": math.sqrt(total[1]) / base_l2 if base_l2 > 0 else None,
                        "max_abs": max(s["max_abs"] for s in stats),
@@ -276,11 +316,10 @@ def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], na
                                   "sign_agreement": v[1] / v[2] if v[2] else None, "both_nonzero": v[2]}
                           for layer in layers_in_use if (v := layers.get(layer))},
         })
-    return {
-        "tool": "analyze_task_vectors",
-        "created_unix": time.time(),
+    described = [input_record(role, source.source, source.reader.folder, source.reader.weight_files(), digests)
+                 for role, source in [("base", base)] + [(f"model {m.label}", m) for m in models]]
+    return run_manifest("analyze_task_vectors", started, described, **{
         "options": asdict(options),
-        "versions": library_versions(),
         "definitions": {
             "task_vector": "δ_i = θ_i − θ_base, per tensor, in the computation dtype",
             "std": "sample standard deviation (divisor n − 1)",
@@ -293,10 +332,10 @@ def _assemble(options: AnalysisOptions, base: _Source, models: list[_Source], na
             "sign_agreement": "#{sign δ_a = sign δ_b} / #{δ_a ≠ 0 and δ_b ≠ 0}",
         },
         "base": {"source": base.source, "path": str(base.reader.folder.resolve()),
-                 "files": base.reader.describe_files()},
+                 "files": _files(base.reader, digests)},
         "grouping": {**grouping.to_json(), "layers": layers_in_use},
         "num_tensors": len(names),
         "skipped_tensors": skipped,
         "models": model_entries,
         "pairwise": pairwise,
-    }
+    })

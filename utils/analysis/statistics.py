@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_merging_methods.selection import order_statistics
+from model_merging_methods.selection import HIGH_BINS, order_statistics, select_in_high_counts
 
 CHUNK = 1 << 22
 HIST_SHIFT = 21  # |δ| histogram bins: float32 bit patterns >> 21 (shared by every tensor and model)
@@ -20,6 +20,27 @@ HIST_SHIFT = 21  # |δ| histogram bins: float32 bit patterns >> 21 (shared by ev
 
 class AnalysisError(ValueError):
     """Bad input to the analysis: the message names the tensor, model, file or value at fault."""
+
+
+class NonFiniteDelta(AnalysisError):
+    """tensor_statistics met a NaN or infinite entry of δ (the caller names the model and tensor)."""
+
+
+def _quantile_positions(n: int, quantiles: list[float]) -> tuple[list[tuple[int, float]], list[int]]:
+    """Per quantile (⌊h⌋, h − ⌊h⌋) with h = (n − 1)·q, and the 0-based order statistics they need."""
+    needed: set[int] = set()
+    positions = []
+    for q in quantiles:
+        h = (n - 1) * q
+        lower = min(int(math.floor(h)), n - 1)
+        positions.append((lower, h - lower))
+        needed.update({lower, min(lower + 1, n - 1)})
+    return positions, sorted(needed)
+
+
+def _interpolate(n: int, positions: list[tuple[int, float]], value: dict[int, float]) -> list[float]:
+    return [value[lower] + fraction * (value[min(lower + 1, n - 1)] - value[lower]) if fraction else value[lower]
+            for lower, fraction in positions]
 
 
 def exact_quantiles(values: torch.Tensor, quantiles: list[float]) -> list[float]:
@@ -31,21 +52,13 @@ def exact_quantiles(values: torch.Tensor, quantiles: list[float]) -> list[float]
     if n == 0:
         return [math.nan for _ in quantiles]
     flat = values.reshape(-1)
-    needed: set[int] = set()
-    positions = []
-    for q in quantiles:
-        h = (n - 1) * q
-        lower = min(int(math.floor(h)), n - 1)
-        positions.append((lower, h - lower))
-        needed.update({lower, min(lower + 1, n - 1)})
-    order = sorted(needed)
+    positions, order = _quantile_positions(n, quantiles)
     if flat.dtype == torch.float64:
         found = [float(torch.kthvalue(flat.cpu(), i + 1).values) for i in order]
     else:
         found = order_statistics(flat, [i + 1 for i in order])
     value = dict(zip(order, found))
-    return [value[lower] + fraction * (value[min(lower + 1, n - 1)] - value[lower]) if fraction else value[lower]
-            for lower, fraction in positions]
+    return _interpolate(n, positions, value)
 
 
 def histogram_edge(index: int) -> float:
@@ -67,6 +80,23 @@ class Histogram:
         self.zeros += zeros
         found = torch.bincount((bits >> HIST_SHIFT).reshape(-1).cpu(), minlength=1 << (31 - HIST_SHIFT))
         found[0] -= zeros
+        self._add_found(found)
+
+    def add_high_counts(self, high: torch.Tensor, zeros: int) -> None:
+        """Add |δ| values given by the histogram of their float32 bit patterns >> 16 (HIGH_BINS int64
+        counts, as the radix selection counts them) and their number of exact zeros: the same bins as
+        `add`, without another pass over the values."""
+        found = high.reshape(-1, 1 << (HIST_SHIFT - 16)).sum(1)
+        found[0] -= zeros
+        self.zeros += zeros
+        self._add_found(found)
+
+    def merge(self, other: "Histogram") -> None:
+        self.zeros += other.zeros
+        for index, count in other.counts.items():
+            self.counts[index] = self.counts.get(index, 0) + count
+
+    def _add_found(self, found: torch.Tensor) -> None:
         indices = found.nonzero().reshape(-1)
         for index, count in zip(indices.tolist(), found[indices].tolist()):
             self.counts[index] = self.counts.get(index, 0) + count
@@ -91,32 +121,41 @@ def tensor_statistics(delta: torch.Tensor, base: torch.Tensor, quantiles: list[f
     skewness g₁ = m₃/m₂^{3/2} and excess kurtosis g₂ = m₄/m₂² − 3 with population central moments
     m_r = Σ(δ−μ)^r/n (None when δ is constant); zero_fraction = #{δ = 0}/n; unchanged_fraction =
     #{|δ| ≤ rel_tol·|θ_base|}/n (exact zeros always count); base_l2 = ‖θ_base‖₂; relative_l2 = l2/base_l2;
-    quantiles of |δ| (exact_quantiles). `histogram` receives |δ|.
+    quantiles of |δ| (exact_quantiles). `histogram` receives |δ|. Raises NonFiniteDelta when δ holds a
+    NaN or an infinity (found from max |δ| and Σδ, which propagate them, so no separate pass looks).
     Sums are taken per chunk of CHUNK elements in the computation dtype (torch's pairwise summation) and
-    accumulated across chunks in Python floats (float64).
+    accumulated across chunks in Python floats (float64). In float32, |δ| is taken once for the whole
+    tensor: one bincount of its bit patterns >> 16 serves the histogram and the radix selection of the
+    quantiles (model_merging_methods/selection.py), which then only gathers the few bins it needs.
     """
     n = delta.numel()
+    flat, base_flat = delta.reshape(-1), base.reshape(-1)
+    radix = flat.dtype == torch.float32 and n > 0
+    absolute_all = flat.abs()
     s1 = s_abs = s_sq = base_sq = 0.0
     max_abs, zeros, unchanged = 0.0, 0, 0
-    base_flat = base.reshape(-1)
-    for start, piece in _chunks(delta):
-        absolute = piece.abs()
+    for start in range(0, n, CHUNK):
+        piece, absolute = flat[start:start + CHUNK], absolute_all[start:start + CHUNK]
         s1 += float(piece.sum())
         s_abs += float(absolute.sum())
         s_sq += float(torch.dot(piece, piece))
-        if absolute.numel():
-            max_abs = max(max_abs, float(absolute.max()))
-        is_zero = piece == 0
-        zeros += int(is_zero.sum())
+        max_abs = max(max_abs, float(absolute.max()))
+        zeros += int(torch.count_nonzero(piece == 0))
         base_piece = base_flat[start:start + piece.numel()]
-        unchanged += int((absolute <= base_piece.abs().mul_(rel_tol)).logical_or_(is_zero).sum())
-        base_sq += float(torch.dot(base_piece, base_piece))
-        if histogram is not None:
+        piece_base_sq = float(torch.dot(base_piece, base_piece))
+        base_sq += piece_base_sq
+        tolerance = base_piece.abs().mul_(rel_tol)
+        unchanged += int(torch.count_nonzero(absolute <= tolerance))
+        if not math.isfinite(piece_base_sq):   # an exact zero beside a NaN base entry still counts as unchanged
+            unchanged += int(torch.count_nonzero((piece == 0).logical_and_(tolerance.isnan())))
+        if histogram is not None and not radix:
             histogram.add(absolute)
+    if not (math.isfinite(max_abs) and math.isfinite(s1)):
+        raise NonFiniteDelta("the task vector is not finite (NaN/Inf)")
     mean = s1 / n if n else math.nan
     m2 = m3 = m4 = 0.0
-    for _, piece in _chunks(delta):
-        centred = piece - mean
+    for start in range(0, n, CHUNK):
+        centred = flat[start:start + CHUNK] - mean
         squared = centred.square()
         m2 += float(squared.sum())
         m3 += float(torch.dot(squared, centred))
@@ -124,7 +163,17 @@ def tensor_statistics(delta: torch.Tensor, base: torch.Tensor, quantiles: list[f
     variance = m2 / n if n else math.nan
     constant = n == 0 or variance <= 0.0 or variance <= (abs(mean) * 1e-12) ** 2
     base_l2 = math.sqrt(base_sq)
-    values = exact_quantiles(delta.reshape(-1).abs(), quantiles)
+    if radix:
+        bits = absolute_all.view(torch.int32)
+        high = bits >> 16
+        counts = torch.bincount(high, minlength=HIGH_BINS)
+        if histogram is not None:
+            histogram.add_high_counts(counts, zeros)
+        positions, order = _quantile_positions(n, quantiles)
+        found = select_in_high_counts(bits, high, counts, [i + 1 for i in order]) if order else []
+        values = _interpolate(n, positions, dict(zip(order, found)))
+    else:
+        values = exact_quantiles(absolute_all, quantiles)
     return {
         "numel": n, "l2": math.sqrt(s_sq), "l1": s_abs, "max_abs": max_abs, "mean": mean,
         "std": math.sqrt(m2 / (n - 1)) if n > 1 else 0.0,
@@ -147,9 +196,9 @@ def pair_statistics(a: torch.Tensor, b: torch.Tensor) -> dict:
     for start, piece in _chunks(a):
         other = b_flat[start:start + piece.numel()]
         dot += float(torch.dot(piece, other))
-        product_sign = torch.sign(piece) * torch.sign(other)
-        agree += int((product_sign > 0).sum())
-        both += int((product_sign != 0).sum())
+        product_sign = torch.sign(piece).mul_(torch.sign(other))
+        agree += int(torch.count_nonzero(product_sign > 0))
+        both += int(torch.count_nonzero(product_sign))
     return {"dot": dot, "agree": agree, "both_nonzero": both}
 
 

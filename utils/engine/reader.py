@@ -9,14 +9,13 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from utils.manifest import WEIGHT_SUFFIXES
 from utils.precheck import HUB_ID  # noqa: F401 (one home: the entry scripts' pre-checks use it too)
 
 SAFETENSORS_DTYPES = {
@@ -25,7 +24,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 
 class CheckpointError(ValueError):
@@ -247,72 +245,6 @@ class CheckpointReader:
         """Every weight file the tensors are read from, in a fixed order."""
         shards = {f.path: None for f in self._files.values()}
         return sorted(shards) + sorted(self._loaded)
-
-
-HASH_CACHE_ENV = "MERGELM_HASH_CACHE"
-_HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")
-
-
-def file_sha256(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None = None) -> str | None:
-    """sha256 of a file's bytes (what ``sha256sum`` prints, and the hub's LFS oid of a weight file); None
-    when `stop` is set meanwhile. hashlib releases the GIL on large buffers, so this runs beside the
-    merge's worker threads."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            if stop is not None and stop.is_set():
-                return None
-            digest.update(view[:count])
-    return digest.hexdigest()
-
-
-def hash_cache_path() -> Path:
-    """Where known file hashes are kept: $MERGELM_HASH_CACHE, else <user cache>/mergelm/file_sha256.json."""
-    configured = os.environ.get(HASH_CACHE_ENV)
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mergelm" / "file_sha256.json"
-
-
-def _stat_key(path: Path) -> list[int]:
-    """What changes whenever the content can have changed: size, inode, device, mtime and ctime (ctime
-    cannot be set back by users, so a rewritten file never matches its old entry)."""
-    info = path.stat()
-    return [info.st_size, info.st_ino, info.st_dev, info.st_mtime_ns, info.st_ctime_ns]
-
-
-def known_sha256(path: Path) -> str | None:
-    """The file's sha256 without reading it, when known: a Hugging Face cache blob is named by the sha256
-    of its content (LFS files), and files hashed before are remembered by their stat key (hash_cache_path)."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and _HUB_BLOB.match(real.name):
-        return real.name
-    try:
-        entry = json.loads(hash_cache_path().read_text(encoding="utf-8")).get(str(real))
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(entry, dict) and entry.get("stat") == _stat_key(real):
-        return entry.get("sha256")
-    return None
-
-
-def remember_sha256(digests: dict[Path, str]) -> None:
-    """Add hashes computed by this run to the cache (best effort: an unwritable cache only costs time)."""
-    from utils.records import write_json_atomic
-
-    cache = hash_cache_path()
-    try:
-        known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
-        if not isinstance(known, dict):
-            known = {}
-        for path, digest in digests.items():
-            real = Path(os.path.realpath(path))
-            known[str(real)] = {"stat": _stat_key(real), "sha256": digest}
-        write_json_atomic(cache, known)
-    except (OSError, ValueError):
-        pass
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:

@@ -13,19 +13,15 @@ group per tensor of the reference checkpoint (flag_groups: same names in every i
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import math
 import os
 import re
-import shutil
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -40,26 +36,19 @@ from model_merging_methods.options import per_model
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import TensorGroupCall, passthrough, run_group
 from utils.cli import resolve_device
-from utils.records import (OutputExistsError, OutputRefusedError, check_output_folder, library_versions,
-                           project_provenance, write_folder_atomic)
+from utils.manifest import copy_model_files, hash_beside, input_record, run_manifest
+from utils.records import OutputExistsError, OutputRefusedError, check_output_folder, write_folder_atomic
 
 from .accounting import DropRule, UnaccountedTensors, account
 from .allocator import tune_allocator
 from .choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
 from .plan import PlannedGroup
-from .reader import (WEIGHT_SUFFIXES, CheckpointReader, file_sha256, known_sha256, open_checkpoint,
-                     remember_sha256, resolve_checkpoint)
+from .reader import CheckpointReader, open_checkpoint, resolve_checkpoint
 from .statistics import Prepared, map_in_order, prepare
 from .writer import PlannedTensor, ShardedSafetensorsWriter
 
 PIECE = SEGMENT  # elements per streamed piece of a large tensor (4 MiB in float32: temporaries stay in cache)
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-# what a model folder needs besides its weights: config, generation config, tokenizer files, chat template,
-# processor configs, and the custom code a config's auto_map names; anything else is listed, not copied
-MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                       "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*",
-                       "preprocessor_config.json", "processor_config.json", "configuration_*.py",
-                       "modeling_*.py", "tokenization_*.py")
 MANIFEST_NAME = "merge_manifest.json"
 # an embedding or output head: when only its row count differs between inputs, their vocabularies do
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|tok_embeddings|word_embeddings|wte|lm_head|shared)\."
@@ -185,7 +174,7 @@ def _run(job: StreamMergeJob, resolved: ResolvedJob, started: float) -> dict:
         donor_files = _copy_model_files(inputs, job, plan, row_targets, staging)
         model_labels = inputs.labels[int(inputs.has_base):]
         manifest.update(_manifest(job, resolved, inputs, hashes, plan, files, donor_files,
-                                  [reports.get(label, {}) for label in model_labels], time.time() - started))
+                                  [reports.get(label, {}) for label in model_labels], started))
         manifest["tensor_fates"] = fates
         if norms_record is not None:
             manifest["norm_adaptive"] = norms_record
@@ -305,25 +294,10 @@ def _flag_of(parameter: str) -> str:
 
 
 def _hash_inputs(inputs: Inputs, merge: Callable[[], list[str]]) -> tuple[list[str], list[list[str]]]:
-    """Run `merge` while one thread computes the sha256 of every input file not already known
-    (reader.known_sha256: hub blobs, earlier runs); returns merge's result and the digests per input.
-    sha256 costs ~0.6 s of CPU per GB, more than the merge's own arithmetic: on a machine with a free core
-    it hides behind the merge, and a sweep over the same inputs pays it once (README: provenance)."""
+    """Run `merge` while the inputs' files are hashed beside it (utils/manifest.hash_beside); returns
+    merge's result and the digests per input, in weight_files order."""
     paths = [reader.weight_files() for reader in inputs.readers]
-    known = {path: known_sha256(path) for group in paths for path in group}
-    stop = threading.Event()
-    with ThreadPoolExecutor(1) as hasher:
-        futures = {path: hasher.submit(file_sha256, path, stop=stop) for path, digest in known.items()
-                   if digest is None}
-        try:
-            files = merge()
-        except BaseException:
-            stop.set()     # an interrupted or failed merge does not wait for the hashes
-            raise
-        computed = {path: future.result() for path, future in futures.items()}
-    if computed:
-        remember_sha256(computed)
-    digests = {**known, **computed}
+    files, digests = hash_beside([path for group in paths for path in group], merge)
     return files, [[digests[path] for path in group] for group in paths]
 
 
@@ -830,14 +804,7 @@ def _copy_model_files(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTen
         name, rows = next(iter(row_targets.items()))
         index = next(i for i, r in enumerate(inputs.readers) if r.info(name)[1][0] == rows)
         donor = inputs.sources[index]
-    folder = resolve_checkpoint(donor, job.allow_pickle)
-    copied, left_out = [], []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILE_PATTERNS):
-            shutil.copyfile(path, staging / path.name)
-            copied.append(path.name)
-        elif not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):  # weights are never copied nor listed
-            left_out.append(path.name + ("/" if path.is_dir() else ""))
+    copied = copy_model_files(resolve_checkpoint(donor, job.allow_pickle), staging)
     config_path = staging / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
@@ -849,7 +816,7 @@ def _copy_model_files(inputs: Inputs, job: StreamMergeJob, plan: list[PlannedTen
         if row_targets and "vocab_size" in config:
             config["vocab_size"] = max(row_targets.values())
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return {"from": donor, "copied": copied, "not_copied": left_out}
+    return copied | {"from": donor}
 
 
 def _written_dtype(plan: list[PlannedTensor]) -> str | None:
@@ -938,33 +905,27 @@ def job_from_manifest_file(path: str | os.PathLike, output_dir: str, **settings)
 
 def _manifest(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, hashes: list[list[str]],
               plan: list[PlannedTensor], files: list[str], donor_files: dict, reports: list[dict[str, float]],
-              seconds: float) -> dict:
+              started: float) -> dict:
     method = resolved.method
     excluded = [p.name for p in plan if is_excluded(p.name, job.exclude_regex)]
-    manifest = {
-        "tool": "merge_models (streaming executor)",
-        "manifest_version": 2,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "project": project_provenance(),
-        "method": {"name": method.name, "requested": job.method, "paper": method.paper, "semantics": method.semantics},
+    described = [input_record(label, source, reader.folder, reader.weight_files(),
+                              dict(zip(reader.weight_files(), digests)))
+                 for label, source, reader, digests in zip(inputs.labels, inputs.sources, inputs.readers, hashes)]
+    manifest = run_manifest(
+        "merge_models (streaming executor)", started, described,
+        method={"name": method.name, "requested": job.method, "paper": method.paper, "semantics": method.semantics},
         **_applicable_options(job, resolved),
-        "inputs": [{"role": label, "source": source, "path": str(reader.folder),
-                    "files": [{"file": path.name, "bytes": path.stat().st_size, "sha256": digest}
-                              for path, digest in zip(reader.weight_files(), digests)]}
-                   for label, source, reader, digests in zip(inputs.labels, inputs.sources, inputs.readers, hashes)],
-        "output": {"files": files, "num_tensors": len(plan), "total_bytes": sum(p.nbytes for p in plan),
-                   "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in plan}),
-                   "dtype": job.dtype or "the reference's", "exclude_regex": list(job.exclude_regex),
-                   "vocab_alignment": job.vocab_alignment, "model_files": donor_files},
-        "excluded_tensors": excluded,
+        output={"files": files, "num_tensors": len(plan), "total_bytes": sum(p.nbytes for p in plan),
+                "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in plan}),
+                "dtype": job.dtype or "the reference's", "exclude_regex": list(job.exclude_regex),
+                "vocab_alignment": job.vocab_alignment, "model_files": donor_files},
+        excluded_tensors=excluded,
         **({"resolved_parameters": {"global": resolved.params, "per_input": resolved.per_input}}
            if method.kind == "group" else {}),
-        "warnings": list(resolved.warnings),
-        "device": str(resolved.device),
-        "versions": library_versions(),
-        "wall_seconds": round(seconds, 3),
-        "rerun": _rerun_record(job, resolved, inputs),
-    }
+        warnings=list(resolved.warnings),
+        device=str(resolved.device),
+        rerun=_rerun_record(job, resolved, inputs),
+    )
     if resolved.dare is not None:
         manifest["dare"] = {
             "given": manifest["dare"],

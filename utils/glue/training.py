@@ -338,13 +338,31 @@ class CheckpointNotOursError(ValueError):
     """A checkpoint folder exists that this project did not write (and --overwrite was not given)."""
 
 
-def existing_checkpoint(model_dir: Path, options: TrainOptions) -> str | None:
+def weight_settings(options: TrainOptions, learning_rate: float, seed: int) -> dict:
+    """The settings that determine a checkpoint's weights (recorded in training_state.json)."""
+    return {"language_model_name": str(options.language_model_name), "tasks": list(options.tasks),
+            "learning_rate": learning_rate, "batch_size": options.batch_size, "num_epochs": options.num_epochs,
+            "seed": seed, "max_seq_length": options.max_seq_length, "group_by_length": options.group_by_length,
+            "max_train_samples": options.max_train_samples, "precision": options.precision}
+
+
+def existing_checkpoint(model_dir: Path, options: TrainOptions, settings: dict | None = None) -> str | None:
     """What to do with an existing checkpoint folder: None (absent, or --overwrite: train), "ours" (written
     by save_trained: evaluate it), "original" (a single-task folder of the original code, which has
-    ``trainer_state.json``: evaluate it, as the original did). Anything else is refused, never deleted."""
+    ``trainer_state.json``: evaluate it, as the original did). Anything else is refused, never deleted, and so
+    is a folder of ours trained with other ``settings`` (weight_settings) than this run asks for: reusing it
+    would report another model under this run's settings."""
     if options.overwrite or not model_dir.exists():
         return None
     if (model_dir / STATE_FILE).is_file():
+        recorded = json.loads((model_dir / STATE_FILE).read_text(encoding="utf-8")).get("settings")
+        if settings is not None and recorded is not None:
+            changed = [key for key in settings if key in recorded and recorded[key] != settings[key]]
+            if changed:
+                key = changed[0]
+                raise CheckpointNotOursError(
+                    f"checkpoint folder {model_dir} was trained with {key} = {recorded[key]!r}, this run asks for "
+                    f"{settings[key]!r}; pass --overwrite to retrain it, or another --save_dir")
         return "ours"
     if (model_dir / ORIGINAL_STATE_FILE).is_file() and not options.multitask:
         return "original"
@@ -369,7 +387,8 @@ def save_trained(model, tokenizer, rows: dict[str, dict], training: dict, target
         else:
             save_pretrained_safetensors(model, folder)
         tokenizer.save_pretrained(folder)
-        write_json_atomic(folder / STATE_FILE, {"best_epoch": training["best_epoch"], "history": training["history"]})
+        write_json_atomic(folder / STATE_FILE, {"best_epoch": training["best_epoch"], "history": training["history"],
+                                                "settings": training.get("settings")})
 
     write_folder_atomic(target, write, overwrite=overwrite, inputs={"--language_model_name": pretrained},
                         role="checkpoint folder")
@@ -408,7 +427,8 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
     eval_loaders = {split: {task: make_loader(encoded[task][split], tokenizer, options.batch_size, shuffle=False) for task in tasks}
                     for split in ("validation", "test")}
     started = time.time()
-    existing = existing_checkpoint(model_dir, options)
+    settings = weight_settings(options, learning_rate, seed)
+    existing = existing_checkpoint(model_dir, options, settings)
     trainer = None
     if existing is not None:
         model = load_trained(model_dir, rows, allow_pickle=options.allow_pickle)
@@ -429,6 +449,7 @@ def train_run(options: TrainOptions, config: dict, data: dict, tokenizer, device
         trainer = training.pop("trainer")
         model = trainer.model
         training["training_arguments"] = json.loads(arguments.to_json_string())
+        training["settings"] = settings
     if trainer is not None and not trainer.is_world_process_zero():
         return {}
     model.to(device)
@@ -468,7 +489,7 @@ def run_training(options: TrainOptions, config: dict, device) -> list[dict]:
         # the one output guard (utils/records.py): --overwrite would replace the pretrained model
         check_output_folder(model_dir, {"--language_model_name": source}, overwrite=True, role="checkpoint folder",
                             advice="--save_dir")
-        existing_checkpoint(model_dir, options)
+        existing_checkpoint(model_dir, options, weight_settings(options, learning_rate, options.seed + run))
     data = {task: load_task_splits(task, config, options.glue_dir, max_train_samples=options.max_train_samples,
                                    max_eval_samples=options.max_eval_samples, max_validation_samples=options.max_validation_samples)
             for task in options.tasks}

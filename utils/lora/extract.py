@@ -165,7 +165,8 @@ def extract_lora(job: ExtractJob) -> dict:
     """Extract job.model − job.base_model into the adapter folder job.output_dir; returns the report."""
     from safetensors.torch import save_file
 
-    from utils.records import check_output_folder, library_versions, project_provenance, write_folder_atomic
+    from utils.manifest import hash_beside, input_record, run_manifest
+    from utils.records import check_output_folder, write_folder_atomic
 
     started = time.time()
     job.validate()
@@ -188,6 +189,15 @@ def extract_lora(job: ExtractJob) -> dict:
     record: dict = {}
 
     def write(staging: Path) -> None:
+        _, digests = hash_beside([*base.weight_files(), *model.weight_files()], lambda: build(staging))
+        described = [input_record("base", job.base_model, base_folder, base.weight_files(), digests),
+                     input_record("model", job.model, model_folder, model.weight_files(), digests)]
+        report = run_manifest("extract_lora", started, described, **record)
+        record.clear()
+        record.update(report | {"seconds": report["wall_seconds"]})
+        (staging / REPORT_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+    def build(staging: Path) -> None:
         tensors, modules, ranks, lora_bias, to_save = {}, [], {}, False, []
         squares, errors = 0.0, 0.0
         for item in plan["lora"]:
@@ -241,10 +251,7 @@ def extract_lora(job: ExtractJob) -> dict:
             "total": {"delta_norm": math.sqrt(squares), "error": math.sqrt(errors),
                       "relative_error": math.sqrt(errors / squares) if squares else 0.0,
                       "lora_modules": len(ranks), "full_tensors": sum(len(v) for v in plan["full"].values()),
-                      "adapter_parameters": sum(t.numel() for t in tensors.values())},
-            "versions": library_versions(), "project": project_provenance(),
-            "seconds": round(time.time() - started, 3)})
-        (staging / REPORT_NAME).write_text(json.dumps(record, indent=2) + "\n")
+                      "adapter_parameters": sum(t.numel() for t in tensors.values())}})
 
     write_folder_atomic(job.output_dir, write, overwrite=job.overwrite, inputs=inputs)
     return record

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from utils.engine.reader import file_sha256
+from utils.manifest import file_sha256, input_record, known_sha256, remember_sha256, run_manifest
 
 from .adapter import PREFIX, AdapterError, LoraAdapter, resolve_adapter
 from .combine import KNOTS_RULES, CombineError, CombineOptions, Factors, combine_module, output_rank
@@ -70,7 +70,7 @@ def _target_modules(adapters: list[LoraAdapter]):
 
 def merge_adapters(job: LoraMergeJob) -> dict:
     """Merge job.adapters into job.output_dir; returns the record it writes (merge_lora.json)."""
-    from utils.records import check_output_folder, library_versions, project_provenance, write_folder_atomic
+    from utils.records import check_output_folder, write_folder_atomic
 
     started = time.time()
     options = job.options
@@ -125,13 +125,18 @@ def merge_adapters(job: LoraMergeJob) -> dict:
         merged = replace(config, r=rank, lora_alpha=rank, target_modules=_target_modules(adapters), alpha_pattern={},
                          rank_pattern={}, use_rslora=False, modules_to_save=None, use_dora=False)
         merged.save_pretrained(str(staging))
-        record.update({
-            "adapters": [{"source": s, "path": str(a.folder), "weight": w,
-                          "sha256": file_sha256(a.file.path), "rank": max(m.rank for m in a.modules.values())}
-                         for s, a, w in zip(job.adapters, adapters, weights)],
-            "options": asdict(options), "rank": rank, "module_ranks": ranks, "modules": len(modules),
-            "seed": options.seed, "versions": library_versions(), "project": project_provenance(),
-            "seconds": round(time.time() - started, 3)})
+        digests = {a.file.path: known_sha256(a.file.path) or file_sha256(a.file.path) for a in adapters}
+        remember_sha256(digests)
+        described = [input_record(f"adapter {i}", s, a.folder, [a.file.path], digests, weight=w,
+                                  rank=max(m.rank for m in a.modules.values()))
+                     for i, (s, a, w) in enumerate(zip(job.adapters, adapters, weights))]
+        record.update(run_manifest(
+            "merge_lora", started, described,
+            adapters=[{"source": s, "path": str(Path(a.folder).resolve()), "weight": w, "sha256": digests[a.file.path],
+                       "rank": max(m.rank for m in a.modules.values())}
+                      for s, a, w in zip(job.adapters, adapters, weights)],
+            options=asdict(options), rank=rank, module_ranks=ranks, modules=len(modules), seed=options.seed))
+        record["seconds"] = record["wall_seconds"]
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
     write_folder_atomic(job.output_dir, write, overwrite=job.overwrite, inputs=inputs)

@@ -28,7 +28,8 @@ from utils.engine.reader import CheckpointError, CheckpointReader, resolve_check
 from utils.engine.writer import PlannedTensor, ShardedSafetensorsWriter
 from utils.engine.streaming import DTYPES
 from utils.cards import fenced, front_matter
-from utils.records import OutputExistsError, check_output_folder, library_versions, write_folder_atomic
+from utils.manifest import hash_beside, input_record, run_manifest
+from utils.records import OutputExistsError, check_output_folder, write_folder_atomic
 
 from .config import PROMPT_GATE_MODES, ExpertConfig, MoEConfig
 from .gates import DEGENERATE_CONDITION, PromptEncoder, condition_numbers, prompt_gates, random_gate, seeded_normal
@@ -131,11 +132,13 @@ def _build(job: MoEJob, started: float) -> dict:
     moe_config = output_config(layout, base_config, len(experts), config.experts_per_token, dtype_name)
 
     def write(staging: Path) -> None:
-        files = _write_tensors(job, plan, staging, [model.reader for model in [base, *experts, *shared]])
+        readers = [model.reader for model in [base, *experts, *shared]]
+        files, digests = hash_beside([path for reader in readers for path in reader.weight_files()],
+                                     lambda: _write_tensors(job, plan, staging, readers))
         moe_config.save_pretrained(staging)
         copied = _copy_tokenizer(base.path, staging)
         manifest.update(_manifest(job, layout, chosen_by, dtype_name, device, base, experts, shared, plan, files,
-                                  copied, gate_report, started))
+                                  copied, gate_report, digests, started))
         manifest["tensor_fates"] = fates
         (staging / "README.md").write_text(model_card(job, layout, Path(job.output_dir).name), encoding="utf-8")
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -426,37 +429,34 @@ def _describe_expert(expert: ExpertConfig, model: Model) -> dict:
 
 def _manifest(job: MoEJob, layout: Layout, chosen_by: str, dtype_name: str, device: str, base: Model,
               experts: list[Model], shared: list[Model], plan: Plan, files: list[str], copied: list[str],
-              gate_report: dict, started: float) -> dict:
+              gate_report: dict, digests: dict, started: float) -> dict:
     config = job.config
     models = [base] + experts + shared
     unique = {model.path.resolve(): model for model in models}
     arguments = {key: value for key, value in asdict(job).items() if key not in ("config", "config_text")}
-    return {
-        "tool": "merge_moe",
-        "created_unix": time.time(),
-        "config_file": job.config_path,
-        "config_text": job.config_text,
-        "config": config.model_dump(),
-        "arguments": arguments,
-        "seed": job.seed,
-        "architecture": {"name": layout.name, "model_class": layout.model_class, "chosen_by": chosen_by},
-        "dtype": dtype_name,
-        "device": device,
-        "experts_per_token": config.experts_per_token,
-        "experts": [_describe_expert(e, m) for e, m in zip(config.experts, experts)],
-        "shared_experts": [_describe_expert(e, m) for e, m in zip(config.shared_experts or [], shared)],
-        "gates": gate_report,
-        "inputs": [{"roles": [m.role for m in models if m.path.resolve() == key], "source": model.source,
-                    "path": str(model.path), "files": model.reader.describe_files()}
-                   for key, model in unique.items()],
-        "output": {"files": files, "num_tensors": len(plan.tensors),
-                   "total_bytes": sum(t.nbytes for t in plan.tensors),
-                   "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in plan.tensors}),
-                   "tokenizer_files_from_base": copied},
-        "versions": library_versions(),
-        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "wall_seconds": round(time.time() - started, 3),
-    }
+    described = [input_record(model.role, model.source, model.path, model.reader.weight_files(), digests,
+                              roles=[m.role for m in models if m.path.resolve() == key])
+                 for key, model in unique.items()]
+    return run_manifest(
+        "merge_moe", started, described,
+        config_file=str(Path(job.config_path).resolve()) if job.config_path else None,
+        config_text=job.config_text,
+        config=config.model_dump(),
+        arguments=arguments,
+        seed=job.seed,
+        architecture={"name": layout.name, "model_class": layout.model_class, "chosen_by": chosen_by},
+        dtype=dtype_name,
+        device=device,
+        experts_per_token=config.experts_per_token,
+        experts=[_describe_expert(e, m) for e, m in zip(config.experts, experts)],
+        shared_experts=[_describe_expert(e, m) for e, m in zip(config.shared_experts or [], shared)],
+        gates=gate_report,
+        output={"files": files, "num_tensors": len(plan.tensors),
+                "total_bytes": sum(t.nbytes for t in plan.tensors),
+                "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in plan.tensors}),
+                "tokenizer_files_from_base": copied},
+        process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
 
 
 def model_card(job: MoEJob, layout: Layout, title: str) -> str:

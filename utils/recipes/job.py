@@ -22,12 +22,12 @@ import torch
 from model_merging_methods.registry import get_method
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
-from utils.engine.reader import (WEIGHT_SUFFIXES, CheckpointError, CheckpointReader, adapted_reader,
+from utils.engine.reader import (CheckpointError, CheckpointReader, adapted_reader,
                                  resolve_checkpoint)
 from utils.engine.streaming import Execution, execute_plan, global_norms
 from utils.engine.writer import PlannedTensor
-from utils.records import (OutputRefusedError, check_no_overlap, check_output_folder, library_versions,
-                           write_folder_atomic)
+from utils.manifest import copy_model_files, hash_beside, input_record, run_manifest
+from utils.records import OutputRefusedError, check_no_overlap, check_output_folder, write_folder_atomic
 
 from .architecture import infer_layout, language_only, recipe_fates
 from .card import model_card
@@ -35,8 +35,6 @@ from .planner import InputModel, Plan, output_config, plan_recipe, warn
 from .schema import ModelRef, Recipe, RecipeError, load_recipe_file, run_order
 from .tokenizer import Vocabulary, build_vocabulary, chat_template_text, permute_rows
 
-NOT_COPIED = {"README.md", "merge_manifest.json", "mergekit_config.yml", "config.json", "model.safetensors.index.json",
-              "pytorch_model.bin.index.json"}
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                         "vocab.txt")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -184,15 +182,16 @@ def run_recipe(recipe: Recipe, text: str, output: Path, folders: dict[str, Path]
     manifest: dict = {}
 
     def write(staging: Path) -> None:
-        files = _merge(recipe, plan, inputs, vocabulary, staging, job, device)
+        files, digests = hash_beside([path for model in inputs.values() for path in model.reader.weight_files()],
+                                     lambda: _merge(recipe, plan, inputs, vocabulary, staging, job, device))
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_tokenizer(recipe, vocabulary, template, inputs[plan.donor].folder, staging)
-        _copy_other_files(inputs[plan.donor].folder, staging)
+        copied = copy_model_files(inputs[plan.donor].folder, staging)   # what a model needs; no input's records
         version = code_version()
         (staging / "README.md").write_text(model_card(recipe, text, output.name, version,
                                                        {r: _revision(m.folder) for r, m in inputs.items()}))
         (staging / "mergekit_config.yml").write_text(text)
-        manifest.update(_manifest(recipe, text, plan, inputs, vocabulary, files, job, version, time.time() - started))
+        manifest.update(_manifest(recipe, text, plan, inputs, vocabulary, files, job, digests, copied, started))
         manifest["tensor_fates"] = fates
         (staging / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -290,14 +289,6 @@ def _added_beyond_core(tokenizer, source_json: Path) -> dict[str, int]:
             if token.content not in core}
 
 
-def _copy_other_files(donor: Path, staging: Path) -> None:
-    """generation_config.json and other small files of the donor that the output lacks (no weights)."""
-    for path in donor.iterdir():
-        if (path.is_file() and path.name not in NOT_COPIED and path.name not in TOKENIZER_FILES
-                and not path.name.endswith(WEIGHT_SUFFIXES) and not (staging / path.name).exists()):
-            shutil.copyfile(path, staging / path.name)
-
-
 def _revision(folder: Path) -> Optional[str]:
     """The hub snapshot's commit when the folder is one (…/snapshots/<sha>), else None."""
     return folder.name if folder.parent.name == "snapshots" else None
@@ -315,23 +306,20 @@ def code_version() -> str:
 
 
 def _manifest(recipe: Recipe, text: str, plan: Plan, inputs: dict[str, InputModel], vocabulary: Optional[Vocabulary],
-              files: list[str], job: RecipeJob, version: str, seconds: float) -> dict:
+              files: list[str], job: RecipeJob, digests: dict, copied: dict, started: float) -> dict:
     method = get_method(recipe.merge_method)
-    return {
-        "tool": "merge_models --config (recipe, streaming engine)",
-        "created_unix": time.time(),
-        "recipe": {"text": text, "resolved": recipe.model_dump(exclude_none=True)},
-        "method": {"name": method.name, "semantics": "mergekit 0.1.5", "paper": method.paper,
-                   "randomized": method.randomized},
-        "arguments": asdict(job),
-        "seed": job.seed,
-        "code_version": version,
-        "versions": library_versions(),
-        "inputs": [{"reference": ref, "path": str(m.folder), "layers": m.layout.num_layers,
-                    "revision": _revision(m.folder), "files": m.reader.describe_files()} for ref, m in inputs.items()],
-        "output": {"files": files, "num_tensors": len(plan.groups), "num_layers": plan.num_layers,
-                   "config_from": plan.donor, "vocab_rows": vocabulary.rows if vocabulary else None,
-                   "total_bytes": sum(PlannedTensor(g.name, g.dtype, g.shape).nbytes for g in plan.groups)},
-        "warnings": plan.warnings,
-        "wall_seconds": round(seconds, 3),
-    }
+    described = [input_record(ref, m.ref, m.folder, m.reader.weight_files(), digests, layers=m.layout.num_layers)
+                 for ref, m in inputs.items()]
+    return run_manifest(
+        "merge_models --config (recipe, streaming engine)", started, described,
+        recipe={"text": text, "resolved": recipe.model_dump(exclude_none=True)},
+        method={"name": method.name, "semantics": "mergekit 0.1.5", "paper": method.paper,
+                "randomized": method.randomized},
+        arguments=asdict(job),
+        seed=job.seed,
+        output={"files": files, "num_tensors": len(plan.groups), "num_layers": plan.num_layers,
+                "config_from": plan.donor, "vocab_rows": vocabulary.rows if vocabulary else None,
+                "total_bytes": sum(PlannedTensor(g.name, g.dtype, g.shape).nbytes for g in plan.groups),
+                "model_files": copied},
+        warnings=plan.warnings,
+    )
