@@ -318,11 +318,11 @@ def test_an_output_that_overlaps_an_input_is_refused_even_with_overwrite(cwd, ca
     assert not (tmp_path / "own" / "base" / "merged").exists()
 
 
-def test_example_recipes_parse_with_the_schema():
+def test_example_recipes_parse_with_the_schema(cwd):
     from utils.recipes.schema import load_recipe_file
 
     for path in RECIPES.glob("*.yml"):
-        recipes, texts = load_recipe_file(path)
+        recipes, texts = load_recipe_file(filled(path.name))   # layer-count placeholders filled in
         assert len(recipes) == len(texts) == len(list(yaml.safe_load_all(path.read_text())))
         assert all(recipe.merge_method in texts[i] for i, recipe in enumerate(recipes))
 
@@ -335,14 +335,14 @@ def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     # 100-element pieces below are whole chunks, as 2^20-element pieces are in real runs
     monkeypatch.setattr(recipe_methods, "CHUNK", 100)
     for recipe in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml"):
-        assert run(["--config", str(RECIPES / recipe), "--output_dir", f"whole-{recipe}"])[0] == 0
+        assert run(["--config", filled(recipe), "--output_dir", f"whole-{recipe}"])[0] == 0
     recipe = write(cwd / "ta.yml", "models:\n  - model: models/base\n  - model: models/chat\n    parameters: {weight: 0.6}\n"
                    "  - model: models/code\n    parameters: {weight: 0.5}\nmerge_method: task_arithmetic\n"
                    "base_model: models/base\ndtype: bfloat16\n")
     assert run(["--config", recipe, "--output_dir", "whole-ta"])[0] == 0
     monkeypatch.setattr(executor, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
     for name in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml", "ta.yml"):
-        source = str(RECIPES / name) if name != "ta.yml" else recipe
+        source = filled(name) if name != "ta.yml" else recipe
         assert run(["--config", source, "--output_dir", f"pieces-{name}"])[0] == 0
         whole = weights(f"whole-{name}" if name != "ta.yml" else "whole-ta")
         pieces = weights(f"pieces-{name}")

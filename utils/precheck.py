@@ -17,7 +17,6 @@ does the same for scripts whose main does not return a status (it exits with sta
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sys
 from pathlib import Path
@@ -104,17 +103,3 @@ def refusals(prog: str, extra: tuple[type[BaseException], ...] = ()):
 
         print(f"{prog}: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` in ``argv`` (``--flag v`` or ``--flag=v``), or None."""
-    for index, token in enumerate(argv):
-        if token == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if token.startswith(flag + "="):
-            return token.split("=", 1)[1]
-    return None
-
-
-def environment_path(name: str) -> str | None:
-    return os.environ.get(name) or None

@@ -158,7 +158,7 @@ def precheck(args: argparse.Namespace) -> int | None:
                     if ref.path not in names:
                         model_source(ref.path, f"{args.config}: model")
                         model_source(ref.adapter, f"{args.config}: adapter of {ref.path}", "adapter folder")
-                        inputs[f"the recipe's model {ref.path}"] = ref.path
+                        inputs[f"the input model {ref.path}"] = ref.path
             if args.intermediate_dir:
                 inputs["--intermediate_dir"] = args.intermediate_dir
         elif args.from_manifest:
