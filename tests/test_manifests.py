@@ -146,3 +146,17 @@ def test_hash_cache_is_bounded_least_recently_used_first(tmp_path, monkeypatch):
     assert manifest.known_sha256(files[0]) == _sha256(files[0]) and manifest.known_sha256(files[1]) is None
     os.utime(files[0], ns=(1, 1))                                # a changed stat key: no longer known
     assert manifest.known_sha256(files[0]) is None
+
+
+def test_a_hub_snapshot_input_is_recorded_with_its_repo_and_revision(tmp_path):
+    from utils.manifest import input_record
+
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    entry = input_record("base", "HuggingFaceTB/SmolLM2-135M", snapshot, [snapshot / "model.safetensors"],
+                         {snapshot / "model.safetensors": hashlib.sha256(b"weights").hexdigest()})
+    assert entry["hub_repo"] == "HuggingFaceTB/SmolLM2-135M" and entry["hub_revision"] == "a" * 40
+    assert entry["source"] == "HuggingFaceTB/SmolLM2-135M" and entry["path"] == str(snapshot.resolve())
+    plain = input_record("base", "base/", tmp_path, [], {})
+    assert "hub_repo" not in plain and plain["path"] == str(tmp_path.resolve())

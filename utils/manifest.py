@@ -112,7 +112,8 @@ def hash_beside(paths: Iterable[Path], work: Callable[[], T]) -> tuple[T, dict[P
     ~0.6 s of CPU per GB: on a machine with a free core it hides behind the work, and runs over the same
     inputs pay it once. An interrupted or failed `work` does not wait for the hashes."""
     paths = list(dict.fromkeys(paths))
-    known = {path: known_sha256(path) for path in paths}
+    cache = _read_cache()     # read once, not once per shard
+    known = {path: known_sha256(path, cache) for path in paths}
     stop = threading.Event()
     with ThreadPoolExecutor(1) as hasher:
         futures = {path: hasher.submit(file_sha256, path, stop=stop) for path, digest in known.items()
@@ -151,13 +152,14 @@ def _read_cache() -> dict:
     return known if isinstance(known, dict) else {}
 
 
-def known_sha256(path: Path) -> str | None:
+def known_sha256(path: Path, cache: dict | None = None) -> str | None:
     """The file's sha256 without reading it, when known: a Hugging Face cache blob is named by the sha256
-    of its content (LFS files), and files hashed before are remembered by their stat key (hash_cache_path)."""
+    of its content (LFS files), and files hashed before are remembered by their stat key (hash_cache_path;
+    `cache`: its content, already read)."""
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs" and _HUB_BLOB.match(real.name):
         return real.name
-    entry = _read_cache().get(str(real))
+    entry = (_read_cache() if cache is None else cache).get(str(real))
     if isinstance(entry, dict) and entry.get("stat") == _stat_key(real):
         return entry.get("sha256")
     return None

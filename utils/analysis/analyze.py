@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -194,13 +195,29 @@ def run_analysis(options: AnalysisOptions, progress: bool = False) -> dict:
     tune_allocator()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # matplotlib takes a second or two to import: done on a thread while the tensors are analysed
+    preload = threading.Thread(target=_import_pyplot, daemon=True) if options.figures else None
+    if preload is not None:
+        preload.start()
     try:
         analysis = analyze(options, progress)
     finally:
         torch.set_num_threads(previous_threads)
+        if preload is not None:
+            preload.join()
     analysis["wall_seconds"] = round(time.time() - started, 3)
     write_outputs(analysis, options)
     return analysis
+
+
+def _import_pyplot() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception:   # the figures report their own import errors later
+        pass
 
 
 def analyze(options: AnalysisOptions, progress: bool = False) -> dict:

@@ -121,14 +121,13 @@ def write_figures(analysis: dict, folder: Path) -> dict[str, str]:
     layers = analysis["grouping"]["layers"]
     written = {}
 
-    def save(figure, key: str) -> None:
-        figure.tight_layout()
+    def save(figure, key: str) -> None:   # constrained layout: laid out within the one draw savefig makes
         figure.savefig(folder / FIGURES[key], dpi=110)
         plt.close(figure)
         written[key] = FIGURES[key]
 
     # per-layer L2, one bar per model
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) * max(1, len(models)) + 2), 4))
+    figure, axis = plt.subplots(layout="constrained", figsize=(max(6.0, 0.35 * len(layers) * max(1, len(models)) + 2), 4))
     width = 0.8 / len(models)
     x = np.arange(len(layers))
     for index, model in enumerate(models):
@@ -148,7 +147,7 @@ def write_figures(analysis: dict, folder: Path) -> dict[str, str]:
                        for layer in layers]) for m in models]
     positive = np.concatenate([g[np.isfinite(g) & (g > 0)] for g in grids] + [np.array([1.0])])
     norm = LogNorm(vmin=positive.min(), vmax=max(positive.max(), positive.min() * 10))
-    figure, axes = plt.subplots(1, len(models), figsize=(2.2 + 1.1 * len(kinds) * len(models),
+    figure, axes = plt.subplots(1, len(models), layout="constrained", figsize=(2.2 + 1.1 * len(kinds) * len(models),
                                                           1.5 + 0.3 * len(layers)), squeeze=False)
     for axis, model, grid in zip(axes[0], models, grids):
         shown = np.ma.masked_where(~np.isfinite(grid) | (grid <= 0), grid)
@@ -158,13 +157,13 @@ def write_figures(analysis: dict, folder: Path) -> dict[str, str]:
         axis.set_title(model["label"])
     axes[0][0].set_ylabel("layer")
     figure.colorbar(image, ax=axes[0].tolist(), label="‖δ‖₂ (log scale)")
-    figure.suptitle("Task-vector L2 per layer and kind", y=1.03)
+    figure.suptitle("Task-vector L2 per layer and kind")
     figure.savefig(folder / FIGURES["layer_kind"], dpi=110, bbox_inches="tight")
     plt.close(figure)
     written["layer_kind"] = FIGURES["layer_kind"]
 
     # pairwise cosine and sign agreement matrices
-    figure, axes = plt.subplots(1, 2, figsize=(3.0 + 1.6 * len(models), 1.8 + 0.8 * len(models)))
+    figure, axes = plt.subplots(1, 2, layout="constrained", figsize=(3.0 + 1.6 * len(models), 1.8 + 0.8 * len(models)))
     for axis, key, title, limits in ((axes[0], "cosine", "cosine similarity", (-1, 1)),
                                      (axes[1], "sign_agreement", "sign agreement", (0, 1))):
         matrix = np.array([[np.nan if v is None else v for v in row] for row in cosine_matrix(analysis, key)])
@@ -182,7 +181,7 @@ def write_figures(analysis: dict, folder: Path) -> dict[str, str]:
 
     # per-layer cosine of every pair
     if analysis["pairwise"]:
-        figure, axis = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 4))
+        figure, axis = plt.subplots(layout="constrained", figsize=(max(6.0, 0.3 * len(layers) + 2), 4))
         for p in analysis["pairwise"]:
             values = [p["per_layer"].get(layer, {}).get("cosine") for layer in layers]
             axis.plot(range(len(layers)), [np.nan if v is None else v for v in values], marker="o",
@@ -196,7 +195,7 @@ def write_figures(analysis: dict, folder: Path) -> dict[str, str]:
         save(figure, "layer_cosine")
 
     # |δ| histogram, log10 scale: fraction of entries per decade (bins are 1/4 of a power of two)
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(layout="constrained", figsize=(7, 4))
     for model in models:
         bins, zeros = model["histogram"]["bins"], model["histogram"]["exact_zeros"]
         total = max(sum(b[2] for b in bins) + zeros, 1)
