@@ -53,8 +53,29 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
                            threads=args.threads)
 
 
+def precheck(args: argparse.Namespace) -> int | None:
+    """Refusals before torch loads: local model folders that do not exist, the output folder."""
+    from utils.precheck import InputError, model_source, model_sources, output_folder, refused
+
+    def check() -> None:
+        for q in args.quantiles:   # AnalysisOptions.validate says the same once torch is loaded
+            if not 0.0 <= q <= 1.0:
+                raise InputError(f"quantile {q} is outside [0, 1]")
+        if args.top_k < 0:
+            raise InputError(f"top_k = {args.top_k} is negative")
+        model_source(args.base_model, "--base_model")
+        model_sources(args.models, "--models")
+        output_folder(args.output_dir, args.overwrite, {"the base model": args.base_model,
+                                                        **{f"the model {m}": m for m in args.models}})
+
+    return refused("analyze_task_vectors.py", check)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    status = precheck(args)   # refused before torch loads
+    if status is not None:
+        return status
     from utils.analysis import AnalysisError
     from utils.engine.reader import CheckpointError
     from utils.records import OutputExistsError

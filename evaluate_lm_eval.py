@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from utils.precheck import existing_folder, model_source, refused
+
+    def check() -> None:
+        model_source(args.model, "--model", "model folder")
+        for folder in args.include_path:
+            existing_folder(folder, "--include_path", "task folder")
+
+    status = refused("evaluate_lm_eval.py", check)   # before torch loads
+    if status is not None:
+        return status
     from utils.lm_eval import LmEvalError, LmEvalJob, LmEvalOptions, run_lm_eval
 
     def work() -> int:

@@ -39,8 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def precheck(args: argparse.Namespace) -> int | None:
+    """Refusals before torch loads: local checkpoint folders that do not exist, the output folder."""
+    from utils.precheck import model_source, output_folder, refused
+
+    def check() -> None:
+        model_source(args.base, "--base")
+        model_source(args.model, "--model")
+        output_folder(args.output_dir, args.overwrite, {"--base": args.base, "--model": args.model})
+
+    return refused("extract_lora.py", check)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    status = precheck(args)   # refused before torch loads
+    if status is not None:
+        return status
     from utils.engine.reader import CheckpointError
     from utils.lora.extract import ExtractJob, extract_lora
 

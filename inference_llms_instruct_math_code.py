@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from utils.cli import HelpFormatter
-from utils.llm.cli import add_inference_arguments, inference_run
+from utils.llm.cli import add_inference_arguments, inference_run, precheck
 from utils.llm.pipeline import run_inference, run_with_exit_status
 
 
@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_with_exit_status(run_inference, inference_run(args))
+    run = inference_run(args)   # flag checks first
+    status = precheck("inference_llms_instruct_math_code.py", args, [args.finetuned_model_name, args.pretrained_model_name],
+                      [args.dataset_name])   # then models and data, before torch loads
+    if status is not None:
+        return status
+    return run_with_exit_status(run_inference, run)
 
 
 if __name__ == "__main__":

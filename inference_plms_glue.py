@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, drop_rate, resolve_device
-from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
+from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, precheck, user_errors
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def main(argv=None) -> list[dict]:
     parser = build_parser(config)
     args = parser.parse_args(argv)
     check_tasks(parser, config, args.dataset_names)
+    precheck("inference_plms_glue.py", args, config)   # before torch loads
     options = options_from_args(args)
     with user_errors():
         from utils.glue.inference import run_inference

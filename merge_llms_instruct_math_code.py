@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import HelpFormatter
-from utils.llm.cli import add_merge_arguments, merge_run
+from utils.llm.cli import add_merge_arguments, merge_run, precheck
 from utils.llm.pipeline import run_merge, run_with_exit_status
 
 
@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    child_command = [sys.executable, str(Path(__file__).resolve()), *argv]
-    return run_with_exit_status(run_merge, merge_run(args, child_command=child_command))
+    run = merge_run(args, child_command=[sys.executable, str(Path(__file__).resolve()), *argv])   # flag checks first
+    status = precheck("merge_llms_instruct_math_code.py", args, [*(args.models_to_merge or []), args.pretrained_model_name],
+                      list(args.datasets or []))   # then models and data, before torch loads
+    if status is not None:
+        return status
+    return run_with_exit_status(run_merge, run)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from utils.cli import HelpFormatter, finite_float, run_entry
-from utils.lora.combine import COMBINATIONS
+from utils.lora.combinations import COMBINATIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def precheck(args: argparse.Namespace) -> int | None:
+    """Refusals before torch loads: local adapter / model folders that do not exist, the output folder."""
+    from utils.precheck import model_source, model_sources, output_folder, refused
+
+    def check() -> None:
+        model_sources(args.adapters, "--adapters", "adapter folder")
+        model_source(args.base_model, "--base_model")
+        output_folder(args.output_dir, args.overwrite, {**{f"--adapters {a}": a for a in args.adapters},
+                                                        "--base_model": args.base_model})
+
+    return refused("merge_lora.py", check)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    status = precheck(args)   # refused before torch loads
+    if status is not None:
+        return status
     from utils.engine.reader import CheckpointError
     from utils.lora.combine import CombineError, CombineOptions
     from utils.lora.merge import LoraMergeJob, merge_adapters

@@ -17,7 +17,7 @@ import sys
 # light imports only: torch and transformers load after the arguments are parsed (--help answers at once)
 from utils.cli import run_entry, warnings_to_stderr
 from utils.engine import flags
-from utils.engine.flags import check_arguments, job_from_args, recipe_job_from_args  # noqa: F401 (tests use them)
+from utils.engine.flags import check_arguments, job_from_args, precheck, recipe_job_from_args  # noqa: F401 (tests use them)
 
 
 def build_parser():
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args, sys.argv[1:] if argv is None else argv)
+    status = precheck(args)   # paths, recipe schema, output folder: refused before torch loads
+    if status is not None:
+        return status
     from model_merging_methods import MergeError
     from utils.engine.reader import CheckpointError
 

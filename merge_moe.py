@@ -52,8 +52,28 @@ def job_from_args(args: argparse.Namespace):
                   config_path=args.config, threads=args.threads)
 
 
+def precheck(args: argparse.Namespace) -> int | None:
+    """Refusals before torch loads: the config's schema, its model folders, the output folder."""
+    from utils.moe.config import MoEConfigError, load_moe_config
+    from utils.precheck import model_source, output_folder, refused
+
+    def check() -> None:
+        config, _ = load_moe_config(args.config)
+        roles = {"base_model": config.base_model,
+                 **{f"experts[{i}]": expert.source_model for i, expert in enumerate(config.experts)},
+                 **{f"shared_experts[{i}]": expert.source_model for i, expert in enumerate(config.shared_experts or [])}}
+        for role, source in roles.items():
+            model_source(source, f"{args.config}: {role}:")
+        output_folder(args.output_dir, args.overwrite, {f"the {role} input": source for role, source in roles.items()})
+
+    return refused("merge_moe.py", check, (MoEConfigError,))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    status = precheck(args)   # refused before torch loads
+    if status is not None:
+        return status
     from utils.engine.reader import CheckpointError
     from utils.moe import MoEConfigError, MoEError
     from utils.records import OutputExistsError

@@ -21,7 +21,7 @@ import itertools
 
 from utils.cli import HelpFormatter, add_dare_arguments, dare_options_from_args, resolve_device
 from utils.glue.cli import (BASE_METHODS, MASK_SEARCHES, MERGING_METHODS, WINNERS, add_run_arguments, check_tasks,
-                            config_from_argv, registry_methods, user_errors)
+                            config_from_argv, precheck, registry_methods, user_errors)
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -101,6 +101,7 @@ def main(argv=None) -> list[dict]:
     for name in ("max_validation_samples", "eval_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    precheck("merge_plms_glue.py", args, config)
     groups = [tasks] if args.dataset_names else [list(pair) for pair in itertools.combinations(tasks, 2)]
     options = options_from_args(args, groups)
     with user_errors():

@@ -21,13 +21,13 @@ from utils.cli import HelpFormatter, run_entry
 
 
 def assignments(values: list[str], what: str) -> dict[str, str]:
-    from utils.search import SearchError
+    from utils.precheck import InputError
 
     result = {}
     for value in values:
         key, sep, path = value.partition("=")
         if not sep or not key or not path:
-            raise SearchError(f"{what}: expected NAME=VALUE, got {value!r}")
+            raise InputError(f"{what}: expected NAME=VALUE, got {value!r}")
         result[key] = path
     return result
 
@@ -86,8 +86,38 @@ def evaluator_spec(args):
         "test": LmEvalOptions(tasks=tuple(args.lm_eval_report_tasks or args.lm_eval_tasks), **common)})
 
 
+def precheck(args: argparse.Namespace) -> int | None:
+    """Refusals before torch loads: --experts / --var, the template (and that it instantiates to a recipe),
+    an existing history without --resume, and a resumed history from another template or sampler."""
+    from model_merging_methods import MergeError
+    from utils.precheck import InputError, refused
+    from utils.search.template import Template, TemplateError
+
+    def check() -> None:
+        variables = {**assignments(args.experts, "--experts"), **assignments(args.var, "--var")}
+        template = Template.load(args.template, variables)
+        template.recipe(template.space.values(template.space.start()))
+        history = Path(args.output_dir) / "history.jsonl"
+        if history.exists() and not args.resume:
+            raise InputError(f"{history} exists: pass --resume to continue that search, or choose another --output_dir")
+        if history.exists():
+            try:
+                header = json.loads(history.read_text(encoding="utf-8").splitlines()[0])
+            except (IndexError, ValueError):
+                return   # the search reports a damaged history itself
+            for key, now, what in (("template_sha256", template.fingerprint, "template"), ("sampler", args.sampler, "sampler")):
+                if header.get(key) != now:
+                    raise InputError(f"--resume: history {history} comes from another {what} ({header.get(key)} there, "
+                                     f"{now} now); use a new --output_dir")
+
+    return refused("search_merge.py", check, (TemplateError, MergeError))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    status = precheck(args)   # refused before torch loads
+    if status is not None:
+        return status
     from utils.glue.data import GlueDataError
     from utils.lm_eval import LmEvalError
     from utils.recipes.schema import RecipeError

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from utils.cli import HelpFormatter, resolve_device
-from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, user_errors
+from utils.glue.cli import add_run_arguments, check_tasks, config_from_argv, precheck, user_errors
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
@@ -75,6 +75,7 @@ def main(argv=None) -> list[dict]:
     parser = build_parser(config)
     args = parser.parse_args(argv)
     tasks = check_args(args, config, parser)
+    precheck("train_plms_glue.py", args, config)   # before torch loads
     with user_errors():
         from utils.glue.training import run_training
 

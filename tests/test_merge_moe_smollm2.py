@@ -66,3 +66,32 @@ def test_smollm2_experts_route_and_answer(tmp_path):
         assert "Paris" in answer, answer
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_shipped_smollm2_moe_example_runs_offline(tmp_path, monkeypatch):
+    """Issue 26 item 3: configs/moe/smollm2_experts.yml, as its comment says to run it (the converted model
+    under models/), builds a Mixtral MoE with 2 experts per layer that loads and answers."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    example = Path(merge_moe.__file__).resolve().parent / "configs" / "moe" / "smollm2_experts.yml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(ensure_smollm2(), target_is_directory=True)
+    assert merge_moe.main([str(example), "--output_dir", "moe_smollm2", "--threads", "1", "--no_progress"]) == 0
+    config = json.loads((tmp_path / "moe_smollm2" / "config.json").read_text())
+    assert config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 2 and config["num_hidden_layers"] == 30
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "moe_smollm2")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe_smollm2").eval()
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+        answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert "Paris" in answer, answer
+    finally:
+        torch.set_num_threads(previous)

@@ -53,9 +53,15 @@ def slerp64(a, b, t):
 # ---------------------------------------------------------------------------------------------- examples
 
 
+def filled(recipe: str, layers: int = 2) -> str:
+    """An example with its layer-count placeholders (N, N/2) filled in for `layers`-layer models, in the cwd."""
+    text = (RECIPES / recipe).read_text().replace("N/2]", f"{layers // 2}]").replace("[N/2,", f"[{layers // 2},")
+    return write(Path(recipe), text.replace(", N]", f", {layers}]"))
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yml") if p.name != "two-stage.yml"))
 def test_every_example_recipe_merges_loads_and_generates(cwd, recipe):
-    code, _ = run(["--config", str(RECIPES / recipe), "--output_dir", "out"])
+    code, _ = run(["--config", filled(recipe), "--output_dir", "out"])
     assert code == 0
     model = generate("out")
     assert (cwd / "out" / "README.md").read_text().count((RECIPES / recipe).read_text().splitlines()[-1]) >= 1
@@ -111,8 +117,27 @@ def test_dare_ties_masks_follow_the_seed(cwd):
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
+def test_example_layer_ranges_are_refused_until_filled_in(cwd, capsys):
+    """Issue 26 item 3: an example written for some depth cannot silently truncate another model."""
+    code, err = run(["--config", str(RECIPES / "passthrough-depth-up.yml"), "--output_dir", "out"], capsys)
+    assert code == 2 and not (cwd / "out").exists()
+    assert "slices[0].sources[0].layer_range: [0, 'N'] holds the placeholder 'N': write layer numbers of models/chat" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_slice_plan_that_drops_layers_warns_with_the_counts(cwd, capsys):
+    recipe = write(cwd / "top.yml", "slices:\n  - sources:\n      - model: models/chat\n        layer_range: [1, 2]\n"
+                                    "merge_method: passthrough\ndtype: float32\n")
+    code, err = run(["--config", recipe, "--output_dir", "out"], capsys)
+    assert code == 0
+    assert "warning: model models/chat has 2 layers; the output (1 layers) takes 1 of them: layers 0 are dropped" in err
+    code, err = run(["--config", filled("passthrough-depth-up.yml"), "--output_dir", "deep"], capsys)
+    assert code == 0 and "models/chat has" not in err       # every layer of chat is taken
+    assert "warning: model models/code has 2 layers; the output (3 layers) takes 1 of them: layers 0 are dropped" in err
+
+
 def test_passthrough_stacks_and_renumbers_layers(cwd):
-    assert run(["--config", str(RECIPES / "passthrough-depth-up.yml"), "--output_dir", "out"])[0] == 0
+    assert run(["--config", filled("passthrough-depth-up.yml"), "--output_dir", "out"])[0] == 0
     out, chat, code = weights("out"), weights("models/chat"), weights("models/code")
     config = json.loads((cwd / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["dtype"] == "bfloat16"
@@ -293,11 +318,11 @@ def test_an_output_that_overlaps_an_input_is_refused_even_with_overwrite(cwd, ca
     assert not (tmp_path / "own" / "base" / "merged").exists()
 
 
-def test_example_recipes_parse_with_the_schema():
+def test_example_recipes_parse_with_the_schema(cwd):
     from utils.recipes.schema import load_recipe_file
 
     for path in RECIPES.glob("*.yml"):
-        recipes, texts = load_recipe_file(path)
+        recipes, texts = load_recipe_file(filled(path.name))   # layer-count placeholders filled in
         assert len(recipes) == len(texts) == len(list(yaml.safe_load_all(path.read_text())))
         assert all(recipe.merge_method in texts[i] for i, recipe in enumerate(recipes))
 
@@ -310,14 +335,14 @@ def test_elementwise_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     # 100-element pieces below are whole chunks, as 2^20-element pieces are in real runs
     monkeypatch.setattr(recipe_methods, "CHUNK", 100)
     for recipe in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml"):
-        assert run(["--config", str(RECIPES / recipe), "--output_dir", f"whole-{recipe}"])[0] == 0
+        assert run(["--config", filled(recipe), "--output_dir", f"whole-{recipe}"])[0] == 0
     recipe = write(cwd / "ta.yml", "models:\n  - model: models/base\n  - model: models/chat\n    parameters: {weight: 0.6}\n"
                    "  - model: models/code\n    parameters: {weight: 0.5}\nmerge_method: task_arithmetic\n"
                    "base_model: models/base\ndtype: bfloat16\n")
     assert run(["--config", recipe, "--output_dir", "whole-ta"])[0] == 0
     monkeypatch.setattr(executor, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
     for name in ("tokenizer-union.yml", "passthrough-depth-up.yml", "slerp-gradients.yml", "ta.yml"):
-        source = str(RECIPES / name) if name != "ta.yml" else recipe
+        source = filled(name) if name != "ta.yml" else recipe
         assert run(["--config", source, "--output_dir", f"pieces-{name}"])[0] == 0
         whole = weights(f"whole-{name}" if name != "ta.yml" else "whole-ta")
         pieces = weights(f"pieces-{name}")

@@ -138,6 +138,44 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         parser.error(f"--from_manifest re-runs the recorded merge; it does not take {', '.join(extra)}")
 
 
+def precheck(args: argparse.Namespace) -> int | None:
+    """The refusals that need no tensor library, before torch loads (utils/precheck.py): the recipe file
+    and its schema, the model sources (local folders must exist), --from_manifest, the output folder."""
+    from utils.precheck import existing_file, model_source, model_sources, output_folder, refused
+
+    from model_merging_methods import MergeError
+
+    def check() -> None:
+        inputs: dict[str, str | None] = {}
+        if args.config:
+            from utils.recipes.schema import ModelRef, load_recipe_file
+
+            recipes, _ = load_recipe_file(args.config)
+            names = {recipe.name for recipe in recipes if recipe.name}
+            for recipe in recipes:
+                for reference in recipe.referenced_models():
+                    ref = ModelRef.parse(reference)
+                    if ref.path not in names:
+                        model_source(ref.path, f"{args.config}: model")
+                        model_source(ref.adapter, f"{args.config}: adapter of {ref.path}", "adapter folder")
+                        inputs[f"the input model {ref.path}"] = ref.path
+            if args.intermediate_dir:
+                inputs["--intermediate_dir"] = args.intermediate_dir
+        elif args.from_manifest:
+            existing_file(args.from_manifest, "--from_manifest", "manifest file")
+        else:
+            method = get_method(args.method)
+            if method.needs_base and args.base_model is None:   # before the paths, as the engine says it
+                raise MergeError(f"{method.name} needs a base (pretrained) model")
+            model_source(args.base_model, "--base_model")
+            model_sources(args.models, "--models")
+            inputs = {"the base input": args.base_model, "the files_from input": args.files_from,
+                      **{f"the model {i} input": model for i, model in enumerate(args.models or [])}}
+        output_folder(args.output_dir, args.overwrite, inputs)
+
+    return refused("merge_models.py", check, (MergeError,))
+
+
 def job_from_args(args: argparse.Namespace):
     from model_merging_methods import DareOptions, MergeOptions
     from utils.engine.streaming import StreamMergeJob

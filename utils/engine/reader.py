@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from utils.manifest import WEIGHT_SUFFIXES
+from utils.precheck import HUB_ID  # noqa: F401 (one home: the entry scripts' pre-checks use it too)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -24,7 +24,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class CheckpointError(ValueError):

@@ -55,6 +55,17 @@ def check_tasks(parser: argparse.ArgumentParser, config: dict, tasks) -> None:
             parser.error(f"unknown GLUE task '{task}'; known tasks: {', '.join(config['tasks'])}")
 
 
+def precheck(prog: str, args: argparse.Namespace, config: dict) -> None:
+    """Refusals before torch loads (utils/precheck.py): a local --language_model_name that does not exist,
+    a --glue_dir (or $GLUE_DIR) that is not a folder."""
+    from utils.glue.data import resolve_glue_dir
+    from utils.precheck import model_source, refusals
+
+    with refusals(prog, (GlueDataError,)):
+        model_source(args.language_model_name, "--language_model_name")
+        resolve_glue_dir(args.glue_dir, config)
+
+
 @contextmanager
 def user_errors():
     """Quiet transformers' logging; a user error of the run (bad data, value, file) exits with status 2 and

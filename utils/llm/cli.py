@@ -230,3 +230,21 @@ def merge_run(args: argparse.Namespace, *, child_command: list[str] | None) -> M
         tokenizer_path=args.tokenizer_path, child_command=child_command if in_child else None,
         checkpoint=checkpoint_settings(args), arguments=vars(args))
 
+
+def precheck(prog: str, args: argparse.Namespace, models: list[str | None], datasets: list[str]) -> int | None:
+    """Refusals before torch loads (utils/precheck.py): every model must be a folder (itself or under
+    --model_dir), a paper model name or a hub id (utils/llm/models.resolve_model); every local data file of
+    the datasets must exist."""
+    from utils.llm.data import DATA_FILES, _data_file
+    from utils.llm.models import resolve_model
+    from utils.precheck import model_source, refused
+
+    def check() -> None:
+        for name in models:
+            if name is not None and not Path(resolve_model(name, getattr(args, "model_dir", None))).is_dir():
+                model_source(name, "model")   # ./nope, nope/, a/b/c: neither a folder nor a hub id
+        for dataset in datasets:
+            if dataset in DATA_FILES:
+                _data_file(dataset, DATA_FILES[dataset], args.data_dir)
+
+    return refused(prog, check, (FileNotFoundError,))

@@ -83,6 +83,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+DATA_FILES = {"gsm8k": "gsm8k_test.jsonl", "MATH": "MATH_test.jsonl", "mbpp": "mbpp.test.jsonl"}   # under the data dir
+
+
 def _data_file(dataset: str, file_name: str, data_dir: str | os.PathLike | None) -> Path:
     path = resolve_data_dir(data_dir) / file_name
     if not path.is_file():
@@ -100,7 +103,7 @@ def _require(record: dict[str, Any], keys: tuple[str, ...], path: Path, number: 
 
 def load_gsm8k(data_dir: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
     """GSM8K test: fields ``question``, ``answer``; gold = int after ``#### ``."""
-    path = _data_file("gsm8k", "gsm8k_test.jsonl", data_dir)
+    path = _data_file("gsm8k", DATA_FILES["gsm8k"], data_dir)
     examples = []
     for number, record in enumerate(read_jsonl(path)):
         _require(record, ("question", "answer"), path, number)
@@ -115,7 +118,7 @@ def load_gsm8k(data_dir: str | os.PathLike | None = None) -> tuple[list[Example]
 def load_math(data_dir: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
     """MATH test (WizardMath packaging): fields ``instruction``, ``output``; gold = last ``\\boxed{}``
     of ``output`` (None when there is none, as the original, so such a problem is never solved)."""
-    path = _data_file("MATH", "MATH_test.jsonl", data_dir)
+    path = _data_file("MATH", DATA_FILES["MATH"], data_dir)
     examples = []
     for number, record in enumerate(read_jsonl(path)):
         _require(record, ("instruction", "output"), path, number)
@@ -126,7 +129,7 @@ def load_math(data_dir: str | os.PathLike | None = None) -> tuple[list[Example],
 
 def load_mbpp(data_dir: str | os.PathLike | None = None) -> tuple[list[Example], DatasetSource]:
     """MBPP test (task ids 11-510): fields ``task_id``, ``text``, ``test_list``; sorted by task id."""
-    path = _data_file("mbpp", "mbpp.test.jsonl", data_dir)
+    path = _data_file("mbpp", DATA_FILES["mbpp"], data_dir)
     records = read_jsonl(path)
     for number, record in enumerate(records):
         _require(record, ("task_id", "text", "test_list"), path, number)

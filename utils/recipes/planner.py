@@ -81,6 +81,34 @@ def _slices(recipe: Recipe, inputs: dict[str, InputModel]) -> list[_Slice]:
     return [_Slice("models", sources, recipe.base_model, None, next(iter(counts.values())))]
 
 
+def dropped_layers(slices: list[_Slice], inputs: dict[str, InputModel], output_layers: int) -> list[str]:
+    """One warning per input whose layers the slices do not all take: a recipe written for another depth
+    (an example's [0, 2] on a 30-layer model) must not pass silently."""
+    taken: dict[str, set[int]] = {}
+    for piece in slices:
+        for _, source in piece.sources:
+            taken.setdefault(source.model, set()).update(range(*source.layer_range))
+    warnings = []
+    for ref, layers in taken.items():
+        total = inputs[ref].layout.num_layers
+        if len(layers) < total:
+            left = sorted(set(range(total)) - layers)
+            warnings.append(f"model {ref} has {total} layers; the output ({output_layers} layers) takes {len(layers)} "
+                            f"of them: layers {_spans(left)} are dropped (check the slices' layer_range)")
+    return warnings
+
+
+def _spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → '0-2, 5, 7-8'."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def _check_method(method: MergeMethod, piece: _Slice) -> Optional[str]:
     """The slice's inputs satisfy the method's contract; returns the base used by the method."""
     models = [s.model for _, s in piece.sources]
@@ -133,6 +161,8 @@ def plan_recipe(recipe: Recipe, inputs: dict[str, InputModel], vocab_rows: Optio
     donor = recipe.base_model or recipe.referenced_models()[0]
     out = inputs[donor].layout
     plan = Plan([], donor, sum(p.num_layers for p in slices))
+    if recipe.slices:
+        plan.warnings += dropped_layers(slices, inputs, plan.num_layers)
     _warn_unknown_parameters(recipe, method, plan)
     compute = DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None

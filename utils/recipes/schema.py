@@ -178,6 +178,19 @@ class SliceSource(_Strict):
     _ref = field_validator("model", mode="before")(classmethod(lambda cls, v: _model_ref(v)))
     _params = field_validator("parameters")(classmethod(lambda cls, v: _check_parameters(v)))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _placeholder(cls, data: Any) -> Any:
+        """An example's `layer_range: [0, N]` (a word where a layer number goes) must be filled in: refused
+        with what to write, instead of a type error."""
+        if isinstance(data, dict) and isinstance(data.get("layer_range"), (list, tuple)):
+            words = [v for v in data["layer_range"] if isinstance(v, str) and not v.strip().lstrip("-").isdigit()]
+            if words:
+                raise ValueError(f"@layer_range: {list(data['layer_range'])} holds the placeholder {words[0]!r}: "
+                                 f"write layer numbers of {data.get('model', 'the model')} (its config.json's "
+                                 f"num_hidden_layers is the end of a range over all its layers)")
+        return data
+
     @field_validator("layer_range")
     @classmethod
     def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
