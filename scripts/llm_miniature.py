@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                    "--data_dir", str(data_dir), "--experts", *experts, "--no_progress", *family_args]
         if subprocess.run(command).returncode != 0:
             return 1
-    family_record = json.loads((root / "family" / "family.json").read_text())
+    family_file = root / "family" / "family.json"
+    if not family_file.is_file():
+        print(f"llm_miniature.py: error: {family_file} does not exist: run the family stage first "
+              f"(--stages family)", file=sys.stderr)
+        return 2
+    family_record = json.loads(family_file.read_text())
     base = Path(family_record["base"])
     family = {name: Path(path) for name, path in family_record["experts"].items()}
     specs = {name: _spec(Path(path)) for name, path in family.items()}
