@@ -90,25 +90,16 @@ def precheck(args: argparse.Namespace) -> int | None:
     """Refusals before torch loads: --experts / --var, the template (and that it instantiates to a recipe),
     an existing history without --resume, and a resumed history from another template or sampler."""
     from model_merging_methods import MergeError
-    from utils.precheck import InputError, refused
+    from utils.precheck import refused
+    from utils.search.history import check_resume
     from utils.search.template import Template, TemplateError
 
     def check() -> None:
         variables = {**assignments(args.experts, "--experts"), **assignments(args.var, "--var")}
         template = Template.load(args.template, variables)
         template.recipe(template.space.values(template.space.start()))
-        history = Path(args.output_dir) / "history.jsonl"
-        if history.exists() and not args.resume:
-            raise InputError(f"{history} exists: pass --resume to continue that search, or choose another --output_dir")
-        if history.exists():
-            try:
-                header = json.loads(history.read_text(encoding="utf-8").splitlines()[0])
-            except (IndexError, ValueError):
-                return   # the search reports a damaged history itself
-            for key, now, what in (("template_sha256", template.fingerprint, "template"), ("sampler", args.sampler, "sampler")):
-                if header.get(key) != now:
-                    raise InputError(f"--resume: history {history} comes from another {what} ({header.get(key)} there, "
-                                     f"{now} now); use a new --output_dir")
+        check_resume(Path(args.output_dir) / "history.jsonl",
+                     {"template_sha256": template.fingerprint, "sampler": args.sampler}, args.resume)
 
     return refused("search_merge.py", check, (TemplateError, MergeError))
 

@@ -32,14 +32,11 @@ from typing import Any, Callable, Optional
 from model_merging_methods import MergeError
 
 from .evaluators import FitnessTerm, check_fitness, fitness_value
+from .history import History, SearchError  # noqa: F401  (SearchError: the search's user error)
 from .template import Template
 
 SAMPLERS = ("cma", "grid")
 LAUNCHERS = ("local", "ray")
-
-
-class SearchError(MergeError):
-    """A user error of the search (exit 2, one line): bad budget, a resumed history from another template..."""
 
 
 @dataclass(frozen=True)
@@ -71,49 +68,6 @@ class SearchOptions:
             raise SearchError(f"sigma0 must lie in (0, 1], got {self.sigma0}")
         if self.popsize is not None and self.popsize < 2:
             raise SearchError(f"popsize must be at least 2, got {self.popsize}")
-
-
-# ----------------------------------------------------------------------------------------------- history
-class History:
-    """history.jsonl: a header line, then one line per finished trial (appended, flushed, fsynced)."""
-
-    def __init__(self, path: Path, header: dict, resume: bool):
-        self.path, self.header = path, header
-        self.trials: list[dict] = []
-        if path.exists():
-            if not resume:
-                raise SearchError(f"{path} exists: pass --resume to continue that search, or choose another "
-                                  f"--output_dir")
-            self._read()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._append(header)
-
-    def _read(self) -> None:
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        try:
-            rows = [json.loads(line) for line in lines]
-        except ValueError:
-            # a line cut by a kill is the only one that can be incomplete: the last; drop it
-            rows = [json.loads(line) for line in lines[:-1]]
-        if not rows or rows[0].get("kind") != "header":
-            raise SearchError(f"{self.path} is not a search history (no header line)")
-        recorded = rows[0]
-        for key, what in (("template_sha256", "template"), ("fitness", "fitness"), ("sampler", "sampler")):
-            if recorded.get(key) != self.header.get(key):
-                raise SearchError(f"resumed history {self.path} comes from another {what} "
-                                  f"({recorded.get(key)} there, {self.header.get(key)} now); use a new --output_dir")
-        self.trials = [row for row in rows[1:] if row.get("kind") == "trial"]
-
-    def _append(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, default=float) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def add(self, row: dict) -> None:
-        self._append(row)
-        self.trials.append(row)
 
 
 # ------------------------------------------------------------------------------------------------ trials
