@@ -60,19 +60,15 @@ class Budget:
     batch_size: int = 8
 
 
-def held_out_pairs(skill: str, data_dir: Path, limit: int) -> dict[str, list[tuple[str, str]]]:
-    """Reported data per benchmark: (chat prompt, reference response) of the first ``limit`` problems, exactly as
-    ``--metric nll`` of the LLM scripts builds them (utils/llm/nll.reference_pairs)."""
-    from utils.llm.benchmarks import load_dataset
-    from utils.llm.nll import reference_pairs
-    from utils.llm.prompts import load_task_config
+SKILL_BENCHMARKS = {"math": ("gsm8k",), "code": ("mbpp", "human_eval")}
 
-    benchmarks = {"math": ("gsm8k",), "code": ("mbpp", "human_eval")}
-    if skill not in benchmarks:
+
+def held_out_pairs(skill: str, data_dir: Path, limit: int) -> dict[str, list[tuple[str, str]]]:
+    """Reported data of a skill's benchmarks: (chat prompt, reference response) of the first ``limit`` problems,
+    exactly as ``--metric nll`` of the LLM scripts builds them (reference_sets)."""
+    if skill not in SKILL_BENCHMARKS:
         raise ValueError(f"unknown skill {skill!r} (math, code)")
-    config = load_task_config()
-    return {name: reference_pairs(name, load_dataset(name, data_dir=str(data_dir))[0][:limit], config)
-            for name in benchmarks[skill]}
+    return reference_sets(SKILL_BENCHMARKS[skill], data_dir, limit)
 
 
 def validation_pairs(spec, data_dir: Path, limit: int) -> list[tuple[str, str]]:
