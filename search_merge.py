@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from model_merging_methods.options import DEFAULT_TIE_ORDER, TIE_ORDERS
 from utils.cli import HelpFormatter, run_entry
 
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampler seed and merge seed (DARE draws)")
     parser.add_argument("--workers", type=int, default=1, help="trials evaluated in parallel (each holds a model)")
     parser.add_argument("--launcher", choices=["local", "ray"], default="local", help="where parallel workers run")
-    parser.add_argument("--tie_order", choices=["index", "argsort"], default="index", help="rank cut-off ties")
+    parser.add_argument("--tie_order", choices=TIE_ORDERS, default=DEFAULT_TIE_ORDER, help="rank cut-off ties")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--resume", action="store_true", help="continue the history in --output_dir")
     parser.add_argument("--var", nargs="+", default=[], help="NAME=VALUE for ${NAME} in the template (experts: ${TASK})")

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .dare import dare_one_model, resolve_dare
-from .options import DareOptions, MergeError, MergeOptions, ResolvedDare, StateDict
+from .options import DEFAULT_TIE_ORDER, DareOptions, MergeError, MergeOptions, ResolvedDare, StateDict
 from .registry import MergeMethod, get_method
 from .norm_adaptive import task_vector_norms
 from .validation import check_finite, check_inputs, is_excluded, is_finite
@@ -37,13 +37,16 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
                       report: list[dict[str, float]] | None = None,
                       out_dtype: torch.dtype | None = None,
                       offsets: dict[str, tuple[int, int]] | None = None,
-                      parameters: dict | None = None, tie_order: str = "index") -> StateDict:
+                      parameters: dict | None = None, tie_order: str = DEFAULT_TIE_ORDER,
+                      layers: tuple[dict[str, int], int] | None = None) -> StateDict:
     """Merge `models` (and `base`) with a registered method; DARE, when given, is applied first.
 
     mergekit's methods (kind "group": `ties`, `linear`, `slerp`, ...) take their parameters as in a recipe:
     `parameters = {name: value}` (a list for a per-model value, one per model in order; the base included
     first for scope "input"), computed in the tensors' dtype; `options`, `dare` and `statistics` are the
-    paper methods' and are refused for them.
+    paper methods' and are refused for them. Layer-aware methods (LiNeS) need `layers` = ({tensor name: block
+    index ℓ}, depth L), e.g. utils/recipes/architecture.block_layers; tensors absent from the map are outside
+    the blocks.
 
     Merged tensors are computed in float32 and returned in `out_dtype` (default: the reference's
     dtype, i.e. the base's, or models[0]'s without a base).
@@ -62,7 +65,11 @@ def merge_state_dicts(method: str, base: StateDict | None, models: list[StateDic
         if options != MergeOptions() or dare is not None or statistics is not None:
             raise MergeError(f"{method} is mergekit's method: give its parameters (parameters={{...}}); MergeOptions "
                              f"and DARE are the paper's (average_merging, task_arithmetic, ties_merging, ...)")
-        return _merge_group_method(spec, base, models, parameters or {}, seed, exclude_regex, out_dtype, tie_order)
+        if spec.layer_aware and layers is None:
+            raise MergeError(f"{method} scales each tensor by its block's depth: give layers=({{name: block index}}, "
+                             f"depth), e.g. from utils/recipes/architecture.block_layers")
+        return _merge_group_method(spec, base, models, parameters or {}, seed, exclude_regex, out_dtype, tie_order,
+                                   layers or ({}, 1))
     if parameters:
         raise MergeError(f"{method} is a paper method: give MergeOptions, not parameters")
     options.validate()
@@ -173,7 +180,7 @@ def merge_tensor_group(spec: MergeMethod, name: str, tensors: dict[str, torch.Te
 
 def _merge_group_method(spec: MergeMethod, base: StateDict | None, models: list[StateDict], parameters: dict,
                         seed: int, exclude_regex: Sequence[str], out_dtype: torch.dtype | None,
-                        tie_order: str) -> StateDict:
+                        tie_order: str, layers: tuple[dict[str, int], int]) -> StateDict:
     """merge_state_dicts for mergekit's methods: one TensorGroupCall per tensor (inputs: base first)."""
     from .randomness import RandomSlot
     from .recipe_methods import TensorGroupCall, run_group
@@ -219,7 +226,7 @@ def _merge_group_method(spec: MergeMethod, base: StateDict | None, models: list[
             continue
         slots = {key: RandomSlot(seed, index, name) for index, key in enumerate(keys)} if spec.randomized else {}
         call = TensorGroupCall({key: model[name] for key, model in zip(keys, inputs)}, base_key, params, per_input,
-                               slots, tie_order)
+                               slots, tie_order, name=name, layer=layers[0].get(name), num_layers=layers[1])
         out[name] = run_group(spec.implementation(), call).to(out_dtype or tensor.dtype)
     _check_outputs(out)
     return out

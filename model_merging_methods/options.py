@@ -18,6 +18,11 @@ MAGNITUDE_RULES = ("exact_count", "original")
 TIES_TRIMS = ("per_tensor", "global")
 TIES_NORMALIZATIONS = ("count", "weights")
 NORM_MODES = ("linear", "power", "exp")
+# which entries tied at a rank cut-off (mergekit's ties / breadcrumbs*) are kept: torch.argsort's order on the
+# merge's device (mergekit itself: on the CPU an introsort, bit for bit; holds whole tensors) or the first in flat
+# order ("index": a stable sort, mergekit on CUDA; streams). The default is mergekit's own call.
+TIE_ORDERS = ("argsort", "index")
+DEFAULT_TIE_ORDER = "argsort"
 
 
 class MergeError(ValueError):

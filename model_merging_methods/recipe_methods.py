@@ -16,10 +16,11 @@ operation (same dtypes, same reduction order), i.e. the same bits on the same to
 One choice is ours: which of the entries tied at a rank cut-off (TIES' k-th largest |δ|, Breadcrumbs'
 window ends) are kept. mergekit takes torch.argsort's order, which torch leaves unspecified for equal
 values: on CUDA (more than 32 entries) the sort is stable, so the first ties in flat order are kept; on
-the CPU it is an introsort whose order depends on the whole tensor. Our default, tie_order "index", keeps
-the first ties in flat order (a stable sort, mergekit on CUDA) and lets a tensor stream in pieces
-(selection.KeepRule); tie_order "argsort" runs torch.argsort on the whole tensor, i.e. mergekit on the
-CPU, bit for bit. Only entries equal to the cut-off can differ between the two.
+the CPU it is an introsort whose order depends on the whole tensor. The default, tie_order "argsort",
+makes mergekit's own call (torch.argsort on the whole tensor, on the merge's device): mergekit's tensors bit for
+bit, at the cost of holding the tensor and an 8-byte index per element. tie_order "index" keeps the first
+ties in flat order (a stable sort, mergekit on CUDA) and lets a tensor stream in pieces (selection.KeepRule).
+Only entries equal to the cut-off can differ between the two.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .options import REQUIRED, MergeError, MethodParameter
+from .options import DEFAULT_TIE_ORDER, REQUIRED, MergeError, MethodParameter
 from .randomness import RandomSlot
 from .selection import KeepRule, RankStat, pieces_of, rank_statistics, rank_window_rule, top_k_rule
 
@@ -44,7 +45,7 @@ class TensorGroupCall:
     params: dict[str, Any] = field(default_factory=dict)
     per_input: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: dict[str, RandomSlot] = field(default_factory=dict)
-    tie_order: str = "index"                    # "index" | "argsort" (see the module docstring)
+    tie_order: str = DEFAULT_TIE_ORDER   # options.TIE_ORDERS (see the module docstring)
     # a streamed piece: per non-base input, its sparsification prepared from whole-tensor statistics
     piece_sparsifiers: Optional[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = None
     piece_coefficients: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # a streamed slerp piece
@@ -193,12 +194,20 @@ def rescale_factor(before: float, after: float, dtype: torch.dtype) -> Optional[
     return before_t / after_t
 
 
-def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """δ ⊙ m, times Σ|δ| / Σ|δ ⊙ m| when rescaling (skipped when either sum is < 1e-7). The sums are
-    float64 (mergekit sums in the tensor's dtype: the factor can differ by its last bit)."""
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, mergekit_sums: bool = False) -> torch.Tensor:
+    """δ ⊙ m, times Σ|δ| / Σ|δ ⊙ m| when rescaling (skipped when either sum is < 1e-7).
+
+    mergekit_sums (the whole-tensor "argsort" cuts): the sums are mergekit's own calls, torch.sum in the
+    tensor's dtype on the whole tensor, so the factor is mergekit's to the bit (torch splits a sum over
+    > 32768 entries across intra-op threads; the executors run one). Otherwise (cuts that stream, random
+    masks) the sums are float64 over flat pieces (l1_norm), which a streamed tensor reproduces exactly; the
+    factor can then differ from mergekit's in its last bit."""
     masked = delta * mask
     if not rescale:
         return masked
+    if mergekit_sums:
+        before, after = delta.abs().sum(), masked.abs().sum()
+        return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
     factor = rescale_factor(l1_norm(delta), l1_norm(masked), delta.dtype)
     return masked if factor is None else masked * factor
 
@@ -239,7 +248,7 @@ class RankCut:
 
 
 def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = False,
-                       tie_order: str = "index") -> torch.Tensor:
+                       tie_order: str = DEFAULT_TIE_ORDER) -> torch.Tensor:
     """Keep the k = max(1, int(density·n)) largest |δ| of the flattened tensor (RankCut "magnitude");
     of the entries equal to the k-th largest, the first in flat order (tie_order "index") or the first
     of torch.argsort(|δ|, descending) on this device ("argsort", mergekit's own call); density ≥ 1
@@ -256,11 +265,11 @@ def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = Fals
     if magnitudes.device.type == "cpu":
         magnitudes = magnitudes.float()
     mask[torch.argsort(magnitudes, descending=True)[:k]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    return _rescaled(delta, mask.reshape_as(delta), rescale, mergekit_sums=True)
 
 
 def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False,
-                      tie_order: str = "index") -> torch.Tensor:
+                      tie_order: str = DEFAULT_TIE_ORDER) -> torch.Tensor:
     """Model Breadcrumbs (RankCut "outliers"): keep = int(density·n), top = int(gamma·n), bottom =
     max(0, n − keep − top); keep ascending positions [bottom, bottom + keep) of |δ| (drops the smallest
     and the largest), ties in flat order ("index") or in torch.sort's order ("argsort", mergekit's)."""
@@ -277,7 +286,7 @@ def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale
     order = torch.sort(magnitudes, descending=False).indices
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom:bottom + keep]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    return _rescaled(delta, mask.reshape_as(delta), rescale, mergekit_sums=True)
 
 
 def _draw_dtype(delta: torch.Tensor) -> torch.dtype:

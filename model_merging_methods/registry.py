@@ -50,7 +50,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .options import MergeError, MergeOptions, MethodParameter, ResolvedDare
+from .options import DEFAULT_TIE_ORDER, MergeError, MergeOptions, MethodParameter, ResolvedDare
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class MergeMethod:
         """Whether these resolved settings make the method an exact no-op of a simpler one (see Noop)."""
         return self.noop_when(options, dare, num_models) if self.noop_when else None
 
-    def piece_mode(self, params: dict, per_input: dict[str, dict], tie_order: str = "index") -> str:
+    def piece_mode(self, params: dict, per_input: dict[str, dict], tie_order: str = DEFAULT_TIE_ORDER) -> str:
         """kind "group": how a large tensor can stream: "elementwise" (flat pieces merged independently),
         "statistics" (flat pieces, once whole-tensor statistics are known: each input's RankCut rule for
         magnitude / outlier cuts with tie_order "index" and L1 rescale factor; slerp's norms and dot

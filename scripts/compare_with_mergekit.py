@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads for mergekit (OMP_NUM_THREADS). Our recipe runs reduce with one "
                              "thread per worker; torch splits reductions over > 32768 elements across threads, so "
                              "slerp's norms and model_stock's cosines round the same only at the same count")
-    parser.add_argument("--tie_order", choices=["index", "argsort"], default="argsort",
-                        help="our side's --tie_order: argsort (mergekit's CPU order: every tensor identical) or "
-                             "index (our default; entries tied at a TIES / Breadcrumbs cut-off may differ)")
+    parser.add_argument("--tie_order", choices=["index", "argsort"], default=None,
+                        help="our side's --tie_order (default: merge_models.py's, argsort: mergekit's CPU order); "
+                             "index: entries tied at a TIES / Breadcrumbs cut-off may differ")
     args = parser.parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="compare-"))
     results = [compare_recipe(config, work / Path(config).stem, args) for config in args.config]
@@ -78,8 +78,8 @@ def compare_recipe(config: str, work: Path, args: argparse.Namespace) -> dict:
     timings = {}
     started = time.time()
     subprocess.run([sys.executable, str(ROOT / "merge_models.py"), "--config", config, "--output_dir",
-                    str(ours_dir), "--seed", str(args.seed), "--overwrite", "--no_progress", "--tie_order",
-                    args.tie_order], check=True,
+                    str(ours_dir), "--seed", str(args.seed), "--overwrite", "--no_progress",
+                    *(["--tie_order", args.tie_order] if args.tie_order else [])], check=True,
                    capture_output=args.quiet)
     timings["mergelm_s"] = round(time.time() - started, 2)
     started = time.time()

@@ -141,6 +141,33 @@ def test_lines_scales_by_depth():
         merge_tensor("lines", deltas, resolve_parameters("lines", {"lines_base": "ties_merging"}), layer=0, num_layers=2)
 
 
+
+def test_lines_on_state_dicts_scales_each_block_from_the_layer_map():
+    """merge_state_dicts("lines") scales block ℓ's summed δ by α + β·ℓ/(L−1) with the blocks that
+    block_layers reads from a BERT's names and config (embeddings and the pooler get α), and refuses to
+    run without the map: without it every tensor got α, i.e. average merging (the GLUE benchmark's bug)."""
+    from transformers import BertConfig
+
+    from model_merging_methods import merge_state_dicts
+    from utils.recipes.architecture import block_layers
+
+    config = BertConfig(num_hidden_layers=3).to_dict()
+    names = ["embeddings.word_embeddings.weight", *(f"encoder.layer.{i}.attention.self.query.weight" for i in range(3)),
+             "encoder.layer.2.output.dense.bias", "pooler.dense.weight"]
+    layers, depth = block_layers(config, names, "the encoder")
+    assert depth == 3 and layers == {**{f"encoder.layer.{i}.attention.self.query.weight": i for i in range(3)},
+                                     "encoder.layer.2.output.dense.bias": 2}
+    base = {n: _randn(4, 4, seed=10 + i) for i, n in enumerate(names)}
+    models = [{n: base[n] + _randn(4, 4, seed=20 + 7 * m + i) for i, n in enumerate(names)} for m in range(2)]
+    merged = merge_state_dicts("lines", base, models, parameters={"beta": 0.5}, layers=(layers, depth))
+    for name in names:
+        scale = 0.5 + 0.5 * layers[name] / 2 if name in layers else 0.5
+        expected = base[name] + scale * ((models[0][name] - base[name]) + (models[1][name] - base[name]))
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+    assert not torch.allclose(merged[names[3]], merge_state_dicts("average_merging", base, models)[names[3]])
+    with pytest.raises(MergeError, match="layers="):
+        merge_state_dicts("lines", base, models, parameters={"beta": 0.5})
+
 def _pcb_reference(deltas, ratio):
     """The authors' PCB_merge, written from their formula with full sorts, in float64."""
     checks = torch.stack([d.reshape(-1) for d in deltas])

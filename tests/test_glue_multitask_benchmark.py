@@ -185,3 +185,6 @@ def test_registry_parameter_methods_run_in_the_search(bench, tmp_path, method):
     grid = load_glue_config()["merge_grids"]["multitask"][method]
     assert len(payload["settings"]) == int(np.prod([len(values) for values in grid.values()]))
     assert all(np.isfinite(payload["winners"]["mean"]["test_scores"][t]) for t in TASKS)
+    if method == "lines":   # β scales the deeper blocks: each grid value merges other weights (not average merging)
+        losses = [tuple(record["selection_metrics"][t]["loss"] for t in TASKS) for record in payload["settings"]]
+        assert len(set(losses)) == len(losses) == len(grid["beta"])

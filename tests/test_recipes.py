@@ -363,7 +363,7 @@ SPARSIFYING = {
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, monkeypatch, dtype):
     """ties / breadcrumbs* / dare_* stream large tensors in pieces with whole-tensor statistics (rank cuts
-    with ties in flat order, L1 rescale factors): bit-identical to merging whole tensors, and the pieces
+    with ties in flat order, --tie_order index; L1 rescale factors): bit-identical to merging whole tensors, and the pieces
     really were used (the run reads pieces and the statistics passes ran)."""
     import threading
 
@@ -376,7 +376,7 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     recipes = {label: write(cwd / f"{label}.yml", f"models:\n{models}base_model: models/base\ndtype: {dtype}\n{text}")
                for label, text in SPARSIFYING.items()}
     for label, recipe in recipes.items():
-        assert run(["--config", recipe, "--output_dir", f"whole-{label}"])[0] == 0
+        assert run(["--config", recipe, "--output_dir", f"whole-{label}", "--tie_order", "index"])[0] == 0
     prepared, permuted_in = [], []
     original = statistics.prepare
     monkeypatch.setattr(executor, "prepare", lambda *a, **k: prepared.append(a[0].name) or original(*a, **k))
@@ -385,7 +385,7 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
                         lambda *a: permuted_in.append(threading.current_thread().name) or permute(*a))
     monkeypatch.setattr(executor, "PIECE", 100)       # every 16×32 projection now goes in 6 pieces
     for label, recipe in recipes.items():
-        assert run(["--config", recipe, "--output_dir", f"pieces-{label}", "--threads", "3"])[0] == 0
+        assert run(["--config", recipe, "--output_dir", f"pieces-{label}", "--threads", "3", "--tie_order", "index"])[0] == 0
         whole, pieces = weights(f"whole-{label}"), weights(f"pieces-{label}")
         assert whole.keys() == pieces.keys()
         assert [n for n in whole if not torch.equal(whole[n], pieces[n])] == [], label
@@ -401,24 +401,27 @@ def test_magnitude_cut_keeps_ties_in_flat_order_and_argsort_is_mergekits_cpu_ord
 
     delta = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 0.25])
     # k = int(0.5·6) = 3: all three... of the four |δ| = 1 entries, the first three in flat order
-    assert torch.equal(sparsify_magnitude(delta, 0.5), torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(sparsify_magnitude(delta, 0.5, tie_order="index"), torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0]))
     # k = 2 of 4 ties, rescaled by Σ|δ| / Σ|kept| = 4.75 / 2
-    assert torch.equal(sparsify_magnitude(delta, 0.34, rescale=True), torch.tensor([1.0, -1.0, 0, 0, 0, 0]) * 2.375)
+    assert torch.equal(sparsify_magnitude(delta, 0.34, rescale=True, tie_order="index"),
+                       torch.tensor([1.0, -1.0, 0, 0, 0, 0]) * 2.375)
     # Breadcrumbs ascending window: keep = 3, top = 1, bottom = 2 → positions 2..4 of the stable sort
     # (0.25, 0.5 | 1, -1, 1 | -1): the first three |δ| = 1 entries
-    assert torch.equal(sparsify_outliers(delta, 0.5, 0.2), torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0]))
-    # on a large bfloat16 delta (many ties): the count is exact; "argsort" is torch.argsort's own choice
+    assert torch.equal(sparsify_outliers(delta, 0.5, 0.2, tie_order="index"), torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0]))
+    # on a large bfloat16 delta (many ties): the count is exact; "argsort" (the default, mergekit's call) is
+    # torch.argsort's own choice
     generator = torch.Generator().manual_seed(0)
-    big = (torch.randn(5000, generator=generator) * 1e-3).bfloat16()
-    stable, argsort = sparsify_magnitude(big, 0.3), sparsify_magnitude(big, 0.3, tie_order="argsort")
-    assert int((stable != 0).sum()) == int((argsort != 0).sum()) == 1500
-    order = torch.argsort(big.abs().float(), descending=True, stable=True)[:1500]
+    big = (torch.randn(20000, generator=generator) * 1e-3).bfloat16()
+    stable, argsort = sparsify_magnitude(big, 0.3, tie_order="index"), sparsify_magnitude(big, 0.3)
+    assert int((stable != 0).sum()) == int((argsort != 0).sum()) == 6000
+    order = torch.argsort(big.abs().float(), descending=True, stable=True)[:6000]
     assert torch.equal(stable, torch.zeros_like(big).index_copy(0, order, big[order]))
     reference = torch.zeros_like(big)
-    reference[torch.argsort(big.abs().float(), descending=True)[:1500]] = 1
+    reference[torch.argsort(big.abs().float(), descending=True)[:6000]] = 1
     assert torch.equal(argsort, big * reference)
     # the two differ only at entries equal to the cut-off magnitude
     cutoff = big.abs().float()[order[-1]]
+    assert bool((stable != argsort).any())   # the orders do differ here, so the default is not the flat order
     assert bool((big.abs().float()[stable != argsort] == cutoff).all())
 
 
@@ -465,3 +468,34 @@ def test_union_keeps_the_sources_slow_tokenizer_files_valid(tmp_path, monkeypatc
     slow.pre_tokenizer = pre_tokenizers.Whitespace()
     text = "w345 w53 w4"
     assert slow.encode(text).ids == merged(text, add_special_tokens=False).input_ids
+
+
+def test_argsort_cuts_rescale_with_mergekits_own_sums():
+    """The default (argsort) rank cuts rescale by mergekit's L1 factor to the bit: Σ|δ| / Σ|δ ⊙ m| summed by
+    torch in the tensor's dtype (float32 here, one thread as in the executors), mergekit's
+    rescaled_masked_tensor written out; the streaming "index" cut sums in float64 and can differ in the
+    factor's last bit (it does for seeds 2–4 of this fixture)."""
+    from model_merging_methods.recipe_methods import sparsify_magnitude, sparsify_outliers
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        differs = 0
+        for seed in range(5):
+            delta = torch.randn(100_000, generator=torch.Generator().manual_seed(seed)) * 1e-3
+            mask = torch.zeros(100_000)
+            mask[torch.argsort(delta.abs(), descending=True)[:30_000]] = 1
+            masked = delta * mask
+            assert torch.equal(sparsify_magnitude(delta, 0.3, rescale=True),
+                               masked * (delta.abs().sum() / masked.abs().sum()))
+            differs += not torch.equal(sparsify_magnitude(delta, 0.3, rescale=True, tie_order="index"),
+                                       masked * (delta.abs().sum() / masked.abs().sum()))
+            # breadcrumbs: ascending positions [bottom, bottom + keep), keep = 30000, top = 5000
+            window = torch.zeros(100_000)
+            window[torch.sort(delta.abs()).indices[65_000:95_000]] = 1
+            kept = delta * window
+            assert torch.equal(sparsify_outliers(delta, 0.3, 0.05, rescale=True),
+                               kept * (delta.abs().sum() / kept.abs().sum()))
+        assert differs >= 1
+    finally:
+        torch.set_num_threads(previous)

@@ -141,6 +141,12 @@ def test_in_memory_merge_equals_merge_to_disk_and_its_evaluation(family, tmp_pat
         second = load_file(tmp_path / "out2/model.safetensors")
         assert all(torch.equal(resident.target.state_dict()[name], second[name]) for name in encoder)
         assert not all(torch.equal(second[name], on_disk[name]) for name in encoder)
+        # the streaming tie order (flat order) reads its own kept sort: still the merge on disk with that order
+        assert merge_models.main(["--config", str(recipe_path), "--output_dir", str(tmp_path / "out3"), "--no_progress",
+                                  "--seed", "3", "--tie_order", "index"]) == 0
+        merge_into(resident.target, parse_recipe(yaml.safe_load(other), "inline"), models_, seed=3, tie_order="index")
+        third = load_file(tmp_path / "out3/model.safetensors")
+        assert all(torch.equal(resident.target.state_dict()[name], third[name]) for name in encoder)
 
 
 def run_search(family, out: Path, budget: int, extra=(), template=None) -> int:

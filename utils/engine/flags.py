@@ -10,6 +10,7 @@ import os
 import sys
 
 from model_merging_methods.frontier import frontier_parameters_help
+from model_merging_methods.options import DEFAULT_TIE_ORDER, TIE_ORDERS
 from model_merging_methods.registry import available_methods, get_method
 from utils.cli import HelpFormatter, drop_rate, positive_float, run_entry, warnings_to_stderr
 from utils.engine.choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
@@ -43,10 +44,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="mergekit-named and frontier methods: any parameter the method declares (e.g. normalize=false, "
                              "rescale=true, gamma=0.02, t=0.001 for nearswap); docs/recipes.md. Frontier methods (default): "
                              + frontier_parameters_help())
-    parser.add_argument("--tie_order", choices=["index", "argsort"], default="index",
-                        help="mergekit's ties / breadcrumbs*: which entries tied at a rank cut-off (ties, breadcrumbs*) are kept: the first "
-                             "in flat order (a stable sort, as mergekit on CUDA; streams) or torch.argsort's "
-                             "(mergekit on the CPU, bit for bit; holds whole tensors: several GiB for 7B+)")
+    parser.add_argument("--tie_order", choices=TIE_ORDERS, default=None,
+                        help="mergekit's ties / breadcrumbs*: which entries tied at a rank cut-off are kept: "
+                             "torch.argsort's (default: mergekit's own call, bit for bit; holds whole tensors: "
+                             "~3 GiB for a 65M-entry embedding) or the first in flat order (index: a stable sort, "
+                             "as mergekit on CUDA; streams in pieces)")
     parser.add_argument("--from_manifest", default=None, metavar="MANIFEST",
                         help="re-run the merge a merge_manifest.json records (same weights, bit for bit); "
                              "refused if an input's sha256 changed. Takes only --output_dir, --overwrite, "
@@ -125,7 +127,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
             parser.error(f"{', '.join(given)}: the paper's options apply to the paper's methods (average_merging, "
                          f"task_arithmetic, ties_merging, norm_adaptive, dare); --method {args.method} is mergekit's "
                          f"(docs/methods.md, 'One registry, one meaning per name')")
-    elif args.parameter or args.tie_order != "index":
+    elif args.parameter or args.tie_order is not None:
         parser.error("--parameter and --tie_order are for mergekit-named methods and recipes")
     if args.from_manifest is None:
         missing = [flag for flag, value in (("--models", args.models), ("--method", args.method)) if not value]
@@ -195,7 +197,8 @@ def job_from_args(args: argparse.Namespace):
                           vocab_alignment=args.vocab_alignment, files_from=args.files_from,
                           max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), progress=not args.no_progress,
                           threads=args.threads, allow_noop=args.allow_noop, norms_from=args.norms_from,
-                          parameters=list(args.parameter), tie_order=args.tie_order, merge_part=args.merge_part)
+                          parameters=list(args.parameter), tie_order=args.tie_order or DEFAULT_TIE_ORDER,
+                          merge_part=args.merge_part)
 
 
 def recipe_job_from_args(args: argparse.Namespace):
@@ -204,5 +207,5 @@ def recipe_job_from_args(args: argparse.Namespace):
     return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
                      seed=args.seed, device=args.device, threads=args.threads,
                      max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
-                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order,
+                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order or DEFAULT_TIE_ORDER,
                      merge_part=args.merge_part)

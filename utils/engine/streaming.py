@@ -31,6 +31,7 @@ from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod
                                    ResolvedDare, check_method_inputs, dare_one_model, get_method, is_excluded,
                                    norm_adaptive_weights, resolve_dare, select_streamed, trim_rank)
 from model_merging_methods.merge import merge_tensor_group, options_from_parameters
+from model_merging_methods.options import DEFAULT_TIE_ORDER, TIE_ORDERS
 from model_merging_methods.norm_adaptive import squared_norm
 from model_merging_methods.options import per_model
 from model_merging_methods.randomness import RandomSlot
@@ -80,7 +81,7 @@ class StreamMergeJob:
     expected_sha256: dict[str, dict[str, str]] | None = None
     norms_from: str | None = None     # norm_adaptive: analysis.json (or its folder) holding the norms
     parameters: list[str] = field(default_factory=list)   # mergekit-named methods: KEY=VALUE parameters
-    tie_order: str = "index"          # mergekit's rank cuts (ties, breadcrumbs*): which ties are kept
+    tie_order: str = DEFAULT_TIE_ORDER   # mergekit's rank cuts (ties, breadcrumbs*): which ties are kept
     merge_part: str = "all"           # "language": a multimodal model's other modules copied from the reference
 
 
@@ -223,18 +224,14 @@ def flag_groups(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan
 def _flag_layers(inputs: Inputs) -> tuple[dict[str, int], int]:
     """Layer-aware methods (LiNeS): each tensor's block index and the depth, from the reference's layout
     (utils/recipes/architecture.py, as a recipe's planner finds them)."""
-    from utils.recipes.architecture import infer_layout
+    from utils.recipes.architecture import block_layers, read_config
     from utils.recipes.schema import RecipeError
 
     reference = inputs.reference
     try:
-        layout = infer_layout(reference.folder, reference.names(), inputs.labels[0])
+        return block_layers(read_config(reference.folder, inputs.labels[0]), reference.names(), inputs.labels[0])
     except RecipeError as error:
         raise MergeError(f"a layer-aware method needs the layer layout: {error}") from None
-    prefix = layout.prefix + "."
-    layers = {name: int(name[len(prefix):].split(".", 1)[0]) for name in reference.names()
-              if name.startswith(prefix) and name[len(prefix):].split(".", 1)[0].isdigit()}
-    return layers, layout.num_layers
 
 
 def flag_parameters(method: MergeMethod, job: StreamMergeJob) -> tuple[dict, dict]:
@@ -324,10 +321,10 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
         raise MergeError(f"the paper's options (DARE, ties_normalize, norms) apply to the paper's methods "
                          f"(average_merging, task_arithmetic, ties_merging, norm_adaptive, dare); {job.method} is "
                          f"mergekit's")
-    if method.kind != "group" and (job.parameters or job.tie_order != "index"):
+    if method.kind != "group" and (job.parameters or job.tie_order != DEFAULT_TIE_ORDER):
         raise MergeError(f"--parameter and --tie_order are for mergekit-named methods, not {job.method}")
-    if job.tie_order not in ("index", "argsort"):
-        raise MergeError(f"unknown tie order {job.tie_order!r}; valid: index, argsort")
+    if job.tie_order not in TIE_ORDERS:
+        raise MergeError(f"unknown tie order {job.tie_order!r}; valid: {', '.join(TIE_ORDERS)}")
     job.options.validate()
     if method.needs_whole_model(job.options):
         raise MergeError(f"{job.method} needs the whole model in memory (global statistics); "
@@ -552,7 +549,7 @@ class Execution:
     seed: int = 0
     device: torch.device = torch.device("cpu")
     threads: int = 1
-    tie_order: str = "index"
+    tie_order: str = DEFAULT_TIE_ORDER
     max_shard_size: int = 5 * 2**30
     progress: bool = False
     label: str = ""

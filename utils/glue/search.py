@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from model_merging_methods import DareOptions, MergeError, MergeOptions, check_inputs, dare_state_dict, is_excluded, merge_state_dicts
+from model_merging_methods.registry import get_method
 from utils.cli import dare_suffix, set_random_seed
 from utils.glue.cli import BASE_METHODS, MASK_SEARCHES, MERGING_METHODS  # noqa: F401 (re-exported)
 from utils.glue.checkpoints import load_classifier, model_short_name, task_checkpoint
@@ -48,6 +49,7 @@ from utils.glue.statistics import diagonal_fisher, regmean_gram_matrices, regmea
 from utils.glue.training import encode_split, evaluate_task, make_loader
 from utils import progress
 from utils.records import library_versions, write_json_atomic
+from utils.recipes.architecture import block_layers
 
 STATISTICS_AXIS = {"fisher_merging": "nums_fisher_examples", "regmean_merging": "nums_regmean_examples",
                    "regmean_plusplus": "nums_regmean_examples"}
@@ -272,8 +274,11 @@ class MergeSearch:
         statistics = self.statistics(method, counts, rate, states) if counts else None
         started = time.perf_counter()
         parameters = merge_parameters(method, setting)
+        extra = {"parameters": parameters} if parameters is not None else {}
+        if get_method(method).layer_aware:   # LiNeS: each tensor's block index, as the recipe planner finds it
+            extra["layers"] = block_layers(self.members[0].model.config.to_dict(), list(self.base_state), "the encoder")
         merged = merge_state_dicts(method, self.base_state, states, options, seed=self.options.seed, statistics=statistics,
-                                   exclude_regex=self.exclude_regex, **({"parameters": parameters} if parameters is not None else {}))
+                                   exclude_regex=self.exclude_regex, **extra)
         self.last_timing["merge_time_s"] = time.perf_counter() - started
         return merged
 

@@ -190,17 +190,23 @@ def drop_curve(family: dict[str, Path], base: Path, expert: str, benchmarks, dat
     return written
 
 
-def _merge(method: str, base_state: dict, models: list[dict], setting: dict, dare_rate: float, seed: int) -> dict:
+def _merge(method: str, base: Path, base_state: dict, models: list[dict], setting: dict, dare_rate: float,
+           seed: int) -> dict:
     """One merge of the table. The paper's methods get DARE through the library (as the engine applies it);
-    methods that take recipe parameters get the experts DARE'd first (same masks: seed and model index)."""
+    methods that take recipe parameters get the experts DARE'd first (same masks: seed and model index);
+    layer-aware ones (LiNeS) get each tensor's block from the base's config and names."""
     from model_merging_methods import DareOptions, MergeOptions, dare_state_dict, merge_state_dicts
     from model_merging_methods.registry import get_method
+    from utils.recipes.architecture import block_layers, read_config
 
     dare = DareOptions(drop_rate=dare_rate) if dare_rate else None
-    if get_method(method).kind == "group":
+    spec = get_method(method)
+    if spec.kind == "group":
         if dare is not None:
             models = [dare_state_dict(m, base_state, dare, seed=seed, model_index=i) for i, m in enumerate(models)]
-        return merge_state_dicts(method, base_state, models, parameters=setting.get("parameters", {}), seed=seed)
+        layers = block_layers(read_config(base, "the base"), list(base_state), "the base") if spec.layer_aware else None
+        return merge_state_dicts(method, base_state, models, parameters=setting.get("parameters", {}), seed=seed,
+                                 layers=layers)
     return merge_state_dicts(method, base_state, models, MergeOptions(**setting.get("options", {})), dare=dare,
                              seed=seed)
 
@@ -242,7 +248,7 @@ def merge_table(family: dict[str, Path], specs: dict, base: Path, data_dir: Path
             path = folder / "select" / f"{method}__{_label(setting)}.json"
             if not path.is_file():
                 started = time.time()
-                merged = _merge(method, base_state, models, setting, 0.0, seed)
+                merged = _merge(method, base, base_state, models, setting, 0.0, seed)
                 merge_seconds = time.time() - started
                 _write(path, {"experiment": "merge_table", "stage": "select", "method": method, "setting": setting,
                               "dare_rate": 0.0, "seed": seed, "metrics": evaluator.score(merged, validation),
@@ -255,7 +261,7 @@ def merge_table(family: dict[str, Path], specs: dict, base: Path, data_dir: Path
             path = folder / "report" / f"{method}__{_label(setting)}__dare{rate}.json"
             if not path.is_file():
                 started = time.time()
-                merged = _merge(method, base_state, models, setting, rate, seed)
+                merged = _merge(method, base, base_state, models, setting, rate, seed)
                 _write(path, {"experiment": "merge_table", "stage": "report", "method": method, "setting": setting,
                               "dare_rate": rate, "seed": seed, "selected_by": str(select_path),
                               "metrics": evaluator.score(merged, held_out),
@@ -295,7 +301,7 @@ def generate_stage(family: dict[str, Path], base: Path, data_dir: Path, results:
                 def write(staging: Path, method=method) -> None:
                     from transformers import AutoModelForCausalLM, AutoTokenizer
                     experts = json.loads(selection_file.read_text())["experts"]
-                    merged = _merge(method, _state(base), [_state(family[e]) for e in experts],
+                    merged = _merge(method, base, _state(base), [_state(family[e]) for e in experts],
                                     rows[method]["setting"], 0.0, 0)
                     model = AutoModelForCausalLM.from_pretrained(base)
                     model.load_state_dict(merged, strict=False)

@@ -92,8 +92,10 @@ def layer_count(config: dict, what: str) -> tuple[str, int]:
                       f"none of {', '.join(LAYER_COUNT_KEYS)}")
 
 
-def infer_layout(folder: Path, names: list[str], what: str) -> Layout:
-    config = read_config(folder, what)
+def _block_stack(config: dict, names: list[str], what: str):
+    """(count key, count, the block prefix, every numbered prefix's {index: suffixes}, complete stacks): the
+    numbered prefix with exactly the config's layer count, nearest the input embedding, then with the most
+    tensors (a decoder's cross-attention outnumbers its encoder)."""
     key, count = layer_count(config, what)
     groups: dict[str, dict[int, list[str]]] = {}
     for name in names:
@@ -108,9 +110,23 @@ def infer_layout(folder: Path, names: list[str], what: str) -> Layout:
                           f"numbers {key} = {count} layers 0..{count - 1} (numbered prefixes found: {found})")
     embedding = next((n for n in names if any(w in n for w in VOCAB_WORDS) and not any(w in n for w in OUTPUT_WORDS)),
                      "")
-    # nearest the input embedding, then the most tensors (a decoder's cross-attention outnumbers its encoder)
     prefix = max(candidates, key=lambda p: (len(_shared_prefix(p, embedding)),
                                             sum(len(v) for v in groups[p].values())))
+    return key, count, prefix, groups, stacks
+
+
+def block_layers(config: dict, names: list[str], what: str) -> tuple[dict[str, int], int]:
+    """Layer-aware methods (LiNeS): each tensor's block index ({name: ℓ}; tensors outside the blocks are
+    absent) and the depth L, from the tensor names and the model's config (a dict: config.json's or
+    `model.config.to_dict()`), as a recipe's planner finds the layers. RecipeError when no prefix fits."""
+    _, count, prefix, groups, _ = _block_stack(config, names, what)
+    return {f"{prefix}.{index}.{suffix}": index for index, suffixes in groups[prefix].items()
+            for suffix in suffixes}, count
+
+
+def infer_layout(folder: Path, names: list[str], what: str) -> Layout:
+    config = read_config(folder, what)
+    key, count, prefix, groups, stacks = _block_stack(config, names, what)
     layout = Layout(Path(folder), config, list(names), key, count, prefix, groups[prefix])
     layout.other_stacks = {p: n for p, n in stacks.items() if p != prefix and n >= 2 and
                            not p.startswith(prefix + ".")}

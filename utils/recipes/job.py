@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from model_merging_methods.options import DEFAULT_TIE_ORDER
 from model_merging_methods.registry import get_method
 from utils.cli import resolve_device
 from utils.engine.allocator import tune_allocator
@@ -53,7 +54,7 @@ class RecipeJob:
     overwrite: bool = False
     allow_pickle: bool = False
     progress: bool = True
-    tie_order: str = "index"       # rank cuts' ties: "index" (flat order, streams) | "argsort" (mergekit on CPU)
+    tie_order: str = DEFAULT_TIE_ORDER   # rank cuts' ties (model_merging_methods/options.py TIE_ORDERS)
     merge_part: str = "all"        # "language": a multimodal model's other modules copied from the base
 
 

@@ -31,6 +31,7 @@ import torch
 
 from model_merging_methods import MergeError
 from model_merging_methods.merge import merge_tensor_group, options_from_parameters
+from model_merging_methods.options import DEFAULT_TIE_ORDER
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import RankCut, TensorGroupCall, passthrough, run_group
 from model_merging_methods.registry import get_method
@@ -89,11 +90,14 @@ def _order_statistic(ascending: torch.Tensor, rank: int) -> RankStat:
 
 
 class _RankCutSparsifier:
-    """sparsify_magnitude / sparsify_outliers (tie_order index, no rescale) with the rank statistics read from
-    the kept sorted |δ|: δ ⊙ KeepRule.mask(|δ|), the rule RankCut.rule builds from the same RankStats."""
+    """sparsify_magnitude / sparsify_outliers (no rescale) with what every density shares read from the kept
+    sort of |δ| (ResidentModels.kept_sort): for tie_order "index" the sorted values, whose order statistics give
+    δ ⊙ KeepRule.mask(|δ|) (the rule RankCut.rule builds); for "argsort" torch's own order of the entries,
+    of which a density keeps a slice ([0, k) descending for TIES, [bottom, bottom + keep) ascending for
+    Breadcrumbs), as the method's own argsort would."""
 
-    def __init__(self, cut: RankCut, ascending: torch.Tensor):
-        self.cut, self.ascending = cut, ascending
+    def __init__(self, cut: RankCut, kept: torch.Tensor, tie_order: str):
+        self.cut, self.kept, self.tie_order = cut, kept, tie_order
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         n = delta.numel()
@@ -101,8 +105,17 @@ class _RankCutSparsifier:
             return delta
         if self.cut.kind == "magnitude" and (self.cut.density <= 0 or n == 0):
             return torch.zeros_like(delta)
-        rule = self.cut.rule(n, [_order_statistic(self.ascending, rank) for rank in self.cut.ranks(n)])
-        return delta * rule.mask(delta.abs().float()).to(delta.dtype)
+        if self.tie_order == "index":
+            rule = self.cut.rule(n, [_order_statistic(self.kept, rank) for rank in self.cut.ranks(n)])
+            return delta * rule.mask(delta.abs().float()).to(delta.dtype)
+        if self.cut.kind == "magnitude":
+            window = slice(0, max(1, int(self.cut.density * n)))
+        else:
+            keep, top = int(self.cut.density * n), int(self.cut.gamma * n)
+            window = slice(max(0, n - keep - top), max(0, n - keep - top) + keep)
+        mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        mask[self.kept[window]] = 1
+        return delta * mask.reshape_as(delta)
 
 
 class ResidentModels:
@@ -123,9 +136,18 @@ class ResidentModels:
             self._slots[key] = _CachedSlot(RandomSlot(seed, index, name, 0, None))
         return self._slots[key]
 
-    def sorted_magnitudes(self, key: tuple, delta: torch.Tensor) -> torch.Tensor:
+    def kept_sort(self, key: tuple, delta: Optional[torch.Tensor], kind: str, tie_order: str) -> torch.Tensor:
+        """The sort of |δ| every density of a rank cut reads (_RankCutSparsifier), made once per key: the
+        ascending values (tie_order index) or torch's order of the entries, as recipe_methods' argsort cuts
+        call it (descending for magnitude, ascending for outliers; float32 magnitudes on the CPU)."""
         if key not in self._sorted:
-            self._sorted[key] = torch.sort(delta.abs().float().reshape(-1)).values
+            magnitudes = delta.abs().reshape(-1)
+            if tie_order == "index":
+                self._sorted[key] = torch.sort(magnitudes.float()).values
+            else:
+                magnitudes = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
+                self._sorted[key] = (torch.argsort(magnitudes, descending=True) if kind == "magnitude"
+                                     else torch.sort(magnitudes, descending=False).indices)
         return self._sorted[key]
 
     def _excluded(self, name: str) -> bool:
@@ -168,7 +190,7 @@ class MergeReport:
 
 
 def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels, *, seed: int = 0,
-               tie_order: str = "index") -> MergeReport:
+               tie_order: str = DEFAULT_TIE_ORDER) -> MergeReport:
     """Merge ``recipe`` into ``model``'s parameters and buffers of the same names (see the module docstring)."""
     if recipe.tokenizer_source or recipe.tokenizer or recipe.slices:
         raise RecipeError("in-memory merges take recipes without tokenizer / tokenizer_source / slices (the resident "
@@ -220,11 +242,10 @@ def _paper_merge(method, group, tensors: dict[str, torch.Tensor], seed: int) -> 
 
 
 def _rank_cuts(method, group, tensors: dict[str, torch.Tensor], resident: ResidentModels, tie_order: str):
-    """Per non-base input, a _RankCutSparsifier for methods that cut by rank (ties in flat order, no rescale);
-    None (the method's own path) otherwise."""
+    """Per non-base input, a _RankCutSparsifier for methods that cut by rank (no rescale); None (the method's
+    own path) otherwise."""
     kind = getattr(method, "sparsification", None)
-    if group.passthrough or kind not in ("magnitude", "outliers") or tie_order != "index" or \
-            group.params.get("rescale") or group.base is None:
+    if group.passthrough or kind not in ("magnitude", "outliers") or group.params.get("rescale") or group.base is None:
         return None
     sparsifiers = {}
     for ref in group.sources:
@@ -232,7 +253,7 @@ def _rank_cuts(method, group, tensors: dict[str, torch.Tensor], resident: Reside
             continue
         values = group.per_input[ref]
         cut = RankCut(kind, values.get("density", 1.0), values.get("gamma", 0.0) if kind == "outliers" else 0.0)
-        key = (ref, group.base, group.name, str(group.compute_dtype))
+        key = (ref, group.base, group.name, str(group.compute_dtype), tie_order, kind)
         delta = None if key in resident._sorted else tensors[ref] - tensors[group.base]   # as gta_tensor does
-        sparsifiers[ref] = _RankCutSparsifier(cut, resident.sorted_magnitudes(key, delta))
+        sparsifiers[ref] = _RankCutSparsifier(cut, resident.kept_sort(key, delta, kind, tie_order), tie_order)
     return sparsifiers

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from model_merging_methods import MergeError
+from model_merging_methods.options import DEFAULT_TIE_ORDER
 
 from .evaluators import FitnessTerm, check_fitness, fitness_value
 from .history import History, SearchError  # noqa: F401  (SearchError: the search's user error)
@@ -51,7 +52,7 @@ class SearchOptions:
     launcher: str = "local"
     select_split: str = "validation"
     report_split: str = "test"
-    tie_order: str = "index"
+    tie_order: str = DEFAULT_TIE_ORDER
 
     def __post_init__(self) -> None:
         if self.budget < 1:
