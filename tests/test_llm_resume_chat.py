@@ -9,7 +9,7 @@ import pytest
 
 from llm_helpers import GSM8K_RECORDS, ScriptedBackend, build_tokenizer, write_data_dir
 from utils.llm.benchmarks import get_benchmark
-from utils.llm.evaluation import EvalOptions, RecordsError, evaluate_dataset, result_folder
+from utils.llm.evaluation import EvalOptions, RecordsError, check_datasets, evaluate_dataset, result_folder
 from utils.llm.pipeline import prompt_suffix, run_with_exit_status, sigterm_as_interrupt
 from utils.llm.prompts import load_task_config
 from utils.llm.scoring import extract_gsm8k_flexible, extract_math_flexible, fenced_code
@@ -76,7 +76,11 @@ def test_restart_discards_and_different_settings_are_refused(options):
     options.run_config = {"arguments": {"max_tokens": 7, "seed": 3, "batch_size": 8}}
     with pytest.raises(RecordsError, match="max_tokens"):
         evaluate_dataset(OneByOne(_reply), "gsm8k", options)
+    # the same refusal comes from the checks the entry scripts run before torch and the model load
+    with pytest.raises(RecordsError, match="--max_tokens = None, this run has 7"):
+        check_datasets(["gsm8k"], options)
     options.resume = False
+    assert check_datasets(["gsm8k"], options) == {"gsm8k": 3}     # --restart: nothing to compare
     again = OneByOne(_reply)
     evaluate_dataset(again, "gsm8k", options)
     assert len(again.seen) == 3

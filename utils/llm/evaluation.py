@@ -203,16 +203,39 @@ class RecordsFile:
             os.fsync(handle.fileno())
 
 
-def _record_settings(dataset: str, options: EvalOptions, params: Any, prompts: list[str],
-                     source: DatasetSource) -> dict[str, Any]:
-    """What determines a record's content: used to refuse a resume with other settings."""
+def _flag_settings(dataset: str, options: EvalOptions, source: DatasetSource) -> dict[str, Any]:
+    """The record settings known before any model loads (flags, data): checked first on resume."""
     arguments = options.run_config.get("arguments", {})
     return {
         "dataset": dataset, "save_name": options.save_name, "prompt_format": options.prompt_format,
-        "answer_extraction": options.answer_extraction, "decoding": {**asdict(params), "stop": list(params.stop)},
-        "data_sha256": source.sha256,
+        "answer_extraction": options.answer_extraction, "data_sha256": source.sha256,
         **{f"--{key}": value for key, value in sorted(arguments.items()) if key not in NON_RECORD_FLAGS},
     }
+
+
+def _record_settings(dataset: str, options: EvalOptions, params: Any, prompts: list[str],
+                     source: DatasetSource) -> dict[str, Any]:
+    """What determines a record's content: used to refuse a resume with other settings."""
+    return {**_flag_settings(dataset, options, source), "decoding": {**asdict(params), "stop": list(params.stop)}}
+
+
+def _precheck_resume(dataset: str, options: EvalOptions, source: DatasetSource) -> None:
+    """A resume whose flags differ from the records' is refused before torch and the model load (RecordsFile
+    checks everything again, decoding included, once the model is there). Unreadable settings are left to it."""
+    folder = result_folder(options.save_dir, dataset, options.save_name, options.tasks)
+    settings_path = folder / "run_settings.json"
+    if not options.resume or not (folder / "records.jsonl").exists() or not settings_path.exists():
+        return
+    try:
+        recorded = json.loads(settings_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return
+    if not isinstance(recorded, dict):
+        return
+    for key, value in sorted(_flag_settings(dataset, options, source).items()):
+        if recorded.get(key) != value:
+            raise RecordsError(f"{folder / 'records.jsonl'} was written with {key} = {recorded.get(key)!r}, this run "
+                               f"has {value!r}; use the same setting to resume, or --restart")
 
 
 def _eta(seconds: float) -> str:
@@ -352,11 +375,14 @@ def evaluate_model(model_path: str, datasets: Sequence[str], options: EvalOption
 
 def check_datasets(datasets: Sequence[str], options: EvalOptions) -> dict[str, int]:
     """Load every dataset and its slice before any expensive work; returns examples per dataset.
-    Raises the loader's error (naming the missing file / variable), ValueError for an empty slice, or
-    MissingReferenceError (``metric="nll"``) for a record without its reference response."""
+    Raises the loader's error (naming the missing file / variable), ValueError for an empty slice,
+    RecordsError for a resume whose flags differ from the records', or MissingReferenceError
+    (``metric="nll"``) for a record without its reference response."""
     counts = {}
     for dataset in datasets:
-        examples = _selected_examples(dataset, options)[0]
+        examples, source = _selected_examples(dataset, options)
+        if options.metric != "nll":
+            _precheck_resume(dataset, options, source)
         if options.metric == "nll":   # every reference present before any model loads
             from utils.llm.nll import reference_pairs
             reference_pairs(dataset, examples, load_task_config(), chat=options.prompt_format == "chat")
