@@ -75,7 +75,9 @@ PARAMETERS: dict[str, tuple[FrontierParameter, ...]] = {
                      _P("lr", float, 1e-5, lambda v: math.isfinite(v) and v > 0, "> 0",
                         "Adam learning rate (FusionBench hard-codes 1e-5 under torch's name lr)")),
     "cart": (_P("rank_ratio", float, 0.1, _fraction, "in (0, 1]", "kept rank fraction of each centred task matrix (our default)"),
-             _P("scaling_factor", float, 1.0, help=_SCALE + " λ (our default; the paper tunes it)")),
+             _P("scaling_factor", float, 1.0, help=_SCALE + " λ (our default; the paper tunes it)"),
+             _P("svd", str, "exact", choices=("exact", "randomized"),
+                help="how the rank-k truncation is found (randomized: ours, faster, approximate)")),
     "consensus_merging": (_P("tall_mask_lambda", float, 0.6, _nonnegative, "≥ 0", "λ of the TALL masks (FusionBench default 0.6)"),
                           _P("prun_thre_k", int, 2, _nonnegative, "≥ 0", "tasks a weight must serve to be kept (paper: 2)"),
                           _P("scaling_factor", float, 1.0, help=_SCALE + " α"),
@@ -127,7 +129,7 @@ def merge_tensor(method: str, deltas: Sequence, params: Mapping[str, Any], *, na
     if method == "iso_cts":
         return subspace.iso_cts_tensor(deltas, params["scaling_factor"], params["common_space_fraction"], what)
     if method == "cart":
-        return subspace.cart_tensor(deltas, params["rank_ratio"], params["scaling_factor"], what)
+        return subspace.cart_tensor(deltas, params["rank_ratio"], params["scaling_factor"], what, params["svd"])
     if method == "wudi_merging":
         return wudi.wudi_tensor(deltas, params["iter_num"], params["lr"], device, what)
     if method == "consensus_merging":

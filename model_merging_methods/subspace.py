@@ -18,6 +18,13 @@ authors' code; differences from them, all in exact arithmetic equalities:
   the padding meets zero singular values, so the product is the same matrix (in exact arithmetic; in
   float32 the two agree to rounding, see scripts/compare_with_fusionbench.py).
 - Iso-C multiplies mean(s)·polar(Σ τ_t) instead of U diag(mean(s)) Vᵀ (the same matrix).
+
+Randomized SVD (ours, opt-in: CART's parameter `svd: randomized`): CART's rank-k truncations come from a
+randomized range finder (Halko, Martinsson & Tropp 2011, Algorithm 4.4: Gaussian sketch of k + 10 columns from
+a fixed seed, 4 power iterations with re-orthonormalisation) instead of the full SVD: O(m·n·k) instead of
+O(m·n·r), an approximation whose error tests/test_frontier_methods.py bounds. Not offered for TSV-M: it
+orthogonalises all r/T kept vectors of each task, the trailing ones included, so vectors a sketch finds only
+approximately change its result (30% relative on the test's matrices); Iso-C and Iso-CTS use the whole spectrum.
 """
 from __future__ import annotations
 
@@ -55,6 +62,27 @@ def _svd(matrix: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, t
         raise MergeError(f"{what}: the SVD did not converge ({error})") from error
 
 
+SVD_MODES = ("exact", "randomized")
+OVERSAMPLING, POWER_ITERATIONS = 10, 4
+
+
+def top_svd(matrix: torch.Tensor, k: int, what: str, mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first k singular triplets (U[:, :k], s[:k], Vᵀ[:k]) of `matrix`: from the exact reduced SVD, or
+    ("randomized") from Q Bᵀ's SVD, Q an orthonormal basis of A·Ω (Ω: n × (k + OVERSAMPLING) Gaussian from a
+    fixed seed, so the result depends only on the matrix) refined by POWER_ITERATIONS power iterations."""
+    if mode == "exact" or k + OVERSAMPLING >= min(matrix.shape):
+        u, s, vh = _svd(matrix, what)
+        return u[:, :k], s[:k], vh[:k]
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    sketch = torch.randn(matrix.shape[1], k + OVERSAMPLING, generator=generator, dtype=matrix.dtype,
+                         device=matrix.device)
+    basis = torch.linalg.qr(matrix @ sketch).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+    u, s, vh = _svd(basis.T @ matrix, what)
+    return (basis @ u)[:, :k], s[:k], vh[:k]
+
+
 def polar(matrix: torch.Tensor, what: str = "polar") -> torch.Tensor:
     """U Vᵀ of the reduced SVD of `matrix`: the nearest matrix with orthonormal columns (rows, if wide)."""
     u, _, vh = _svd(matrix, what)
@@ -81,10 +109,10 @@ def tsv_merge_tensor(deltas: Sequence[torch.Tensor], alpha: float = 1.0, what: s
         return torch.zeros_like(deltas[0])
     us, ss, vhs = [], [], []
     for delta in deltas:
-        u, s, vh = _svd(delta, what)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
+        u, s, vh = top_svd(delta, k, what)
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
     u_orth = polar(torch.cat(us, dim=1), what)
     vh_orth = polar(torch.cat(vhs, dim=0), what)
     return (u_orth * torch.cat(ss)) @ vh_orth * alpha
@@ -142,10 +170,10 @@ def iso_cts_tensor(deltas: Sequence[torch.Tensor], scaling_factor: float = 1.0, 
     return (u_hat @ vh_hat).mul_(spectrum.mean() * scaling_factor)
 
 
-def low_rank(matrix: torch.Tensor, rank: int, what: str = "low rank") -> torch.Tensor:
-    """The best rank-`rank` approximation U[:, :k] diag(s[:k]) V[:k]ᵀ (Eckart–Young), exact SVD."""
-    u, s, vh = _svd(matrix, what)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+def low_rank(matrix: torch.Tensor, rank: int, what: str = "low rank", svd: str = "exact") -> torch.Tensor:
+    """The best rank-`rank` approximation U[:, :k] diag(s[:k]) V[:k]ᵀ (Eckart–Young; top_svd's `svd` mode)."""
+    u, s, vh = top_svd(matrix, rank, what, svd)
+    return (u * s) @ vh
 
 
 def cart_rank(shape: Sequence[int], rank_ratio: float) -> int:
@@ -154,14 +182,14 @@ def cart_rank(shape: Sequence[int], rank_ratio: float) -> int:
 
 
 def cart_tensor(deltas: Sequence[torch.Tensor], rank_ratio: float = 0.1, scaling_factor: float = 1.0,
-                what: str = "cart") -> torch.Tensor:
+                what: str = "cart", svd: str = "exact") -> torch.Tensor:
     """CART, centred arithmetic with rank reduction (Choi et al., "Revisiting Weight Averaging for Model
     Merging", arXiv 2412.12153), on one tensor; returns τ* such that θ* = θ_pre + τ*.
 
     τ̄ = (1/T) Σ_t τ_t (so θ_pre + τ̄ is the weight average); centred vectors c_t = τ_t − τ̄ = θ_t − θ_avg.
     Matrix: τ* = τ̄ + λ Σ_t LR_k(c_t), LR_k the rank-k truncated SVD, k = cart_rank(shape, rank_ratio).
     Non-matrix tensors: τ* = τ̄ + λ Σ_t c_t = τ̄ (the centred vectors sum to zero: the weight average), as in
-    the authors' code, which adds the untruncated centred vectors there.
+    the authors' code, which adds the untruncated centred vectors there. `svd`: top_svd's mode for LR_k.
     """
     average = _mean(deltas)
     if not is_matrix(deltas[0]):
@@ -169,5 +197,5 @@ def cart_tensor(deltas: Sequence[torch.Tensor], rank_ratio: float = 0.1, scaling
     k = cart_rank(deltas[0].shape, rank_ratio)
     total = torch.zeros_like(average)
     for delta in deltas:
-        total.add_(low_rank(delta - average, k, what))
+        total.add_(low_rank(delta - average, k, what, svd))
     return total.mul_(scaling_factor).add_(average)
