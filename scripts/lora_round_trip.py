@@ -6,7 +6,7 @@ held-out NLL against rank, and merge two extracted adapters in adapter space vs 
 
 `run`: (1) two experts, each a brief full fine-tune of SmolLM2-135M-Instruct (utils/llm/smollm2.py) from the
 same base — math on GSM8K train solutions, code on MBPP prompts + solutions (tasks 601+, outside MBPP's
-test split) — or the LLM-family math expert when --math_expert names one; (2) extract_lora at each rank,
+test split) — or the LLM family's experts when --math_expert / --code_expert name them; (2) extract_lora at each rank,
 fold it with PEFT (PeftModel.merge_and_unload: an implementation independent of ours) and score the mean
 token NLL of held-out answers (GSM8K test, MBPP test); (3) the two rank-R adapters merged with merge_lora
 (cat = exact sum, svd, ties, knots_ties) vs task arithmetic / TIES over the full deltas. Everything lands
@@ -142,7 +142,7 @@ def run(args) -> None:
     held_out = {task: _examples(task, "test", args.eval_examples) for task in ("math", "code")}
     experts, training = {}, {}
     for task in ("math", "code"):
-        given = args.math_expert if task == "math" else None
+        given = {"math": args.math_expert, "code": args.code_expert}[task]
         experts[task] = Path(given) if given else work / f"expert_{task}"
         if not given:
             training[task] = fine_tune(base, task, experts[task], args.steps, args.lr, args.seed, args.batch)
@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     run_parser.add_argument("--work_dir", required=True)
     run_parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "lora_round_trip.json"))
     run_parser.add_argument("--math_expert", default=None, help="a math fine-tune of SmolLM2 to use instead of training")
+    run_parser.add_argument("--code_expert", default=None, help="a code fine-tune of SmolLM2 to use instead of training")
     run_parser.add_argument("--steps", type=int, default=12)
     run_parser.add_argument("--lr", type=float, default=1e-4)
     run_parser.add_argument("--seed", type=int, default=0)
