@@ -58,23 +58,32 @@ def _family_lines(root: Path) -> list[str]:
 
 def _curve_figure(plt, table: dict, experts: list[str], path: Path, base_nll: dict) -> Path:
     panels = sorted({(e, b) for e, b, _ in table if e in experts})
-    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 3.8), squeeze=False)
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(6.0, 4.6 * len(panels)), 4.0), squeeze=False)
     for axis, (expert, bench) in zip(axes[0], panels):
-        for (e, b, method), values in sorted(table.items()):
-            if (e, b) != (expert, bench):
-                continue
-            rates = sorted(values)
-            means = [statistics.mean(values[r]) for r in rates]
+        curves = {method: values for (e, b, method), values in sorted(table.items()) if (e, b) == (expert, bench)}
+        means = {m: {r: statistics.mean(v[r]) for r in sorted(v)} for m, v in curves.items()}
+        # the y range spans the expert (p = 0) to above θ_pre; a curve that leaves it (dropping fine-tuned
+        # weights reaches NLL ~10^3) is drawn clipped and its largest value named in the legend
+        low = min(min(m.values()) for m in means.values())
+        high = max(base_nll.get(bench, low), min(max(m.values()) for m in means.values()))
+        top = high + 0.35 * (high - low) + 1e-3
+        for method, values in curves.items():
+            rates = list(means[method])
             errors = [statistics.stdev(values[r]) if len(values[r]) > 1 else 0.0 for r in rates]
-            axis.errorbar(rates, means, yerr=errors, marker="o", markersize=3, capsize=2, label=method)
+            peak = max(means[method].values())
+            label = method if peak <= top else f"{method} (off scale: up to {peak:.3g})"
+            axis.errorbar(rates, [min(v, top) for v in means[method].values()], yerr=errors, marker="o",
+                          markersize=3, capsize=2, label=label)
         if bench in base_nll:
             axis.axhline(base_nll[bench], color="grey", linestyle="--", linewidth=1, label="θ_pre (no fine-tune)")
+        axis.set_ylim(low - 0.05 * (top - low), top + 0.02 * (top - low))
         axis.set_title(f"{expert} expert, {bench}")
         axis.set_xlabel("drop rate p")
         axis.set_ylabel(YLABEL)
-        axis.legend(fontsize=7)
-    figure.suptitle("Dropping the delta: DARE vs DropOnly vs magnitude pruning (source: drop_curve/*.json)")
-    figure.tight_layout()
+        axis.legend(fontsize=7, loc="center left")
+    figure.suptitle("Dropping the delta: DARE vs DropOnly vs magnitude pruning", fontsize=11)
+    figure.text(0.99, 0.01, "source: drop_curve/*.json", ha="right", fontsize=7, color="grey")
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
