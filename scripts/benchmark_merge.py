@@ -39,6 +39,9 @@ METHODS = {
     # mergekit's names (mergekit 0.1.5 semantics as flags too)
     "linear": BenchMethod(["--method", "linear"], "linear", on_base=False),
     "ties": BenchMethod(["--method", "ties", "--density", "0.5"], "ties", {"weight": 1.0, "density": 0.5}),
+    # mergekit's ties with the streaming tie order (the default, argsort, holds whole tensors as mergekit does)
+    "ties_index": BenchMethod(["--method", "ties", "--density", "0.5", "--tie_order", "index"], "ties",
+                              {"weight": 1.0, "density": 0.5}),
     "dare_ties": BenchMethod(["--method", "dare_ties", "--density", "0.5"], "dare_ties",
                              {"weight": 1.0, "density": 0.5}),
     "dare_linear": BenchMethod(["--method", "dare_linear", "--density", "0.5"], "dare_linear",
