@@ -207,5 +207,5 @@ def recipe_job_from_args(args: argparse.Namespace):
     return RecipeJob(config=args.config, output_dir=args.output_dir, intermediate_dir=args.intermediate_dir,
                      seed=args.seed, device=args.device, threads=args.threads,
                      max_shard_size=max(1, int(args.max_shard_size_gb * 2**30)), overwrite=args.overwrite,
-                     allow_pickle=args.allow_pickle, progress=not args.no_progress, tie_order=args.tie_order or DEFAULT_TIE_ORDER,
-                     merge_part=args.merge_part)
+                     allow_pickle=args.allow_pickle, progress=not args.no_progress,
+                     tie_order=args.tie_order or DEFAULT_TIE_ORDER, merge_part=args.merge_part)

@@ -276,7 +276,8 @@ class MergeSearch:
         parameters = merge_parameters(method, setting)
         extra = {"parameters": parameters} if parameters is not None else {}
         if get_method(method).layer_aware:   # LiNeS: each tensor's block index, as the recipe planner finds it
-            extra["layers"] = block_layers(self.members[0].model.config.to_dict(), list(self.base_state), "the encoder")
+            config = self.members[0].model.config.to_dict()
+            extra["layers"] = block_layers(config, list(self.base_state), "the encoder")
         merged = merge_state_dicts(method, self.base_state, states, options, seed=self.options.seed, statistics=statistics,
                                    exclude_regex=self.exclude_regex, **extra)
         self.last_timing["merge_time_s"] = time.perf_counter() - started
