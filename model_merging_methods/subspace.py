@@ -62,14 +62,14 @@ def _svd(matrix: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, t
         raise MergeError(f"{what}: the SVD did not converge ({error})") from error
 
 
-SVD_MODES = ("exact", "randomized")
 OVERSAMPLING, POWER_ITERATIONS = 10, 4
 
 
 def top_svd(matrix: torch.Tensor, k: int, what: str, mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first k singular triplets (U[:, :k], s[:k], Vᵀ[:k]) of `matrix`: from the exact reduced SVD, or
     ("randomized") from Q Bᵀ's SVD, Q an orthonormal basis of A·Ω (Ω: n × (k + OVERSAMPLING) Gaussian from a
-    fixed seed, so the result depends only on the matrix) refined by POWER_ITERATIONS power iterations."""
+    fixed seed, so the result depends only on the matrix) refined by POWER_ITERATIONS power iterations; the
+    exact SVD when k + OVERSAMPLING ≥ min(m, n), where a sketch saves nothing."""
     if mode == "exact" or k + OVERSAMPLING >= min(matrix.shape):
         u, s, vh = _svd(matrix, what)
         return u[:, :k], s[:k], vh[:k]
