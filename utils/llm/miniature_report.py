@@ -194,9 +194,10 @@ def _magnitude_figure(plt, table: dict, path: Path) -> Path:
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xlabel("drop rate p")
     axis.set_ylabel("GSM8K answer NLL − NLL at p = 0")
-    axis.set_title("Where DARE breaks as δ grows (source: drop_curve/*.json)")
+    axis.set_title("Where DARE breaks as δ grows")
     axis.legend(fontsize=7)
-    figure.tight_layout()
+    figure.text(0.99, 0.01, "source: drop_curve/*.json", ha="right", fontsize=7, color="grey")
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
