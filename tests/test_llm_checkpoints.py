@@ -69,7 +69,12 @@ def test_merge_into_its_own_input_is_refused(family, tmp_path, capsys):
     before = sorted(p.name for p in _merged(out).iterdir())
     flags = _merge_flags(family, out)
     flags[flags.index(str(family["ft_math"]))] = str(_merged(out))
+    # the first run's records name other models: the resume is refused before anything loads or merges
     assert merge.main(flags) == 2
+    assert "use the same setting to resume, or --restart" in capsys.readouterr().err
+    assert sorted(p.name for p in _merged(out).iterdir()) == before
+    # without records to resume, the merge itself refuses an output that is one of its inputs
+    assert merge.main([*flags, "--restart"]) == 2
     assert "overlaps the model 0 input" in capsys.readouterr().err
     assert sorted(p.name for p in _merged(out).iterdir()) == before
 
