@@ -241,6 +241,29 @@ class RankCut:
         keep, top = int(self.density * n), int(self.gamma * n)
         return max(0, n - keep - top), keep
 
+    def argsort_order(self, delta: torch.Tensor) -> torch.Tensor:
+        """torch's order of |δ|'s flat entries as mergekit calls it (tie_order "argsort"): argsort descending for
+        magnitude, sort ascending for outliers, on float32 magnitudes on the CPU. It does not depend on density."""
+        magnitudes = delta.abs().reshape(-1)
+        if magnitudes.device.type == "cpu":
+            magnitudes = magnitudes.float()
+        if self.kind == "magnitude":
+            return torch.argsort(magnitudes, descending=True)
+        return torch.sort(magnitudes, descending=False).indices
+
+    def argsort_window(self, n: int) -> slice:
+        """The positions of argsort_order this cut keeps: [0, k) for magnitude, [bottom, bottom + keep) for outliers."""
+        if self.kind == "magnitude":
+            return slice(0, max(1, int(self.density * n)))
+        bottom, keep = self._window(n)
+        return slice(bottom, bottom + keep)
+
+    def argsort_mask(self, delta: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """The keep-mask (delta's dtype and shape) of the entries argsort_window selects from `order`."""
+        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+        mask[order[self.argsort_window(delta.numel())]] = 1
+        return mask.reshape_as(delta)
+
     def mask(self, delta: torch.Tensor) -> torch.Tensor:
         """The whole tensor's keep-mask (ties in flat order), by radix selection: no sort."""
         magnitudes = delta.abs().float()
@@ -257,15 +280,10 @@ def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = Fals
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
+    cut = RankCut("magnitude", density)
     if tie_order == "index":
-        return _rescaled(delta, RankCut("magnitude", density).mask(delta).to(delta.dtype), rescale)
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()
-    mask[torch.argsort(magnitudes, descending=True)[:k]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale, mergekit_sums=True)
+        return _rescaled(delta, cut.mask(delta).to(delta.dtype), rescale)
+    return _rescaled(delta, cut.argsort_mask(delta, cut.argsort_order(delta)), rescale, mergekit_sums=True)
 
 
 def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False,
@@ -275,18 +293,10 @@ def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale
     and the largest), ties in flat order ("index") or in torch.sort's order ("argsort", mergekit's)."""
     if density >= 1:
         return delta
+    cut = RankCut("outliers", density, gamma)
     if tie_order == "index":
-        return _rescaled(delta, RankCut("outliers", density, gamma).mask(delta).to(delta.dtype), rescale)
-    n = delta.numel()
-    keep, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep - top)
-    magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()
-    order = torch.sort(magnitudes, descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom:bottom + keep]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale, mergekit_sums=True)
+        return _rescaled(delta, cut.mask(delta).to(delta.dtype), rescale)
+    return _rescaled(delta, cut.argsort_mask(delta, cut.argsort_order(delta)), rescale, mergekit_sums=True)
 
 
 def _draw_dtype(delta: torch.Tensor) -> torch.dtype:

@@ -108,14 +108,7 @@ class _RankCutSparsifier:
         if self.tie_order == "index":
             rule = self.cut.rule(n, [_order_statistic(self.kept, rank) for rank in self.cut.ranks(n)])
             return delta * rule.mask(delta.abs().float()).to(delta.dtype)
-        if self.cut.kind == "magnitude":
-            window = slice(0, max(1, int(self.cut.density * n)))
-        else:
-            keep, top = int(self.cut.density * n), int(self.cut.gamma * n)
-            window = slice(max(0, n - keep - top), max(0, n - keep - top) + keep)
-        mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-        mask[self.kept[window]] = 1
-        return delta * mask.reshape_as(delta)
+        return delta * self.cut.argsort_mask(delta, self.kept)
 
 
 class ResidentModels:
@@ -136,18 +129,12 @@ class ResidentModels:
             self._slots[key] = _CachedSlot(RandomSlot(seed, index, name, 0, None))
         return self._slots[key]
 
-    def kept_sort(self, key: tuple, delta: Optional[torch.Tensor], kind: str, tie_order: str) -> torch.Tensor:
+    def kept_sort(self, key: tuple, delta: Optional[torch.Tensor], cut: RankCut, tie_order: str) -> torch.Tensor:
         """The sort of |δ| every density of a rank cut reads (_RankCutSparsifier), made once per key: the
-        ascending values (tie_order index) or torch's order of the entries, as recipe_methods' argsort cuts
-        call it (descending for magnitude, ascending for outliers; float32 magnitudes on the CPU)."""
+        ascending values (tie_order index) or RankCut.argsort_order (the method's own argsort)."""
         if key not in self._sorted:
-            magnitudes = delta.abs().reshape(-1)
-            if tie_order == "index":
-                self._sorted[key] = torch.sort(magnitudes.float()).values
-            else:
-                magnitudes = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
-                self._sorted[key] = (torch.argsort(magnitudes, descending=True) if kind == "magnitude"
-                                     else torch.sort(magnitudes, descending=False).indices)
+            self._sorted[key] = (torch.sort(delta.abs().float().reshape(-1)).values if tie_order == "index"
+                                 else cut.argsort_order(delta))
         return self._sorted[key]
 
     def _excluded(self, name: str) -> bool:
@@ -255,5 +242,5 @@ def _rank_cuts(method, group, tensors: dict[str, torch.Tensor], resident: Reside
         cut = RankCut(kind, values.get("density", 1.0), values.get("gamma", 0.0) if kind == "outliers" else 0.0)
         key = (ref, group.base, group.name, str(group.compute_dtype), tie_order, kind)
         delta = None if key in resident._sorted else tensors[ref] - tensors[group.base]   # as gta_tensor does
-        sparsifiers[ref] = _RankCutSparsifier(cut, resident.kept_sort(key, delta, kind, tie_order), tie_order)
+        sparsifiers[ref] = _RankCutSparsifier(cut, resident.kept_sort(key, delta, cut, tie_order), tie_order)
     return sparsifiers
