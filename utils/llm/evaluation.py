@@ -168,10 +168,7 @@ class RecordsFile:
         if not isinstance(recorded, dict):
             raise RecordsError(f"{self.settings_path} holds a {type(recorded).__name__}, not the settings object; "
                                f"pass --restart to discard the records")
-        for key in sorted(set(recorded) | set(settings)):
-            if recorded.get(key) != settings.get(key):
-                raise RecordsError(f"{self.path} was written with {key} = {recorded.get(key)!r}, this run has "
-                                     f"{settings.get(key)!r}; use the same setting to resume, or --restart")
+        refuse_other_settings(self.path, recorded, settings, set(recorded) | set(settings))
 
     def _read(self) -> dict[int, dict[str, Any]]:
         done: dict[int, dict[str, Any]] = {}
@@ -232,10 +229,16 @@ def _precheck_resume(dataset: str, options: EvalOptions, source: DatasetSource) 
         return
     if not isinstance(recorded, dict):
         return
-    for key, value in sorted(_flag_settings(dataset, options, source).items()):
-        if recorded.get(key) != value:
-            raise RecordsError(f"{folder / 'records.jsonl'} was written with {key} = {recorded.get(key)!r}, this run "
-                               f"has {value!r}; use the same setting to resume, or --restart")
+    settings = _flag_settings(dataset, options, source)
+    refuse_other_settings(folder / "records.jsonl", recorded, settings, set(settings))
+
+
+def refuse_other_settings(path: Path, recorded: dict[str, Any], settings: dict[str, Any], keys: set[str]) -> None:
+    """RecordsError naming the first of `keys` (sorted) whose recorded value differs from this run's."""
+    for key in sorted(keys):
+        if recorded.get(key) != settings.get(key):
+            raise RecordsError(f"{path} was written with {key} = {recorded.get(key)!r}, this run has "
+                               f"{settings.get(key)!r}; use the same setting to resume, or --restart")
 
 
 def _eta(seconds: float) -> str:
