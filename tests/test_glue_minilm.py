@@ -27,9 +27,9 @@ def test_minilm_finetune_dare_and_merge(minilm, tmp_path, monkeypatch):
     glue = require_glue_dir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     common = ["--language_model_name", str(minilm), "--glue_dir", str(glue), "--save_dir", str(tmp_path), "--device", "cpu",
-              "--no_progress", "--batch_size", "16", "--max_eval_samples", "24", "--max_seq_length", "64"]
+              "--no_progress", "--batch_size", "16", "--max_eval_samples", "24", "--max_seq_length", "64", "--learning_rate", "5e-5"]
     for task in ("rte", "mrpc"):
-        train_main(["--dataset_name", task, "--num_epochs", "1", "--num_runs", "1", "--learning_rate", "5e-5", "--max_train_samples", "32", *common])
+        train_main(["--dataset_name", task, "--num_epochs", "1", "--num_runs", "1", "--max_train_samples", "32", *common])
         assert (tmp_path / "save_models" / task / NAME / "model.safetensors").is_file()
 
     plain = inference_main(["--dataset_names", "rte", *common])[0]["metrics"]["test"]

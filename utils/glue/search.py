@@ -6,7 +6,9 @@ from the merge) on the selection split. The overall winner maximises the mean of
 the per-task winner of task t maximises t's main score, which is the original's per-(source, target)
 selection. The first best setting wins (a later one must be strictly better). Winners are then scored on
 the test split (GLUE dev). ``select_on="validation"`` (default) selects on the 10% held-out train split;
-``select_on="test"`` selects on GLUE dev itself, as the original code does.
+``select_on="test"`` selects on GLUE dev itself, as the original code does. A grid of one setting has
+nothing to select: only its test split is evaluated (with validation selection, its record's
+``selection_*`` fields are null).
 
 ``mask_merging`` (DARE + X) reads X's winning hyperparameters from X's result file for the same tasks
 (as the original), and searches the drop rate on top of them. ``mask_search="per_task"`` (default, the
@@ -508,22 +510,23 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
         full_setting = {**setting, **({"weight_mask_rate": rate} if options.method == "mask_merging" else {})}
         merged = search.merge(method, setting, rate)
         timing = dict(search.last_timing)
+        record = {"name": setting_name(full_setting), "setting": setting, "weight_mask_rate": rate, "timing": timing}
+        if len(settings) == 1 and options.select_on != "test":
+            # one setting: nothing to select, so the selection split is not evaluated (the test split is)
+            record.update(selection_split=None, selection_metrics=None, selection_scores=None)
+            test = search.evaluate(merged, "test")
+            record["test_metrics"], record["test_scores"] = test, scores_of(members, test)
+            records.append(record)
+            break
         started_evaluation = time.perf_counter()
         metrics = search.evaluate(merged, options.select_on)
         timing["selection_evaluation_time_s"] = time.perf_counter() - started_evaluation
-        record = {
-            "name": setting_name(full_setting),
-            "setting": setting,
-            "weight_mask_rate": rate,
-            "timing": timing,
-            "selection_split": options.select_on,
-            "selection_metrics": metrics,
-            "selection_scores": scores_of(members, metrics),
-        }
+        record.update(selection_split=options.select_on, selection_metrics=metrics, selection_scores=scores_of(members, metrics))
         records.append(record)
         print(f"{'_'.join(tasks)} {options.method} {record['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["selection_scores"].items()))
     winners = {}
-    for criterion, index in select_winners(records, options.criteria(tasks), candidates).items():
+    chosen = select_winners(records, options.criteria(tasks), candidates) if len(records) > 1 else dict.fromkeys(options.criteria(tasks), 0)
+    for criterion, index in chosen.items():
         record = records[index]
         if "test_metrics" not in record:
             test = record["selection_metrics"] if options.select_on == "test" else search.evaluate(search.merge(method, record["setting"], record["weight_mask_rate"]), "test")
@@ -547,7 +550,8 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
         write_json_atomic(folder / f"{stem}_settings" / f"{record['name']}.json", {"config": payload["config"], "versions": payload["versions"], **record})
     path = write_json_atomic(folder / f"{stem}.json", payload)
     best = winners["mean"]
-    print(f"winner {best['name']} ({options.select_on} mean {best['selection_scores']['mean']:.4f}); test "
+    chosen_on = "the only setting" if best["selection_scores"] is None else f"{options.select_on} mean {best['selection_scores']['mean']:.4f}"
+    print(f"winner {best['name']} ({chosen_on}); test "
           + ", ".join(f"{k} {v:.4f}" for k, v in best["test_scores"].items()) + f" -> {path}")
     return payload
 
