@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                           len(planned.settings))
         for index, stage in enumerate(stages):
             print(chain.begin(index), flush=True)
-            result = run(sweep_path(stage.name), RunOptions(force=args.force, overrides=overrides, overall=chain.line),
+            result = run(sweep_path(stage.name), RunOptions(workers=1, force=args.force, overrides=overrides, overall=chain.line),
                          output_root=output_root(save_dir, stage.name, overrides))
             chain.end(index)
             failed += result.counts()["failed"]
