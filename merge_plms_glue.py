@@ -10,6 +10,9 @@ followed by --mask_apply_method with that method's winning hyperparameters (read
 each task's drop rate is searched on that task's own winning setting (the original protocol); with
 --mask_merging_search wide every task chooses among all the method's winning settings (a larger search).
 
+--merging_method_names / --mask_apply_methods run several methods in one process (the data is loaded once); each
+writes the same result file as its own run.
+
 Outputs, under --save_dir:
   save_merge_results/<tasks>/<method>[/<apply_method>]/<lm><suffix>.json        winners + all settings
   save_merge_results/<tasks>/<method>[/<apply_method>]/<lm><suffix>_settings/<setting>.json
@@ -32,6 +35,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     extra = registry_methods()
     parser.add_argument("--merging_method_name", default="average_merging", choices=(*MERGING_METHODS, *extra),
                         help="merging method (MergeLM's, or another method of the registry: its grid names MergeOptions fields)")
+    parser.add_argument("--merging_method_names", nargs="+", default=None, choices=(*BASE_METHODS, *extra), metavar="METHOD",
+                        help="several methods, each searched as by --merging_method_name (same result files), from one load of the "
+                             "data (replaces --merging_method_name; for DARE + several methods use --mask_apply_methods)")
     parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES / norm_adaptive (grid none)")
     parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=None, help="examples for each model's Fisher (grid none)")
     parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=None, help="per-model Fisher coefficients c_k (grid none; default 1/K)")
@@ -45,6 +51,8 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     parser.add_argument("--norm_beta", type=float, default=1.0, help="norm_adaptive exp rate β (grid none)")
     add_dare_arguments(parser)
     parser.add_argument("--mask_apply_method", default="average_merging", choices=(*BASE_METHODS, *extra), help="method applied after DARE in mask_merging")
+    parser.add_argument("--mask_apply_methods", nargs="+", default=None, choices=(*BASE_METHODS, *extra), metavar="METHOD",
+                        help="mask_merging with each of these methods in turn, from one load of the data (replaces --mask_apply_method)")
     parser.add_argument("--mask_merging_search", default="per_task", choices=MASK_SEARCHES,
                         help="mask_merging: per_task (the original) searches the drop rate on each task's own winning setting of the "
                              "apply method; wide lets every task choose among all the apply method's winning settings × rates")
@@ -87,6 +95,7 @@ def options_from_args(args: argparse.Namespace, groups: list[list[str]]) -> Merg
         flags={**vars(args), "progress": not args.no_progress}, mask_search=args.mask_merging_search,
         max_validation_samples=args.max_validation_samples, winners=args.winners, eval_batch_size=args.eval_batch_size,
         seeds=tuple(args.seeds) if args.seeds else None,
+        batch_methods=tuple(args.merging_method_names or args.mask_apply_methods or ()) or None,
     )
 
 
@@ -101,6 +110,14 @@ def main(argv=None) -> list[dict]:
     for name in ("max_validation_samples", "eval_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("merging_method_names", "mask_apply_methods"):
+        values = getattr(args, name)
+        if values is not None and len(set(values)) != len(values):
+            parser.error(f"--{name} names a method twice: {' '.join(values)}")
+    if args.mask_apply_methods is not None and args.merging_method_name != "mask_merging":
+        parser.error("--mask_apply_methods needs --merging_method_name mask_merging")
+    if args.merging_method_names is not None and args.merging_method_name == "mask_merging":
+        parser.error("--merging_method_names replaces --merging_method_name; for DARE + several methods use --mask_apply_methods")
     precheck("merge_plms_glue.py", args, config)
     groups = [tasks] if args.dataset_names else [list(pair) for pair in itertools.combinations(tasks, 2)]
     options = options_from_args(args, groups)

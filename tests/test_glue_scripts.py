@@ -500,3 +500,30 @@ def test_the_main_jobs_merge_table_runs_each_method_once_without_and_with_dare(w
         assert {key: value for key, value in merged["settings"][0]["setting"].items() if key != "weight_mask_rate"} == \
             result["settings"][0]["setting"]
         assert (tmp_path / "save_merge_results" / "mrpc_stsb" / "mask_merging" / method / "tiny-bert_grid_quick.json").is_file()
+    # the sweeps run the methods in one process each (batch: --merging_method_names / --mask_apply_methods):
+    # every method's result file is the one its own run writes
+    assert plain["batch"] == {"merging_method_name": "merging_method_names"} and dare["batch"] == {"mask_apply_method": "mask_apply_methods"}
+    batched = tmp_path / "batched"
+    shutil.copytree(tmp_path / "save_models", batched / "save_models")
+    flags = ["--dataset_names", "mrpc", "stsb", "--merge_grid", "quick", "--save_dir", str(batched), *ws.common[:-2]]
+    runs = merge_main(["--merging_method_names", *methods, *flags])
+    runs += merge_main(["--merging_method_name", "mask_merging", "--mask_apply_methods", *methods, "--use_weight_rescale", *flags])
+    folders = [*methods, *(f"mask_merging/{method}" for method in methods)]
+    assert len(runs) == len(folders)
+    for run, folder in zip(runs, folders):
+        alone = json.loads((tmp_path / "save_merge_results" / "mrpc_stsb" / folder / "tiny-bert_grid_quick.json").read_text())
+        written = json.loads((batched / "save_merge_results" / "mrpc_stsb" / folder / "tiny-bert_grid_quick.json").read_text())
+        untimed = lambda winners: {c: {k: v for k, v in w.items() if k != "timing"} for c, w in winners.items()}
+        assert untimed(written["winners"]) == untimed(alone["winners"]) == untimed(run["winners"]), folder
+        same = lambda config: {k: v for k, v in config.items() if k not in ("save_dir", "checkpoints")}
+        assert same(written["config"]) == same(alone["config"]), folder
+
+
+def test_batched_methods_refusals(ws, tmp_path, capsys):
+    base = ["--dataset_names", "mrpc", "stsb", "--merge_grid", "quick", "--save_dir", str(tmp_path), *ws.common[:-2]]
+    expect_exit(merge_main, ["--merging_method_names", "task_arithmetic", "task_arithmetic", *base], capsys, "names a method twice", code=2)
+    expect_exit(merge_main, ["--mask_apply_methods", "task_arithmetic", *base], capsys, "needs --merging_method_name mask_merging", code=2)
+    expect_exit(merge_main, ["--merging_method_name", "mask_merging", "--merging_method_names", "task_arithmetic", *base], capsys,
+                "use --mask_apply_methods", code=2)
+    expect_exit(merge_main, ["--merging_method_names", "no_such_method", *base], capsys, "invalid choice", code=2)
+    assert not (tmp_path / "save_merge_results").exists()

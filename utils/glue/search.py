@@ -374,6 +374,16 @@ class MergeRunOptions:
     eval_batch_size: int | None = None          # evaluation batch size (default: batch_size, which statistics use)
     seeds: tuple[int, ...] | None = None        # run the search once per seed (data loaded once); None: ``seed``
     winners: str = "all"                        # "all": the mean's and each task's winner; "mean": only the mean's
+    batch_methods: tuple[str, ...] | None = None  # several methods (apply methods for mask_merging), data loaded once
+
+    def per_method(self) -> list["MergeRunOptions"]:
+        """One run per method of ``batch_methods``, each what its own command line would be (flags included)."""
+        if not self.batch_methods:
+            return [self]
+        field, flag, batch_flag = (("apply_method", "mask_apply_method", "mask_apply_methods") if self.method == "mask_merging"
+                                   else ("method", "merging_method_name", "merging_method_names"))
+        return [dataclasses.replace(self, **{field: name}, batch_methods=None, flags={**self.flags, flag: name, batch_flag: None})
+                for name in self.batch_methods]
 
     def criteria(self, tasks) -> list[str]:
         """The selection criteria: ``mean`` (one merged model for every task), then each task's own."""
@@ -557,19 +567,23 @@ def run_group(options: MergeRunOptions, config: dict, tasks: list[str], data: di
 
 
 def run_merge_search(options: MergeRunOptions, config: dict, device) -> list[dict]:
-    """Check every group's grid and every checkpoint before any merge, load the data once, search each group
-    (once per seed of ``options.seeds``)."""
-    for group in options.groups:
-        grid_settings(options, config, group)
+    """Check every method's grid for every group and every checkpoint before any merge, load the data once,
+    search each group (once per seed of ``options.seeds``, for each method of ``options.batch_methods``)."""
+    runs = options.per_method()
+    for run in runs:
+        for group in run.groups:
+            grid_settings(run, config, group)
     tasks = list(dict.fromkeys(task for group in options.groups for task in group))
-    splits = tuple({options.select_on, "test"} | ({"train"} if options.base_method in STATISTICS_AXIS else set()))
+    needs_train = any(run.base_method in STATISTICS_AXIS for run in runs)
+    splits = tuple({options.select_on, "test"} | ({"train"} if needs_train else set()))
     data, checkpoints = {}, {}
     for task in tasks:
         data[task] = load_task_splits(task, config, options.glue_dir, splits=splits, max_train_samples=options.max_train_samples,
                                       max_eval_samples=options.max_eval_samples, max_validation_samples=options.max_validation_samples)
         checkpoints[task] = task_checkpoint(options.save_dir, config, options.language_model_name, task, options.learning_rate)
     results = []
-    for seed in options.seeds or (options.seed,):
-        seeded = dataclasses.replace(options, seed=seed, seeds=None, flags={**options.flags, "seed": seed, "seeds": None})
-        results += [run_group(seeded, config, list(group), data, checkpoints, device) for group in options.groups]
+    for run in runs:
+        for seed in run.seeds or (run.seed,):
+            seeded = dataclasses.replace(run, seed=seed, seeds=None, flags={**run.flags, "seed": seed, "seeds": None})
+            results += [run_group(seeded, config, list(group), data, checkpoints, device) for group in run.groups]
     return results
