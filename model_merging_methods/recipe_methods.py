@@ -24,9 +24,10 @@ Only entries equal to the cut-off can differ between the two.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from .options import DEFAULT_TIE_ORDER, REQUIRED, MergeError, MethodParameter
@@ -324,18 +325,31 @@ class PieceSparsifier:
     (the streamed form of sparsify_magnitude / sparsify_outliers / sparsify_random, same bits):
     `rule` (a RankCut's KeepRule) with `tie_offsets(counts)` giving, per tie window, the entries equal to
     its value in the earlier pieces; or DARE draws from `slot` (the piece's positions) at `density`.
-    `factor` is the whole tensor's L1 rescale factor (rescale_factor), None for none."""
+    `factor` is the whole tensor's L1 rescale factor (rescale_factor), None for none. `packed_mask`: the
+    DARE keep mask of the piece already drawn (np.packbits of it), read instead of drawing again."""
 
     rule: Optional[KeepRule] = None
     tie_offsets: Optional[Callable[[list[int]], list[int]]] = None
     slot: Optional[RandomSlot] = None
     density: float = 1.0
     factor: Optional[torch.Tensor] = None
+    packed_mask: Optional[np.ndarray] = None
+
+    def drawn(self, delta: torch.Tensor) -> "PieceSparsifier":
+        """This sparsifier with the piece's DARE keep mask drawn now and carried bit-packed (n/8 bytes), so that
+        the statistics pass and the merge pass of a streamed tensor draw once (the same mask, the same bits)."""
+        if self.slot is None or self.packed_mask is not None:
+            return self
+        mask = _random_mask(delta, self.slot, self.density)
+        return replace(self, packed_mask=np.packbits(mask.reshape(-1).to(device="cpu", dtype=torch.bool).numpy()))
 
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
         if self.rule is not None:
             return delta * self.rule.mask(delta.abs().float(), self.tie_offsets)
+        if self.packed_mask is not None:
+            bits = torch.from_numpy(np.unpackbits(self.packed_mask, count=delta.numel())).view(delta.shape)
+            return delta.to(_draw_dtype(delta)) * bits.to(device=delta.device, dtype=_draw_dtype(delta))
         return delta.to(_draw_dtype(delta)) * _random_mask(delta, self.slot, self.density)
 
     def work_dtype(self, delta: torch.Tensor) -> torch.dtype:

@@ -393,6 +393,20 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     assert set(prepared) == {"ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties"}
     # the union's embedding and lm_head were permuted once each, up front, and then streamed
     assert permuted_in == [threading.main_thread().name] * 2
+    # dare_ties' L1 pass keeps each piece's keep mask (bit-packed) for the merge pass: in pieces every DARE
+    # mask is drawn once, as for whole tensors
+    from model_merging_methods.randomness import RandomSlot
+
+    uniform, drawn = RandomSlot.uniform, {}
+    for label, piece in (("whole", 10**9), ("pieces", 100)):
+        counts: list[int] = []
+        monkeypatch.setattr(executor, "PIECE", piece)
+        monkeypatch.setattr(RandomSlot, "uniform", lambda self, count, counts=counts: counts.append(count) or uniform(self, count))
+        assert run(["--config", recipes["dare_ties"], "--output_dir", f"once-{label}", "--threads", "3"])[0] == 0
+        drawn[label] = sum(counts)
+    assert drawn["pieces"] == drawn["whole"] > 0
+    assert weights("once-pieces").keys() == weights("once-whole").keys()
+    assert all(torch.equal(weights("once-pieces")[n], weights("once-whole")[n]) for n in weights("once-whole"))
 
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from model_merging_methods import recipe_methods
@@ -105,13 +106,16 @@ class PreparedInput:
     rule: Optional[KeepRule] = None
     ledger: Optional[TieLedger] = None
     factor: Optional[torch.Tensor] = None
+    # DARE keep masks the L1 pass drew, bit-packed per piece index (n/8 bytes): the merge pass reads them
+    # instead of drawing every piece a second time
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
 
     def sparsifier(self, index: int, span: Span, numel: int) -> PieceSparsifier:
         offsets = (lambda counts: self.ledger.claim(index, counts)) if self.ledger is not None else None
         slot = None
         if self.slot is not None:
             slot = RandomSlot(self.slot.seed, self.slot.model_index, self.slot.name, span[0], numel)
-        return PieceSparsifier(self.rule, offsets, slot, self.density, self.factor)
+        return PieceSparsifier(self.rule, offsets, slot, self.density, self.factor, self.masks.get(index))
 
 
 @dataclass
@@ -238,7 +242,9 @@ def _prepare_gta(method: MergeMethod, base: str, per_input: dict[str, dict], par
             index, span = piece
             out = {}
             for key, delta in deltas(span, set(rescaled)).items():
-                sparsifier = rescaled[key].sparsifier(index, span, numel)
+                sparsifier = rescaled[key].sparsifier(index, span, numel).drawn(delta)
+                if sparsifier.packed_mask is not None:
+                    rescaled[key].masks[index] = sparsifier.packed_mask
                 work = sparsifier.work_dtype(delta)
                 out[key] = (float(delta.to(work).abs().sum(dtype=torch.float64)),
                             float(sparsifier.masked(delta).abs().sum(dtype=torch.float64)), work)
