@@ -380,9 +380,9 @@ class MergeRunOptions:
         """One run per method of ``batch_methods``, each what its own command line would be (flags included)."""
         if not self.batch_methods:
             return [self]
-        field, flag, batch_flag = (("apply_method", "mask_apply_method", "mask_apply_methods") if self.method == "mask_merging"
+        attribute, flag, batch_flag = (("apply_method", "mask_apply_method", "mask_apply_methods") if self.method == "mask_merging"
                                    else ("method", "merging_method_name", "merging_method_names"))
-        return [dataclasses.replace(self, **{field: name}, batch_methods=None, flags={**self.flags, flag: name, batch_flag: None})
+        return [dataclasses.replace(self, **{attribute: name}, batch_methods=None, flags={**self.flags, flag: name, batch_flag: None})
                 for name in self.batch_methods]
 
     def criteria(self, tasks) -> list[str]:
