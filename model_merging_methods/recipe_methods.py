@@ -265,6 +265,21 @@ class RankCut:
         mask[order[self.argsort_window(delta.numel())]] = 1
         return mask.reshape_as(delta)
 
+    def argsort_ranks(self, delta: torch.Tensor) -> torch.Tensor:
+        """Each flat entry's position in argsort_order (the inverse permutation; int32 below 2^31 entries): any
+        density's argsort_mask is then one comparison (rank_mask) instead of a scatter of k positions."""
+        order = self.argsort_order(delta)
+        dtype = torch.int32 if order.numel() < 2**31 else torch.int64
+        ranks = torch.empty(order.numel(), dtype=dtype, device=order.device)
+        ranks[order] = torch.arange(order.numel(), dtype=dtype, device=order.device)
+        return ranks
+
+    def rank_mask(self, delta: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        """argsort_mask read from argsort_ranks: the entries whose position lies in argsort_window (the same bits)."""
+        window = self.argsort_window(delta.numel())
+        keep = ranks < window.stop if window.start == 0 else (ranks >= window.start) & (ranks < window.stop)
+        return keep.to(delta.dtype).reshape_as(delta)
+
     def mask(self, delta: torch.Tensor) -> torch.Tensor:
         """The whole tensor's keep-mask (ties in flat order), by radix selection: no sort."""
         magnitudes = delta.abs().float()

@@ -513,3 +513,20 @@ def test_argsort_cuts_rescale_with_mergekits_own_sums():
         assert differs >= 1
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("kind, gamma", [("magnitude", 0.0), ("outliers", 0.1)])
+def test_rank_mask_from_argsort_ranks_equals_the_argsort_mask(kind, gamma):
+    """The in-memory search's form of mergekit's argsort cut (each entry's position in torch's order, one
+    comparison per density) keeps exactly the entries of the scatter form, ties included."""
+    from model_merging_methods.recipe_methods import RankCut
+
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randint(-4, 5, (37, 11), generator=generator).to(torch.bfloat16) / 8   # many ties
+    for density in (0.05, 0.3, 0.5, 0.77, 0.99):
+        cut = RankCut(kind, density, gamma) if kind == "outliers" else RankCut(kind, density)
+        ranks = cut.argsort_ranks(delta)
+        assert ranks.dtype == torch.int32 and sorted(ranks.tolist()) == list(range(delta.numel()))
+        expected = cut.argsort_mask(delta, cut.argsort_order(delta))
+        assert torch.equal(cut.rank_mask(delta, ranks), expected), density
+        assert 0 < int(expected.sum()) < delta.numel()

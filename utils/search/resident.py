@@ -92,9 +92,9 @@ def _order_statistic(ascending: torch.Tensor, rank: int) -> RankStat:
 class _RankCutSparsifier:
     """sparsify_magnitude / sparsify_outliers (no rescale) with what every density shares read from the kept
     sort of |δ| (ResidentModels.kept_sort): for tie_order "index" the sorted values, whose order statistics give
-    δ ⊙ KeepRule.mask(|δ|) (the rule RankCut.rule builds); for "argsort" torch's own order of the entries,
-    of which a density keeps a slice ([0, k) descending for TIES, [bottom, bottom + keep) ascending for
-    Breadcrumbs), as the method's own argsort would."""
+    δ ⊙ KeepRule.mask(|δ|) (the rule RankCut.rule builds); for "argsort" each entry's position in torch's own
+    order (RankCut.argsort_ranks), of which a density keeps a window ([0, k) descending for TIES, [bottom,
+    bottom + keep) ascending for Breadcrumbs) by one comparison, as the method's own argsort would."""
 
     def __init__(self, cut: RankCut, kept: torch.Tensor, tie_order: str):
         self.cut, self.kept, self.tie_order = cut, kept, tie_order
@@ -108,7 +108,7 @@ class _RankCutSparsifier:
         if self.tie_order == "index":
             rule = self.cut.rule(n, [_order_statistic(self.kept, rank) for rank in self.cut.ranks(n)])
             return delta * rule.mask(delta.abs().float()).to(delta.dtype)
-        return delta * self.cut.argsort_mask(delta, self.kept)
+        return delta * self.cut.rank_mask(delta, self.kept)
 
 
 class ResidentModels:
@@ -131,10 +131,10 @@ class ResidentModels:
 
     def kept_sort(self, key: tuple, delta: Optional[torch.Tensor], cut: RankCut, tie_order: str) -> torch.Tensor:
         """The sort of |δ| every density of a rank cut reads (_RankCutSparsifier), made once per key: the
-        ascending values (tie_order index) or RankCut.argsort_order (the method's own argsort)."""
+        ascending values (tie_order index) or RankCut.argsort_ranks (positions in the method's own argsort)."""
         if key not in self._sorted:
             self._sorted[key] = (torch.sort(delta.abs().float().reshape(-1)).values if tie_order == "index"
-                                 else cut.argsort_order(delta))
+                                 else cut.argsort_ranks(delta))
         return self._sorted[key]
 
     def _excluded(self, name: str) -> bool:
