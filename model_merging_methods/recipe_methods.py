@@ -350,22 +350,27 @@ class PieceSparsifier:
     factor: Optional[torch.Tensor] = None
     packed_mask: Optional[np.ndarray] = None
 
-    def drawn(self, delta: torch.Tensor) -> "PieceSparsifier":
-        """This sparsifier with the piece's DARE keep mask drawn now and carried bit-packed (n/8 bytes), so that
-        the statistics pass and the merge pass of a streamed tensor draw once (the same mask, the same bits)."""
+    def drawn(self, delta: torch.Tensor) -> tuple["PieceSparsifier", torch.Tensor]:
+        """(this sparsifier carrying the piece's DARE keep mask bit-packed (n/8 bytes), δ ⊙ m of the piece): the
+        statistics pass draws the mask once and the merge pass reads the bits (the same mask, the same bits)."""
         if self.slot is None or self.packed_mask is not None:
-            return self
-        mask = _random_mask(delta, self.slot, self.density)
-        return replace(self, packed_mask=np.packbits(mask.reshape(-1).to(device="cpu", dtype=torch.bool).numpy()))
+            return self, self.masked(delta)
+        mask = self._keep_mask(delta)
+        packed = np.packbits(mask.reshape(-1).to(device="cpu", dtype=torch.bool).numpy())
+        return replace(self, packed_mask=packed), delta.to(mask.dtype) * mask
+
+    def _keep_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """DARE's keep mask of the piece in the draw dtype: the carried bits, else drawn from `slot`."""
+        if self.packed_mask is None:
+            return _random_mask(delta, self.slot, self.density)
+        bits = torch.from_numpy(np.unpackbits(self.packed_mask, count=delta.numel())).view(delta.shape)
+        return bits.to(device=delta.device, dtype=_draw_dtype(delta))
 
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
         if self.rule is not None:
             return delta * self.rule.mask(delta.abs().float(), self.tie_offsets)
-        if self.packed_mask is not None:
-            bits = torch.from_numpy(np.unpackbits(self.packed_mask, count=delta.numel())).view(delta.shape)
-            return delta.to(_draw_dtype(delta)) * bits.to(device=delta.device, dtype=_draw_dtype(delta))
-        return delta.to(_draw_dtype(delta)) * _random_mask(delta, self.slot, self.density)
+        return delta.to(_draw_dtype(delta)) * self._keep_mask(delta)
 
     def work_dtype(self, delta: torch.Tensor) -> torch.dtype:
         return delta.dtype if self.rule is not None else _draw_dtype(delta)

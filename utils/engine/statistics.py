@@ -242,12 +242,12 @@ def _prepare_gta(method: MergeMethod, base: str, per_input: dict[str, dict], par
             index, span = piece
             out = {}
             for key, delta in deltas(span, set(rescaled)).items():
-                sparsifier = rescaled[key].sparsifier(index, span, numel).drawn(delta)
+                sparsifier, masked = rescaled[key].sparsifier(index, span, numel).drawn(delta)
                 if sparsifier.packed_mask is not None:
                     rescaled[key].masks[index] = sparsifier.packed_mask
                 work = sparsifier.work_dtype(delta)
                 out[key] = (float(delta.to(work).abs().sum(dtype=torch.float64)),
-                            float(sparsifier.masked(delta).abs().sum(dtype=torch.float64)), work)
+                            float(masked.abs().sum(dtype=torch.float64)), work)
             return out
 
         def add_l1(values: dict[str, tuple[float, float, torch.dtype]]) -> None:
