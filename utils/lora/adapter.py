@@ -222,12 +222,12 @@ class LoraAdapter:
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> torch.Tensor:
     """PEFT's get_delta_weight in float32: transpose(B @ A, transpose) · scaling, in that order of operations
     (so the folded weight equals merge_and_unload()'s bit for bit)."""
-    product = b.float() @ a.float()
-    return (product.T if transpose else product) * scaling
+    product = (b.float() @ a.float()).mul_(scaling)   # in place: the bits of (B @ A) · scaling, one buffer
+    return product.T if transpose else product
 
 
 def delta_rows(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool, first: int, last: int) -> torch.Tensor:
     """Rows [first, last) of delta_weight, without forming the others (pieces of large tensors)."""
     if transpose:
-        return (a[:, first:last].float().T @ b.float().T) * scaling
-    return (b[first:last].float() @ a.float()) * scaling
+        return (a[:, first:last].float().T @ b.float().T).mul_(scaling)
+    return (b[first:last].float() @ a.float()).mul_(scaling)

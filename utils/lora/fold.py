@@ -155,21 +155,26 @@ class AdaptedReader:
         columns = shape[1]
         first, last = start // columns, -(-stop // columns)
         rows = self.base.get(name, first * columns, last * columns).reshape(last - first, columns)
-        folded = self._fold(rows, name, first, last, whole=False)
+        folded = self._fold(rows, name, first, last, whole=False).reshape(-1)
         offset = first * columns
-        return folded.reshape(-1)[start - offset:stop - offset].clone()
+        if start == offset and stop - offset == folded.numel():   # a row-aligned piece: the fold is the piece
+            return folded
+        return folded[start - offset:stop - offset].clone()
 
     def _fold(self, weight: torch.Tensor, name: str, first: int, last: int, whole: bool = True) -> torch.Tensor:
-        value = weight.float()
+        value = weight
         for module in self.deltas[name]:
             a, b = self.adapter.factors(module)
             if whole:
-                value = value + delta_weight(a, b, module.scaling, module.transpose)
+                delta = delta_weight(a, b, module.scaling, module.transpose)
             else:
-                value = value + delta_rows(a, b, module.scaling, module.transpose, first, last)
+                delta = delta_rows(a, b, module.scaling, module.transpose, first, last)
+            # Δ + W in float32, in Δ's fresh buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
+            # commutes) without a float32 copy of W and a third buffer (the fold was allocation-bound)
+            value = delta.add_(value)
             if len(self.deltas[name]) > 1:   # merge_and_unload rounds after each module (tied embeddings)
-                value = value.to(weight.dtype).float()
-        return value.to(weight.dtype)
+                value = value.to(weight.dtype)
+        return value.to(weight.dtype).contiguous()   # (B @ A)ᵀ of embeddings is a transposed view until here
 
     def describe_files(self) -> list[dict]:
         described = self.base.describe_files()
