@@ -228,6 +228,26 @@ def test_writer_keeps_a_nan_an_input_already_had(tmp_path):
         writer.write("w", torch.tensor([1.0, float("inf")]), part=True)
 
 
+def test_has_nonfinite_finds_every_nan_and_inf_wherever_it_sits():
+    """The one-pass min/max check: a NaN or ±Inf at any position (vector lanes, tails) of any float dtype."""
+    import torch
+
+    from utils.engine.writer import has_nonfinite
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for n in (1, 7, 33, 1000, 65_537):
+            clean = torch.randn(n, generator=generator).to(dtype)
+            assert not has_nonfinite(clean) and not has_nonfinite(clean.reshape(1, n)[:, ::2])
+            for position in {0, 15, 16, n // 2, n - 1} & set(range(n)):
+                for bad in (float("nan"), float("inf"), float("-inf")):
+                    broken = clean.clone()
+                    broken[position] = bad
+                    assert has_nonfinite(broken), (dtype, n, position, bad)
+    assert not has_nonfinite(torch.empty(0)) and not has_nonfinite(torch.arange(5))
+    assert has_nonfinite(torch.tensor([1 + 1j, complex(0, float("nan"))])) and not has_nonfinite(torch.ones(3, dtype=torch.complex64))
+
+
 @pytest.mark.parametrize("key, value", [("residual_scale", ".inf"), ("residual_scale", ".nan"),
                                         ("noise_scale", ".inf")])
 def test_moe_scales_must_be_finite(key, value):
