@@ -96,6 +96,25 @@ def dare_model(finetuned: StateDict, base: StateDict, dare: ResolvedDare, *, see
     return {name: delta.add_(base[name]) for name, delta in dare_tensors(deltas, dare, **common).items()}
 
 
+def dare_inputs(tensors: StateDict, base: str | None, models: Sequence[str], name: str,
+                dare: Sequence[ResolvedDare], *, seed: int, offset: tuple[int, int] | None = None) -> StateDict:
+    """One tensor of every input (keyed by input id) with the paper's DARE applied to each of `models` (not the
+    base), before any merge method: θ'_k = θ_pre + DARE(θ_k − θ_pre) in float32 (DARE(θ_k) for
+    finetuned_weight), rounded to θ_k's dtype — what dare_state_dict writes for model k — with draws from
+    (seed, k, name, position); `offset = (start, total)` when the tensors are a flat piece of a larger one."""
+    out = dict(tensors)
+    reference = {name: tensors[base].float()} if base is not None else {}
+    offsets = {name: offset} if offset is not None else None
+    for index, ref in enumerate(models):
+        x = tensors[ref]
+        if dare[index].drop_rate == 0 or not x.is_floating_point():
+            continue
+        dropped = dare_model({name: x.to(torch.float32, copy=True)}, reference, dare[index], seed=seed,
+                             model_index=index, offsets=offsets)
+        out[ref] = dropped[name].to(x.dtype)
+    return out
+
+
 def dare_one_model(model: StateDict, base: StateDict, dare: ResolvedDare, *, on_deltas: bool, seed: int,
                    model_index: int, report: dict[str, float] | None = None,
                    offsets: dict[str, tuple[int, int]] | None = None) -> StateDict:

@@ -111,8 +111,11 @@ class MergeMethod:
 
     @property
     def paper_dare(self) -> bool:
-        """The paper's DARE (drop rate, strategy, rescale, weight format) may precede this method."""
-        return self.kind == "state_dict"
+        """The paper's DARE (drop rate, strategy, rescale, weight format) may precede this method: every method
+        that takes a base (a paper method drops inside its float32 merge; any other merges the DARE'd inputs,
+        θ'_k = θ_pre + DARE(θ_k − θ_pre) rounded to θ_k's dtype, as if each were saved by `--method dare`),
+        not one that treats a base as one more input."""
+        return self.kind == "state_dict" or self.base != "ignored"
 
     def parameter(self, name: str) -> MethodParameter | None:
         return next((p for p in self.parameters if p.name == name), None)

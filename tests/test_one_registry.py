@@ -147,12 +147,65 @@ def test_mergekit_names_are_mergekit_methods_and_paper_names_the_papers():
 
 
 def test_paper_options_with_a_mergekit_name_are_refused(families, tmp_path, capsys):
+    """The paper's ties_normalize is not mergekit's ties; DARE needs a method that takes a base."""
     folders = families["float32"]
-    with pytest.raises(SystemExit) as exit_info:
-        merge_models.main(["--base_model", str(folders["base"]), "--models", str(folders["ft0"]), "--method", "ties",
-                           "--drop_rate", "0.5", "--output_dir", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
-    assert "--drop_rate" in capsys.readouterr().err
+    for method, flag in (("ties", ["--ties_normalize", "mass"]), ("linear", ["--drop_rate", "0.5"]),
+                         ("karcher", ["--drop_rate", "0.5"])):
+        with pytest.raises(SystemExit) as exit_info:
+            merge_models.main(["--base_model", str(folders["base"]), "--models", str(folders["ft0"]), "--method",
+                               method, *flag, "--output_dir", str(tmp_path / "o")])
+        assert exit_info.value.code == 2
+        assert flag[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+DARE_ANY = sorted(name for name in RUNNABLE if get_method(name).kind == "group" and get_method(name).paper_dare)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", DARE_ANY)
+def test_dare_before_any_method_with_a_base_flags_equal_recipe(name, dtype, families, tmp_path):
+    """The paper's DARE before every method that takes a base: flags and recipe give the same tensors, and
+    they differ from the same merge without DARE."""
+    flags, recipe = _case(name, families[dtype])
+    plain = tmp_path / "plain"
+    assert merge_models.main([*flags, "--output_dir", str(plain), "--no_progress", "--seed", "5"]) == 0
+    flags += DARE_SETTINGS["random"][0]
+    recipe["dare"] = DARE_SETTINGS["random"][1]
+    ours, theirs = _run_both(tmp_path, flags, recipe)
+    _assert_identical(ours, theirs)
+    without = _weights(plain)
+    assert any(not torch.equal(ours[k], without[k]) for k in ours), "DARE changed nothing"
+
+
+@pytest.mark.parametrize("setting", sorted(DARE_SETTINGS))
+@pytest.mark.parametrize("name", ["ties", "slerp", "iso_c"])
+def test_dare_before_a_mergekit_or_frontier_method_is_that_method_on_dared_checkpoints(name, setting, families,
+                                                                                        tmp_path):
+    """DARE + method X == X over the checkpoints that DARE writes per model (dare_state_dict with the model's
+    index and the run's seed, rounded to the checkpoint dtype): the definition, end to end, bf16."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from model_merging_methods import DareOptions, dare_state_dict
+
+    folders = families["bfloat16"]
+    flags, _ = _case(name, folders)
+    assert merge_models.main([*flags, *DARE_SETTINGS[setting][0], "--output_dir", str(tmp_path / "one_step"), "--no_progress", "--seed", "5"]) == 0
+    options = DareOptions(**DARE_SETTINGS[setting][1])
+    base = _weights(folders["base"])
+    dropped = {}
+    for index, key in enumerate(["ft0", "ft1"] if get_method(name).max_models != 1 else ["ft0"]):
+        folder = tmp_path / f"dared{index}"
+        shutil.copytree(folders[key], folder)
+        (folder / "model.safetensors").unlink()
+        save_file(dare_state_dict(_weights(folders[key]), base, options, seed=5, model_index=index),
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        dropped[str(folders[key])] = str(folder)
+    two_step = [dropped.get(a, a) for a in flags]
+    assert merge_models.main([*two_step, "--output_dir", str(tmp_path / "two_step"), "--no_progress"]) == 0
+    _assert_identical(_weights(tmp_path / "one_step"), _weights(tmp_path / "two_step"))
 
 
 def test_unknown_parameter_flag_names_the_method_parameters(families, tmp_path, capsys):

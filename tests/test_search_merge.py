@@ -93,7 +93,8 @@ models:
 
 
 EXTRA = {"breadcrumbs_ties": ", gamma: 0.05", "della": ", epsilon: 0.1"}
-DOCUMENT = {"ties_merging": "dare: {drop_rate: 0.3}\n"}       # a paper method after the paper's DARE
+# the paper's DARE before a paper method (inside its float32 merge) and before a mergekit method (its inputs)
+DOCUMENT = {"ties_merging": "dare: {drop_rate: 0.3}\n", "breadcrumbs_ties": "dare: {drop_rate: 0.3}\n"}
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della", "ties_merging"])

@@ -20,6 +20,7 @@ STREAMING_METHODS = [name for name in available_methods()
 # the paper's options: flags of the paper's methods only (mergekit's methods take their own parameters)
 PAPER_FLAGS = ("drop_rate", "no_rescale", "rescale_mode", "mask_strategy", "weight_format", "ties_normalize",
                "norm_mode", "norm_alpha", "norm_beta", "norms", "norms_from")
+DARE_FLAGS = ("drop_rate", "no_rescale", "rescale_mode", "mask_strategy", "weight_format")   # any method with a base
 MANIFEST_FLAGS = {"from_manifest", "output_dir", "overwrite", "threads", "no_progress"}
 # flags that describe a merge; a recipe (--config) describes it instead, so they cannot be combined with it
 METHOD_FLAGS = ("--base_model", "--models", "--method", "--from_manifest", "--weights", "--scaling_coefficient",
@@ -122,9 +123,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, a
     if args.intermediate_dir is not None:
         parser.error("--intermediate_dir is for recipes (--config)")
     if args.method is not None and get_method(args.method).kind == "group":
-        given = [f"--{dest}" for dest in PAPER_FLAGS if getattr(args, dest) != parser.get_default(dest)]
+        method = get_method(args.method)
+        given = [f"--{dest}" for dest in PAPER_FLAGS if getattr(args, dest) != parser.get_default(dest)
+                 and not (dest in DARE_FLAGS and method.paper_dare)]
         if given:
-            parser.error(f"{', '.join(given)}: the paper's options apply to the paper's methods (average_merging, "
+            dare = [flag for flag in given if flag[2:] in DARE_FLAGS]
+            parser.error(f"{', '.join(dare)}: the paper's DARE applies to methods that take a base model; --method "
+                         f"{args.method} treats a base as one more input" if dare else
+                         f"{', '.join(given)}: the paper's options apply to the paper's methods (average_merging, "
                          f"task_arithmetic, ties_merging, norm_adaptive, dare); --method {args.method} is mergekit's "
                          f"(docs/methods.md, 'One registry, one meaning per name')")
     elif args.parameter or args.tie_order is not None:

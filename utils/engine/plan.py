@@ -26,7 +26,7 @@ class PlannedGroup:
     compute_dtype: torch.dtype                 # the load dtype: inputs are cast to it before the merge
     vocab: bool = False                        # rows follow a vocabulary (permuted / padded before the merge)
     passthrough: bool = False                  # copied from its single source (an optional tensor, an exclusion)
-    dare: Optional[Any] = None                 # the paper's DARE before a paper method (DareOptions), None: none
+    dare: Optional[Any] = None                 # the paper's DARE before the merge (DareOptions), None: none
     options: Optional[Any] = None              # a paper method's MergeOptions as given (flags); None: from params
     layer: Optional[int] = None                # the output block index of a layer tensor (None: before / after the blocks)
 

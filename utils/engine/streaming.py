@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, RadixSelect,
-                                   ResolvedDare, check_method_inputs, dare_one_model, get_method, is_excluded,
-                                   norm_adaptive_weights, resolve_dare, select_streamed, trim_rank)
+                                   ResolvedDare, check_method_inputs, dare_inputs, dare_one_model, get_method,
+                                   is_excluded, norm_adaptive_weights, resolve_dare, select_streamed, trim_rank)
 from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.options import DEFAULT_TIE_ORDER, TIE_ORDERS
 from model_merging_methods.norm_adaptive import squared_norm
@@ -216,7 +216,7 @@ def flag_groups(inputs: Inputs, job: StreamMergeJob, resolved: ResolvedJob, plan
             dtype = torch.promote_types(compute, torch.float32)   # mergekit saves its float32 result
         groups.append(PlannedGroup(name, {label: name for label in labels}, base, resolved.params, resolved.per_input,
                                    planned.shape, dtype, compute, vocab=vocab,
-                                   dare=(job.dare or DareOptions()) if paper and resolved.dare is not None else None,
+                                   dare=(job.dare or DareOptions()) if resolved.dare is not None else None,
                                    options=resolved.options if paper else None, layer=(layers or {}).get(name)))
     return groups
 
@@ -316,11 +316,14 @@ def _check_expected_hashes(job: StreamMergeJob, inputs: Inputs, hashes: list[lis
 def resolve_job(job: StreamMergeJob) -> ResolvedJob:
     """Validate the job once (a MergeError names the bad value) and resolve its method, options and DARE."""
     method = get_method(job.method)
-    if method.kind == "group" and (_paper_dare_given(job.dare) or job.options.ties_normalize != "count"
-                                   or job.options.norms is not None or job.norms_from is not None):
-        raise MergeError(f"the paper's options (DARE, ties_normalize, norms) apply to the paper's methods "
+    if method.kind == "group" and (job.options.ties_normalize != "count" or job.options.norms is not None
+                                   or job.norms_from is not None):
+        raise MergeError(f"the paper's options (ties_normalize, norms) apply to the paper's methods "
                          f"(average_merging, task_arithmetic, ties_merging, norm_adaptive, dare); {job.method} is "
                          f"mergekit's")
+    if _paper_dare_given(job.dare) and not method.paper_dare:
+        raise MergeError(f"the paper's DARE applies to methods that take a base model; {job.method} treats a "
+                         f"base as one more input")
     if method.kind != "group" and (job.parameters or job.tie_order != DEFAULT_TIE_ORDER):
         raise MergeError(f"--parameter and --tie_order are for mergekit-named methods, not {job.method}")
     if job.tie_order not in TIE_ORDERS:
@@ -377,7 +380,11 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
             raise MergeError(f"{method.name} takes {need} input models{' besides the base' if method.needs_base else ''}"
                              f"; got {count}")
         params, per_input = flag_parameters(method, job)
-        return ResolvedJob(method, job.options, None, device, threads, tuple(warnings), params, per_input)
+        dare, _ = resolve_dare(method, job.options, job.dare, len(job.models))
+        if dare is not None and job.base_model is None and dare[0].weight_format == "delta_weight":
+            raise MergeError(f"DARE on delta weights needs a base model (--base_model) before {method.name}; "
+                             f"or --weight_format finetuned_weight")
+        return ResolvedJob(method, job.options, dare, device, threads, tuple(warnings), params, per_input)
     dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
     check_method_inputs(method, job.base_model is not None, len(job.models), None, dare, job.options)
     noop = method.noop(options, dare, len(job.models))
@@ -598,6 +605,10 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
             return {ref: t.reshape(-1)[slice(*piece) if piece else slice(None)] for ref, t in permuted[group.name].items()}
         span = piece or (None, None)
         tensors = {ref: readers[ref].get(name, *span) for ref, name in group.sources.items()}
+        if group.dare is not None and method.kind != "state_dict":   # DARE'd inputs, then any method
+            tensors = dare_inputs(tensors, group.base, group.models, group.name,
+                                  group.dare.resolve(len(group.models)), seed=execution.seed,
+                                  offset=(piece[0], group.numel) if piece else None)
         # cast to the compute dtype first (mergekit's `dtype` is a load dtype: rows are averaged in it)
         tensors = {ref: t.to(device=execution.device, dtype=group.compute_dtype if t.is_floating_point() else t.dtype)
                    for ref, t in tensors.items()}
@@ -637,6 +648,8 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
             mode = "elementwise"
         elif method.kind == "state_dict":
             mode = _paper_piece_mode(method, group)
+        elif group.dare is not None and _dare_needs_whole(group.dare):
+            mode = "whole"
         else:
             mode = method.piece_mode(group.params, group.per_input, execution.tie_order)
         if group.numel <= PIECE or mode == "whole":
@@ -703,13 +716,17 @@ def group_options(method: MergeMethod, group: PlannedGroup, norms: list[float] |
     return options
 
 
+def _dare_needs_whole(dare: DareOptions) -> bool:
+    """Magnitude DARE ranks the whole tensor and the l1 rescale sums it; random draws depend on position only."""
+    return dare.strategy != "random" or (dare.rescale and dare.rescale_mode == "l1")
+
+
 def _paper_piece_mode(method: MergeMethod, group: PlannedGroup) -> str:
     """How a paper method's large tensor streams: "elementwise" (independent flat pieces: an elementwise
     method after DARE whose draws depend on position only), "statistics" (the same, after the whole tensor's
     TIES trim thresholds), or "whole" (magnitude DARE ranks and the l1 rescale needs the whole tensor)."""
     dare = group.dare
-    if not method.elementwise or (dare is not None and (dare.strategy != "random" or
-                                                        (dare.rescale and dare.rescale_mode == "l1"))):
+    if not method.elementwise or (dare is not None and _dare_needs_whole(dare)):
         return "whole"
     if method.trim_thresholds and min(group_options(method, group).densities(len(group.models))) < 1:
         return "statistics"
@@ -840,9 +857,9 @@ def _applicable_options(job: StreamMergeJob, resolved: ResolvedJob) -> dict:
             record["tie_order"] = job.tie_order
         if method.randomized:
             record["seed"] = job.seed
-        return record
-    options = {name: getattr(job.options, name) for name in method.options_used}
-    record: dict = {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    else:
+        options = {name: getattr(job.options, name) for name in method.options_used}
+        record = {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
     if resolved.dare is not None:
         record["dare"] = asdict(job.dare or DareOptions())
         if resolved.dare[0].strategy == "random":
@@ -927,10 +944,11 @@ def _manifest(job: StreamMergeJob, resolved: ResolvedJob, inputs: Inputs, hashes
         manifest["dare"] = {
             "given": manifest["dare"],
             "resolved": asdict(resolved.dare[0]) | {"drop_rate": [d.drop_rate for d in resolved.dare]},
-            "per_model": [{"model": label, "kept_fraction_overall": _overall(report, plan),
-                           "kept_fraction": report}
-                          for label, report in zip(inputs.labels[int(inputs.has_base):], reports)],
         }
+        if method.kind == "state_dict":   # a paper method counts what DARE kept inside its merge
+            manifest["dare"]["per_model"] = [{"model": label, "kept_fraction_overall": _overall(report, plan),
+                                              "kept_fraction": report}
+                                             for label, report in zip(inputs.labels[int(inputs.has_base):], reports)]
     return manifest
 
 

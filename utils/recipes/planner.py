@@ -293,9 +293,8 @@ def _group_dare(recipe: Recipe, group: PlannedGroup, method: MergeMethod) -> Opt
 def _warn_unknown_parameters(recipe: Recipe, method: MergeMethod, plan: Plan) -> None:
     known = {p.name for p in method.parameters} | ({"drop_rate"} if method.paper_dare else set())
     if recipe.dare is not None and not method.paper_dare:
-        raise RecipeError(f"dare: the paper's DARE block applies to the paper's methods (average_merging, "
-                          f"task_arithmetic, ties_merging, norm_adaptive, dare), not {method.name}; mergekit's "
-                          f"dare_ties / dare_linear take a density instead")
+        raise RecipeError(f"dare: the paper's DARE block applies to methods that take a base_model; "
+                          f"{method.name} treats a base as one more input")
     used = set(recipe.parameters or {})
     for model in recipe.models or []:
         used |= set(model.parameters or {})

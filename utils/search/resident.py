@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from model_merging_methods import MergeError
+from model_merging_methods import MergeError, dare_inputs
 from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.options import DEFAULT_TIE_ORDER
 from model_merging_methods.randomness import RandomSlot
@@ -194,6 +194,9 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, resident: ResidentModels,
     with torch.no_grad():
         for group in plan.groups:
             tensors = {ref: inputs[ref].reader.get(name) for ref, name in group.sources.items()}
+            if group.dare is not None and method.kind != "state_dict":   # as the executor: DARE'd inputs first
+                tensors = dare_inputs(tensors, group.base, group.models, group.name,
+                                      group.dare.resolve(len(group.models)), seed=seed)
             tensors = {ref: t.to(group.compute_dtype) if t.is_floating_point() else t for ref, t in tensors.items()}
             slots = {ref: resident.slot(seed, inputs[ref].index, group.name) for ref in group.sources} \
                 if method.randomized else {}
