@@ -60,7 +60,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="λ of task arithmetic / TIES / norm_adaptive; the overall scale of a frontier method "
                              "(scaling_factor; alpha of tsv_merging; beta of lines)")
     parser.add_argument("--drop_rate", "--weight_mask_rate", dest="drop_rate", type=drop_rate, nargs="+", default=[0.0],
-                        help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first "
+                        help="DARE drop rate p in [0, 1), one value or one per model; applied to each model first, "
+                             "before any method that takes a base (not linear, karcher, passthrough) "
                              "(default: 0, no DARE)")
     parser.add_argument("--no_rescale", action="store_true", help="DropOnly: do not rescale kept entries by 1/(1-p)")
     parser.add_argument("--rescale_mode", choices=["paper", "l1"], default="paper",
