@@ -263,3 +263,15 @@ def test_library_merge_state_dicts_gives_the_flags_tensors_for_mergekit_names(fa
     states = [_weights(folders[k]) for k in ("base", "ft0", "ft1")]
     merged = merge_state_dicts("ties", states[0], states[1:], parameters={"weight": [0.7, 0.4], "density": 0.5})
     _assert_identical(_weights(tmp_path / "flags"), merged)
+
+
+def test_large_whole_tensor_groups_one_at_a_time_write_the_same_bytes(families, tmp_path, monkeypatch):
+    """Whole-tensor groups above LARGE_WHOLE elements are merged one at a time (peak memory); with every group
+    counted as large the outputs are the same bytes as with the default schedule."""
+    import utils.engine.streaming as executor
+
+    flags, _ = _case("multislerp", families["bfloat16"])
+    assert merge_models.main([*flags, "--output_dir", str(tmp_path / "default"), "--no_progress", "--threads", "2"]) == 0
+    monkeypatch.setattr(executor, "LARGE_WHOLE", 0)
+    assert merge_models.main([*flags, "--output_dir", str(tmp_path / "alone"), "--no_progress", "--threads", "2"]) == 0
+    _assert_identical(_weights(tmp_path / "default"), _weights(tmp_path / "alone"))

@@ -48,6 +48,7 @@ from .reader import CheckpointReader, open_checkpoint, resolve_checkpoint
 from .statistics import Prepared, map_in_order, prepare
 from .writer import PlannedTensor, ShardedSafetensorsWriter
 
+LARGE_WHOLE = 1 << 24   # elements: whole-tensor groups above this are merged one at a time (peak memory)
 PIECE = SEGMENT  # elements per streamed piece of a large tensor (4 MiB in float32: temporaries stay in cache)
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 MANIFEST_NAME = "merge_manifest.json"
@@ -576,7 +577,8 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
     the inputs (mergekit's draws use it). `execution.threads` workers each read and merge one group or one
     flat piece of PIECE elements (torch ops single-threaded: on a busy machine intra-op threads cost more
     than they gain); the results are written in order with at most 2·threads pieces (or `threads` whole
-    groups) in flight, so peak memory is a few pieces per worker for every method that streams:
+    groups, of which one above LARGE_WHOLE elements) in flight, so peak memory is a few pieces per worker for
+    every method that streams, and one large tensor's temporaries for those that cannot:
     - mergekit's methods stream as MergeMethod.piece_mode says, after the whole-tensor statistics passes
       (statistics.prepare) where it is "statistics";
     - the paper's methods stream when elementwise, after DARE whose draws depend on position only (random,
@@ -694,6 +696,11 @@ def execute_plan(groups: list[PlannedGroup], readers: dict, indices: dict[str, i
             elif mode == "statistics":
                 thresholds = paper_thresholds(group, lambda span, group=group: load(group, span), execution,
                                               pool, limit)
+            if spans == [None] and group.numel > LARGE_WHOLE:
+                # one large whole-tensor group at a time: two (embeddings and lm_head, side by side) doubled
+                # the peak of every whole-tensor method; smaller work still runs beside it
+                while any(g.numel > LARGE_WHOLE and part is None for g, part, _, _ in pending):
+                    write_oldest()
             for index, span in enumerate(spans):
                 pending.append((group, span, index == len(spans) - 1,
                                 pool.submit(merge, group, span, index, prepared, thresholds)))
