@@ -249,6 +249,23 @@ PAPERS = {
 }
 
 
+# methods that are elementwise (stream in flat pieces) when the parameter names one of these bases: consensus
+# and LiNeS over task arithmetic (LiNeS's consensus base uses consensus's defaults: task arithmetic); over TIES
+# the per-tensor trim threshold needs the whole tensor
+ELEMENTWISE_OVER = {"consensus_merging": ("consensus_base", ("task_arithmetic",)),
+                    "lines": ("lines_base", ("task_arithmetic", "consensus_merging"))}
+
+
+def piece_mode(method: str, params: Mapping[str, Any]) -> str:
+    """How a large tensor of this frontier method streams: "elementwise" (flat pieces, the same bits as the
+    whole tensor) or "whole" (one matrix across the models at a time)."""
+    if method in ELEMENTWISE_OVER:
+        key, bases = ELEMENTWISE_OVER[method]
+        if params.get(key, resolve_parameters(method)[key]) in bases:
+            return "elementwise"
+    return "whole"
+
+
 def registry_methods(method_class, parameter_class) -> list:
     """The eight registry entries (kind "group": one output tensor per call, whole tensors, float32), built
     from PARAMETERS so that the registry and the per-tensor functions share one declaration. Every entry
@@ -263,6 +280,7 @@ def registry_methods(method_class, parameter_class) -> list:
         entries.append(method_class(method, f"frontier:{method}", paper, url, pretty_name=pretty,
                                     semantics="FusionBench 0.2.33" if method in ("tsv_merging", "iso_c", "iso_cts", "wudi_merging")
                                     else "the authors' code", kind="group", min_models=2, parameters=tuple(parameters),
-                                    streaming="whole", scale_parameter=SCALE_PARAMETER.get(method),
+                                    streaming="frontier" if method in ELEMENTWISE_OVER else "whole",
+                                    scale_parameter=SCALE_PARAMETER.get(method),
                                     strict_parameters=True, layer_aware=method == "lines"))
     return entries

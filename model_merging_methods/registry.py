@@ -81,7 +81,7 @@ class MergeMethod:
     accumulate_fp32: bool = False        # linear/slerp: float32 accumulator, result in the input dtype
     randomized: bool = False             # masks drawn per tensor from (seed, input, tensor name)
     missing_tensor: str = "error"        # "error" | "passthrough_singleton" | "passthrough_base_singleton" | "base_or_skip"
-    streaming: str = "whole"             # "elementwise" | "whole" | "gta" | "slerp" | "ramplus" (see piece_mode)
+    streaming: str = "whole"             # "elementwise" | "whole" | "gta" | "slerp" | "ramplus" | "frontier" (piece_mode)
     sparsification: str | None = None    # GTA methods: None | "magnitude" | "outliers" | "random" | "della"
     float32_result: bool = False         # mergekit returns float32 for narrower compute (saved so unless out_dtype)
     # kind "state_dict" (the paper's methods)
@@ -144,6 +144,9 @@ class MergeMethod:
         product), or "whole"."""
         if self.streaming in ("slerp", "ramplus"):
             return "statistics"                      # slerp's norms and dot product; ramplus_tl's counts
+        if self.streaming == "frontier":
+            from .frontier import piece_mode
+            return piece_mode(self.name, params)
         if self.streaming != "gta":
             return self.streaming
         if all(values.get("density", 1.0) >= 1 for values in per_input.values()):

@@ -275,3 +275,22 @@ def test_large_whole_tensor_groups_one_at_a_time_write_the_same_bytes(families, 
     monkeypatch.setattr(executor, "LARGE_WHOLE", 0)
     assert merge_models.main([*flags, "--output_dir", str(tmp_path / "alone"), "--no_progress", "--threads", "2"]) == 0
     _assert_identical(_weights(tmp_path / "default"), _weights(tmp_path / "alone"))
+
+
+@pytest.mark.parametrize("name, extra", [("lines", []), ("consensus_merging", []),
+                                         ("consensus_merging", ["--parameter", "consensus_base=ties_merging"])])
+def test_consensus_and_lines_over_task_arithmetic_stream_in_pieces_with_the_same_bytes(name, extra, families, tmp_path,
+                                                                                        monkeypatch):
+    """Over task arithmetic both are elementwise and stream in flat pieces; over TIES they hold the tensor."""
+    import utils.engine.streaming as executor
+    from model_merging_methods.registry import get_method
+
+    method = get_method(name)
+    params = {"consensus_base": "ties_merging"} if extra else {}
+    assert method.piece_mode(params, {}) == ("whole" if extra else "elementwise")
+    flags, _ = _case(name, families["bfloat16"])
+    flags += extra
+    assert merge_models.main([*flags, "--output_dir", str(tmp_path / "whole"), "--no_progress"]) == 0
+    monkeypatch.setattr(executor, "PIECE", 100)   # every tensor above 100 entries streams in pieces
+    assert merge_models.main([*flags, "--output_dir", str(tmp_path / "pieces"), "--no_progress"]) == 0
+    _assert_identical(_weights(tmp_path / "whole"), _weights(tmp_path / "pieces"))
