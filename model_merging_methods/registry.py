@@ -113,7 +113,7 @@ class MergeMethod:
     def paper_dare(self) -> bool:
         """The paper's DARE (drop rate, strategy, rescale, weight format) may precede this method: every method
         that takes a base (a paper method drops inside its float32 merge; any other merges the DARE'd inputs,
-        θ'_k = θ_pre + DARE(θ_k − θ_pre) rounded to θ_k's dtype, as if each were saved by `--method dare`),
+        θ'_k = θ_pre + DARE(θ_k − θ_pre) rounded to θ_k's dtype, what dare_state_dict writes for model k),
         not one that treats a base as one more input."""
         return self.kind == "state_dict" or self.base != "ignored"
 
