@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "dare": ("dare_inputs", "dare_model", "dare_one_model", "dare_state_dict", "dare_tensor", "dare_tensors", "resolve_dare"),
-    "merge": ("check_method_inputs", "merge_resolved", "merge_state_dicts"),
+    "merge": ("check_dare_base", "check_method_inputs", "merge_resolved", "merge_state_dicts"),
     "options": ("DareOptions", "MergeError", "MergeOptions", "MethodParameter", "ResolvedDare", "StateDict"),
     "norm_adaptive": ("norm_adaptive_weights", "task_vector_norms"),
     "randomness": ("SEGMENT", "RandomSlot", "derive_seed"),

@@ -13,14 +13,19 @@ from .norm_adaptive import task_vector_norms
 from .validation import check_finite, check_inputs, is_excluded, is_finite
 
 
+def check_dare_base(dare: tuple[ResolvedDare, ...] | None, has_base: bool) -> None:
+    """DARE on delta weights drops entries of θ_k − θ_pre, so it needs the base (finetuned_weight does not)."""
+    if dare is not None and not has_base and dare[0].weight_format == "delta_weight":
+        raise MergeError("DARE on delta weights needs a base (pretrained) model")
+
+
 def check_method_inputs(method: MergeMethod, has_base: bool, num_models: int, num_statistics: int | None,
                         dare: tuple[ResolvedDare, ...] | None, options: MergeOptions | None = None) -> None:
     """The method's input contract: a base when it needs one, its model count, one statistics dict per model,
     and (given `options`) one weight per model with a non-zero sum where the method divides by it."""
     if method.needs_base and not has_base:
         raise MergeError(f"{method.name} needs a base (pretrained) model")
-    if dare is not None and not has_base and dare[0].weight_format == "delta_weight":
-        raise MergeError("DARE on delta weights needs a base (pretrained) model")
+    check_dare_base(dare, has_base)
     if num_models < method.min_models or (method.max_models and num_models > method.max_models):
         bound = f"{method.min_models}..{method.max_models}" if method.max_models else f">= {method.min_models}"
         raise MergeError(f"{method.name} takes {bound} models, got {num_models}")

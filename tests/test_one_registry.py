@@ -156,6 +156,9 @@ def test_paper_options_with_a_mergekit_name_are_refused(families, tmp_path, caps
                                method, *flag, "--output_dir", str(tmp_path / "o")])
         assert exit_info.value.code == 2
         assert flag[0] in capsys.readouterr().err
+    code = merge_models.main(["--models", str(folders["ft0"]), str(folders["ft1"]), "--method", "multislerp",
+                              "--drop_rate", "0.5", "--output_dir", str(tmp_path / "o")])   # base optional, not given
+    assert code == 2 and "DARE on delta weights needs a base" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

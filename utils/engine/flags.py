@@ -18,9 +18,8 @@ from utils.engine.choices import DTYPE_NAMES, MERGE_PARTS, VOCAB_ALIGNMENTS
 STREAMING_METHODS = [name for name in available_methods()
                      if get_method(name).streamable and not get_method(name).statistics]
 # the paper's options: flags of the paper's methods only (mergekit's methods take their own parameters)
-PAPER_FLAGS = ("drop_rate", "no_rescale", "rescale_mode", "mask_strategy", "weight_format", "ties_normalize",
-               "norm_mode", "norm_alpha", "norm_beta", "norms", "norms_from")
 DARE_FLAGS = ("drop_rate", "no_rescale", "rescale_mode", "mask_strategy", "weight_format")   # any method with a base
+PAPER_FLAGS = DARE_FLAGS + ("ties_normalize", "norm_mode", "norm_alpha", "norm_beta", "norms", "norms_from")
 MANIFEST_FLAGS = {"from_manifest", "output_dir", "overwrite", "threads", "no_progress"}
 # flags that describe a merge; a recipe (--config) describes it instead, so they cannot be combined with it
 METHOD_FLAGS = ("--base_model", "--models", "--method", "--from_manifest", "--weights", "--scaling_coefficient",

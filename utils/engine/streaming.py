@@ -28,8 +28,9 @@ from typing import Callable
 import torch
 
 from model_merging_methods import (SEGMENT, DareOptions, MergeError, MergeMethod, MergeOptions, RadixSelect,
-                                   ResolvedDare, check_method_inputs, dare_inputs, dare_one_model, get_method,
-                                   is_excluded, norm_adaptive_weights, resolve_dare, select_streamed, trim_rank)
+                                   ResolvedDare, check_dare_base, check_method_inputs, dare_inputs, dare_one_model,
+                                   get_method, is_excluded, norm_adaptive_weights, resolve_dare, select_streamed,
+                                   trim_rank)
 from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.options import DEFAULT_TIE_ORDER, TIE_ORDERS
 from model_merging_methods.norm_adaptive import squared_norm
@@ -370,6 +371,7 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
         device = resolve_device(job.device)
     except ValueError as error:
         raise MergeError(str(error)) from error
+    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
     if method.kind == "group":
         count = len(job.models) + (job.base_model is not None and method.base == "ignored")
         if method.needs_base and job.base_model is None:
@@ -381,12 +383,8 @@ def resolve_job(job: StreamMergeJob) -> ResolvedJob:
             raise MergeError(f"{method.name} takes {need} input models{' besides the base' if method.needs_base else ''}"
                              f"; got {count}")
         params, per_input = flag_parameters(method, job)
-        dare, _ = resolve_dare(method, job.options, job.dare, len(job.models))
-        if dare is not None and job.base_model is None and dare[0].weight_format == "delta_weight":
-            raise MergeError(f"DARE on delta weights needs a base model (--base_model) before {method.name}; "
-                             f"or --weight_format finetuned_weight")
-        return ResolvedJob(method, job.options, dare, device, threads, tuple(warnings), params, per_input)
-    dare, options = resolve_dare(method, job.options, job.dare, len(job.models))
+        check_dare_base(dare, job.base_model is not None)
+        return ResolvedJob(method, options, dare, device, threads, tuple(warnings), params, per_input)
     check_method_inputs(method, job.base_model is not None, len(job.models), None, dare, job.options)
     noop = method.noop(options, dare, len(job.models))
     if noop is not None and noop.error and not job.allow_noop:
