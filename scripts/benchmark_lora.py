@@ -8,12 +8,15 @@
    same modules and ranks are checked and the reconstruction errors ‖ΔW − B A‖_F of both adapters are
    compared module by module (the first --check_layers layers; all of them with --check_layers -1).
 2. Folding during a merge: merge_models.py task_arithmetic of base + [variant0, variant1] vs the same merge
-   with variant1 given as base+adapter (the adapter extracted in step 1): the adapter is folded per tensor.
+   with variant1 given as base+adapter (variant1's rank-R adapter, embeddings as LoRA): the adapter is folded
+   per tensor. --fold_repeats N alternates the two merges N times and reports the medians (on a 2-core
+   machine one run of a 6-second merge varies by ±10 %); --fold_only skips step 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import shutil
 import subprocess
 import sys
@@ -74,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mergekit_extract", default=None, help="mergekit-extract-lora of another venv")
     parser.add_argument("--check_layers", type=int, default=2)
     parser.add_argument("--json_out", default=None)
+    parser.add_argument("--fold_repeats", type=int, default=1, help="alternated runs of the two merges (medians)")
+    parser.add_argument("--fold_only", action="store_true", help="skip the extraction comparison (step 1)")
     args = parser.parse_args(argv)
     fixture = Path(args.fixture_dir)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_merge.py"), "--build_only", "--params",
@@ -82,6 +87,46 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lora-bench-", dir=fixture))
     load = lambda: open("/proc/loadavg").read().split()[0]
     rows = {}
+    comparison = None
+    if not args.fold_only:
+        comparison = extraction(args, base, variant0, work, rows, load)
+    adapter = work / "adapter_v1"
+    subprocess.run([sys.executable, str(ROOT / "extract_lora.py"), "--base", str(base), "--model", str(variant1),
+                    "--output_dir", str(adapter), "--rank", str(args.rank), "--embeddings", "lora",
+                    "--non_lora", "skip"], check=True, stdout=subprocess.DEVNULL)
+    merge = lambda second, out: [sys.executable, str(ROOT / "merge_models.py"), "--base_model", str(base), "--models",
+                                 str(variant0), second, "--method", "task_arithmetic", "--output_dir", str(out),
+                                 "--no_progress"]
+    runs: dict[str, list] = {"merge_full_checkpoints": [], "merge_with_adapter": []}
+    for _ in range(args.fold_repeats):
+        for name, second in (("merge_full_checkpoints", str(variant1)), ("merge_with_adapter", f"{base}+{adapter}")):
+            out = work / "m_out"
+            runs[name].append((*timed(merge(second, out)), load()))
+            shutil.rmtree(out)
+            print(name, runs[name][-1], flush=True)
+    for name, values in runs.items():   # per column medians (wall, RSS, CPU); the load of the median-wall run
+        middle = sorted(values)[len(values) // 2]
+        rows[name] = (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
+                      statistics.median(v[2] for v in values), middle[3])
+    fold_ratio = rows["merge_with_adapter"][0] / rows["merge_full_checkpoints"][0]
+    print(f"folding adds {100 * (fold_ratio - 1):.1f} % to the merge (median of {args.fold_repeats})", flush=True)
+    result = {"params_billion": args.params, "rank": args.rank, "fold_repeats": args.fold_repeats,
+              "fold_runs": runs, "fold_overhead_percent": round(100 * (fold_ratio - 1), 1),
+              "rows": {k: {"wall_s": v[0], "peak_rss_gib": v[1], "cpu_s": v[2], "load_1min": v[3]}
+                       for k, v in rows.items()},
+              "comparison": comparison}
+    print("\n| run | wall (s) | CPU (s) | peak RSS (GiB) | load |\n|---|---|---|---|---|")
+    for name, (wall, rss, cpu, avg) in rows.items():
+        print(f"| {name} | {wall} | {cpu} | {rss} | {avg} |")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def extraction(args, base: Path, variant0: Path, work: Path, rows: dict, load) -> dict | None:
+    """Step 1: extract_lora.py vs mergekit-extract-lora on (base, variant0); the comparison of their adapters."""
     ours = work / "ours"
     rows["extract_ours"] = (*timed([sys.executable, str(ROOT / "extract_lora.py"), "--base", str(base), "--model",
                                     str(variant0), "--output_dir", str(ours), "--rank", str(args.rank),
@@ -95,29 +140,7 @@ def main(argv=None) -> int:
         print("mergekit-extract-lora", rows["extract_mergekit"], flush=True)
         comparison = compare_errors(base, variant0, ours, theirs, args.check_layers)
         print({k: v for k, v in comparison.items() if k != "modules"}, flush=True)
-    adapter = work / "adapter_v1"
-    subprocess.run([sys.executable, str(ROOT / "extract_lora.py"), "--base", str(base), "--model", str(variant1),
-                    "--output_dir", str(adapter), "--rank", str(args.rank), "--embeddings", "lora",
-                    "--non_lora", "skip"], check=True, stdout=subprocess.DEVNULL)
-    merge = lambda second, out: [sys.executable, str(ROOT / "merge_models.py"), "--base_model", str(base), "--models",
-                                 str(variant0), second, "--method", "task_arithmetic", "--output_dir", str(out),
-                                 "--no_progress"]
-    rows["merge_full_checkpoints"] = (*timed(merge(str(variant1), work / "m_full")), load())
-    print("merge, full checkpoints", rows["merge_full_checkpoints"], flush=True)
-    rows["merge_with_adapter"] = (*timed(merge(f"{base}+{adapter}", work / "m_adapter")), load())
-    print("merge, base+adapter", rows["merge_with_adapter"], flush=True)
-    result = {"params_billion": args.params, "rank": args.rank,
-              "rows": {k: {"wall_s": v[0], "peak_rss_gib": v[1], "cpu_s": v[2], "load_1min": v[3]}
-                       for k, v in rows.items()},
-              "comparison": comparison}
-    print("\n| run | wall (s) | CPU (s) | peak RSS (GiB) | load |\n|---|---|---|---|---|")
-    for name, (wall, rss, cpu, avg) in rows.items():
-        print(f"| {name} | {wall} | {cpu} | {rss} | {avg} |")
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return comparison
 
 
 if __name__ == "__main__":

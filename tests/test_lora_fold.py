@@ -2,6 +2,7 @@
 merge_and_unload(); flags and recipes take such references; bad adapters are refused in one line."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,8 @@ def test_bad_adapters_exit_2_with_one_line(pairs, tmp_path, capsys):
     (broken / "adapter_config.json").unlink()
     assert "no adapter_config.json" in _bad(tmp_path, base, broken, capsys)
     for key, value, words in (("use_dora", True, "DoRA"), ("peft_type", "IA3", "peft_type 'IA3'"),
+                              ("lora_alpha", "eight", 'lora_alpha is "eight", expected a finite number'),
+                              ("alpha_pattern", {"q_proj": "x"}, "alpha_pattern is"),
                               ("base_model_name_or_path", "org/some-other-model", "was trained on 'org/some-other-model'")):
         edited = tmp_path / f"edited_{key}"
         shutil.copytree(adapter, edited)
@@ -128,3 +131,32 @@ def test_dora_adapter_made_by_peft_is_refused(pairs, tmp_path):
     dora = make_adapter(base, tmp_path / "dora", r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)
     with pytest.raises(AdapterError, match="DoRA"):
         open_checkpoint(f"{base}+{dora}")
+
+
+def test_fold_reads_the_config_as_peft_does_without_importing_it(pairs):
+    """The fields folding reads default as peft.LoraConfig's do, alpha_pattern keys match as PEFT's
+    get_pattern_key matches them, and folding never imports peft (it costs seconds)."""
+    import subprocess
+    import sys
+
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    from utils.lora.adapter import FOLD_DEFAULTS, pattern_key
+
+    fields = LoraConfig.__dataclass_fields__
+    for name, default in FOLD_DEFAULTS.items():
+        field = fields[name]
+        assert (field.default_factory() if callable(field.default_factory) else field.default) == default, name
+    patterns = {"q_proj": 1, "layers.1.self_attn.v_proj": 2, r"model\.layers\.[02]\..*o_proj": 3, "proj": 4, "v_proj": 5}
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.v_proj",
+               "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "model.layers.0.mlp.up_proj",
+               "model.layers.0.mlp.gate", "xq_proj", "q_proj"]
+    for module in modules:
+        assert pattern_key(patterns, module) == get_pattern_key(list(patterns), module), module
+    base, adapter = pairs["llama_rslora_patterns"]
+    code = (f"import sys; from utils.engine.reader import open_checkpoint; r = open_checkpoint({str(base) + '+' + str(adapter)!r})[1]; "
+            "[r.get(n) for n in r.names()]; print(sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]", out

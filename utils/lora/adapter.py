@@ -14,13 +14,21 @@ own ``LoraConfig``) and ``adapter_model.safetensors`` whose keys are ``base_mode
 The delta of a module is PEFT's ``get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) · scaling`` in
 float32, ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), r and alpha per module from
 ``rank_pattern`` / ``alpha_pattern`` as PEFT matches them. Embedding deltas are transposed the same way.
+
+Folding reads the few config fields it needs (``lora_alpha``, ``use_rslora``, ``alpha_pattern``,
+``fan_in_fan_out``) straight from the JSON, with PEFT's defaults: ``import peft`` pulls in transformers and
+costs ~5 s, more than folding a 0.84B model's adapter. PEFT's own ``LoraConfig`` (``LoraAdapter.config``) is
+built only where a PEFT adapter is written (adapter-space merging); tests check the defaults and the pattern
+rule against PEFT's.
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -42,6 +50,8 @@ UNSUPPORTED = {"use_dora": "DoRA (use_dora: true) rescales each weight column by
                "layer_replication": "layer replication (layer_replication)",
                "use_qalora": "QA-LoRA (use_qalora)", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
                "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)"}
+# peft.LoraConfig's defaults of the fields folding reads (tests/test_lora_fold.py checks them against PEFT's)
+FOLD_DEFAULTS = {"lora_alpha": 8, "use_rslora": False, "alpha_pattern": {}, "fan_in_fan_out": False}
 
 
 class AdapterError(CheckpointError):
@@ -103,12 +113,18 @@ def _source_tail(text: str) -> str:
     return parts[-1].lower() if parts else ""
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    from peft.utils.other import get_pattern_key
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
+
+def pattern_key(patterns, module: str) -> str:
+    """PEFT's rank_pattern / alpha_pattern rule (peft.utils.other.get_pattern_key): the first key, in the
+    dict's order, that matches the end of the module path at a '.' boundary as a regular expression
+    (``re.match(r"(.*\.)?(key)$", module)``); the module path itself when none does."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
 
 
 class LoraAdapter:
@@ -118,7 +134,6 @@ class LoraAdapter:
         self.folder = Path(folder)
         self.source = source or str(folder)
         self.config_dict = self._read_config()
-        self.config = self._lora_config()
         weights = self.folder / WEIGHTS_NAME
         if not weights.is_file():
             found = "adapter_model.bin (pickled; convert it to safetensors)" if (self.folder / "adapter_model.bin").is_file() \
@@ -150,7 +165,27 @@ class LoraAdapter:
                                    f"with PEFT's merge_and_unload() and pass the full checkpoint")
         return data
 
-    def _lora_config(self):
+    def _fold_field(self, name: str):
+        """A config field folding reads: PEFT's default when absent (and ``alpha_pattern: null`` as {});
+        a wrongly typed value → AdapterError naming the field."""
+        default = FOLD_DEFAULTS[name]
+        value = self.config_dict.get(name, default)
+        if value is None and isinstance(default, dict):
+            value = {}
+        if isinstance(default, bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(default, dict):
+            ok, wanted = isinstance(value, dict) and all(_is_number(v) for v in value.values()), \
+                "a mapping of module patterns to numbers"
+        else:
+            ok, wanted = _is_number(value), "a finite number"
+        if not ok:
+            raise AdapterError(f"{self.folder / CONFIG_NAME}: {name} is {json.dumps(value)}, expected {wanted}")
+        return value
+
+    @cached_property
+    def config(self):
+        """PEFT's LoraConfig of the adapter (imports peft): for writing adapters (adapter-space merging)."""
         from peft import LoraConfig
 
         known = {k: v for k, v in self.config_dict.items() if k in LoraConfig.__dataclass_fields__}
@@ -186,7 +221,9 @@ class LoraAdapter:
                 if target in self.full and self.file.tensors[key].shape != self.file.tensors[self.full[target]].shape:
                     raise AdapterError(f"{where}: keys {self.full[target]!r} and {key!r} both replace {target!r}")
                 self.full.setdefault(target, key)
-        fan_in_fan_out = bool(self.config_dict.get("fan_in_fan_out"))
+        fan_in_fan_out = self._fold_field("fan_in_fan_out")
+        lora_alpha, use_rslora = self._fold_field("lora_alpha"), self._fold_field("use_rslora")
+        alpha_pattern = self._fold_field("alpha_pattern")
         for module, parts in factors.items():
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
             a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
@@ -201,8 +238,8 @@ class LoraAdapter:
             if rank < 1 or b_shape[1] != rank:
                 raise AdapterError(f"{where}: module {module!r}: A is {list(a_shape)} and B {list(b_shape)}; "
                                    f"they do not share a rank ≥ 1")
-            alpha = float(_pattern_value(self.config.alpha_pattern or {}, module, self.config.lora_alpha))
-            scaling = alpha / math.sqrt(rank) if self.config.use_rslora else alpha / rank
+            alpha = float(alpha_pattern.get(pattern_key(alpha_pattern, module), lora_alpha))
+            scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
             self.modules[module] = LoraModule(module, parts[a_part], parts[b_part], rank, alpha, scaling,
                                               transpose=embedding or fan_in_fan_out, embedding=embedding,
                                               bias_key=parts.get("lora_B.bias"))
@@ -222,12 +259,19 @@ class LoraAdapter:
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> torch.Tensor:
     """PEFT's get_delta_weight in float32: transpose(B @ A, transpose) · scaling, in that order of operations
     (so the folded weight equals merge_and_unload()'s bit for bit)."""
-    product = (b.float() @ a.float()).mul_(scaling)   # in place: the bits of (B @ A) · scaling, one buffer
+    product = b.float() @ a.float()
+    if scaling != 1:   # in place: the bits of (B @ A) · scaling, one buffer (× 1 is the identity, bit for bit)
+        product.mul_(scaling)
     return product.T if transpose else product
 
 
-def delta_rows(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool, first: int, last: int) -> torch.Tensor:
-    """Rows [first, last) of delta_weight, without forming the others (pieces of large tensors)."""
+def delta_rows(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool, first: int, last: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [first, last) of delta_weight, without forming the others (pieces of large tensors); written into
+    `out` (float32, rows × columns) when given: the same GEMM, without a fresh buffer's page faults."""
     if transpose:
-        return (a[:, first:last].float().T @ b.float().T).mul_(scaling)
-    return (b[first:last].float() @ a.float()).mul_(scaling)
+        left, right = a[:, first:last].float().T, b.float().T
+    else:
+        left, right = b[first:last].float(), a.float()
+    product = left @ right if out is None else torch.matmul(left, right, out=out)
+    return product.mul_(scaling) if scaling != 1 else product

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from utils.engine.reader import CheckpointReader
 
 from .adapter import CONV1D_MODEL_TYPES, AdapterError, LoraAdapter, LoraModule, _source_tail, delta_rows, delta_weight
 
+# pieces up to this many elements fold in per-thread float32 scratch buffers (a fresh buffer per piece paid
+# its page faults again: ~40 % of the fold); larger (whole) tensors get fresh buffers
+SCRATCH_MAX = 1 << 22
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                       "shared.weight", "tok_embeddings.weight")
 
@@ -80,6 +84,17 @@ class AdaptedReader:
             self.replaced[target] = key
         for target in self.deltas:   # the embedding before the tied head: the order merge_and_unload adds them in
             self.deltas[target].sort(key=lambda m: m.module.endswith("lm_head"))
+        self._local = threading.local()   # each reading thread's scratch buffers
+
+    def _scratch(self, slot: int, rows: int, columns: int) -> torch.Tensor | None:
+        """This thread's float32 scratch buffer `slot` viewed as rows × columns (None above SCRATCH_MAX)."""
+        numel = rows * columns
+        if numel > SCRATCH_MAX:
+            return None
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        if slot not in buffers or buffers[slot].numel() < numel:
+            buffers[slot] = torch.empty(numel, dtype=torch.float32)
+        return buffers[slot][:numel].view(rows, columns)
 
     def _check_base_name(self, base_source: str, base_folder: Path) -> None:
         recorded = self.adapter.base_model_name_or_path
@@ -162,19 +177,27 @@ class AdaptedReader:
         return folded[start - offset:stop - offset].clone()
 
     def _fold(self, weight: torch.Tensor, name: str, first: int, last: int, whole: bool = True) -> torch.Tensor:
+        modules = self.deltas[name]
         value = weight
-        for module in self.deltas[name]:
+        for module in modules:
             a, b = self.adapter.factors(module)
             if whole:
                 delta = delta_weight(a, b, module.scaling, module.transpose)
+                wide = value
             else:
-                delta = delta_rows(a, b, module.scaling, module.transpose, first, last)
-            # Δ + W in float32, in Δ's fresh buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
+                rows, columns = value.shape
+                delta = delta_rows(a, b, module.scaling, module.transpose, first, last,
+                                   out=self._scratch(0, rows, columns))
+                wide = self._scratch(1, rows, columns)   # float(W) in place: a mixed-dtype add costs 4× more
+                wide = value if wide is None else wide.copy_(value)
+            # Δ + W in float32, in Δ's buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
             # commutes) without a float32 copy of W and a third buffer (the fold was allocation-bound)
-            value = delta.add_(value)
-            if len(self.deltas[name]) > 1:   # merge_and_unload rounds after each module (tied embeddings)
+            value = delta.add_(wide)
+            if len(modules) > 1:   # merge_and_unload rounds after each module (tied embeddings)
                 value = value.to(weight.dtype)
-        return value.to(weight.dtype).contiguous()   # (B @ A)ᵀ of embeddings is a transposed view until here
+        # a fresh, contiguous tensor in W's dtype ((B @ A)ᵀ of embeddings is a transposed view, and scratch
+        # buffers are reused by the thread's next piece)
+        return torch.empty(value.shape, dtype=weight.dtype).copy_(value)
 
     def describe_files(self) -> list[dict]:
         described = self.base.describe_files()

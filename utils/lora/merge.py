@@ -86,6 +86,8 @@ def merge_adapters(job: LoraMergeJob) -> dict:
     if Path(job.output_dir).exists() and not job.overwrite:
         raise AdapterError(f"output folder {job.output_dir} already exists; pass --overwrite to replace it")
     adapters = [LoraAdapter(folder, source) for folder, source in zip(folders, job.adapters)]
+    for adapter in adapters:   # checked by PEFT's LoraConfig here: the merged adapter is written through it
+        adapter.config
     _check_same_base(adapters, job.base_model)
     combination = options.combination if len(adapters) > 1 or options.combination in KNOTS_RULES else "linear"
     options = CombineOptions(**{**asdict(options), "combination": combination})   # PEFT: one adapter → linear
