@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .adapter import CONV1D_MODEL_TYPES, AdapterError, LoraAdapter, LoraModule, 
 # pieces up to this many elements fold in per-thread float32 scratch buffers (a fresh buffer per piece paid
 # its page faults again: ~40 % of the fold); larger (whole) tensors get fresh buffers
 SCRATCH_MAX = 1 << 22
+FACTOR_CACHE = 8   # modules whose float32 factors are kept: a large tensor's pieces re-read them (up to 4 MB each)
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                       "shared.weight", "tok_embeddings.weight")
 
@@ -85,6 +87,22 @@ class AdaptedReader:
         for target in self.deltas:   # the embedding before the tied head: the order merge_and_unload adds them in
             self.deltas[target].sort(key=lambda m: m.module.endswith("lm_head"))
         self._local = threading.local()   # each reading thread's scratch buffers
+        self._factors: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._factors_lock = threading.Lock()
+
+    def _float_factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of `module` in float32 (PEFT's get_delta_weight upcasts them), read once per module while
+        its tensor's pieces are folded: every piece of the embedding read all of A (and of lm_head all of B)."""
+        with self._factors_lock:
+            if module.module in self._factors:
+                self._factors.move_to_end(module.module)
+                return self._factors[module.module]
+        a, b = (factor.float() for factor in self.adapter.factors(module))
+        with self._factors_lock:
+            self._factors[module.module] = (a, b)
+            while len(self._factors) > FACTOR_CACHE:
+                self._factors.popitem(last=False)
+        return a, b
 
     def _scratch(self, slot: int, rows: int, columns: int) -> torch.Tensor | None:
         """This thread's float32 scratch buffer `slot` viewed as rows × columns (None above SCRATCH_MAX)."""
@@ -180,7 +198,7 @@ class AdaptedReader:
         modules = self.deltas[name]
         value = weight
         for module in modules:
-            a, b = self.adapter.factors(module)
+            a, b = self._float_factors(module)
             if whole:
                 delta = delta_weight(a, b, module.scaling, module.transpose)
                 wide = value
