@@ -138,13 +138,16 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: the tensors cover {position} bytes of a {data_size}-byte data "
                                   f"section")
 
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor."""
+    def read(self, name: str, start: int | None = None, stop: int | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor; read into the uint8
+        buffer `out` when it is given and large enough (a caller's scratch: the result is a view of it)."""
         info = self.tensors[name]
         itemsize = torch.empty((), dtype=info.dtype).element_size()
         first = info.start + (start or 0) * itemsize
         last = info.end if stop is None else info.start + stop * itemsize
-        buffer = torch.empty(last - first, dtype=torch.uint8)
+        fits = out is not None and out.dtype == torch.uint8 and out.is_contiguous() and out.numel() >= last - first
+        buffer = out[:last - first] if fits else torch.empty(last - first, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -222,10 +225,12 @@ class CheckpointReader:
         tensor = self._loaded[self._pickled[name]][name]
         return tensor.dtype, tuple(tensor.shape)
 
-    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor."""
+    def get(self, name: str, start: int | None = None, stop: int | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor, or flat elements [start, stop) of it as a 1-D tensor (`out`: see
+        SafetensorsFile.read; a view of it is returned, so only for reads that do not escape)."""
         if name in self._files:
-            return self._files[name].read(name, start, stop)
+            return self._files[name].read(name, start, stop, out)
         tensor = self._loaded[self._pickled[name]][name]
         if start is None and stop is None:
             return tensor.clone()

@@ -104,14 +104,14 @@ class AdaptedReader:
                 self._factors.popitem(last=False)
         return a, b
 
-    def _scratch(self, slot: int, rows: int, columns: int) -> torch.Tensor | None:
-        """This thread's float32 scratch buffer `slot` viewed as rows × columns (None above SCRATCH_MAX)."""
+    def _scratch(self, slot: int, rows: int, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """This thread's scratch buffer `slot` viewed as rows × columns of `dtype` (None above SCRATCH_MAX)."""
         numel = rows * columns
         if numel > SCRATCH_MAX:
             return None
         buffers = self._local.__dict__.setdefault("buffers", {})
-        if slot not in buffers or buffers[slot].numel() < numel:
-            buffers[slot] = torch.empty(numel, dtype=torch.float32)
+        if slot not in buffers or buffers[slot].numel() < numel or buffers[slot].dtype != dtype:
+            buffers[slot] = torch.empty(numel, dtype=dtype)
         return buffers[slot][:numel].view(rows, columns)
 
     def _check_base_name(self, base_source: str, base_folder: Path) -> None:
@@ -187,7 +187,12 @@ class AdaptedReader:
             return self._fold(self.base.get(name), name, 0, shape[0])
         columns = shape[1]
         first, last = start // columns, -(-stop // columns)
-        rows = self.base.get(name, first * columns, last * columns).reshape(last - first, columns)
+        # the base rows only feed the fold (copied into float32 there): read into this thread's byte scratch
+        # rather than a fresh buffer (its page faults cost as much as the read)
+        itemsize = torch.empty((), dtype=self.base.info(name)[0]).element_size()
+        into = self._scratch(2, (last - first) * itemsize, columns, torch.uint8)
+        rows = self.base.get(name, first * columns, last * columns,
+                             out=None if into is None else into.view(-1)).reshape(last - first, columns)
         folded = self._fold(rows, name, first, last, whole=False).reshape(-1)
         offset = first * columns
         if start == offset and stop - offset == folded.numel():   # a row-aligned piece: the fold is the piece
