@@ -167,3 +167,22 @@ def test_gta_accumulation_per_model_is_bitwise_the_stacked_reduction(dtype):
 def _bits(tensor):
     """The bit patterns (so that −0 and +0 differ)."""
     return tensor.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def test_random_keep_compares_draws_as_torch_does():
+    """DARE keep masks are drawn with NumPy's comparison: the same booleans as torch's `u < density`
+    (float32 draws against the density rounded to float32), also for densities next to a draw value."""
+    import numpy as np
+
+    from model_merging_methods.recipe_methods import _random_keep
+
+    draws = torch.tensor([k / 2**24 for k in range(5033160, 5033170)], dtype=torch.float32)
+
+    class Fixed:
+        def uniform(self, count):
+            return draws.clone()
+
+    for density in (5033165 / 2**24, 5033165 / 2**24 + 1e-12, 5033165 / 2**24 - 1e-12, 0.3, 0.30000001):
+        expected = (draws < density).numpy()
+        assert np.array_equal(_random_keep(draws, Fixed(), density), expected), density
+    assert (draws < 5033165 / 2**24 + 1e-12).sum() == 5   # the case that tells float32 from float64 comparison
