@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .mergekit_spherical import _sum_lazily, checked
-from .recipe_methods import TensorGroupCall
+from .recipe_methods import TensorGroupCall, in_blocks
 from .selection import kth_smallest, rank_statistics
 
 
@@ -127,10 +127,14 @@ def ram_tensor(base: torch.Tensor, others: list[torch.Tensor], epsilon: float = 
     c = 0 (entries with |δ_i| ≤ ε are dropped). Elementwise."""
     if not others:
         return base
-    task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
-    kept = task_vectors * nonzero
-    merged = ((kept * unique) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)
+
+    def combine(base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+        task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
+        kept = task_vectors * nonzero
+        merged = ((kept * unique) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+
+    return in_blocks(combine, base, others)   # entrywise: cache-sized blocks, the same bits
 
 
 def ramplus_tl_counts(nonzero: torch.Tensor, overlap: torch.Tensor,
@@ -155,13 +159,17 @@ def ramplus_tl_tensor(base: torch.Tensor, others: list[torch.Tensor], r: float =
     `lambdas`: the whole tensor's λ when this is a flat piece of it (the streamed form, same bits)."""
     if not others:
         return base
-    task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
     if lambdas is None:
-        lambdas = ramplus_tl_lambdas(*ramplus_tl_counts(nonzero, overlap, unique), r, alpha, epsilon)
-    kept = task_vectors * nonzero
-    merged = ((kept * unique * lambdas.unsqueeze(-1))
-              + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)
+        lambdas = ramplus_tl_lambdas(*ramplus_tl_piece_counts(base, others, epsilon), r, alpha, epsilon)
+
+    def combine(base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+        task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
+        kept = task_vectors * nonzero
+        merged = ((kept * unique * lambdas.unsqueeze(-1))
+                  + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+
+    return in_blocks(combine, base, others)   # entrywise given λ: cache-sized blocks, the same bits
 
 
 def ramplus_tl_piece_counts(base: torch.Tensor, others: list[torch.Tensor],
