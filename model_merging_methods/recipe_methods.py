@@ -32,7 +32,7 @@ import torch
 
 from .options import DEFAULT_TIE_ORDER, REQUIRED, MergeError, MethodParameter
 from .randomness import RandomSlot
-from .selection import KeepRule, RankStat, pieces_of, rank_statistics, rank_window_rule, top_k_rule
+from .selection import KeepRule, as_mask, RankStat, pieces_of, rank_statistics, rank_window_rule, top_k_rule
 
 RecipeParameter = MethodParameter   # the parameter declaration lives in options.py (the registry loads without torch)
 
@@ -311,7 +311,7 @@ def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = Fals
         return torch.zeros_like(delta)
     cut = RankCut("magnitude", density)
     if tie_order == "index":
-        return _rescaled(delta, cut.mask(delta).to(delta.dtype), rescale)
+        return _rescaled(delta, as_mask(cut.mask(delta), delta.dtype), rescale)
     return _rescaled(delta, cut.argsort_mask(delta, cut.argsort_order(delta)), rescale, mergekit_sums=True)
 
 
@@ -324,7 +324,7 @@ def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale
         return delta
     cut = RankCut("outliers", density, gamma)
     if tie_order == "index":
-        return _rescaled(delta, cut.mask(delta).to(delta.dtype), rescale)
+        return _rescaled(delta, as_mask(cut.mask(delta), delta.dtype), rescale)
     return _rescaled(delta, cut.argsort_mask(delta, cut.argsort_order(delta)), rescale, mergekit_sums=True)
 
 
@@ -394,7 +394,7 @@ class PieceSparsifier:
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
         if self.rule is not None:
-            return delta * self.rule.mask(delta.abs().float(), self.tie_offsets)
+            return delta * as_mask(self.rule.mask(delta.abs().float(), self.tie_offsets), delta.dtype)
         return delta.to(_draw_dtype(delta)) * self._keep_mask(delta)
 
     def work_dtype(self, delta: torch.Tensor) -> torch.dtype:

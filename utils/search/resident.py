@@ -35,7 +35,7 @@ from model_merging_methods.options import DEFAULT_TIE_ORDER
 from model_merging_methods.randomness import RandomSlot
 from model_merging_methods.recipe_methods import RankCut, TensorGroupCall, passthrough, run_group
 from model_merging_methods.registry import get_method
-from model_merging_methods.selection import RankStat
+from model_merging_methods.selection import RankStat, as_mask
 from utils.engine.reader import CheckpointError, CheckpointReader
 from utils.recipes.architecture import infer_layout
 from utils.recipes.planner import InputModel, plan_recipe
@@ -107,7 +107,7 @@ class _RankCutSparsifier:
             return torch.zeros_like(delta)
         if self.tie_order == "index":
             rule = self.cut.rule(n, [_order_statistic(self.kept, rank) for rank in self.cut.ranks(n)])
-            return delta * rule.mask(delta.abs().float()).to(delta.dtype)
+            return delta * as_mask(rule.mask(delta.abs().float()), delta.dtype)
         return delta * self.cut.rank_mask(delta, self.kept)
 
 
