@@ -1,7 +1,7 @@
 """PEFT LoRA adapter folders, read and checked against the base checkpoint they go on.
 
-An adapter folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.json`` (parsed by PEFT's
-own ``LoraConfig``) and ``adapter_model.safetensors`` whose keys are ``base_model.model.<module>.<part>``:
+An adapter folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.json`` (see below for how
+it is read) and ``adapter_model.safetensors`` whose keys are ``base_model.model.<module>.<part>``:
 
 - ``lora_A.weight`` (r × in) and ``lora_B.weight`` (out × r) of a Linear / Conv1D module;
 - ``lora_embedding_A`` (r × num_embeddings) and ``lora_embedding_B`` (dim × r) of an Embedding;
