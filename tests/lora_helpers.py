@@ -45,8 +45,11 @@ def load_base(folder: Path, dtype: torch.dtype | None = None):
 
 
 def make_adapter(base: Path, folder: Path, seed: int = 1, scale: float = 1.0, **config) -> Path:
-    """A PEFT LoRA adapter of `base` with random (non-zero) A and B, saved by PEFT itself."""
+    """A PEFT LoRA adapter of `base` with random (non-zero) A and B, saved by PEFT itself (config key
+    save_embedding_layers: passed to save_pretrained, not to LoraConfig)."""
     from peft import LoraConfig, get_peft_model
+
+    save_embedding_layers = config.pop("save_embedding_layers", "auto")
 
     model = load_base(base)
     torch.manual_seed(seed)
@@ -58,7 +61,7 @@ def make_adapter(base: Path, folder: Path, seed: int = 1, scale: float = 1.0, **
                 parameter.mul_(scale)
             elif parameter.requires_grad:   # modules_to_save / trained biases: make them differ from the base
                 parameter.add_(0.1 * torch.randn_like(parameter))
-    peft_model.save_pretrained(folder)
+    peft_model.save_pretrained(folder, save_embedding_layers=save_embedding_layers)
     return folder
 
 

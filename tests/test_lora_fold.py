@@ -20,6 +20,9 @@ CASES = {
                                                                 modules_to_save=["norm"])),
     "llama_rslora_patterns": (tiny_llama, {}, dict(r=4, lora_alpha=6, use_rslora=True, rank_pattern={"v_proj": 2},
                                                    alpha_pattern={"q_proj": 3}, target_modules=["q_proj", "v_proj", "o_proj"])),
+    # two modules on one float32 tensor, folded from the base's own rows (no saved embedding copy)
+    "llama_tied_embedding_and_head": (tiny_llama, {"tied": True}, dict(r=4, lora_alpha=8, save_embedding_layers=False,
+                                                                       target_modules=["embed_tokens", "lm_head", "q_proj"])),
     "llama_bf16": (tiny_llama, {"dtype": torch.bfloat16}, dict(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"])),
     "gpt2_fan_in_fan_out": (tiny_gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
                                                 fan_in_fan_out=True, modules_to_save=["ln_f"])),

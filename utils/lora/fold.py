@@ -209,10 +209,11 @@ class AdaptedReader:
                 wide = value
             else:
                 rows, columns = value.shape
-                delta = delta_rows(a, b, module.scaling, module.transpose, first, last,
-                                   out=self._scratch(0, rows, columns))
+                # float(W) first: with a second module on a float32 tensor, W is still the product buffer
                 wide = self._scratch(1, rows, columns)   # float(W) in place: a mixed-dtype add costs 4× more
                 wide = value if wide is None else wide.copy_(value)
+                delta = delta_rows(a, b, module.scaling, module.transpose, first, last,
+                                   out=self._scratch(0, rows, columns))
             # Δ + W in float32, in Δ's buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
             # commutes) without a float32 copy of W and a third buffer (the fold was allocation-bound)
             value = delta.add_(wide)
