@@ -350,8 +350,8 @@ def _random_keep(delta: torch.Tensor, slot: RandomSlot, density: float) -> np.nd
 
 
 def _keep_to_mask(keep: np.ndarray, delta: torch.Tensor) -> torch.Tensor:
-    """A flat bool keep array as delta's 0/1 mask in the draw dtype (through uint8: the fast conversion)."""
-    return torch.from_numpy(keep.view(np.uint8)).view(delta.shape).to(device=delta.device, dtype=_draw_dtype(delta))
+    """A flat keep array (bool, or 0/1 uint8 as np.unpackbits gives) as delta's 0/1 mask in the draw dtype."""
+    return as_mask(torch.from_numpy(keep).view(delta.shape).to(delta.device), _draw_dtype(delta))
 
 
 def _random_mask(delta: torch.Tensor, slot: RandomSlot, density: float) -> torch.Tensor:
@@ -388,8 +388,7 @@ class PieceSparsifier:
         """DARE's keep mask of the piece in the draw dtype: the carried bits, else drawn from `slot`."""
         if self.packed_mask is None:
             return _random_mask(delta, self.slot, self.density)
-        bits = torch.from_numpy(np.unpackbits(self.packed_mask, count=delta.numel())).view(delta.shape)
-        return bits.to(device=delta.device, dtype=_draw_dtype(delta))
+        return _keep_to_mask(np.unpackbits(self.packed_mask, count=delta.numel()), delta)
 
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""

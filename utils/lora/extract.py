@@ -93,8 +93,7 @@ def _top_eigenpairs(gram: torch.Tensor, count: int | None, floor: float | None) 
         values, vectors = eigh(gram.numpy(), subset_by_index=[k - count, k - 1], driver="evr")
     else:
         values, vectors = eigh(gram.numpy(), subset_by_value=[floor, math.inf], driver="evr")
-    values, vectors = torch.from_numpy(values).flip(0), torch.from_numpy(vectors).flip(1)
-    return values, vectors
+    return torch.from_numpy(values).flip(0), torch.from_numpy(vectors).flip(1)
 
 
 def low_rank(delta: torch.Tensor, rank: int | None, sv_epsilon: float | None) -> tuple[torch.Tensor, torch.Tensor,

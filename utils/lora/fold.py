@@ -189,8 +189,7 @@ class AdaptedReader:
         first, last = start // columns, -(-stop // columns)
         # the base rows only feed the fold (copied into float32 there): read into this thread's byte scratch
         # rather than a fresh buffer (its page faults cost as much as the read)
-        itemsize = torch.empty((), dtype=self.base.info(name)[0]).element_size()
-        into = self._scratch(2, (last - first) * itemsize, columns, torch.uint8)
+        into = self._scratch(2, (last - first) * self.base.info(name)[0].itemsize, columns, torch.uint8)
         rows = self.base.get(name, first * columns, last * columns,
                              out=None if into is None else into.view(-1)).reshape(last - first, columns)
         folded = self._fold(rows, name, first, last, whole=False).reshape(-1)
@@ -215,7 +214,7 @@ class AdaptedReader:
                 delta = delta_rows(a, b, module.scaling, module.transpose, first, last,
                                    out=self._scratch(0, rows, columns))
             # Δ + W in float32, in Δ's buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
-            # commutes) without a float32 copy of W and a third buffer (the fold was allocation-bound)
+            # commutes); a whole tensor adds W as it is, a piece its float32 copy in scratch
             value = delta.add_(wide)
             if len(modules) > 1:   # merge_and_unload rounds after each module (tied embeddings)
                 value = value.to(weight.dtype)
