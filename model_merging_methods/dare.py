@@ -12,7 +12,7 @@ import torch
 
 from .options import DareOptions, MergeOptions, ResolvedDare, StateDict
 from .randomness import RandomSlot
-from .selection import kth_smallest, smallest_mask
+from .selection import as_mask, kth_smallest, smallest_mask
 from .validation import check_inputs, is_excluded
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def dare_tensor(x: torch.Tensor, dare: ResolvedDare, slot: RandomSlot,
     if p == 0.0:
         return x, x.numel()
     if dare.strategy == "random":
-        keep = slot.uniform(x.numel()).ge_(p).view(x.shape).to(x.device)  # 1.0 = kept
+        keep = as_mask(torch.from_numpy(~slot.below(x.numel(), p)), torch.float32).view(x.shape).to(x.device)
     elif dare.magnitude_rule == "original":
         count = int(x.numel() * p)
         magnitudes = x.abs()

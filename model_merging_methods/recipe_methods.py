@@ -188,9 +188,14 @@ def abs_sum(piece: torch.Tensor) -> float:
     the tensor's dtype) does not see."""
     if piece.device.type != "cpu":
         return float(piece.abs().sum(dtype=torch.float64))
+    return float(_abs_values(piece).sum(dtype=np.float64))
+
+
+def _abs_values(piece: torch.Tensor) -> np.ndarray:
+    """|x| of a CPU piece as a flat NumPy array: float64 for float64, float32 otherwise (exact), a new array."""
     values = piece.reshape(-1)
     values = values if values.dtype == torch.float64 else values.float()
-    return float(np.abs(values.numpy()).sum(dtype=np.float64))
+    return np.abs(values.numpy())
 
 
 def l1_norm(values: torch.Tensor) -> float:
@@ -344,9 +349,9 @@ def sparsify_random(delta: torch.Tensor, density: float, slot: RandomSlot, resca
 
 def _random_keep(delta: torch.Tensor, slot: RandomSlot, density: float) -> np.ndarray:
     """[u < density] (flat, bool) for the draws u of `slot` (delta's positions): the comparison torch makes,
-    float32 draws against the density rounded to float32, made in NumPy (torch's boolean ops and bool →
-    bfloat16 conversion cost ~8× more on CPUs; they were a third of a dare_ties merge)."""
-    return np.less(slot.uniform(delta.numel()).numpy(), np.float32(density))
+    float32 draws against the density rounded to float32, made in NumPy on the generator's bits
+    (RandomSlot.below; torch's boolean ops and bool → bfloat16 conversion cost ~8× more on CPUs)."""
+    return slot.below(delta.numel(), density)
 
 
 def _keep_to_mask(keep: np.ndarray, delta: torch.Tensor) -> torch.Tensor:
@@ -375,14 +380,26 @@ class PieceSparsifier:
     factor: Optional[torch.Tensor] = None
     packed_mask: Optional[np.ndarray] = None
 
-    def drawn(self, delta: torch.Tensor) -> tuple["PieceSparsifier", torch.Tensor]:
-        """(this sparsifier carrying the piece's DARE keep mask bit-packed (n/8 bytes), δ ⊙ m of the piece): the
-        statistics pass draws the mask once and the merge pass reads the bits (the same mask, the same bits)."""
-        if self.slot is None or self.packed_mask is not None:
-            return self, self.masked(delta)
-        keep = _random_keep(delta, self.slot, self.density)
-        mask = _keep_to_mask(keep, delta)
-        return replace(self, packed_mask=np.packbits(keep)), delta.to(mask.dtype) * mask
+    def l1_sums(self, delta: torch.Tensor) -> tuple["PieceSparsifier", float, float]:
+        """(this sparsifier carrying the piece's DARE keep mask bit-packed (n/8 bytes), Σ|δ|, Σ|δ ⊙ m|) for the
+        L1 rescale: abs_sum of δ and of masked(δ) in the work dtype. The statistics pass draws the mask once and
+        the merge pass reads the bits (the same mask). On the CPU both sums come from one |δ| (|δ ⊙ m| = |δ|·m
+        exactly: the same values, the same NumPy sums) and the masked piece is never formed."""
+        carrying, keep = self, None
+        if self.slot is not None and self.packed_mask is None:
+            keep = _random_keep(delta, self.slot, self.density)
+            carrying = replace(self, packed_mask=np.packbits(keep))
+        work = self.work_dtype(delta)
+        if delta.device.type != "cpu":
+            return carrying, abs_sum(delta.to(work)), abs_sum(carrying.masked(delta))
+        magnitudes = _abs_values(delta.to(work))
+        if self.rule is not None:
+            wide = torch.from_numpy(magnitudes) if magnitudes.dtype == np.float32 else delta.abs().float()
+            keep = self.rule.mask(wide.view(delta.shape), self.tie_offsets).numpy().reshape(-1)
+        elif keep is None:
+            keep = np.unpackbits(self.packed_mask, count=delta.numel()).view(bool)
+        before = float(magnitudes.sum(dtype=np.float64))
+        return carrying, before, float(np.multiply(magnitudes, keep, out=magnitudes).sum(dtype=np.float64))
 
     def _keep_mask(self, delta: torch.Tensor) -> torch.Tensor:
         """DARE's keep mask of the piece in the draw dtype: the carried bits, else drawn from `slot`."""

@@ -170,19 +170,25 @@ def _bits(tensor):
 
 
 def test_random_keep_compares_draws_as_torch_does():
-    """DARE keep masks are drawn with NumPy's comparison: the same booleans as torch's `u < density`
-    (float32 draws against the density rounded to float32), also for densities next to a draw value."""
+    """DARE keep masks come from RandomSlot.below, which compares the generator's bits: the same booleans as
+    torch's `u < density` on uniform()'s float32 draws (the density rounded to float32), also for densities
+    next to a draw value, at every offset of a piece that starts and ends inside a segment."""
     import numpy as np
 
+    from model_merging_methods import SEGMENT
     from model_merging_methods.recipe_methods import _random_keep
 
-    draws = torch.tensor([k / 2**24 for k in range(5033160, 5033170)], dtype=torch.float32)
-
-    class Fixed:
-        def uniform(self, count):
-            return draws.clone()
-
-    for density in (5033165 / 2**24, 5033165 / 2**24 + 1e-12, 5033165 / 2**24 - 1e-12, 0.3, 0.30000001):
+    total = SEGMENT + 1001
+    slot = RandomSlot(3, 1, "w", 0, total)
+    draws = slot.uniform(total)
+    value = float(draws[12345])                      # a draw value: the cut-off falls exactly on it
+    for density in (value, value + 1e-12, value - 1e-12, np.nextafter(np.float32(value), 1), 0.3, 0.30000001,
+                    0.5, 1e-9, 1.0, 0.0):
         expected = (draws < density).numpy()
-        assert np.array_equal(_random_keep(draws, Fixed(), density), expected), density
-    assert (draws < 5033165 / 2**24 + 1e-12).sum() == 5   # the case that tells float32 from float64 comparison
+        assert np.array_equal(slot.below(total, density), expected), density
+        assert np.array_equal(_random_keep(draws, slot, density), expected), density
+        for start, stop in ((7, 8), (3, SEGMENT + 5), (SEGMENT - 3, SEGMENT + 2), (SEGMENT + 1, total)):
+            piece = RandomSlot(3, 1, "w", start, total)
+            assert np.array_equal(piece.below(stop - start, density), expected[start:stop]), (density, start)
+    # the case that tells float32 from float64 comparison: the draw equal to `value` is not below it in float32
+    assert int((draws.double() < value + 1e-12).sum()) > int((draws < value + 1e-12).sum())

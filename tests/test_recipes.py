@@ -397,11 +397,12 @@ def test_sparsifying_merges_streamed_in_pieces_equal_whole_tensor_merges(cwd, mo
     # mask is drawn once, as for whole tensors
     from model_merging_methods.randomness import RandomSlot
 
-    uniform, drawn = RandomSlot.uniform, {}
+    below, drawn = RandomSlot.below, {}
     for label, piece in (("whole", 10**9), ("pieces", 100)):
         counts: list[int] = []
         monkeypatch.setattr(executor, "PIECE", piece)
-        monkeypatch.setattr(RandomSlot, "uniform", lambda self, count, counts=counts: counts.append(count) or uniform(self, count))
+        monkeypatch.setattr(RandomSlot, "below", lambda self, count, bound, counts=counts:
+                            counts.append(count) or below(self, count, bound))
         assert run(["--config", recipes["dare_ties"], "--output_dir", f"once-{label}", "--threads", "3"])[0] == 0
         drawn[label] = sum(counts)
     assert drawn["pieces"] == drawn["whole"] > 0

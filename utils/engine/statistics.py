@@ -31,7 +31,7 @@ import torch
 from model_merging_methods import recipe_methods
 from model_merging_methods.mergekit_consensus import ramplus_tl_lambdas, ramplus_tl_piece_counts
 from model_merging_methods.randomness import RandomSlot
-from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, abs_sum, accumulator_dtype, rescale_factor,
+from model_merging_methods.recipe_methods import (PieceSparsifier, RankCut, accumulator_dtype, rescale_factor,
                                                   slerp_chunk_dots, slerp_chunk_norms, slerp_coefficients, slerp_norm)
 from model_merging_methods.registry import MergeMethod
 from model_merging_methods.selection import KeepRule, RadixSelect, select_streamed
@@ -242,11 +242,10 @@ def _prepare_gta(method: MergeMethod, base: str, per_input: dict[str, dict], par
             index, span = piece
             out = {}
             for key, delta in deltas(span, set(rescaled)).items():
-                sparsifier, masked = rescaled[key].sparsifier(index, span, numel).drawn(delta)
+                sparsifier, before, after = rescaled[key].sparsifier(index, span, numel).l1_sums(delta)
                 if sparsifier.packed_mask is not None:
                     rescaled[key].masks[index] = sparsifier.packed_mask
-                work = sparsifier.work_dtype(delta)
-                out[key] = (abs_sum(delta.to(work)), abs_sum(masked), work)
+                out[key] = (before, after, sparsifier.work_dtype(delta))
             return out
 
         def add_l1(values: dict[str, tuple[float, float, torch.dtype]]) -> None:

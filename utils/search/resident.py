@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import re
 import time
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from model_merging_methods import MergeError, dare_inputs
@@ -80,6 +82,10 @@ class _CachedSlot:
         if self.draws.numel() != count:
             raise RuntimeError(f"cached draws of {self.slot.name!r}: {self.draws.numel()} kept, {count} asked")
         return self.draws
+
+    def below(self, count: int, bound: float) -> np.ndarray:
+        """RandomSlot.below from the cached draws (the same comparison)."""
+        return np.less(self.uniform(count).numpy(), np.float32(bound))
 
 
 def _order_statistic(ascending: torch.Tensor, rank: int) -> RankStat:
