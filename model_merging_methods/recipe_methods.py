@@ -445,6 +445,15 @@ def sparsify_della(delta: torch.Tensor, density: float, epsilon: float, slot: Ra
     return _rescaled(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
 
 
+def _accumulate(terms: list[torch.Tensor]) -> torch.Tensor:
+    """t_0 + t_1 + … in list order in the terms' dtype, a new tensor: _sum_in_order's sum before its rounding,
+    except that a sum of zeros may be −0 where that gives +0 (callers that use it say why that is harmless)."""
+    total = terms[0] + terms[1] if len(terms) > 1 else terms[0].clone()
+    for term in terms[2:]:
+        total += term
+    return total
+
+
 def _sum_in_order(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Σ terms accumulated from 0 in torch's accumulation dtype, in list order, rounded once to `dtype`:
     the bits of torch.stack(terms).sum(dim=0) (tests/test_recipe_methods.py checks it), without the stack."""
@@ -498,7 +507,9 @@ def gta_tensor(base: torch.Tensor, others: list[torch.Tensor], weights: list[flo
     for index, other in enumerate(others):
         delta = other - base
         delta = sparsify(index, delta) if sparsify is not None else delta
-        deltas.append(delta.mul_(w[index]) if delta is not other else delta * w[index])
+        if weights[index] != 1:                # (× 1 changes no bit: one pass fewer at the default weight)
+            delta = delta.mul_(w[index]) if delta is not other else delta * w[index]
+        deltas.append(delta)
     return in_blocks(lambda b, d: _gta_combine(b, d, w, consensus, normalize, lam), base, deltas)
 
 
@@ -509,14 +520,17 @@ def _gta_combine(base: torch.Tensor, deltas: list[torch.Tensor], w: torch.Tensor
     if consensus:
         # In the accumulation dtype (exact copies of the Δ_i). With s the elected ±1, sign(Δ_i) = s exactly
         # when Δ_i·s > 0 (0 and NaN never agree), so the agreeing terms are relu(Δ_i·s) and
-        # Σ m_i Δ_i = s · Σ relu(Δ_i·s): negation commutes with every rounding, so this is the same sum
-        # (+ 0 turns the −0 of an empty sum with s = −1 back into mergekit's +0).
+        # Σ m_i Δ_i = s · Σ relu(Δ_i·s): negation commutes with every rounding, so this is the same sum.
         # Only float arithmetic below: on CPUs, torch's boolean masks cost several float ops each.
+        # Passes saved, same bits: (1) the sums start from the first term, not from a zero (0 + x = x but for
+        # x = −0, and a zero sum elects + and ends as +0 either way); (2) the election reads the unrounded
+        # sum: every Δ_i is a `dtype` value, so a sum of them is 0 or at least dtype's smallest subnormal in
+        # magnitude and rounds to a nonzero of the same sign; (3) s·Σ + 0 (the + 0 turns the −0 of an empty sum
+        # with s = −1 back into mergekit's +0) is one fused pass before the rounding, for the same reason.
         wide = [delta.to(accumulator_dtype(dtype)) for delta in deltas]   # (float32: the Δ_i themselves)
-        total = _sum_in_order(wide, dtype).to(wide[0].dtype)
-        majority = total.sign_().add_(0.5).sign_()                  # ±1, with 0 (and −0) electing +1
+        majority = _accumulate(wide).sign_().add_(0.5).sign_()    # ±1, with 0 (and −0) electing +1
         agreeing = [term.mul_(majority).clamp_(min=0) for term in wide]
-        mixed = _sum_in_order(agreeing, dtype).mul_(majority.to(dtype)).add_(0)
+        mixed = torch.addcmul(majority.new_zeros(()), _accumulate(agreeing), majority).to(dtype)
         if normalize:   # (14 of the ~45 passes: only when used; dare_ties does not normalize by default)
             divisor = torch.zeros_like(majority)
             for weight, term in zip(w.tolist(), agreeing):
