@@ -300,8 +300,7 @@ class RankCut:
 
     def mask(self, delta: torch.Tensor) -> torch.Tensor:
         """The whole tensor's keep-mask (ties in flat order), by radix selection: no sort."""
-        magnitudes = delta.abs().float()
-        return self.rule(delta.numel(), rank_statistics(delta, self.ranks(delta.numel()))).mask(magnitudes)
+        return self.rule(delta.numel(), rank_statistics(delta, self.ranks(delta.numel()))).mask_of(delta)
 
 
 def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = False,
@@ -410,7 +409,7 @@ class PieceSparsifier:
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
         if self.rule is not None:
-            return delta * as_mask(self.rule.mask(delta.abs().float(), self.tie_offsets), delta.dtype)
+            return delta * as_mask(self.rule.mask_of(delta, self.tie_offsets), delta.dtype)
         return delta.to(_draw_dtype(delta)) * self._keep_mask(delta)
 
     def work_dtype(self, delta: torch.Tensor) -> torch.dtype:
@@ -531,12 +530,19 @@ def _gta_combine(base: torch.Tensor, deltas: list[torch.Tensor], w: torch.Tensor
         majority = _accumulate(wide).sign_().add_(0.5).sign_()    # ±1, with 0 (and −0) electing +1
         agreeing = [term.mul_(majority).clamp_(min=0) for term in wide]
         mixed = torch.addcmul(majority.new_zeros(()), _accumulate(agreeing), majority).to(dtype)
-        if normalize:   # (14 of the ~45 passes: only when used; dare_ties does not normalize by default)
-            divisor = torch.zeros_like(majority)
-            for weight, term in zip(w.tolist(), agreeing):
-                divisor.add_(term.sign_(), alpha=weight)             # sign: 1 where the model agrees, else 0
-            divisor = divisor.to(dtype).to(majority.dtype)
-            mixed /= divisor.add_(1 - divisor.abs().sign()).to(dtype)   # Σ = 0 → 1
+        if normalize:   # (only when used; dare_ties does not normalize by default)
+            weights = w.tolist()
+            if all(weight == 1 for weight in weights) and len(weights) <= 2 / torch.finfo(dtype).eps:
+                # the divisor is the number of agreeing models: an integer every dtype holds exactly (no
+                # rounding to do), and max(count, 1) is the 0 → 1 rule (a −0 count is 0 too); 5 passes fewer
+                divisor = _accumulate([term.sign_() for term in agreeing]).clamp_(min=1)
+            else:
+                divisor = torch.zeros_like(majority)
+                for weight, term in zip(weights, agreeing):
+                    divisor.add_(term.sign_(), alpha=weight)             # sign: 1 where the model agrees, else 0
+                divisor = divisor.to(dtype).to(majority.dtype)
+                divisor.add_(1 - divisor.abs().sign())                   # Σ = 0 → 1
+            mixed /= divisor.to(dtype)
     else:
         mixed = _sum_in_order(deltas, dtype)
         if normalize:

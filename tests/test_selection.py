@@ -207,6 +207,9 @@ def test_keep_rules_equal_a_stable_sort_whole_and_in_pieces(seed):
         expected[_stable_positions(magnitudes, True)[:k]] = True
         assert torch.equal(rule.mask(magnitudes), expected)
         assert torch.equal(_masks_by_pieces(rule, magnitudes, cuts), expected)
+        if x.dtype == torch.bfloat16:      # compared by bit pattern: x itself, whole and in pieces
+            assert torch.equal(rule.mask_of(x), expected)
+            assert torch.equal(_masks_by_pieces(rule, x, cuts), expected)
         first = int(torch.randint(0, n, (), generator=generator))
         count = int(torch.randint(1, n - first + 1, (), generator=generator))
         rule = rank_window_rule(first, count, *rank_statistics(x, [first + 1, first + count]))
@@ -214,3 +217,28 @@ def test_keep_rules_equal_a_stable_sort_whole_and_in_pieces(seed):
         expected[_stable_positions(magnitudes, False)[first:first + count]] = True
         assert torch.equal(rule.mask(magnitudes), expected)
         assert torch.equal(_masks_by_pieces(rule, magnitudes, cuts), expected)
+        if x.dtype == torch.bfloat16:
+            assert torch.equal(rule.mask_of(x), expected)
+
+
+def test_bfloat16_bit_pattern_comparisons_equal_float32_ones():
+    """KeepRule's bfloat16 path compares bit patterns: the same booleans as comparing the float32 values with
+    the bound rounded to float32, for bounds on and off the bfloat16 grid, zeros of either sign, subnormals,
+    ±inf and negative bounds (NaN entries aside: their masked product is NaN either way)."""
+    import operator
+
+    import numpy as np
+
+    from model_merging_methods.selection import _bfloat16_compare
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(5000, generator=generator) * 10.0 ** torch.randint(-40, 5, (5000,), generator=generator),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3e38])]).bfloat16()
+    patterns = x.view(torch.int16).numpy().view(np.uint16) & 0x7FFF
+    magnitudes = x.abs().float().numpy()
+    grid = [float(v) for v in x.abs().float()[:200]]
+    bounds = grid + [np.nextafter(np.float32(v), np.float32(np.inf)).item() for v in grid] + [
+        0.0, -0.0, -1.0, float("-inf"), float("inf"), 1e-45, 1e-39, 0.1, 1 / 3, 3.3e38, 1e39]
+    for bound in bounds:
+        for op in (operator.gt, operator.lt, operator.eq):
+            assert np.array_equal(_bfloat16_compare(patterns, op, bound), op(magnitudes, np.float32(bound))), (op, bound)

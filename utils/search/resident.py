@@ -113,7 +113,7 @@ class _RankCutSparsifier:
             return torch.zeros_like(delta)
         if self.tie_order == "index":
             rule = self.cut.rule(n, [_order_statistic(self.kept, rank) for rank in self.cut.ranks(n)])
-            return delta * as_mask(rule.mask(delta.abs().float()), delta.dtype)
+            return delta * as_mask(rule.mask_of(delta), delta.dtype)
         return delta * self.cut.rank_mask(delta, self.kept)
 
 
