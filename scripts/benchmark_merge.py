@@ -227,13 +227,22 @@ def mergekit_config(method: BenchMethod, models: list[Path], path: Path) -> None
     path.write_text("\n".join(lines) + "\n")
 
 
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--params", type=float, default=0.84, help="billions of parameters per model")
     parser.add_argument("--variants", type=int, default=3, help="fine-tuned variants besides the base")
     parser.add_argument("--fixture_dir", default=None, help="where the fixture is built/reused (default: a temp dir)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds; each round runs every measurement once, in order (medians reported)")
     parser.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable (another venv)")
     parser.add_argument("--json_out", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--recipes", nargs="*", default=[], choices=list(RECIPES),
@@ -257,18 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                     str(args.variants), "--fixture_dir", str(fixture)], check=True)
     models = [fixture / "base"] + [fixture / f"variant{i}" for i in range(args.variants)]
     work = Path(tempfile.mkdtemp(prefix="merge-bench-out-"))
-    rows = []
+    jobs = []   # (label, tool, command maker, env): run in rounds, so a drift of the machine's speed hits all alike
 
     def measure(label, tool, make_command, env=None):
-        runs = []
-        for repeat in range(args.repeats):
-            out = work / f"{tool.replace(' ', '_')}-{label}-{repeat}"
-            runs.append(timed(make_command(out), env))
-            shutil.rmtree(out, ignore_errors=True)
-        wall = statistics.median(r[0] for r in runs)
-        rss = statistics.median(r[1] for r in runs)
-        rows.append({"method": label, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gib": round(rss, 2)})
-        print(f"{label:16s} {tool:20s} {wall:8.2f} s {rss:6.2f} GiB", flush=True)
+        jobs.append((label, tool, make_command, env))
 
     floor = lambda out: [sys.executable, __file__, "--floor_only", *map(str, models), str(out)]  # noqa: E731
     if not args.skip_floor:
@@ -299,12 +300,27 @@ def main(argv: list[str] | None = None) -> int:
             measure(f"recipe {label}", "mergekit", lambda out, recipe=recipe: [
                 args.mergekit, str(recipe), str(out), "--random-seed", "0", "--no-write-model-card",
                 "--no-copy-tokenizer"])
-    print("\n| method | tool | wall (s) | peak RSS (GiB) |\n|---|---|---|---|")
+    runs: dict[int, list] = {index: [] for index in range(len(jobs))}
+    for repeat in range(args.repeats):          # round r runs every measurement once, in the order given
+        for index, (label, tool, make_command, env) in enumerate(jobs):
+            out = work / f"{tool.replace(' ', '_')}-{label}-{repeat}"
+            load = os.getloadavg()[0]
+            wall, rss = timed(make_command(out), env)
+            runs[index].append({"wall_s": round(wall, 2), "peak_rss_gib": round(rss, 2), "load_before": round(load, 2)})
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"round {repeat + 1}: {label:16s} {tool:20s} {wall:8.2f} s {rss:6.2f} GiB (load {load:.2f})", flush=True)
+    rows = [{"method": label, "tool": tool, "wall_s": round(statistics.median(r["wall_s"] for r in runs[index]), 2),
+             "peak_rss_gib": round(statistics.median(r["peak_rss_gib"] for r in runs[index]), 2), "runs": runs[index]}
+            for index, (label, tool, _, _) in enumerate(jobs)]
+    linear = next((row["wall_s"] for row in rows if row["method"] == "linear" and row["tool"] == "merge_models"), None)
+    print("\n| method | tool | wall (s) | peak RSS (GiB) | × linear |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['tool']} | {row['wall_s']} | {row['peak_rss_gib']} |")
+        ratio = f"{row['wall_s'] / linear:.2f}" if linear else "–"
+        print(f"| {row['method']} | {row['tool']} | {row['wall_s']} | {row['peak_rss_gib']} | {ratio} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"params_billion": args.params, "variants": args.variants,
-                                                   "rows": rows}, indent=2))
+                                                   "repeats": args.repeats, "interleaved": True,
+                                                   "commit": _commit(), "rows": rows}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     if args.fixture_dir is None:
         shutil.rmtree(fixture, ignore_errors=True)
