@@ -363,6 +363,11 @@ def _random_mask(delta: torch.Tensor, slot: RandomSlot, density: float) -> torch
     return _keep_to_mask(_random_keep(delta, slot, density), delta)
 
 
+# the integer dtype of each float dtype's width (bit-pattern arithmetic on masks)
+_SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}
+
+
 @dataclass(frozen=True)
 class PieceSparsifier:
     """One input's sparsification of one flat piece of a tensor, prepared from whole-tensor statistics
@@ -406,6 +411,18 @@ class PieceSparsifier:
             return _random_mask(delta, self.slot, self.density)
         return _keep_to_mask(np.unpackbits(self.packed_mask, count=delta.numel()), delta)
 
+    def _scaled_keep_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """m·f (the kept entries f, the others +0) in the draw dtype, built from f's bit pattern times the 0/1
+        keep bits (an integer product: no float pass). δ·(m·f) has the bits of (δ·m)·f: δ·1·f and δ·f round
+        once alike, and for f > 0 (an L1 ratio) δ·0·f and δ·(+0) are both the zero of δ's sign (NaN for ±inf
+        or NaN δ)."""
+        work = _draw_dtype(delta)
+        integer = _SAME_WIDTH_INT[work]
+        keep = (np.unpackbits(self.packed_mask, count=delta.numel()) if self.packed_mask is not None
+                else _random_keep(delta, self.slot, self.density).view(np.uint8))
+        pattern = int(self.factor.to(work).view(integer))
+        return torch.from_numpy(keep).view(delta.shape).to(integer).mul_(pattern).view(work).to(delta.device)
+
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
         if self.rule is not None:
@@ -416,6 +433,8 @@ class PieceSparsifier:
         return delta.dtype if self.rule is not None else _draw_dtype(delta)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.rule is None and self.factor is not None and self.factor > 0 and _draw_dtype(delta) in _SAME_WIDTH_INT:
+            return (delta.to(_draw_dtype(delta)) * self._scaled_keep_mask(delta)).to(delta.dtype)   # one product
         masked = self.masked(delta)
         if self.factor is not None:
             masked = masked * self.factor
