@@ -33,6 +33,7 @@ import torch
 from .options import DEFAULT_TIE_ORDER, REQUIRED, MergeError, MethodParameter
 from .randomness import RandomSlot
 from .selection import KeepRule, as_mask, RankStat, pieces_of, rank_statistics, rank_window_rule, top_k_rule
+from .sort_window import argsort_window_keep
 
 RecipeParameter = MethodParameter   # the parameter declaration lives in options.py (the registry loads without torch)
 
@@ -283,6 +284,17 @@ class RankCut:
         mask[order[self.argsort_window(delta.numel())]] = 1
         return mask.reshape_as(delta)
 
+    def argsort_keep(self, delta: torch.Tensor) -> torch.Tensor:
+        """argsort_mask(delta, argsort_order(delta)) — the same entries — without the sort on the CPU: the
+        partitions of torch's sort that decide the window, replayed (sort_window; 2–3× faster, checked
+        against torch's sort once per process, torch's own sort where that check fails)."""
+        magnitudes = delta.abs().reshape(-1)
+        if magnitudes.device.type == "cpu":
+            magnitudes = magnitudes.float()
+        window = self.argsort_window(delta.numel())
+        keep = argsort_window_keep(magnitudes, window.start, window.stop, descending=self.kind == "magnitude")
+        return as_mask(keep, delta.dtype).reshape_as(delta)
+
     def argsort_ranks(self, delta: torch.Tensor) -> torch.Tensor:
         """Each flat entry's position in argsort_order (the inverse permutation; int32 below 2^31 entries): any
         density's argsort_mask is then one comparison (rank_mask) instead of a scatter of k positions."""
@@ -316,7 +328,7 @@ def sparsify_magnitude(delta: torch.Tensor, density: float, rescale: bool = Fals
     cut = RankCut("magnitude", density)
     if tie_order == "index":
         return _rescaled(delta, as_mask(cut.mask(delta), delta.dtype), rescale)
-    return _rescaled(delta, cut.argsort_mask(delta, cut.argsort_order(delta)), rescale, mergekit_sums=True)
+    return _rescaled(delta, cut.argsort_keep(delta), rescale, mergekit_sums=True)
 
 
 def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False,
@@ -329,7 +341,7 @@ def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, rescale
     cut = RankCut("outliers", density, gamma)
     if tie_order == "index":
         return _rescaled(delta, as_mask(cut.mask(delta), delta.dtype), rescale)
-    return _rescaled(delta, cut.argsort_mask(delta, cut.argsort_order(delta)), rescale, mergekit_sums=True)
+    return _rescaled(delta, cut.argsort_keep(delta), rescale, mergekit_sums=True)
 
 
 def _draw_dtype(delta: torch.Tensor) -> torch.dtype:

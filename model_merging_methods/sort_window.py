@@ -1,0 +1,116 @@
+"""Which entries torch's CPU sort puts at positions [lo, hi), without sorting.
+
+mergekit's TIES / Breadcrumbs cut-offs take a window of `torch.argsort(|δ|)` (descending for the top k,
+ascending for Breadcrumbs), so at a cut-off value shared by many entries (every bfloat16 task vector) the kept
+ones are those the sort happens to put first. On the CPU torch sorts (value, index) pairs with libstdc++'s
+`std::sort` (introsort: median-of-three pivot, unguarded Hoare partition, a final insertion sort of runs of at
+most 16; heapsort past a depth of 2·⌊log₂ n⌋). That procedure is deterministic, and which entries end up in a
+window depends only on the partitions of the segments that straddle the window's ends: a segment wholly inside
+or outside is decided as a set, whatever its inner order. `window_keep` replays exactly those partitions in
+NumPy — expected O(n) work instead of O(n log n) comparisons, 2–3× faster than the sort on large tensors.
+
+It is only as right as the assumption that this torch build sorts with that algorithm (true of the Linux
+wheels; not necessarily of other platforms' standard libraries), so `argsort_window_keep` checks it once per
+process against `torch.sort` on tie-heavy data and uses torch's own sort when the check fails, when values are
+NaN, or when the replay would need the heapsort fallback.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import torch
+
+INSERTION_RUN = 16   # libstdc++'s _S_threshold: runs this short are left to the final insertion sort
+
+
+def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool) -> Optional[np.ndarray]:
+    """keep[i] = entry i lands at a position in [lo, hi) when libstdc++'s std::sort orders the flat, NaN-free
+    `values` with comp(a, b) = a > b (descending) or a < b; None where the replay would reach the heapsort
+    fallback. The partitions replayed: pivot = median of (first + 1, mid, last − 1) moved to first; the left
+    scan stops at every x with ¬comp(x, p), the right scan at every x with ¬comp(p, x); the t-th stops are
+    swapped while the left one lies before the right one; the cut is where the left scan then stops."""
+    n = values.size
+    keep = np.zeros(n, dtype=bool)
+    not_comp = np.less_equal if descending else np.greater_equal           # ¬comp(a, b) as a ufunc
+    comp = (lambda a, b: a > b) if descending else (lambda a, b: a < b)   # noqa: E731
+    # segments to replay: (values in their current order, original indices, offset in the sorted array, depth)
+    segments = [(values.copy(), np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), 0,
+                 2 * (n.bit_length() - 1) if n else 0)]
+    while segments:
+        v, index, offset, depth = segments.pop()
+        size = v.size
+        if size <= INSERTION_RUN:               # the insertion sort is stable: equal entries keep their order
+            order = np.argsort(-v if descending else v, kind="stable")
+            positions = np.arange(offset, offset + size)
+            keep[index[order][(positions >= lo) & (positions < hi)]] = True
+            continue
+        if depth == 0:
+            return None
+        a, b, c = 1, size // 2, size - 1
+        if comp(v[a], v[b]):
+            median = b if comp(v[b], v[c]) else (c if comp(v[a], v[c]) else a)
+        elif comp(v[a], v[c]):
+            median = a
+        else:
+            median = c if comp(v[b], v[c]) else b
+        v[0], v[median] = v[median], v[0]
+        index[0], index[median] = index[median], index[0]
+        pivot = v[0]
+        left = np.flatnonzero(not_comp(v[1:], pivot)) + 1           # the left scan's stops, in order
+        right = np.flatnonzero(not_comp(pivot, v))[::-1]            # the right scan's (the pivot is the last)
+        pairs = min(left.size, right.size)
+        swaps = int(np.count_nonzero(left[:pairs] < right[:pairs]))
+        # after `swaps` swaps the left scan stops at its next stop or at the last swapped-in entry
+        cut = int(left[swaps]) if swaps < left.size else int(right[swaps - 1])
+        if swaps and right[swaps - 1] < cut:
+            cut = int(right[swaps - 1])
+        moved_left, moved_right = left[:swaps], right[:swaps]
+        for start, stop, into, source in ((0, cut, moved_left, moved_right), (cut, size, moved_right, moved_left)):
+            if offset + stop <= lo or offset + start >= hi:
+                continue                                          # wholly outside the window
+            child_index = index[start:stop].copy()
+            child_index[into - start] = index[source]
+            if lo <= offset + start and offset + stop <= hi:
+                keep[child_index] = True                          # wholly inside: its order does not matter
+                continue
+            child = v[start:stop].copy()
+            child[into - start] = v[source]
+            segments.append((child, child_index, offset + start, depth - 1))
+    return keep
+
+
+@functools.lru_cache(maxsize=1)
+def replay_matches_torch() -> bool:
+    """Whether this torch build's CPU sort is the one window_keep replays: compared once per process on
+    tie-heavy data (bfloat16-rounded, rounded to thirds, all equal), both directions, several windows."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        n = [40, 1000, 4099][trial % 3]
+        x = torch.randn(n, generator=generator) * 1e-2
+        x = [x.bfloat16().float().abs(), torch.round(x * 300).abs() / 300, torch.zeros(n)][trial // 8]
+        for descending in (True, False):
+            order = torch.sort(x, descending=descending).indices.numpy()
+            for lo, hi in ((0, n // 2), (n // 5, n - n // 7)):
+                expected = np.zeros(n, dtype=bool)
+                expected[order[lo:hi]] = True
+                got = window_keep(x.numpy(), lo, hi, descending)
+                if got is None or not np.array_equal(got, expected):
+                    return False
+    return True
+
+
+def argsort_window_keep(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """Boolean mask of the flat entries that positions [lo, hi) of torch.sort(magnitudes, descending) hold on
+    this device: the replay on the CPU (same entries, checked), torch's own sort otherwise."""
+    flat = magnitudes.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and replay_matches_torch():
+        values = flat.contiguous().numpy()
+        if not np.isnan(values).any():
+            keep = window_keep(values, lo, hi, descending)
+            if keep is not None:
+                return torch.from_numpy(keep)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[torch.sort(flat, descending=descending).indices[lo:hi]] = True
+    return keep
