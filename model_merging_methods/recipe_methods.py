@@ -292,7 +292,8 @@ class RankCut:
         if magnitudes.device.type == "cpu":
             magnitudes = magnitudes.float()
         window = self.argsort_window(delta.numel())
-        keep = argsort_window_keep(magnitudes, window.start, window.stop, descending=self.kind == "magnitude")
+        keep = argsort_window_keep(magnitudes, window.start, window.stop, descending=self.kind == "magnitude",
+                                   owned=True)   # |δ| is a new tensor: the replay may permute it
         return as_mask(keep, delta.dtype).reshape_as(delta)
 
     def argsort_ranks(self, delta: torch.Tensor) -> torch.Tensor:

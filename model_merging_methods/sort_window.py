@@ -25,41 +25,49 @@ import torch
 INSERTION_RUN = 16   # libstdc++'s _S_threshold: runs this short are left to the final insertion sort
 
 
-def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool) -> Optional[np.ndarray]:
+def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrite: bool = False) -> Optional[np.ndarray]:
     """keep[i] = entry i lands at a position in [lo, hi) when libstdc++'s std::sort orders the flat, NaN-free
     `values` with comp(a, b) = a > b (descending) or a < b; None where the replay would reach the heapsort
     fallback. The partitions replayed: pivot = median of (first + 1, mid, last − 1) moved to first; the left
     scan stops at every x with ¬comp(x, p), the right scan at every x with ¬comp(p, x); the t-th stops are
-    swapped while the left one lies before the right one; the cut is where the left scan then stops."""
+    swapped while the left one lies before the right one; the cut is where the left scan then stops.
+    The swaps are made in place (in `values` itself with overwrite): no copies beyond the scans' positions."""
     n = values.size
     keep = np.zeros(n, dtype=bool)
     not_comp = np.less_equal if descending else np.greater_equal           # ¬comp(a, b) as a ufunc
     comp = (lambda a, b: a > b) if descending else (lambda a, b: a < b)   # noqa: E731
-    # segments to replay: (values in their current order, original indices, offset in the sorted array, depth)
-    segments = [(values.copy(), np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), 0,
-                 2 * (n.bit_length() - 1) if n else 0)]
+    v = values.reshape(-1) if overwrite else values.reshape(-1).copy()
+    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    segments = [(0, n, 2 * (n.bit_length() - 1) if n else 0)]   # [first, last) of the sorted array, depth left
     while segments:
-        v, index, offset, depth = segments.pop()
-        size = v.size
+        first, last, depth = segments.pop()
+        if last <= lo or first >= hi:
+            continue                                          # wholly outside the window
+        if lo <= first and last <= hi:
+            keep[index[first:last]] = True                    # wholly inside: its order does not matter
+            continue
+        seg, seg_index = v[first:last], index[first:last]
+        size = last - first
         if size <= INSERTION_RUN:               # the insertion sort is stable: equal entries keep their order
-            order = np.argsort(-v if descending else v, kind="stable")
-            positions = np.arange(offset, offset + size)
-            keep[index[order][(positions >= lo) & (positions < hi)]] = True
+            order = np.argsort(-seg if descending else seg, kind="stable")
+            positions = np.arange(first, last)
+            keep[seg_index[order][(positions >= lo) & (positions < hi)]] = True
             continue
         if depth == 0:
             return None
         a, b, c = 1, size // 2, size - 1
-        if comp(v[a], v[b]):
-            median = b if comp(v[b], v[c]) else (c if comp(v[a], v[c]) else a)
-        elif comp(v[a], v[c]):
+        if comp(seg[a], seg[b]):
+            median = b if comp(seg[b], seg[c]) else (c if comp(seg[a], seg[c]) else a)
+        elif comp(seg[a], seg[c]):
             median = a
         else:
-            median = c if comp(v[b], v[c]) else b
-        v[0], v[median] = v[median], v[0]
-        index[0], index[median] = index[median], index[0]
-        pivot = v[0]
-        left = np.flatnonzero(not_comp(v[1:], pivot)) + 1           # the left scan's stops, in order
-        right = np.flatnonzero(not_comp(pivot, v))[::-1]            # the right scan's (the pivot is the last)
+            median = c if comp(seg[b], seg[c]) else b
+        seg[0], seg[median] = seg[median], seg[0]
+        seg_index[0], seg_index[median] = seg_index[median], seg_index[0]
+        pivot = seg[0]
+        left = np.flatnonzero(not_comp(seg[1:], pivot))
+        left += 1                                                  # the left scan's stops, in order
+        right = np.flatnonzero(not_comp(pivot, seg))[::-1]        # the right scan's (the pivot is the last)
         pairs = min(left.size, right.size)
         swaps = int(np.count_nonzero(left[:pairs] < right[:pairs]))
         # after `swaps` swaps the left scan stops at its next stop or at the last swapped-in entry
@@ -67,17 +75,16 @@ def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool) -> Optio
         if swaps and right[swaps - 1] < cut:
             cut = int(right[swaps - 1])
         moved_left, moved_right = left[:swaps], right[:swaps]
-        for start, stop, into, source in ((0, cut, moved_left, moved_right), (cut, size, moved_right, moved_left)):
-            if offset + stop <= lo or offset + start >= hi:
-                continue                                          # wholly outside the window
-            child_index = index[start:stop].copy()
-            child_index[into - start] = index[source]
-            if lo <= offset + start and offset + stop <= hi:
-                keep[child_index] = True                          # wholly inside: its order does not matter
-                continue
-            child = v[start:stop].copy()
-            child[into - start] = v[source]
-            segments.append((child, child_index, offset + start, depth - 1))
+        del left, right
+        held = seg[moved_left]
+        seg[moved_left] = seg[moved_right]
+        seg[moved_right] = held
+        held = seg_index[moved_left]
+        seg_index[moved_left] = seg_index[moved_right]
+        seg_index[moved_right] = held
+        del held, moved_left, moved_right
+        segments.append((first + cut, last, depth - 1))     # (introsort recurses right, loops left)
+        segments.append((first, first + cut, depth - 1))
     return keep
 
 
@@ -101,14 +108,16 @@ def replay_matches_torch() -> bool:
     return True
 
 
-def argsort_window_keep(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+def argsort_window_keep(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool,
+                        owned: bool = False) -> torch.Tensor:
     """Boolean mask of the flat entries that positions [lo, hi) of torch.sort(magnitudes, descending) hold on
-    this device: the replay on the CPU (same entries, checked), torch's own sort otherwise."""
+    this device: the replay on the CPU (same entries, checked), torch's own sort otherwise. `owned`: the caller
+    hands `magnitudes` over (the replay permutes it in place)."""
     flat = magnitudes.reshape(-1)
     if flat.device.type == "cpu" and flat.dtype == torch.float32 and replay_matches_torch():
         values = flat.contiguous().numpy()
         if not np.isnan(values).any():
-            keep = window_keep(values, lo, hi, descending)
+            keep = window_keep(values, lo, hi, descending, overwrite=owned)
             if keep is not None:
                 return torch.from_numpy(keep)
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)

@@ -59,14 +59,14 @@ def test_argsort_window_keep_falls_back_to_torch(monkeypatch):
     with_nan[17] = float("nan")
     assert np.array_equal(argsort_window_keep(with_nan, 0, 2500, True).numpy(), _torch_window(with_nan, 0, 2500, True))
 
-    def unusable(*args):
+    def unusable(*args, **kwargs):
         raise AssertionError("the replay must not run")
 
     monkeypatch.setattr(sort_window, "replay_matches_torch", lambda: False)
     monkeypatch.setattr(sort_window, "window_keep", unusable)
     assert np.array_equal(argsort_window_keep(x, 0, 2500, True).numpy(), _torch_window(x, 0, 2500, True))
     monkeypatch.setattr(sort_window, "replay_matches_torch", lambda: True)
-    monkeypatch.setattr(sort_window, "window_keep", lambda *args: None)      # the depth limit reached
+    monkeypatch.setattr(sort_window, "window_keep", lambda *args, **kwargs: None)      # the depth limit reached
     assert np.array_equal(argsort_window_keep(x, 100, 2600, False).numpy(), _torch_window(x, 100, 2600, False))
 
 
