@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .mergekit_spherical import _sum_lazily, checked
-from .recipe_methods import TensorGroupCall, in_blocks
+from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, in_blocks
 from .selection import kth_smallest, rank_statistics
 
 
@@ -159,17 +159,22 @@ def ramplus_tl_tensor(base: torch.Tensor, others: list[torch.Tensor], r: float =
     `lambdas`: the whole tensor's λ when this is a flat piece of it (the streamed form, same bits)."""
     if not others:
         return base
-    if lambdas is None:
-        lambdas = ramplus_tl_lambdas(*ramplus_tl_piece_counts(base, others, epsilon), r, alpha, epsilon)
 
-    def combine(base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
-        task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
+    def combine_parts(base: torch.Tensor, parts, lambdas: torch.Tensor) -> torch.Tensor:
+        task_vectors, nonzero, counts, overlap, unique = parts
         kept = task_vectors * nonzero
         merged = ((kept * unique * lambdas.unsqueeze(-1))
                   + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
         return base + merged.reshape_as(base)
 
-    return in_blocks(combine, base, others)   # entrywise given λ: cache-sized blocks, the same bits
+    if lambdas is None and (base.device.type != "cpu" or base.numel() <= ELEMENTWISE_BLOCK):
+        parts = _ram_parts(base, others, epsilon)      # one block: the same parts give the counts and the merge
+        lambdas = ramplus_tl_lambdas(*ramplus_tl_counts(parts[1], parts[3], parts[4]), r, alpha, epsilon)
+        return combine_parts(base, parts, lambdas)
+    if lambdas is None:
+        lambdas = ramplus_tl_lambdas(*ramplus_tl_piece_counts(base, others, epsilon), r, alpha, epsilon)
+    # entrywise given λ: cache-sized blocks, the same bits
+    return in_blocks(lambda b, o: combine_parts(b, _ram_parts(b, o, epsilon), lambdas), base, others)
 
 
 def ramplus_tl_piece_counts(base: torch.Tensor, others: list[torch.Tensor],
