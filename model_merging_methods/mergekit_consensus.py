@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .mergekit_spherical import _sum_lazily, checked
 from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, in_blocks
-from .selection import kth_smallest, rank_statistics
+from .selection import as_mask, kth_smallest, rank_statistics
+from .sort_window import topk_keep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,10 +45,8 @@ def sce_select_mask(task_vectors: torch.Tensor, select_topk: float, mask_dtype: 
     k = int(torch.count_nonzero(variance) * select_topk)
     if k == 0:
         return torch.zeros_like(variance, dtype=mask_dtype)
-    _, indices = torch.topk(variance.abs().view(-1), k=k, largest=True)
-    mask = torch.zeros_like(variance, dtype=mask_dtype)
-    mask.view(-1)[indices] = 1
-    return mask
+    # torch.topk's entries, without its nth_element on the CPU (sort_window.topk_keep: replayed, checked)
+    return as_mask(topk_keep(variance.abs(), k), mask_dtype)
 
 
 def sce_weights_of(task_vectors) -> torch.Tensor:

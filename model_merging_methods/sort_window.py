@@ -22,16 +22,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-INSERTION_RUN = 16   # libstdc++'s _S_threshold: runs this short are left to the final insertion sort
+INSERTION_RUN = 16   # libstdc++'s _S_threshold: runs this short are left to std::sort's final insertion sort
+NTH_ELEMENT_RUN = 3  # std::nth_element's introselect insertion-sorts the last segment of at most 3
 
 
-def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrite: bool = False) -> Optional[np.ndarray]:
+def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrite: bool = False,
+                run: int = INSERTION_RUN) -> Optional[np.ndarray]:
     """keep[i] = entry i lands at a position in [lo, hi) when libstdc++'s std::sort orders the flat, NaN-free
     `values` with comp(a, b) = a > b (descending) or a < b; None where the replay would reach the heapsort
     fallback. The partitions replayed: pivot = median of (first + 1, mid, last − 1) moved to first; the left
     scan stops at every x with ¬comp(x, p), the right scan at every x with ¬comp(p, x); the t-th stops are
     swapped while the left one lies before the right one; the cut is where the left scan then stops.
-    The swaps are made in place (in `values` itself with overwrite): no copies beyond the scans' positions."""
+    The swaps are made in place (in `values` itself with overwrite): no copies beyond the scans' positions.
+    `run`: segments this short are insertion-sorted (16 for std::sort; 3 for std::nth_element, whose
+    introselect partitions only the side holding the n-th position — for the window [0, k) the same segments)."""
     n = values.size
     keep = np.zeros(n, dtype=bool)
     not_comp = np.less_equal if descending else np.greater_equal           # ¬comp(a, b) as a ufunc
@@ -48,7 +52,7 @@ def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrit
             continue
         seg, seg_index = v[first:last], index[first:last]
         size = last - first
-        if size <= INSERTION_RUN:               # the insertion sort is stable: equal entries keep their order
+        if size <= run:                         # the insertion sort is stable: equal entries keep their order
             order = np.argsort(-seg if descending else seg, kind="stable")
             positions = np.arange(first, last)
             keep[seg_index[order][(positions >= lo) & (positions < hi)]] = True
@@ -106,6 +110,41 @@ def replay_matches_torch() -> bool:
                 if got is None or not np.array_equal(got, expected):
                     return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def topk_replay_matches_torch() -> bool:
+    """Whether torch.topk(largest) on this build's CPU keeps what window_keep(run=3) replays of
+    std::nth_element (it does where k·64 > n; below that topk uses a heap and is not replayed)."""
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(24):
+        n = [40, 1000, 4099][trial % 3]
+        x = torch.randn(n, generator=generator) * 1e-2
+        x = [x.bfloat16().float().abs(), torch.round(x * 300).abs() / 300, torch.zeros(n)][trial // 8]
+        for k in (n // 3, n // 2, n - 1, n):           # (k·64 > n: the nth_element path)
+            expected = np.zeros(n, dtype=bool)
+            expected[torch.topk(x, k, largest=True).indices.numpy()] = True
+            got = window_keep(x.numpy(), 0, k, True, run=NTH_ELEMENT_RUN)
+            if got is None or not np.array_equal(got, expected):
+                return False
+    return True
+
+
+def topk_keep(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (values' shape) of the k entries torch.topk(values.view(-1), k, largest=True) returns on
+    this device: on the CPU, where topk runs std::nth_element (k·64 > n), the replay (the same entries,
+    checked once per process); torch.topk itself otherwise, for NaN, or at introselect's heap depth."""
+    flat = values.reshape(-1)
+    if flat.device.type == "cpu" and 0 < k and k * 64 > flat.numel() and topk_replay_matches_torch():
+        wide = flat.float().numpy() if flat.dtype != torch.float64 else flat.numpy()
+        if not np.isnan(wide).any():
+            keep = window_keep(wide, 0, k, True, overwrite=flat.dtype not in (torch.float32, torch.float64),
+                               run=NTH_ELEMENT_RUN)
+            if keep is not None:
+                return torch.from_numpy(keep).view(values.shape)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat, k, largest=True).indices] = True
+    return keep.view(values.shape)
 
 
 def argsort_window_keep(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool,

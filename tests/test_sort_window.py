@@ -6,7 +6,8 @@ import torch
 
 from model_merging_methods import sort_window
 from model_merging_methods.recipe_methods import RankCut
-from model_merging_methods.sort_window import argsort_window_keep, replay_matches_torch, window_keep
+from model_merging_methods.sort_window import (NTH_ELEMENT_RUN, argsort_window_keep, replay_matches_torch, topk_keep,
+                                              topk_replay_matches_torch, window_keep)
 
 
 def _torch_window(x: torch.Tensor, lo: int, hi: int, descending: bool) -> np.ndarray:
@@ -78,3 +79,34 @@ def test_argsort_cuts_keep_what_the_sort_keeps():
         delta = (torch.randn(64, 517, generator=generator) * 1e-3).to(dtype)
         for cut in (RankCut("magnitude", 0.3), RankCut("outliers", 0.5, 0.1)):
             assert torch.equal(cut.argsort_keep(delta), cut.argsort_mask(delta, cut.argsort_order(delta)))
+
+
+@pytest.mark.skipif(not topk_replay_matches_torch(), reason="this torch build's topk is not libstdc++'s nth_element")
+@pytest.mark.parametrize("kind", range(5))
+def test_nth_element_replay_equals_torch_topk(kind):
+    """torch.topk (largest, k·64 > n: std::nth_element) keeps the entries the run-3 replay keeps, at tied k-th
+    values; topk_keep equals torch.topk for every k (the heap path for small k is torch's own)."""
+    generator = torch.Generator().manual_seed(10 + kind)
+    for _ in range(60):
+        n = int(torch.randint(1, 3000, (), generator=generator))
+        x = _tie_heavy(kind, n, generator)
+        for k in {1, int(torch.randint(1, n + 1, (), generator=generator)), max(1, n // 2), n}:
+            expected = np.zeros(n, dtype=bool)
+            expected[torch.topk(x, k).indices.numpy()] = True
+            if k * 64 > n:
+                assert np.array_equal(window_keep(x.numpy(), 0, k, True, run=NTH_ELEMENT_RUN), expected), (kind, n, k)
+            assert np.array_equal(topk_keep(x.bfloat16() if kind == 0 else x, k).numpy(), expected), (kind, n, k)
+
+
+def test_sce_selection_keeps_torch_topks_entries():
+    """SCE's select mask (variance top-k across the models, bfloat16): the entries torch.topk keeps."""
+    from model_merging_methods.mergekit_consensus import sce_select_mask
+
+    generator = torch.Generator().manual_seed(4)
+    stacked = (torch.randn(3, 300, 257, generator=generator) * 1e-3).bfloat16()
+    for select_topk in (0.1, 0.5, 0.9):
+        variance = torch.var(stacked, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * select_topk)
+        expected = torch.zeros(variance.numel(), dtype=torch.bfloat16)
+        expected[torch.topk(variance.abs().view(-1), k).indices] = 1
+        assert torch.equal(sce_select_mask(stacked, select_topk, torch.bfloat16), expected.view(variance.shape))
