@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,33 @@ from .sort_window import topk_keep
 # sce
 
 
+VARIANCE_BLOCK = 1 << 16   # entries per block of population_variance's float64 recurrence (stays in cache)
+
+
+def population_variance(task_vectors: torch.Tensor) -> torch.Tensor:
+    """torch.var(task_vectors, dim=0, unbiased=False), the same bits. For bfloat16 / float16 on the CPU torch
+    runs its generic Welford reduction in float64 entry by entry (~150 ns an entry: 45 % of an SCE merge); the
+    same recurrence is vectorised here over blocks of entries: for j = 1..N, δ = x_j − μ, μ ← μ + δ / j,
+    m2 ← m2 + δ·(x_j − μ); var = m2 / N, rounded to float32 and then to the dtype (c10's double → half
+    conversion). Other dtypes and devices: torch.var itself (its float32 CPU path is a different, two-pass
+    algorithm)."""
+    if task_vectors.device.type != "cpu" or task_vectors.dtype not in (torch.bfloat16, torch.float16):
+        return torch.var(task_vectors, dim=0, unbiased=False)
+    count = task_vectors.shape[0]
+    flat = task_vectors.reshape(count, -1)
+    out = torch.empty(flat.shape[1], dtype=task_vectors.dtype)
+    for start in range(0, flat.shape[1], VARIANCE_BLOCK):
+        stop = min(start + VARIANCE_BLOCK, flat.shape[1])
+        mean, m2 = np.zeros(stop - start), np.zeros(stop - start)
+        for j in range(count):
+            x = flat[j, start:stop].float().numpy().astype(np.float64)
+            delta = x - mean
+            mean += delta / (j + 1)
+            m2 += delta * (x - mean)
+        out[start:stop] = torch.from_numpy((m2 / count).astype(np.float32)).to(task_vectors.dtype)
+    return out.view(task_vectors.shape[1:])
+
+
 def sce_select_mask(task_vectors: torch.Tensor, select_topk: float, mask_dtype: torch.dtype) -> torch.Tensor:
     """SCE "select": 1 at the k = int(c·select_topk) entries of largest variance across the models
     (population variance over axis 0; c = the number of entries with non-zero variance), else 0.
@@ -41,7 +69,7 @@ def sce_select_mask(task_vectors: torch.Tensor, select_topk: float, mask_dtype: 
         return torch.zeros_like(task_vectors[0], dtype=mask_dtype)
     if select_topk >= 1:
         return torch.ones_like(task_vectors[0], dtype=mask_dtype)
-    variance = torch.var(task_vectors, dim=0, unbiased=False)
+    variance = population_variance(task_vectors)
     k = int(torch.count_nonzero(variance) * select_topk)
     if k == 0:
         return torch.zeros_like(variance, dtype=mask_dtype)

@@ -353,3 +353,26 @@ def test_flags_take_mergekits_parameters(cwd, capsys):
     assert merge_models.main(["--method", "ram", "--parameter", "bogus=1", "--output_dir", "flag-bad", *common]) == 2
     assert "ram has no parameter 'bogus'" in capsys.readouterr().err
     assert not (cwd / "flag-bad").exists()
+
+
+def test_population_variance_has_torch_vars_bits():
+    """SCE's variance across the models: torch.var(·, dim=0, unbiased=False) to the bit (bfloat16 / float16:
+    the float64 Welford recurrence, vectorised; ties, zeros and several scales; blocks cut mid-tensor)."""
+    from model_merging_methods import mergekit_consensus
+    from model_merging_methods.mergekit_consensus import population_variance
+
+    generator = torch.Generator().manual_seed(8)
+    for trial in range(24):
+        count, dtype = [2, 3, 4, 5][trial % 4], [torch.bfloat16, torch.float16, torch.float32][trial % 3]
+        x = torch.randn(count, 5000 + trial, generator=generator) * [1e-3, 1.0, 1e-6, 50.0][trial % 4]
+        if trial % 5 == 0:
+            x[:, :2000] = x[0, :2000]                     # zero variance
+        x = x.to(dtype).view(count, -1, 1)
+        expected = torch.var(x, dim=0, unbiased=False)
+        assert torch.equal(population_variance(x), expected), trial
+    x = (torch.randn(3, 1000, generator=generator) * 1e-3).bfloat16()
+    block, mergekit_consensus.VARIANCE_BLOCK = mergekit_consensus.VARIANCE_BLOCK, 97
+    try:
+        assert torch.equal(population_variance(x), torch.var(x, dim=0, unbiased=False))
+    finally:
+        mergekit_consensus.VARIANCE_BLOCK = block

@@ -110,3 +110,4 @@ def test_sce_selection_keeps_torch_topks_entries():
         expected = torch.zeros(variance.numel(), dtype=torch.bfloat16)
         expected[torch.topk(variance.abs().view(-1), k).indices] = 1
         assert torch.equal(sce_select_mask(stacked, select_topk, torch.bfloat16), expected.view(variance.shape))
+
