@@ -1,4 +1,4 @@
-"""Which entries torch's CPU sort puts at positions [lo, hi), without sorting.
+"""Which entries torch's CPU sort puts at positions [lo, hi) — and which torch.topk returns — without sorting.
 
 mergekit's TIES / Breadcrumbs cut-offs take a window of `torch.argsort(|δ|)` (descending for the top k,
 ascending for Breadcrumbs), so at a cut-off value shared by many entries (every bfloat16 task vector) the kept
@@ -8,6 +8,8 @@ most 16; heapsort past a depth of 2·⌊log₂ n⌋). That procedure is determin
 window depends only on the partitions of the segments that straddle the window's ends: a segment wholly inside
 or outside is decided as a set, whatever its inner order. `window_keep` replays exactly those partitions in
 NumPy — expected O(n) work instead of O(n log n) comparisons, 2–3× faster than the sort on large tensors.
+torch.topk (largest, k·64 > n) runs `std::nth_element`, whose introselect partitions the same way down to runs of
+3, following only the side that holds the k-th position: `topk_keep` replays it (SCE's selection).
 
 It is only as right as the assumption that this torch build sorts with that algorithm (true of the Linux
 wheels; not necessarily of other platforms' standard libraries), so `argsort_window_keep` checks it once per
@@ -92,22 +94,31 @@ def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrit
     return keep
 
 
-@functools.lru_cache(maxsize=1)
-def replay_matches_torch() -> bool:
-    """Whether this torch build's CPU sort is the one window_keep replays: compared once per process on
-    tie-heavy data (bfloat16-rounded, rounded to thirds, all equal), both directions, several windows."""
-    generator = torch.Generator().manual_seed(0)
+def _tie_heavy_samples(seed: int):
+    """Small vectors full of ties (bfloat16-rounded, rounded to thirds, all zero) for the self-checks."""
+    generator = torch.Generator().manual_seed(seed)
     for trial in range(24):
         n = [40, 1000, 4099][trial % 3]
         x = torch.randn(n, generator=generator) * 1e-2
-        x = [x.bfloat16().float().abs(), torch.round(x * 300).abs() / 300, torch.zeros(n)][trial // 8]
+        yield [x.bfloat16().float().abs(), torch.round(x * 300).abs() / 300, torch.zeros(n)][trial // 8]
+
+
+def _same_entries(got: Optional[np.ndarray], chosen: torch.Tensor, n: int) -> bool:
+    expected = np.zeros(n, dtype=bool)
+    expected[chosen.numpy()] = True
+    return got is not None and np.array_equal(got, expected)
+
+
+@functools.lru_cache(maxsize=1)
+def replay_matches_torch() -> bool:
+    """Whether this torch build's CPU sort is the one window_keep replays: compared once per process on
+    tie-heavy data, both directions, several windows."""
+    for x in _tie_heavy_samples(0):
+        n = x.numel()
         for descending in (True, False):
-            order = torch.sort(x, descending=descending).indices.numpy()
+            order = torch.sort(x, descending=descending).indices
             for lo, hi in ((0, n // 2), (n // 5, n - n // 7)):
-                expected = np.zeros(n, dtype=bool)
-                expected[order[lo:hi]] = True
-                got = window_keep(x.numpy(), lo, hi, descending)
-                if got is None or not np.array_equal(got, expected):
+                if not _same_entries(window_keep(x.numpy(), lo, hi, descending), order[lo:hi], n):
                     return False
     return True
 
@@ -116,16 +127,11 @@ def replay_matches_torch() -> bool:
 def topk_replay_matches_torch() -> bool:
     """Whether torch.topk(largest) on this build's CPU keeps what window_keep(run=3) replays of
     std::nth_element (it does where k·64 > n; below that topk uses a heap and is not replayed)."""
-    generator = torch.Generator().manual_seed(1)
-    for trial in range(24):
-        n = [40, 1000, 4099][trial % 3]
-        x = torch.randn(n, generator=generator) * 1e-2
-        x = [x.bfloat16().float().abs(), torch.round(x * 300).abs() / 300, torch.zeros(n)][trial // 8]
+    for x in _tie_heavy_samples(1):
+        n = x.numel()
         for k in (n // 3, n // 2, n - 1, n):           # (k·64 > n: the nth_element path)
-            expected = np.zeros(n, dtype=bool)
-            expected[torch.topk(x, k, largest=True).indices.numpy()] = True
-            got = window_keep(x.numpy(), 0, k, True, run=NTH_ELEMENT_RUN)
-            if got is None or not np.array_equal(got, expected):
+            chosen = torch.topk(x, k, largest=True).indices
+            if not _same_entries(window_keep(x.numpy(), 0, k, True, run=NTH_ELEMENT_RUN), chosen, n):
                 return False
     return True
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 import time
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
