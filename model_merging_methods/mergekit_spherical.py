@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .options import MergeError
-from .recipe_methods import TensorGroupCall, accumulator_dtype
+from .recipe_methods import TensorGroupCall, accumulator_dtype, add_widened
 from .validation import is_finite
 
 
@@ -138,12 +138,15 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     return result + base if base is not None else result
 
 
+NORM_COPY_MAX = 1 << 24   # karcher: tensors up to this many entries take their norm from a float32 copy
+
+
 def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
     """Σ terms accumulated from 0 in torch's accumulation dtype, in order, rounded once to like's dtype: the
     bits of torch.stack(terms).sum(dim=0), one term at a time (recipe_methods._sum_in_order, lazily)."""
     total = torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
     for term in terms:
-        total += term
+        add_widened(total, term)
     return total.to(like.dtype)
 
 
@@ -172,9 +175,11 @@ def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = Non
     if alphas is None:
         alphas = [1.0 / len(tensors)] * len(tensors)
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    # vector_norm(x, dtype=...) upcasts inside the reduction: the same value as vector_norm(x.to(dtype)), which
-    # mergekit computes, without a float32 copy of the tensor (scripts/compare_mergekit_kernels.py checks it)
-    norm_of = lambda x: torch.linalg.vector_norm(x, dtype=dtype)  # noqa: E731
+    # mergekit computes vector_norm(x.to(dtype)); vector_norm(x, dtype=...) upcasts inside the reduction, the
+    # same value without a float32 copy but 5× slower on CPUs (scripts/compare_mergekit_kernels.py checks both):
+    # the copy up to NORM_COPY_MAX entries, the in-reduction upcast above (memory)
+    norm_of = lambda x: torch.linalg.vector_norm(x.to(dtype) if x.numel() <= NORM_COPY_MAX else x,  # noqa: E731
+                                                 dtype=dtype)
     norms = [norm_of(tensor) for tensor in tensors]
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:

