@@ -138,9 +138,6 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     return result + base if base is not None else result
 
 
-NORM_COPY_MAX = 1 << 24   # karcher: tensors up to this many entries take their norm from a float32 copy
-
-
 def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
     """Σ terms accumulated from 0 in torch's accumulation dtype, in order, rounded once to like's dtype: the
     bits of torch.stack(terms).sum(dim=0), one term at a time (recipe_methods._sum_in_order, lazily)."""
@@ -159,6 +156,9 @@ def multislerp(call: TensorGroupCall) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # karcher
+
+
+NORM_COPY_MAX = 1 << 24   # karcher: tensors up to this many entries take their norm from a float32 copy
 
 
 def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = None, max_iter: int = 10,
