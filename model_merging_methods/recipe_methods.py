@@ -248,6 +248,12 @@ def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, mergekit_s
     return masked if factor is None else masked * factor
 
 
+def _sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
+    """What mergekit's rank cuts sort: |δ| flat, in float32 on the CPU (a new tensor)."""
+    magnitudes = delta.abs().reshape(-1)
+    return magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
+
+
 @dataclass(frozen=True)
 class RankCut:
     """A sparsifier that keeps entries by the rank of |δ| in the whole tensor.
@@ -280,9 +286,7 @@ class RankCut:
     def argsort_order(self, delta: torch.Tensor) -> torch.Tensor:
         """torch's order of |δ|'s flat entries as mergekit calls it (tie_order "argsort"): argsort descending for
         magnitude, sort ascending for outliers, on float32 magnitudes on the CPU. It does not depend on density."""
-        magnitudes = delta.abs().reshape(-1)
-        if magnitudes.device.type == "cpu":
-            magnitudes = magnitudes.float()
+        magnitudes = _sorted_magnitudes(delta)
         if self.kind == "magnitude":
             return torch.argsort(magnitudes, descending=True)
         return torch.sort(magnitudes, descending=False).indices
@@ -304,9 +308,7 @@ class RankCut:
         """argsort_mask(delta, argsort_order(delta)) — the same entries — without the sort on the CPU: the
         partitions of torch's sort that decide the window, replayed (sort_window; 2–3× faster, checked
         against torch's sort once per process, torch's own sort where that check fails)."""
-        magnitudes = delta.abs().reshape(-1)
-        if magnitudes.device.type == "cpu":
-            magnitudes = magnitudes.float()
+        magnitudes = _sorted_magnitudes(delta)
         window = self.argsort_window(delta.numel())
         keep = argsort_window_keep(magnitudes, window.start, window.stop, descending=self.kind == "magnitude",
                                    owned=True)   # |δ| is a new tensor: the replay may permute it
@@ -430,15 +432,19 @@ class PieceSparsifier:
             wide = torch.from_numpy(magnitudes) if magnitudes.dtype == np.float32 else delta.abs().float()
             keep = self.rule.mask(wide.view(delta.shape), self.tie_offsets).numpy().reshape(-1)
         elif keep is None:
-            keep = np.unpackbits(self.packed_mask, count=delta.numel()).view(bool)
+            keep = carrying._keep_bits(delta).view(bool)
         before = float(magnitudes.sum(dtype=np.float64))
         return carrying, before, float(np.multiply(magnitudes, keep, out=magnitudes).sum(dtype=np.float64))
 
-    def _keep_mask(self, delta: torch.Tensor) -> torch.Tensor:
-        """DARE's keep mask of the piece in the draw dtype: the carried bits, else drawn from `slot`."""
+    def _keep_bits(self, delta: torch.Tensor) -> np.ndarray:
+        """DARE's flat keep bits of the piece (0/1 uint8): the carried ones, else drawn from `slot`."""
         if self.packed_mask is None:
-            return _random_mask(delta, self.slot, self.density)
-        return _keep_to_mask(np.unpackbits(self.packed_mask, count=delta.numel()), delta)
+            return _random_keep(delta, self.slot, self.density).view(np.uint8)
+        return np.unpackbits(self.packed_mask, count=delta.numel())
+
+    def _keep_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """DARE's keep mask of the piece in the draw dtype."""
+        return _keep_to_mask(self._keep_bits(delta), delta)
 
     def _scaled_keep_mask(self, delta: torch.Tensor) -> torch.Tensor:
         """m·f (the kept entries f, the others +0) in the draw dtype, built from f's bit pattern times the 0/1
@@ -447,10 +453,8 @@ class PieceSparsifier:
         or NaN δ)."""
         work = _draw_dtype(delta)
         integer = _SAME_WIDTH_INT[work]
-        keep = (np.unpackbits(self.packed_mask, count=delta.numel()) if self.packed_mask is not None
-                else _random_keep(delta, self.slot, self.density).view(np.uint8))
         pattern = int(self.factor.to(work).view(integer))
-        return torch.from_numpy(keep).view(delta.shape).to(integer).mul_(pattern).view(work).to(delta.device)
+        return torch.from_numpy(self._keep_bits(delta)).view(delta.shape).to(integer).mul_(pattern).view(work).to(delta.device)
 
     def masked(self, delta: torch.Tensor) -> torch.Tensor:
         """δ ⊙ m of the piece, in the dtype the rescale works in (see work_dtype)."""
