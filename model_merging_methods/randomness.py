@@ -26,6 +26,11 @@ def derive_seed(seed: int, model_index: int, tensor_name: str, segment: int = 0)
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def draws_below(draws: torch.Tensor, bound: float) -> np.ndarray:
+    """[u < bound] for float32 draws u, as torch compares them (the bound rounded to float32), in NumPy."""
+    return np.less(draws.numpy(), np.float32(bound))
+
+
 @dataclass(frozen=True)
 class RandomSlot:
     """Where a piece of a tensor sits: flat elements [start, start + n) of a tensor of `total` elements."""
@@ -55,11 +60,10 @@ class RandomSlot:
         (float32 draws against the bound rounded to float32), without forming the floats: NumPy's float32 draw
         is u = (b >> 8)·2^-24 for the generator's next 32 bits b (the low, then the high half of each 64-bit
         output), so u < β ⇔ b < ⌈β·2^24⌉·2^8 — 2–3× faster than drawing and comparing floats, the same bits."""
-        out = np.empty(count, dtype=bool)
         beta = float(np.float32(bound))
         if not beta > 0 or beta > 1 or sys.byteorder != "little":   # (big-endian: the halves swap)
-            np.less(self.uniform(count).numpy(), np.float32(bound), out=out)
-            return out
+            return draws_below(self.uniform(count), bound)
+        out = np.empty(count, dtype=bool)
         threshold = np.uint32(math.ceil(beta * 2**24) << 8) if beta < 1 else None
 
         def fill(bits: np.random.PCG64, into: slice, lo: int, hi: int, length: int) -> None:

@@ -33,7 +33,7 @@ import torch
 from model_merging_methods import MergeError, dare_inputs
 from model_merging_methods.merge import merge_tensor_group, options_from_parameters
 from model_merging_methods.options import DEFAULT_TIE_ORDER
-from model_merging_methods.randomness import RandomSlot
+from model_merging_methods.randomness import RandomSlot, draws_below
 from model_merging_methods.recipe_methods import RankCut, TensorGroupCall, passthrough, run_group
 from model_merging_methods.registry import get_method
 from model_merging_methods.selection import RankStat, as_mask
@@ -84,7 +84,7 @@ class _CachedSlot:
 
     def below(self, count: int, bound: float) -> np.ndarray:
         """RandomSlot.below from the cached draws (the same comparison)."""
-        return np.less(self.uniform(count).numpy(), np.float32(bound))
+        return draws_below(self.uniform(count), bound)
 
 
 def _order_statistic(ascending: torch.Tensor, rank: int) -> RankStat:
