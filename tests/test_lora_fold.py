@@ -163,3 +163,26 @@ def test_fold_reads_the_config_as_peft_does_without_importing_it(pairs):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("rank,scaling,transpose", [(32, 1.0, False), (32, 2.0, True), (8, 0.7, False),
+                                                    (256, 1.0, False)])
+def test_fused_fold_rows_have_the_bits_of_product_scale_add(rank, scaling, transpose):
+    """add_delta_rows (one GEMM with C = float(W) where this BLAS gives the same bits) equals PEFT's order,
+    ((B @ A) · s) + float(W), bit for bit: on the first piece of a layout (both computed) and on later ones
+    (the cached choice), whichever path the check chose (rank 256 splits the rank into blocks on MKL; a
+    scaling of 0.7 makes the kernel's α·acc + C one rounding: those keep the three steps)."""
+    from utils.lora.adapter import _FUSED, add_delta_rows, delta_weight
+
+    generator = torch.Generator().manual_seed(rank)
+    rows, columns, total = 96, 320, 400
+    a = torch.randn(rank, total if transpose else columns, generator=generator) * 0.05
+    b = torch.randn(columns if transpose else total, rank, generator=generator) * 0.05
+    full = delta_weight(a, b, scaling, transpose)
+    for first in (0, rows, 2 * rows):     # three pieces of one layout (the transposed left operand's
+        weight = torch.randn(rows, columns, generator=generator).bfloat16()   # alignment moves with `first`)
+        expected = full[first:first + rows].contiguous().add_(weight.float())
+        got = add_delta_rows(weight.float(), a, b, scaling, transpose, first, first + rows,
+                             scratch=torch.empty(rows, columns))
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert _FUSED, "the first piece records its layout's choice"

@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import re
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -265,13 +266,45 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bo
     return product.T if transpose else product
 
 
-def delta_rows(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool, first: int, last: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [first, last) of delta_weight, without forming the others (pieces of large tensors); written into
-    `out` (float32, rows × columns) when given: the same GEMM, without a fresh buffer's page faults."""
+def _row_factors(a: torch.Tensor, b: torch.Tensor, transpose: bool, first: int,
+                 last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM operands whose product is rows [first, last) of transpose(B @ A, transpose)."""
     if transpose:
-        left, right = a[:, first:last].float().T, b.float().T
-    else:
-        left, right = b[first:last].float(), a.float()
-    product = left @ right if out is None else torch.matmul(left, right, out=out)
-    return product.mul_(scaling) if scaling != 1 else product
+        return a[:, first:last].float().T, b.float().T
+    return b[first:last].float(), a.float()
+
+
+# GEMM layouts for which this process's BLAS gave addmm's C + s·(L @ R), C = float(W), the bits of PEFT's
+# ((L @ R) · s) followed by + C (seen once per layout; a kernel's order of operations depends on the
+# shapes, strides, alignment and threads, never on the values)
+_FUSED: dict[tuple, bool] = {}
+_FUSED_LOCK = threading.Lock()
+
+
+def add_delta_rows(wide: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool,
+                   first: int, last: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """float(W) + rows [first, last) of delta_weight with merge_and_unload's bits, for pieces of large tensors:
+    `wide` holds the rows of float(W) (float32, rows × columns; overwritten or returned), `scratch` an
+    optional float32 buffer of the same shape for the product.
+
+    One GEMM with C = float(W) (addmm, β = 1, α = scaling) where that gave the bits of the product, its
+    scaling and the addition done one after another for the same layout (checked on the first piece of each
+    layout, float32 bits compared: with one block over the rank the kernel adds C to the finished dot
+    products); otherwise those three steps. The fused GEMM saves the addition's pass over the piece."""
+    left, right = _row_factors(a, b, transpose, first, last)
+    key = (tuple(left.shape), left.stride(), left.data_ptr() % 64, tuple(right.shape), right.stride(),
+           right.data_ptr() % 64, wide.stride(), wide.data_ptr() % 64, float(scaling), torch.get_num_threads(),
+           wide.device.type)
+    fused = _FUSED.get(key)
+    if fused:
+        return wide.addmm_(left, right, alpha=scaling)
+    product = left @ right if scratch is None else torch.matmul(left, right, out=scratch)
+    if scaling != 1:   # in place: the bits of (B @ A) · scaling (× 1 is the identity, bit for bit)
+        product.mul_(scaling)
+    if fused is None:
+        trial = wide.clone().addmm_(left, right, alpha=scaling)
+        result = product.add_(wide)
+        with _FUSED_LOCK:
+            _FUSED[key] = torch.equal(trial.view(torch.int32), result.view(torch.int32))
+        return result
+    return product.add_(wide)

@@ -23,7 +23,7 @@ import torch
 
 from utils.engine.reader import CheckpointReader
 
-from .adapter import CONV1D_MODEL_TYPES, AdapterError, LoraAdapter, LoraModule, _source_tail, delta_rows, delta_weight
+from .adapter import CONV1D_MODEL_TYPES, AdapterError, LoraAdapter, LoraModule, _source_tail, add_delta_rows, delta_weight
 
 # pieces up to this many elements fold in per-thread float32 scratch buffers (a fresh buffer per piece paid
 # its page faults again: ~40 % of the fold); larger (whole) tensors get fresh buffers
@@ -204,18 +204,17 @@ class AdaptedReader:
         for module in modules:
             a, b = self._float_factors(module)
             if whole:
-                delta = delta_weight(a, b, module.scaling, module.transpose)
-                wide = value
+                # Δ + W in float32, in Δ's buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
+                # commutes)
+                value = delta_weight(a, b, module.scaling, module.transpose).add_(value)
             else:
                 rows, columns = value.shape
-                # float(W) first: with a second module on a float32 tensor, W is still the product buffer
-                wide = self._scratch(1, rows, columns)   # float(W) in place: a mixed-dtype add costs 4× more
-                wide = value if wide is None else wide.copy_(value)
-                delta = delta_rows(a, b, module.scaling, module.transpose, first, last,
-                                   out=self._scratch(0, rows, columns))
-            # Δ + W in float32, in Δ's buffer: the bits of merge_and_unload's float(W) + Δ (IEEE addition
-            # commutes); a whole tensor adds W as it is, a piece its float32 copy in scratch
-            value = delta.add_(wide)
+                # float(W) in scratch first (a mixed-dtype add costs 4× more); with a second module on a float32
+                # tensor, W may be the first module's result buffer, so it is copied before that is reused
+                wide = self._scratch(1, rows, columns)
+                wide = value.to(torch.float32, copy=True) if wide is None else wide.copy_(value)
+                value = add_delta_rows(wide, a, b, module.scaling, module.transpose, first, last,
+                                       scratch=self._scratch(0, rows, columns))
             if len(modules) > 1:   # merge_and_unload rounds after each module (tied embeddings)
                 value = value.to(weight.dtype)
         # a fresh, contiguous tensor in W's dtype ((B @ A)ᵀ of embeddings is a transposed view, and scratch
