@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .mergekit_spherical import _sum_lazily, checked
 from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, in_blocks
-from .selection import as_mask, kth_smallest, rank_statistics
+from .selection import as_mask, signed_order_statistics
 from .sort_window import topk_keep
 
 
@@ -249,22 +249,6 @@ def arcee_fusion_importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor
     return out.view(x.shape)
 
 
-def _order_statistics(flat: torch.Tensor, ks: list[int]) -> list[float]:
-    """The k-th smallest (1-based) values of a finite flat tensor, exactly, by radix selection (no sort):
-    of |x| directly when no entry is negative, else within the negative or the non-negative entries."""
-    negative = flat < 0
-    count = int(negative.sum())
-    if count == 0:
-        return [stat.value for stat in rank_statistics(flat, ks)]
-    values = []
-    for k in ks:
-        if k <= count:
-            values.append(-kth_smallest(flat[negative], count - k + 1))
-        else:
-            values.append(kth_smallest(flat[~negative], k - count))
-    return values
-
-
 def fusion_quartiles(importance: torch.Tensor) -> torch.Tensor:
     """(q1, median, q3) of the flattened importance: the values at sorted positions ⌊q·(n − 1)⌋ for
     q = 0.25, 0.5, 0.75 (q·(n − 1) in float32, as mergekit). n ≤ 10^6: mergekit's own sort. Larger:
@@ -274,7 +258,7 @@ def fusion_quartiles(importance: torch.Tensor) -> torch.Tensor:
     positions = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
     if flat.numel() <= QUANTILE_SAMPLE_SIZE:
         return torch.sort(flat)[0][positions.to(flat.device)]
-    values = _order_statistics(flat, [int(position) + 1 for position in positions])
+    values = signed_order_statistics(flat, [int(position) + 1 for position in positions])
     return torch.tensor(values, dtype=flat.dtype, device=flat.device)
 
 
@@ -288,9 +272,14 @@ def arcee_fusion_tensor(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor
     blocks, b_rows = _row_blocks(base)
     _, x_rows = _row_blocks(other)
     _, s_rows = _row_blocks(importance)
-    out = torch.empty(b_rows.shape, dtype=torch.promote_types(base.dtype, torch.float32), device=base.device)
+    wide = torch.promote_types(base.dtype, torch.float32)
+    out = torch.empty(b_rows.shape, dtype=wide, device=base.device)
     for block in blocks:      # elementwise from here: b + (x − b)·mask, block by block
-        out[block] = b_rows[block] + (x_rows[block] - b_rows[block]) * (s_rows[block] >= threshold).float()
+        # mergekit: b + (x − b) · mask with x − b in the compute dtype and a float32 mask, i.e. float(b) +
+        # float(x − b)·m; (x − b)·m is exact (m ∈ {0, 1}), so one fused addcmul in float32 has its bits (±0
+        # included) without the mixed-dtype products and sums, which cost 4× more
+        mask = as_mask(s_rows[block] >= threshold, wide)
+        torch.addcmul(b_rows[block].to(wide), (x_rows[block] - b_rows[block]).to(wide), mask, out=out[block])
     return out.view(base.shape)
 
 

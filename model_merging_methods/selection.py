@@ -370,6 +370,55 @@ def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
     return select_in_high_counts(bits, high, torch.bincount(high, minlength=1 << 15), ks)
 
 
+def signed_order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
+    """The k-th smallest (1-based) of a finite float tensor of any sign, for every k in `ks`, exactly, without
+    a sort: radix selection on integer keys whose order is the values' order (−0 just below +0).
+
+    bfloat16 / float16: key = bits ^ 0x8000 for a non-negative value, ~bits for a negative one (16-bit
+    patterns), one histogram of 2^16 keys. float32: s = bits for a non-negative value, bits ^ 0x7FFFFFFF for
+    a negative one (monotone as int32); a histogram of s's high 16 bits, then the low 16 bits of the entries
+    in the few high bins the ks fall in. Pieces of PIECE entries keep the temporaries in cache."""
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"k = {k} is outside [1, {n}]")
+    narrow = flat.dtype in (torch.bfloat16, torch.float16)
+    if not narrow:
+        flat = flat.to(torch.float32)
+
+    def keys(piece: torch.Tensor) -> torch.Tensor:
+        if narrow:
+            bits = piece.contiguous().view(torch.int16).to(torch.int32)       # sign-extended
+            return bits.bitwise_xor_(bits.bitwise_right_shift(15).bitwise_or_(0x8000))
+        bits = piece.contiguous().view(torch.int32).clone()
+        return bits.bitwise_xor_(bits.bitwise_right_shift(31).bitwise_and_(0x7FFFFFFF))
+
+    pieces = [flat[start:start + PIECE] for start in range(0, n, PIECE)]
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
+    for piece in pieces:
+        key = keys(piece)
+        counts += torch.bincount(key if narrow else key.bitwise_right_shift_(16).add_(1 << 15), minlength=1 << 16)
+    cumulative = counts.cumsum(0)
+    found = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype, device=flat.device)).tolist()
+    if narrow:
+        patterns = [key ^ 0x8000 if key >= 0x8000 else ~key for key in found]
+        return torch.tensor(patterns, dtype=torch.int16).view(flat.dtype).tolist()
+    low = {high: torch.zeros(1 << 16, dtype=torch.int64, device=flat.device) for high in set(found)}
+    for piece in pieces:
+        key = keys(piece)
+        high = key.bitwise_right_shift(16).add_(1 << 15)
+        for high_bin, histogram in low.items():
+            histogram += torch.bincount(key[high == high_bin].bitwise_and_(0xFFFF), minlength=1 << 16)
+    results = []
+    for k, high_bin in zip(ks, found):
+        below = int(cumulative[high_bin - 1]) if high_bin else 0
+        low_bin = int(torch.searchsorted(low[high_bin].cumsum(0), k - below))
+        key = ((high_bin - (1 << 15)) << 16) | low_bin          # s as a Python int (negative below +0)
+        results.append(key if key >= 0 else key ^ 0x7FFFFFFF)
+    return torch.tensor(results, dtype=torch.int32).view(torch.float32).tolist()
+
+
 def select_in_high_counts(bits: torch.Tensor, high: torch.Tensor, counts: torch.Tensor, ks: list[int]) -> list[float]:
     """order_statistics from its first pass, done by the caller: `bits` the int32 patterns of the
     non-negative float32 values, `high` = bits >> 16 and `counts` = bincount(high, minlength=2^15) (a caller

@@ -183,6 +183,23 @@ def test_arcee_fusion_keeps_entries_at_or_above_median_plus_1_5_iqr():
     assert torch.equal(y, torch.where(keep, other, base))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_arcee_fusion_masked_sum_keeps_mergekits_bits_with_signed_zeros(dtype):
+    """b + (x − b)·mask computed as one float32 addcmul equals mergekit's mixed-dtype expression bit for bit,
+    signed zeros included (−0 + (−0)·0 is −0, −0 + (+0)·0 is +0)."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 64, generator=generator).to(dtype)
+    other = (base.float() + 0.05 * torch.randn(300, 64, generator=generator)).to(dtype)
+    base[0, :8] = torch.tensor([-0.0, 0.0, -0.0, 0.0, 1, -1, 2, -0.0]).to(dtype)
+    other[0, :8] = torch.tensor([0.0, -0.0, -0.0, 0.0, 1, -1, 3, -1]).to(dtype)
+    importance = mc.arcee_fusion_importance(other, base)
+    q1, median, q3 = mc.fusion_quartiles(importance)
+    expected = base + (other - base) * (importance >= median + 1.5 * (q3 - q1)).float()
+    got = mc.arcee_fusion_tensor(base, other)
+    assert got.dtype == expected.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
 def test_arcee_fusion_exact_quartiles_above_the_sample_size(monkeypatch):
     """Above mergekit's sample size we take exact order statistics (radix selection, signed values):
     the same values as sorting the whole tensor."""

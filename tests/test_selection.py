@@ -244,3 +244,24 @@ def test_bfloat16_bit_pattern_comparisons_equal_float32_ones():
             beta = np.float32(bound)
         for op in (operator.gt, operator.lt, operator.eq):
             assert np.array_equal(_bfloat16_compare(patterns, op, bound), op(magnitudes, beta)), (op, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_signed_order_statistics_equal_a_sort(dtype):
+    """Order statistics of values of any sign (arcee_fusion's quartiles) by radix selection on
+    order-preserving keys: the values a sort puts at those positions, for sizes across piece cuts, ties,
+    ±0 and small integer grids."""
+    from model_merging_methods.selection import signed_order_statistics
+
+    generator = torch.Generator().manual_seed(3)
+    cases = [torch.randn(1, generator=generator), torch.randn(7, generator=generator),
+             torch.randn(3_000_001, generator=generator), torch.tensor([-0.0, 0.0, 1.5, -1.5] * 1250),
+             torch.randint(-3, 4, (4096,), generator=generator).float() * 1e-3]
+    for values in cases:
+        values = values.to(dtype)
+        n = values.numel()
+        ks = sorted({1, n, (n + 1) // 2, max(1, n // 4), max(1, 3 * n // 4)})
+        ordered = values.float().sort().values
+        assert signed_order_statistics(values, ks) == [float(ordered[k - 1]) for k in ks]
+    with pytest.raises(ValueError, match="outside"):
+        signed_order_statistics(torch.ones(3, dtype=dtype), [4])
