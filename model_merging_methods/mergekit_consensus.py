@@ -164,17 +164,10 @@ def ram_tensor(base: torch.Tensor, others: list[torch.Tensor], epsilon: float = 
     return in_blocks(combine, base, others)   # entrywise: cache-sized blocks, the same bits
 
 
-def ramplus_tl_counts(nonzero: torch.Tensor, overlap: torch.Tensor,
-                      unique: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per model i (int64): the entries where δ_i counts and c > 1 (shared), and where it is the only one
-    (unique). Integers: summing them over flat pieces in any order gives the whole tensor's counts."""
-    return (nonzero & overlap).sum(dim=1), (nonzero & unique).sum(dim=1)
-
-
 def ramplus_tl_lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float,
                        epsilon: float) -> torch.Tensor:
-    """RAM+ (tensor-local) per-model scale of its unique entries, from ramplus_tl_counts over the whole
-    tensor: ρ_i = shared_i / max(unique_i, ε); λ_i = 1 + r·clamp(ρ_i, 0, α) (float32)."""
+    """RAM+ (tensor-local) per-model scale of its unique entries, from ramplus_tl_piece_counts summed over the
+    whole tensor: ρ_i = shared_i / max(unique_i, ε); λ_i = 1 + r·clamp(ρ_i, 0, α) (float32)."""
     return 1 + r * (shared / unique.clamp(min=epsilon)).clamp(min=0, max=alpha)
 
 
@@ -187,28 +180,53 @@ def ramplus_tl_tensor(base: torch.Tensor, others: list[torch.Tensor], r: float =
     if not others:
         return base
 
-    def combine_parts(base: torch.Tensor, parts, lambdas: torch.Tensor) -> torch.Tensor:
-        task_vectors, nonzero, counts, overlap, unique = parts
-        kept = task_vectors * nonzero
-        merged = ((kept * unique * lambdas.unsqueeze(-1))
-                  + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return base + merged.reshape_as(base)
-
-    if lambdas is None and (base.device.type != "cpu" or base.numel() <= ELEMENTWISE_BLOCK):
-        parts = _ram_parts(base, others, epsilon)      # one block: the same parts give the counts and the merge
-        lambdas = ramplus_tl_lambdas(*ramplus_tl_counts(parts[1], parts[3], parts[4]), r, alpha, epsilon)
-        return combine_parts(base, parts, lambdas)
     if lambdas is None:
         lambdas = ramplus_tl_lambdas(*ramplus_tl_piece_counts(base, others, epsilon), r, alpha, epsilon)
     # entrywise given λ: cache-sized blocks, the same bits
-    return in_blocks(lambda b, o: combine_parts(b, _ram_parts(b, o, epsilon), lambdas), base, others)
+    return in_blocks(lambda b, o: _ramplus_tl_block(b, o, epsilon, lambdas), base, others)
+
+
+def _nonzero_counts(base: torch.Tensor, others: list[torch.Tensor], epsilon: float):
+    """Per model δ_i = x_i − b and [|δ_i| > ε] (as _ram_parts, model by model: no stacked copy), and per entry
+    the count c of models with [|δ_i| > ε] (uint8 for up to 255 models)."""
+    deltas = [x - base for x in others]
+    nonzero = [delta.abs() > epsilon for delta in deltas]
+    counts = nonzero[0].to(torch.uint8 if len(others) < 256 else torch.int64)
+    for flags in nonzero[1:]:
+        counts += flags
+    return deltas, nonzero, counts
+
+
+def _ramplus_tl_block(base: torch.Tensor, others: list[torch.Tensor], epsilon: float,
+                      lambdas: torch.Tensor) -> torch.Tensor:
+    """ramplus_tl_tensor's combine with mergekit's bits in fewer, single-dtype passes. Per entry one case
+    holds: c = 0 (every term is ±0), c = 1 (the model's term is δ_i·λ_i, the others ±0) or c > 1 (the terms
+    of the counted models are δ_i / c in the compute dtype, widened to float32; the others ±0). So mergekit's
+    term kept_i·[c = 1]·λ_i + kept_i·[c > 1] / max(c, 1) is v_i·m_i with v_i = float(δ_i / max(c, 1))·
+    (λ_i if c = 1 else 1) and m_i = [|δ_i| > ε] (v_i·m_i is exact: ±0 or v_i, and a nonzero term plus ±0 is
+    itself), and torch's sum over the models, which starts from +0 and adds them in order, is rebuilt as
+    +0 + v_0·m_0 + v_1·m_1 + … (addcmul: the product is exact, so fusing it changes nothing)."""
+    deltas, nonzero, counts = _nonzero_counts(base, others, epsilon)
+    unique = counts == 1
+    divisor = counts.clamp(min=1).to(base.dtype)
+    wide = torch.promote_types(base.dtype, lambdas.dtype)
+    merged = torch.zeros(base.shape, dtype=wide, device=base.device)
+    one = torch.ones((), dtype=wide, device=base.device)
+    for index, (delta, flags) in enumerate(zip(deltas, nonzero)):
+        value = torch.div(delta, divisor).to(wide).mul_(torch.where(unique, lambdas[index].to(wide), one))
+        merged.addcmul_(value, as_mask(flags, wide))
+    return base.to(wide) + merged
 
 
 def ramplus_tl_piece_counts(base: torch.Tensor, others: list[torch.Tensor],
                             epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ramplus_tl_counts of one flat piece (the streamed statistics pass)."""
-    _, nonzero, _, overlap, unique = _ram_parts(base, others, epsilon)
-    return ramplus_tl_counts(nonzero, overlap, unique)
+    """Per model i (int64): the entries of this piece (or whole tensor) where |δ_i| > ε and c > 1 (shared),
+    and where it is the only one (unique). Integers: summing them over flat pieces in any order gives the
+    whole tensor's counts (the streamed statistics pass)."""
+    _, nonzero, counts = _nonzero_counts(base, others, epsilon)
+    overlap, unique = counts > 1, counts == 1
+    return (torch.stack([torch.count_nonzero(flags & overlap) for flags in nonzero]),
+            torch.stack([torch.count_nonzero(flags & unique) for flags in nonzero]))
 
 
 def ram(call: TensorGroupCall) -> torch.Tensor:
@@ -288,5 +306,5 @@ def arcee_fusion(call: TensorGroupCall) -> torch.Tensor:
 
 
 __all__ = ["arcee_fusion", "arcee_fusion_importance", "arcee_fusion_tensor", "fusion_quartiles", "ram",
-           "ram_tensor", "ramplus_tl", "ramplus_tl_counts", "ramplus_tl_lambdas", "ramplus_tl_piece_counts", "ramplus_tl_tensor", "sce", "sce_select_mask",
+           "ram_tensor", "ramplus_tl", "ramplus_tl_lambdas", "ramplus_tl_piece_counts", "ramplus_tl_tensor", "sce", "sce_select_mask",
            "sce_tensor", "sce_weights", "sce_weights_of", "QUANTILE_SAMPLE_SIZE"]
