@@ -139,29 +139,13 @@ def sce(call: TensorGroupCall) -> torch.Tensor:
 # ram, ramplus_tl
 
 
-def _ram_parts(base: torch.Tensor, others: list[torch.Tensor], epsilon: float):
-    """Flattened task vectors δ [n, N], nonzero = |δ| > ε, per entry the number c of contributing
-    models, overlap = c > 1, unique = c = 1."""
-    task_vectors = torch.stack([x - base for x in others], dim=0).view(len(others), -1)
-    nonzero = task_vectors.abs() > epsilon
-    counts = nonzero.sum(dim=0, keepdim=True)
-    return task_vectors, nonzero, counts, counts > 1, counts == 1
-
-
 def ram_tensor(base: torch.Tensor, others: list[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
     """RAM (Reinforced Agent Merging, arXiv 2601.13572), mergekit 0.1.5: per entry, of the task vectors
     δ_i = x_i − b with |δ_i| > ε (c of them), y = b + δ_i when c = 1, b + Σ_i δ_i / c when c > 1, b when
-    c = 0 (entries with |δ_i| ≤ ε are dropped). Elementwise."""
+    c = 0 (entries with |δ_i| ≤ ε are dropped), in the compute dtype. Elementwise (_ram_block)."""
     if not others:
         return base
-
-    def combine(base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
-        task_vectors, nonzero, counts, overlap, unique = _ram_parts(base, others, epsilon)
-        kept = task_vectors * nonzero
-        merged = ((kept * unique) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return base + merged.reshape_as(base)
-
-    return in_blocks(combine, base, others)   # entrywise: cache-sized blocks, the same bits
+    return in_blocks(lambda b, o: _ram_block(b, o, epsilon), base, others)   # cache-sized blocks, the same bits
 
 
 def ramplus_tl_lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float,
@@ -183,7 +167,7 @@ def ramplus_tl_tensor(base: torch.Tensor, others: list[torch.Tensor], r: float =
     if lambdas is None:
         lambdas = ramplus_tl_lambdas(*ramplus_tl_piece_counts(base, others, epsilon), r, alpha, epsilon)
     # entrywise given λ: cache-sized blocks, the same bits
-    return in_blocks(lambda b, o: _ramplus_tl_block(b, o, epsilon, lambdas), base, others)
+    return in_blocks(lambda b, o: _ram_block(b, o, epsilon, lambdas), base, others)
 
 
 def _nonzero_counts(base: torch.Tensor, others: list[torch.Tensor], epsilon: float):
@@ -201,29 +185,35 @@ def _nonzero_counts(base: torch.Tensor, others: list[torch.Tensor], epsilon: flo
     return deltas, nonzero, counts
 
 
-def _ramplus_tl_block(base: torch.Tensor, others: list[torch.Tensor], epsilon: float,
-                      lambdas: torch.Tensor) -> torch.Tensor:
-    """ramplus_tl_tensor's combine with mergekit's bits in fewer, single-dtype passes. Per entry one case
-    holds: c = 0 (every term is ±0), c = 1 (the model's term is δ_i·λ_i, the others ±0) or c > 1 (the terms
-    of the counted models are δ_i / c in the compute dtype, widened to float32; the others ±0). So mergekit's
-    term kept_i·[c = 1]·λ_i + kept_i·[c > 1] / max(c, 1) is float(δ_i / max(c, 1))·t_i with
-    t_i = m_i·(u·λ_i + (1 − u)), u = [c = 1] (t_i is exactly 0, 1 or λ_i, so the product rounds once, as
-    mergekit's, and a zero t_i gives ±0: a nonzero term plus ±0 is itself); torch's sum over the models,
-    which starts from +0 and adds them in order, is rebuilt as +0 + term_0 + term_1 + … (addcmul)."""
+def _ram_block(base: torch.Tensor, others: list[torch.Tensor], epsilon: float,
+               lambdas: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RAM (`lambdas` None) or RAM+ (each model's λ_i) on one block, with the bits of mergekit's stacked
+    expression kept_i·[c = 1]·λ_i + kept_i·[c > 1] / max(c, 1) summed over the models (kept_i = δ_i·m_i,
+    m_i = [|δ_i| > ε]), in fewer single-dtype passes. Per entry one case holds: c = 0 (every term is ±0),
+    c = 1 (the model's term is δ_i·λ_i, the others ±0) or c > 1 (the counted models' terms are δ_i / c in
+    the compute dtype; the others ±0). So a term is float(δ_i / max(c, 1))·t_i with t_i = m_i·(u·λ_i +
+    (1 − u)), u = [c = 1] (exactly 0, 1 or λ_i: the product rounds once, as mergekit's, and a zero t_i gives
+    ±0, which leaves a nonzero sum as it is); torch's sum over the models starts from +0 and accumulates in
+    float32 (also for bfloat16 / float16) in model order, so +0 + term_0 + term_1 + … (addcmul) has its bits.
+    RAM then rounds that sum to the compute dtype and adds it to b there; RAM+ adds b to it in float32."""
     deltas, nonzero, counts = _nonzero_counts(base, others, epsilon)
-    wide = torch.promote_types(base.dtype, lambdas.dtype)
+    wide = torch.promote_types(base.dtype, torch.float32 if lambdas is None else lambdas.dtype)
     device = base.device
 
     def mask(flags: np.ndarray) -> torch.Tensor:
         return as_mask(torch.from_numpy(flags), wide).to(device).view(base.shape)
 
-    unique = mask(counts == 1)
-    not_unique = torch.sub(1, unique)
+    if lambdas is not None:
+        unique = mask(counts == 1)
+        not_unique = torch.sub(1, unique)
     divisor = torch.from_numpy(np.maximum(counts, 1)).to(device=device, dtype=base.dtype).view(base.shape)
     merged = torch.zeros(base.shape, dtype=wide, device=device)
     for index, (delta, flags) in enumerate(zip(deltas, nonzero)):
-        scale = torch.add(not_unique, unique, alpha=float(lambdas[index])).mul_(mask(flags))
+        scale = mask(flags) if lambdas is None else \
+            torch.add(not_unique, unique, alpha=float(lambdas[index])).mul_(mask(flags))
         merged.addcmul_(torch.div(delta, divisor).to(wide), scale)
+    if lambdas is None:
+        return base + merged.to(base.dtype)
     return base.to(wide) + merged
 
 

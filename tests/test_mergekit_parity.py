@@ -165,8 +165,9 @@ def test_ramplus_tl_pieces_with_whole_tensor_lambdas_equal_the_whole_tensor():
     assert torch.equal(whole, pieces)
 
 
-def _ramplus_tl_as_mergekit_writes_it(base, others, r, alpha, epsilon):
-    """mergekit 0.1.5's RAMPlusTLMergeTask.execute, transcribed: stacked task vectors, int64 counts."""
+def _ram_as_mergekit_writes_it(base, others, r, alpha, epsilon, plus=True):
+    """mergekit 0.1.5's RAMPlusTLMergeTask (plus) / RAMMergeTask execute, transcribed: stacked task
+    vectors, int64 counts."""
     task_vectors = torch.stack([x - base for x in others], dim=0).view(len(others), -1)
     nonzero = task_vectors.abs() > epsilon
     counts = nonzero.sum(dim=0, keepdim=True)
@@ -174,13 +175,15 @@ def _ramplus_tl_as_mergekit_writes_it(base, others, r, alpha, epsilon):
     shared_i, unique_i = (nonzero & overlap).sum(dim=1), (nonzero & unique).sum(dim=1)
     lambdas = 1 + r * (shared_i / unique_i.clamp(min=epsilon)).clamp(min=0, max=alpha)
     kept = task_vectors * nonzero
-    merged = ((kept * unique * lambdas.unsqueeze(-1)) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    first = kept * unique * lambdas.unsqueeze(-1) if plus else kept * unique
+    merged = (first + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
     return base + merged.reshape_as(base)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("models", [1, 2, 3, 5])
-def test_ramplus_tl_single_dtype_passes_keep_mergekits_bits(dtype, models):
+@pytest.mark.parametrize("plus", [True, False])
+def test_ram_and_ramplus_tl_single_dtype_passes_keep_mergekits_bits(dtype, models, plus):
     """The per-case rewrite (v_i·m_i summed from +0 in model order) equals mergekit's stacked expression bit
     for bit: entries with no, one and several counted models, deltas at ε, signed zeros in base and deltas,
     whole tensors and blocks (ELEMENTWISE_BLOCK cut)."""
@@ -196,10 +199,12 @@ def test_ramplus_tl_single_dtype_passes_keep_mergekits_bits(dtype, models):
         other[6 + index] = base[6 + index]                       # δ = 0 exactly
         others.append(other)
     for epsilon in (1e-5, 1e-3):
-        expected = _ramplus_tl_as_mergekit_writes_it(base, others, 0.3, 0.7, epsilon)
-        got = mc.ramplus_tl_tensor(base, others, r=0.3, alpha=0.7, epsilon=epsilon)
+        expected = _ram_as_mergekit_writes_it(base, others, 0.3, 0.7, epsilon, plus)
+        got = mc.ramplus_tl_tensor(base, others, r=0.3, alpha=0.7, epsilon=epsilon) if plus else \
+            mc.ram_tensor(base, others, epsilon=epsilon)
         assert got.dtype == expected.dtype
-        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+        assert torch.equal(got.view(torch.int16 if got.itemsize == 2 else torch.int32),
+                           expected.view(torch.int16 if expected.itemsize == 2 else torch.int32))
 
 
 # ----------------------------------------------------------------------------------------------

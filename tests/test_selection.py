@@ -1,5 +1,6 @@
 """Exact radix selection of |x| over streamed pieces (model_merging_methods/selection.py) and its users."""
 import pytest
+import numpy as np
 import torch
 
 import merge_models
@@ -265,3 +266,20 @@ def test_signed_order_statistics_equal_a_sort(dtype):
         assert signed_order_statistics(values, ks) == [float(ordered[k - 1]) for k in ks]
     with pytest.raises(ValueError, match="outside"):
         signed_order_statistics(torch.ones(3, dtype=dtype), [4])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_magnitude_above_equals_torchs_comparison(dtype):
+    """|x| > bound from bit patterns gives torch's booleans for `x.abs() > bound` with a Python number:
+    every 16-bit pattern (NaN, ±inf, ±0, subnormals), float32 across 12 decades, bounds on and off the
+    dtype's grid, negative, zero, huge and infinite."""
+    from model_merging_methods.selection import magnitude_above
+
+    if dtype == torch.float32:
+        generator = torch.Generator().manual_seed(4)
+        values = torch.randn(200_000, generator=generator) * torch.logspace(-9, 3, 200_000)
+        values = torch.cat([values, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-5])])
+    else:
+        values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    for bound in (1e-5, 1e-3, 0.0, -1.0, 1e-8, 0.5, 3.0, 1e30, float("inf")):
+        assert np.array_equal(magnitude_above(values, bound), (values.abs() > bound).numpy()), bound
