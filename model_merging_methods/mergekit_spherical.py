@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .options import MergeError
-from .recipe_methods import TensorGroupCall, accumulator_dtype, add_widened
+from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, accumulator_dtype, add_widened
 from .validation import is_finite
 
 
@@ -111,31 +111,62 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     w = torch.tensor(weights, dtype=like.dtype, device=like.device)
     if normalize_weights:
         w = w / w.sum()
-    delta = lambda x: (x if base is None else x - base).reshape(-1)  # noqa: E731  (δ_i, recomputed: same bits)
-    norms = torch.stack([torch.norm(delta(x), dim=-1, keepdim=True) for x in tensors])
-    unit = lambda i: delta(tensors[i]) / (norms[i] + eps)  # noqa: E731
-    mean = _sum_lazily((unit(i) * w[i] for i in range(len(tensors))), like.reshape(-1))
+    flat = [x.reshape(-1) for x in tensors]
+    flat_base = base.reshape(-1) if base is not None else None
+    every = slice(None)
+    delta = lambda i, s=every: flat[i][s] if base is None else flat[i][s] - flat_base[s]  # noqa: E731  (recomputed: same bits)
+    norms = torch.stack([torch.norm(delta(i), dim=-1, keepdim=True) for i in range(len(tensors))])
+    unit = lambda i, s: delta(i, s) / (norms[i] + eps)  # noqa: E731
+    # the elementwise steps run on cache-sized flat blocks (the same bits), so a whole tensor's temporaries
+    # are the few results that the whole-tensor reductions read: m, one product ⟨u_i, m⟩ at a time, τ, y
+    mean = _by_blocks(lambda s: _sum_lazily((unit(i, s) * w[i] for i in range(len(tensors))), flat[0][s]),
+                      flat[0])
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if len(tensors) == 2:
-            result = delta(tensors[0]) * w[0] + delta(tensors[1]) * w[1]
+            result = delta(0) * w[0] + delta(1) * w[1]
             result = result.view(like.shape)
             return result + base if base is not None else result
         raise MergeError("multislerp: the weighted sum of the unit inputs is zero (antipodal inputs whose "
                          "weights cancel); change the weights")
-    mean = mean / mean_norm
+    mean.div_(mean_norm)
+    product = torch.empty_like(mean)
+    dots = []
+    for i in range(len(tensors)):          # ⟨u_i, m⟩: torch's sum over the whole product, as mergekit's
+        _by_blocks(lambda s: unit(i, s) * mean[s], flat[0], out=product)
+        dots.append(product.sum(-1, keepdim=True))
+    del product
 
-    def tangent_term(i: int) -> torch.Tensor:          # w_i (u_i − ⟨u_i, m⟩ m)
-        u = unit(i)
-        u -= (u * mean).sum(-1, keepdim=True) * mean
+    def tangent_term(i: int, s: slice) -> torch.Tensor:          # w_i (u_i − ⟨u_i, m⟩ m)
+        u = unit(i, s)
+        u -= dots[i] * mean[s]
         return u.mul_(w[i])
 
-    tangent = _sum_lazily((tangent_term(i) for i in range(len(tensors))), like.reshape(-1))
+    tangent = _by_blocks(lambda s: _sum_lazily((tangent_term(i, s) for i in range(len(tensors))), flat[0][s]),
+                         flat[0])
     tangent_norm = torch.norm(tangent) + eps
-    result = mean * torch.cos(tangent_norm)
-    result += tangent.mul_(torch.sin(tangent_norm) / tangent_norm)
-    result = (result * (norms.squeeze(-1) * w).sum()).view(like.shape)
-    return result + base if base is not None else result
+    cosine, ratio, scale = torch.cos(tangent_norm), torch.sin(tangent_norm) / tangent_norm, (norms.squeeze(-1) * w).sum()
+
+    def combine(s: slice) -> torch.Tensor:
+        result = mean[s] * cosine
+        result += tangent[s] * ratio
+        result = result * scale
+        return result + flat_base[s] if base is not None else result
+
+    return _by_blocks(combine, flat[0]).view(like.shape)
+
+
+def _by_blocks(function, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[s] = function(s) over cache-sized flat slices s of a 1-D tensor shaped like `like` (one slice off
+    the CPU), for steps that are elementwise: the same bits as one call, without whole-tensor temporaries."""
+    numel = like.numel()
+    step = ELEMENTWISE_BLOCK if like.device.type == "cpu" else max(numel, 1)
+    for start in range(0, numel, step):
+        part = function(slice(start, min(start + step, numel)))
+        if out is None:
+            out = torch.empty(numel, dtype=part.dtype, device=part.device)
+        out[start:start + part.numel()] = part
+    return out if out is not None else function(slice(0, 0))
 
 
 def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
