@@ -159,14 +159,19 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
 def _by_blocks(function, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out[s] = function(s) over cache-sized flat slices s of a 1-D tensor shaped like `like` (one slice off
     the CPU), for steps that are elementwise: the same bits as one call, without whole-tensor temporaries."""
+    for s in _blocks(like):
+        part = function(s)
+        if out is None:
+            out = torch.empty(like.numel(), dtype=part.dtype, device=part.device)
+        out[s] = part
+    return out if out is not None else function(slice(0, 0))
+
+
+def _blocks(like: torch.Tensor) -> list[slice]:
+    """Cache-sized flat slices of a 1-D tensor (ELEMENTWISE_BLOCK entries on the CPU; one slice elsewhere)."""
     numel = like.numel()
     step = ELEMENTWISE_BLOCK if like.device.type == "cpu" else max(numel, 1)
-    for start in range(0, numel, step):
-        part = function(slice(start, min(start + step, numel)))
-        if out is None:
-            out = torch.empty(numel, dtype=part.dtype, device=part.device)
-        out[start:start + part.numel()] = part
-    return out if out is not None else function(slice(0, 0))
+    return [slice(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
 def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
@@ -218,34 +223,52 @@ def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = Non
     valid_alphas = [alphas[i] for i in valid]
     alpha_sum = sum(valid_alphas)
     coefficients = [alpha / alpha_sum for alpha in valid_alphas]
-    # u_i = x_i / ‖x_i‖ is recomputed where it is used (same bits) instead of held for every input
-    units = lambda: ((tensors[i] / norms[i]).to(tensors[i].dtype) for i in valid)  # noqa: E731
-    mean = torch.zeros_like(tensors[valid[0]])
-    for coefficient, unit in zip(coefficients, units()):
-        mean += coefficient * unit
+    # u_i = x_i / ‖x_i‖ is recomputed where it is used (same bits) instead of held for every input, and every
+    # elementwise step runs on cache-sized flat blocks (_by_blocks): whole-tensor buffers only for what torch's
+    # reductions read (m, the unit in ⟨m, u_i⟩, τ), no whole float32 temporaries (their page faults were most
+    # of the time)
+    flat = [tensor.reshape(-1) for tensor in tensors]
+    like = flat[valid[0]]
+    unit = lambda i, s: (flat[i][s] / norms[i]).to(flat[i].dtype)  # noqa: E731
+
+    def weighted_units(s: slice) -> torch.Tensor:
+        mean = torch.zeros_like(like[s])
+        for coefficient, i in zip(coefficients, valid):
+            mean += coefficient * unit(i, s)
+        return mean
+
+    mean = _by_blocks(weighted_units, like)
     mean_norm = norm_of(mean)
-    mean = next(units()) if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    if mean_norm.item() < tol:
+        mean = _by_blocks(lambda s: unit(valid[0], s), like)
+    else:
+        _by_blocks(lambda s: (mean[s] / mean_norm).to(mean.dtype), like, out=mean)
+    buffer = torch.empty_like(mean)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for coefficient, unit in zip(coefficients, units()):
-            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+        for coefficient, i in zip(coefficients, valid):
+            current = _by_blocks(lambda s: unit(i, s), like, out=buffer)
+            dot = torch.clamp(torch.dot(mean, current), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            step = dot * mean                                  # a·θ/sin θ·(u − ⟨m, u⟩ m), in one temporary
-            torch.sub(unit, step, out=step)
-            tangent += step.mul_(coefficient * (theta / torch.sin(theta)))
-            del step
+            factor = coefficient * (theta / torch.sin(theta))
+
+            for s in _blocks(like):                            # τ += a·θ/sin θ·(u − ⟨m, u⟩ m)
+                step = dot * mean[s]
+                torch.sub(current[s], step, out=step)
+                tangent[s] += step.mul_(factor)
         tangent_norm = norm_of(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        cosine, sine = torch.cos(tangent_norm), torch.sin(tangent_norm)
+        _by_blocks(lambda s: (cosine * mean[s] + sine * (tangent[s] / tangent_norm)).to(mean.dtype), like, out=mean)
         del tangent
         unit_norm = norm_of(mean)
         if unit_norm.item() > tol:
-            mean = (mean / unit_norm).to(mean.dtype)
+            _by_blocks(lambda s: (mean[s] / unit_norm).to(mean.dtype), like, out=mean)
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
-    return scale * mean
+    return (scale * mean).view(tensors[0].shape)
 
 
 def karcher(call: TensorGroupCall) -> torch.Tensor:
