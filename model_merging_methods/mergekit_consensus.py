@@ -101,7 +101,8 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
     y = b + Σ_i w_i e_i δ_i / max(Σ_i w_i e_i, 1e-6). No model weights, no density (the paper's
     parameters are select_topk only). int8_mask stores the masks as int8 (memory; same values).
     Memory: with select_topk ≥ 1 a few tensors (each δ_i is recomputed where it is used), else the stacked
-    task vectors; the cross-model sums run one model at a time (same bits as mergekit's sums over the stack)."""
+    task vectors; the cross-model sums run one model at a time (same bits as mergekit's sums over the stack),
+    and the erase and merge steps, which are elementwise, on cache-sized blocks."""
     if not others:
         return base
     if select_topk < 1:               # the selection needs every model's δ at once (variance across models)
@@ -115,19 +116,21 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
         delta = lambda i: others[i] - base  # noqa: E731
     count = len(others)
     weights = sce_weights_of(delta(i) for i in range(count))
-    positive = _sum_lazily((delta(i) for i in range(count)), base) >= 0     # the elected sign is + (else −)
-    # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here)
-    # sign δ_i = s exactly when δ_i > 0 (s = +) or δ_i < 0 (s = −); 0 and NaN never agree.
-    # w_i·e_i is exactly w_i where model i agrees, else 0
-    erased = lambda i, d: torch.where(torch.where(positive, d > 0, d < 0), weights[i], 0)  # noqa: E731
 
-    def term(i: int) -> torch.Tensor:
-        d = delta(i)
-        return d.mul_(erased(i, d)) if select_topk >= 1 else d * erased(i, d)
+    def erase_and_merge(b: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+        # elementwise from here (cache-sized blocks, the same bits as whole tensors): `inputs` are the blocks
+        # of the selected δ_i (select_topk < 1) or of the x_i
+        deltas = inputs if select_topk < 1 else [x - b for x in inputs]
+        positive = _sum_lazily(deltas, b) >= 0     # the elected sign is + (else −)
+        # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here)
+        # sign δ_i = s exactly when δ_i > 0 (s = +) or δ_i < 0 (s = −); 0 and NaN never agree.
+        # w_i·e_i is exactly w_i where model i agrees, else 0
+        erased = [torch.where(torch.where(positive, d > 0, d < 0), weights[i], 0) for i, d in enumerate(deltas)]
+        merged = _sum_lazily((d * e for d, e in zip(deltas, erased)), b)
+        divisor = _sum_lazily(erased, b).clamp_(min=1e-6)
+        return b + merged.div_(divisor)
 
-    merged = _sum_lazily((term(i) for i in range(count)), base)
-    divisor = _sum_lazily((erased(i, delta(i)) for i in range(count)), base).clamp_(min=1e-6)
-    return base + merged.div_(divisor)
+    return in_blocks(erase_and_merge, base, [delta(i) for i in range(count)] if select_topk < 1 else others)
 
 
 def sce(call: TensorGroupCall) -> torch.Tensor:
