@@ -270,7 +270,7 @@ class KeepRule:
 
 
 # float dtype → (same-width integer dtype, NumPy unsigned view, magnitude bits, the pattern of +inf)
-_PATTERNS = {torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+PATTERNS = {torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
              torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
              torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000)}
 
@@ -280,7 +280,7 @@ def _magnitude_floor(dtype: torch.dtype, bound: float) -> int:
     """The smallest magnitude pattern p of `dtype` whose value torch finds > `bound` (its own comparison of a
     one-entry tensor with the Python number, so the bound is rounded as torch rounds it), or inf's pattern
     + 1 when none is. Non-negative values are ordered as their patterns, so a binary search finds it."""
-    integer, _, _, infinity = _PATTERNS[dtype]
+    integer, _, _, infinity = PATTERNS[dtype]
 
     def above(pattern: int) -> bool:
         return bool((torch.tensor([pattern], dtype=torch.int64).to(integer).view(dtype) > bound)[0])
@@ -299,7 +299,7 @@ def magnitude_above(values: torch.Tensor, bound: float) -> np.ndarray:
     """|values| > bound as torch compares a bfloat16 / float16 / float32 tensor with a Python number (the
     booleans of ``values.abs() > bound``, NaN false), from the bit patterns: floor ≤ (bits & magnitude) ≤
     inf's pattern, as one unsigned subtraction and comparison (4–6× faster than torch's comparison)."""
-    integer, unsigned, magnitude, infinity = _PATTERNS[values.dtype]
+    integer, unsigned, magnitude, infinity = PATTERNS[values.dtype]
     floor = _magnitude_floor(values.dtype, float(bound))
     bits = values.detach().contiguous().view(integer).reshape(-1).numpy().view(unsigned)
     if floor > infinity:

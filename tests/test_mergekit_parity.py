@@ -435,3 +435,22 @@ def test_population_variance_has_torch_vars_bits():
         assert torch.equal(population_variance(x), torch.var(x, dim=0, unbiased=False))
     finally:
         mergekit_consensus.VARIANCE_BLOCK = block
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sce_erase_masks_from_bit_patterns_equal_torchs_comparisons(dtype):
+    """[sign δ_i = s] from bit patterns equals torch.where(Σ ≥ 0, δ > 0, δ < 0): every 16-bit pattern of δ
+    against shuffled sums of every pattern (±0, ±inf, NaN, subnormals), and sums that are all −0 or all NaN."""
+    generator = torch.Generator().manual_seed(7)
+    if dtype == torch.float32:
+        values = torch.randn(1 << 16, generator=generator) * torch.logspace(-40, 38, 1 << 16)
+        values[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    else:
+        values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    sums = [values[torch.randperm(values.numel(), generator=generator)] for _ in range(2)]
+    sums += [torch.full_like(values, -0.0), torch.full_like(values, float("nan"))]
+    for summed in sums:
+        deltas = [values, values.flip(0)]
+        expected = [torch.where(summed >= 0, d > 0, d < 0) for d in deltas]
+        got = mc._agreeing(deltas, summed)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
