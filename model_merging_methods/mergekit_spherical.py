@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .options import MergeError
-from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, accumulator_dtype, add_widened
+from .recipe_methods import TensorGroupCall, accumulator_dtype, add_widened, by_blocks, flat_blocks
 from .validation import is_finite
 
 
@@ -78,9 +78,39 @@ def nuslerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: torc
     """mergekit's nuslerp of two models with weights (w_0, w_1): t = nuslerp_t(w); without a base,
     nuslerp_pair(t, x_0, x_1); with one, b + nuslerp_pair(t, x_0 − b, x_1 − b) (task vectors)."""
     t = nuslerp_t(weights)
+    if flatten:
+        return _nuslerp_flat(t, tensors[0], tensors[1], base)
     if base is None:
         return nuslerp_pair(t, tensors[0], tensors[1], row_wise, flatten)
     return base + nuslerp_pair(t, tensors[0] - base, tensors[1] - base, row_wise, flatten)
+
+
+def _nuslerp_flat(t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(b +) nuslerp_pair(t, v0, v1) with flatten (one angle) for v_i = x_i (− b), the same operations with
+    the elementwise ones on cache-sized flat blocks: whole tensors only for each ‖v_i‖ (v_i formed for its
+    norm, then freed) and for the product u_0·u_1 that torch's sum reads."""
+    flat0, flat1 = x0.reshape(-1), x1.reshape(-1)
+    flat_base = base.reshape(-1) if base is not None else None
+    every = slice(None)
+    v = lambda flat, s: flat[s] if flat_base is None else flat[s] - flat_base[s]  # noqa: E731  (same bits)
+    n0 = torch.norm(v(flat0, every), dim=-1, keepdim=True).clamp(min=1e-7)
+    n1 = torch.norm(v(flat1, every), dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(by_blocks(lambda s: (v(flat0, s) / n0).mul_(v(flat1, s) / n1), flat0),
+                    dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    first, second = ((1 - t), t) if bool(colinear) else (torch.sin((1 - t) * theta), torch.sin(t * theta))
+
+    def combine(s: slice) -> torch.Tensor:
+        result = first * v(flat0, s)
+        result += second * v(flat1, s)
+        if not bool(colinear):
+            result /= sin_theta
+        return result if flat_base is None else flat_base[s] + result
+
+    return by_blocks(combine, flat0).view(x0.shape)
 
 
 def nuslerp(call: TensorGroupCall) -> torch.Tensor:
@@ -119,7 +149,7 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     unit = lambda i, s: delta(i, s) / (norms[i] + eps)  # noqa: E731
     # the elementwise steps run on cache-sized flat blocks (the same bits), so a whole tensor's temporaries
     # are the few results that the whole-tensor reductions read: m, one product ⟨u_i, m⟩ at a time, τ, y
-    mean = _by_blocks(lambda s: _sum_lazily((unit(i, s) * w[i] for i in range(len(tensors))), flat[0][s]),
+    mean = by_blocks(lambda s: _sum_lazily((unit(i, s) * w[i] for i in range(len(tensors))), flat[0][s]),
                       flat[0])
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
@@ -133,7 +163,7 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     product = torch.empty_like(mean)
     dots = []
     for i in range(len(tensors)):          # ⟨u_i, m⟩: torch's sum over the whole product, as mergekit's
-        _by_blocks(lambda s: unit(i, s) * mean[s], flat[0], out=product)
+        by_blocks(lambda s: unit(i, s) * mean[s], flat[0], out=product)
         dots.append(product.sum(-1, keepdim=True))
     del product
 
@@ -142,7 +172,7 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
         u -= dots[i] * mean[s]
         return u.mul_(w[i])
 
-    tangent = _by_blocks(lambda s: _sum_lazily((tangent_term(i, s) for i in range(len(tensors))), flat[0][s]),
+    tangent = by_blocks(lambda s: _sum_lazily((tangent_term(i, s) for i in range(len(tensors))), flat[0][s]),
                          flat[0])
     tangent_norm = torch.norm(tangent) + eps
     cosine, ratio, scale = torch.cos(tangent_norm), torch.sin(tangent_norm) / tangent_norm, (norms.squeeze(-1) * w).sum()
@@ -153,25 +183,7 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
         result = result * scale
         return result + flat_base[s] if base is not None else result
 
-    return _by_blocks(combine, flat[0]).view(like.shape)
-
-
-def _by_blocks(function, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[s] = function(s) over cache-sized flat slices s of a 1-D tensor shaped like `like` (one slice off
-    the CPU), for steps that are elementwise: the same bits as one call, without whole-tensor temporaries."""
-    for s in _blocks(like):
-        part = function(s)
-        if out is None:
-            out = torch.empty(like.numel(), dtype=part.dtype, device=part.device)
-        out[s] = part
-    return out if out is not None else function(slice(0, 0))
-
-
-def _blocks(like: torch.Tensor) -> list[slice]:
-    """Cache-sized flat slices of a 1-D tensor (ELEMENTWISE_BLOCK entries on the CPU; one slice elsewhere)."""
-    numel = like.numel()
-    step = ELEMENTWISE_BLOCK if like.device.type == "cpu" else max(numel, 1)
-    return [slice(start, min(start + step, numel)) for start in range(0, numel, step)]
+    return by_blocks(combine, flat[0]).view(like.shape)
 
 
 def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
@@ -224,7 +236,7 @@ def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = Non
     alpha_sum = sum(valid_alphas)
     coefficients = [alpha / alpha_sum for alpha in valid_alphas]
     # u_i = x_i / ‖x_i‖ is recomputed where it is used (same bits) instead of held for every input, and every
-    # elementwise step runs on cache-sized flat blocks (_by_blocks): whole-tensor buffers only for what torch's
+    # elementwise step runs on cache-sized flat blocks (recipe_methods.by_blocks): whole-tensor buffers only for what torch's
     # reductions read (m, the unit in ⟨m, u_i⟩, τ), no whole float32 temporaries (their page faults were most
     # of the time)
     flat = [tensor.reshape(-1) for tensor in tensors]
@@ -237,24 +249,24 @@ def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = Non
             mean += coefficient * unit(i, s)
         return mean
 
-    mean = _by_blocks(weighted_units, like)
+    mean = by_blocks(weighted_units, like)
     mean_norm = norm_of(mean)
     if mean_norm.item() < tol:
-        mean = _by_blocks(lambda s: unit(valid[0], s), like)
+        mean = by_blocks(lambda s: unit(valid[0], s), like)
     else:
-        _by_blocks(lambda s: (mean[s] / mean_norm).to(mean.dtype), like, out=mean)
+        by_blocks(lambda s: (mean[s] / mean_norm).to(mean.dtype), like, out=mean)
     buffer = torch.empty_like(mean)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for coefficient, i in zip(coefficients, valid):
-            current = _by_blocks(lambda s: unit(i, s), like, out=buffer)
+            current = by_blocks(lambda s: unit(i, s), like, out=buffer)
             dot = torch.clamp(torch.dot(mean, current), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
             factor = coefficient * (theta / torch.sin(theta))
 
-            for s in _blocks(like):                            # τ += a·θ/sin θ·(u − ⟨m, u⟩ m)
+            for s in flat_blocks(like):                            # τ += a·θ/sin θ·(u − ⟨m, u⟩ m)
                 step = dot * mean[s]
                 torch.sub(current[s], step, out=step)
                 tangent[s] += step.mul_(factor)
@@ -262,11 +274,11 @@ def karcher_tensor(tensors: list[torch.Tensor], alphas: list[float] | None = Non
         if tangent_norm.item() < tol:
             break
         cosine, sine = torch.cos(tangent_norm), torch.sin(tangent_norm)
-        _by_blocks(lambda s: (cosine * mean[s] + sine * (tangent[s] / tangent_norm)).to(mean.dtype), like, out=mean)
+        by_blocks(lambda s: (cosine * mean[s] + sine * (tangent[s] / tangent_norm)).to(mean.dtype), like, out=mean)
         del tangent
         unit_norm = norm_of(mean)
         if unit_norm.item() > tol:
-            _by_blocks(lambda s: (mean[s] / unit_norm).to(mean.dtype), like, out=mean)
+            by_blocks(lambda s: (mean[s] / unit_norm).to(mean.dtype), like, out=mean)
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
     return (scale * mean).view(tensors[0].shape)
 

@@ -525,18 +525,29 @@ def in_blocks(combine: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor
               others: list[torch.Tensor]) -> torch.Tensor:
     """combine(base, others) for an entrywise `combine`, computed on flat blocks of ELEMENTWISE_BLOCK entries
     on the CPU (one call elsewhere, or for small tensors); the result has base's shape and combine's dtype."""
-    numel = base.numel()
-    if base.device.type != "cpu" or numel <= ELEMENTWISE_BLOCK:
+    if base.device.type != "cpu" or base.numel() <= ELEMENTWISE_BLOCK:
         return combine(base, others)
     flat_base, flat = base.reshape(-1), [other.reshape(-1) for other in others]
-    out = None
-    for start in range(0, numel, ELEMENTWISE_BLOCK):
-        stop = min(start + ELEMENTWISE_BLOCK, numel)
-        part = combine(flat_base[start:stop], [other[start:stop] for other in flat]).reshape(-1)
+    return by_blocks(lambda s: combine(flat_base[s], [other[s] for other in flat]).reshape(-1), flat_base).view(base.shape)
+
+
+def by_blocks(function: Callable[[slice], torch.Tensor], like: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[s] = function(s) over the flat_blocks s of a 1-D tensor shaped like `like`, for steps that are
+    elementwise: the same bits as one call, without whole-tensor temporaries (a fresh 1-D `out` if None)."""
+    for s in flat_blocks(like):
+        part = function(s)
         if out is None:
-            out = torch.empty(numel, dtype=part.dtype, device=part.device)
-        out[start:stop] = part
-    return out.view(base.shape)
+            out = torch.empty(like.numel(), dtype=part.dtype, device=part.device)
+        out[s] = part
+    return out if out is not None else function(slice(0, 0))
+
+
+def flat_blocks(like: torch.Tensor) -> list[slice]:
+    """Cache-sized flat slices of a 1-D tensor (ELEMENTWISE_BLOCK entries on the CPU; one slice elsewhere)."""
+    numel = like.numel()
+    step = ELEMENTWISE_BLOCK if like.device.type == "cpu" else max(numel, 1)
+    return [slice(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
 def gta_tensor(base: torch.Tensor, others: list[torch.Tensor], weights: list[float],
