@@ -16,6 +16,8 @@ order, by any thread, and cut at any boundary, with the same result. Callers tha
 kth_smallest / rank_statistics / smallest_mask; callers that stream (the flag engine's TIES thresholds,
 the recipes' rank cuts) hand select_streamed a way to recompute their pieces and a pool to map them on.
 KeepRule states which entries a rank cut keeps, ties in flat order, so that pieces can apply it.
+Values of any sign (arcee_fusion's quartiles) use signed_order_statistics (order-preserving integer keys);
+magnitude_above answers torch's |x| > bound from the bit patterns (PATTERNS: each float dtype's layout).
 """
 from __future__ import annotations
 
