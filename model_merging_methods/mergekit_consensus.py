@@ -18,7 +18,7 @@ first (integers: any piece order gives the same counts, see ramplus_tl_lambdas).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -48,33 +48,46 @@ def population_variance(task_vectors: torch.Tensor) -> torch.Tensor:
         return torch.var(task_vectors, dim=0, unbiased=False)
     count = task_vectors.shape[0]
     flat = task_vectors.reshape(count, -1)
-    out = torch.empty(flat.shape[1], dtype=task_vectors.dtype)
-    for start in range(0, flat.shape[1], VARIANCE_BLOCK):
-        stop = min(start + VARIANCE_BLOCK, flat.shape[1])
-        mean, m2 = np.zeros(stop - start), np.zeros(stop - start)
+    return _welford_variance(lambda j, s: flat[j, s], count, flat.shape[1], task_vectors.dtype).view(
+        task_vectors.shape[1:])
+
+
+def _welford_variance(row: Callable[[int, slice], torch.Tensor], count: int, numel: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """population_variance's recurrence over blocks of VARIANCE_BLOCK entries, `row(j, s)` giving block s of
+    task vector j (a row of a stack, or x_j − b formed block by block: no stack); flat result in `dtype`."""
+    out = torch.empty(numel, dtype=dtype)
+    for start in range(0, numel, VARIANCE_BLOCK):
+        s = slice(start, min(start + VARIANCE_BLOCK, numel))
+        mean, m2 = np.zeros(s.stop - start), np.zeros(s.stop - start)
         for j in range(count):
-            x = flat[j, start:stop].float().numpy().astype(np.float64)
+            x = row(j, s).float().numpy().astype(np.float64)
             delta = x - mean
             mean += delta / (j + 1)
             m2 += delta * (x - mean)
-        out[start:stop] = torch.from_numpy((m2 / count).astype(np.float32)).to(task_vectors.dtype)
-    return out.view(task_vectors.shape[1:])
+        out[s] = torch.from_numpy((m2 / count).astype(np.float32)).to(dtype)
+    return out
 
 
-def sce_select_mask(task_vectors: torch.Tensor, select_topk: float, mask_dtype: torch.dtype) -> torch.Tensor:
+def sce_select_mask(task_vectors: torch.Tensor | None, select_topk: float, mask_dtype: torch.dtype,
+                    variance: torch.Tensor | None = None) -> torch.Tensor:
     """SCE "select": 1 at the k = int(c·select_topk) entries of largest variance across the models
-    (population variance over axis 0; c = the number of entries with non-zero variance), else 0.
-    select_topk ≤ 0: all 0; ≥ 1: all 1. Ties at the k-th variance: torch.topk's choice (as mergekit)."""
+    (population variance over axis 0 of the stacked task vectors, or `variance` given; c = the number of
+    entries with non-zero variance; a given `variance` is overwritten by its |·|), else 0. select_topk ≤ 0:
+    all 0; ≥ 1: all 1. Ties at the k-th variance: torch.topk's choice (as mergekit)."""
+    like = variance if variance is not None else task_vectors[0]
     if select_topk <= 0:
-        return torch.zeros_like(task_vectors[0], dtype=mask_dtype)
+        return torch.zeros_like(like, dtype=mask_dtype)
     if select_topk >= 1:
-        return torch.ones_like(task_vectors[0], dtype=mask_dtype)
-    variance = population_variance(task_vectors)
+        return torch.ones_like(like, dtype=mask_dtype)
+    if variance is None:
+        variance = population_variance(task_vectors)
     k = int(torch.count_nonzero(variance) * select_topk)
     if k == 0:
         return torch.zeros_like(variance, dtype=mask_dtype)
-    # torch.topk's entries, without its nth_element on the CPU (sort_window.topk_keep: replayed, checked)
-    return as_mask(topk_keep(variance.abs(), k), mask_dtype)
+    # torch.topk's entries, without its nth_element on the CPU (sort_window.topk_keep: replayed, checked);
+    # |variance| in place (the values mergekit's variance.abs() holds, without a second whole tensor)
+    return as_mask(topk_keep(variance.abs_(), k), mask_dtype)
 
 
 def sce_weights_of(task_vectors) -> torch.Tensor:
@@ -123,13 +136,24 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
     and the erase and merge steps, which are elementwise, on cache-sized blocks."""
     if not others:
         return base
+    mask = None
     if select_topk < 1:               # the selection needs every model's δ at once (variance across models)
         mask_dtype = torch.int8 if int8_mask else base.dtype
-        stacked = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
-        for row, x in zip(stacked, others):
-            torch.sub(x, base, out=row)
-        stacked *= sce_select_mask(stacked, select_topk, mask_dtype).unsqueeze(0)
-        delta = lambda i: stacked[i]  # noqa: E731
+        if base.device.type == "cpu" and base.dtype in (torch.bfloat16, torch.float16):
+            # the variance's recurrence reads blocks of x_i − b (the stack's rows, bit for bit), and each
+            # selected δ_i·mask is formed where it is used: no stacked task vectors
+            flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in others]
+            variance = _welford_variance(lambda j, s: flat[j][s] - flat_base[s], len(others), base.numel(),
+                                         base.dtype).view(base.shape)
+            mask = sce_select_mask(None, select_topk, mask_dtype, variance=variance)
+            del variance
+            delta = lambda i: (others[i] - base) * mask  # noqa: E731  (stacked *= mask: the same product)
+        else:
+            stacked = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
+            for row, x in zip(stacked, others):
+                torch.sub(x, base, out=row)
+            stacked *= sce_select_mask(stacked, select_topk, mask_dtype).unsqueeze(0)
+            delta = lambda i: stacked[i]  # noqa: E731
     else:                             # δ_i recomputed where it is used (same bits): a few tensors in memory
         delta = lambda i: others[i] - base  # noqa: E731
     count = len(others)
@@ -139,7 +163,10 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
     def erase_and_merge(b: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
         # elementwise from here (cache-sized blocks, the same bits as whole tensors): `inputs` are the blocks
         # of the selected δ_i (select_topk < 1) or of the x_i
-        deltas = inputs if select_topk < 1 else [x - b for x in inputs]
+        if mask is not None:            # blocks of x_i and, last, of the mask
+            deltas = [(x - b) * inputs[-1] for x in inputs[:-1]]
+        else:
+            deltas = inputs if select_topk < 1 else [x - b for x in inputs]
         # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here); w_i·e_i is
         # exactly w_i where model i agrees, else 0 (a 0/1 mask times a finite w_i ≥ 0, or torch.where)
         agree = _agreeing(deltas, _sum_lazily(deltas, b))
@@ -151,6 +178,8 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
         divisor = _sum_lazily(erased, b).clamp_(min=1e-6)
         return b + merged.div_(divisor)
 
+    if mask is not None:
+        return in_blocks(erase_and_merge, base, [*others, mask])
     return in_blocks(erase_and_merge, base, [delta(i) for i in range(count)] if select_topk < 1 else others)
 
 
