@@ -71,9 +71,8 @@ def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrit
         seg[0], seg[median] = seg[median], seg[0]
         seg_index[0], seg_index[median] = seg_index[median], seg_index[0]
         pivot = seg[0]
-        left = np.flatnonzero(not_comp(seg[1:], pivot))
-        left += 1                                                  # the left scan's stops, in order
-        right = np.flatnonzero(not_comp(pivot, seg))[::-1]        # the right scan's (the pivot is the last)
+        left = _positions(not_comp(seg[1:], pivot), 1)            # the left scan's stops, in order
+        right = _positions(not_comp(pivot, seg))[::-1]            # the right scan's (the pivot is the last)
         pairs = min(left.size, right.size)
         swaps = int(np.count_nonzero(left[:pairs] < right[:pairs]))
         # after `swaps` swaps the left scan stops at its next stop or at the last swapped-in entry
@@ -92,6 +91,21 @@ def window_keep(values: np.ndarray, lo: int, hi: int, descending: bool, overwrit
         segments.append((first + cut, last, depth - 1))     # (introsort recurses right, loops left)
         segments.append((first, first + cut, depth - 1))
     return keep
+
+
+POSITIONS_CHUNK = 1 << 22   # entries per chunk of _positions (its int64 temporaries stay small)
+
+
+def _positions(flags: np.ndarray, offset: int = 0) -> np.ndarray:
+    """np.flatnonzero(flags) + offset as int32 (int64 beyond 2^31 entries), found chunk by chunk into one
+    array counted first: a scan's stops over a whole tensor were int64 arrays of up to n entries."""
+    out = np.empty(int(np.count_nonzero(flags)), dtype=np.int32 if flags.size + offset < 2**31 else np.int64)
+    filled = 0
+    for start in range(0, flags.size, POSITIONS_CHUNK):
+        found = np.flatnonzero(flags[start:start + POSITIONS_CHUNK])
+        out[filled:filled + found.size] = found + (start + offset)
+        filled += found.size
+    return out
 
 
 def _tie_heavy_samples(seed: int):
