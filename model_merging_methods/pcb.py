@@ -12,68 +12,82 @@ Rows are the T task vectors of the tensor, flattened (d entries each):
 Differences from the authors' code, stated: (1) the authors flatten the whole model into one row per task;
 streaming needs one tensor at a time, so here every statistic (order statistics, min, max) is per tensor;
 (2) where a task's values are all equal, norm() divides 0 by 0 in the authors' code (NaN); here such a row
-normalises to 0. The order statistics are exact (torch.kthvalue, no sort). Every tensor follows this rule.
+normalises to 0. The order statistics are exact (radix selection for float32, torch.kthvalue otherwise; no
+sort), and everything else runs on cache-sized flat blocks (pcb_tensor). Every tensor follows this rule.
 Defaults: pcb_ratio 0.1 (the authors' `PCB_merge` default; their example script uses 0.05), scaling_factor
 1.0 (their evolutionary search starts from λ = 1 in [0.8, 1.3]).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .selection import kth_smallest
+from .recipe_methods import by_blocks, flat_blocks
+from .selection import rank_statistics_pieces, signed_order_statistics_pieces
 
 CLAMP_RATIO = 1e-4   # the authors' min_ratio = max_ratio for |τ| in PCB_merge
 
 
-def _kth(rows: torch.Tensor, index: int) -> torch.Tensor:
-    """The index-th smallest (0-based) entry of every row, shape [T, 1] (sorted_x[:, index] of the authors).
-
-    float32 rows use the exact radix selection of selection.py (linear time; ~2× faster than torch.kthvalue
-    here), split at zero for signed rows; other dtypes torch.kthvalue. Both give the exact order statistic."""
-    if rows.dtype != torch.float32:
-        return torch.kthvalue(rows, index + 1, dim=1, keepdim=True).values
-    return torch.tensor([[_signed_kth(row, index)] for row in rows], dtype=rows.dtype)
-
-
-def _signed_kth(row: torch.Tensor, index: int) -> float:
-    """The index-th smallest (0-based) of a float32 row, by radix selection on magnitudes on each side of 0."""
-    negative = row[row < 0]
-    count = negative.numel()
-    if index < count:            # among the negatives, ascending order is descending magnitude
-        return -kth_smallest(negative, count - index)
-    if count == 0:
-        return kth_smallest(row, index + 1)
-    return kth_smallest(row[row >= 0], index - count + 1)
+def _row_kth(values: Callable[[slice], torch.Tensor], like: torch.Tensor, indices: list[int],
+             signed: bool) -> list[torch.Tensor]:
+    """The index-th smallest (0-based) of one row, for each index, exactly (sorted_x[:, index] of the authors),
+    the row given block by block as values(s) over flat_blocks(like) (recomputed per pass, never whole on the
+    CPU): float32 by radix selection (selection.py; `signed` rows on order-preserving keys), other dtypes
+    (float64) by torch.kthvalue of the whole row. 0-dim tensors of the row's dtype."""
+    blocks = flat_blocks(like)
+    n = like.numel()
+    if like.dtype != torch.float32 or like.device.type != "cpu":
+        row = torch.cat([values(s) for s in blocks])
+        return [torch.kthvalue(row, index + 1).values for index in indices]
+    pieces = lambda: (values(s) for s in blocks)  # noqa: E731
+    ks = [index + 1 for index in indices]
+    found = signed_order_statistics_pieces(pieces, ks, n, torch.float32) if signed else \
+        [stat.value for stat in rank_statistics_pieces(pieces, ks, n)]
+    return [torch.tensor(value, dtype=like.dtype) for value in found]
 
 
-def _clamp_rows(rows: torch.Tensor, min_ratio: float, max_ratio: float) -> torch.Tensor:
-    """The authors' clamp(x, min_ratio, max_ratio) for a 2-D x: per row to [x_(int(d·min)), x_(int(d·(1−max))−1)]."""
-    d = rows.shape[1]
-    low = _kth(rows, int(d * min_ratio))
-    high = _kth(rows, int(d * (1 - max_ratio) - 1)) if max_ratio else rows.max(dim=1, keepdim=True).values
-    return torch.clamp(rows, low, high)
-
-
-def _normalize_rows(rows: torch.Tensor) -> torch.Tensor:
-    """(x − min)/(max − min) per row; a constant row gives 0 (the authors' code gives NaN there)."""
-    low = rows.min(dim=1, keepdim=True).values
-    span = rows.max(dim=1, keepdim=True).values - low
-    return (rows - low) / torch.where(span > 0, span, torch.ones_like(span))
+def _span(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """max − min of a clamped row, 1 where it is 0 (the authors' norm() divides 0 by 0 there)."""
+    span = high - low
+    return torch.where(span > 0, span, torch.ones_like(span))
 
 
 def pcb_tensor(deltas: Sequence[torch.Tensor], pcb_ratio: float = 0.1, scaling_factor: float = 1.0) -> torch.Tensor:
-    """λ · τ* of PCB-merging for one tensor (module docstring)."""
+    """λ · τ* of PCB-merging for one tensor (module docstring), the rows' statistics first, then every
+    elementwise step on cache-sized flat blocks (recipe_methods.by_blocks), the same values as on whole rows:
+    min / max of a row clamped to [q_lo, q_hi] are q_lo and q_hi themselves (order statistics of the row), of
+    the scores clamped below at their cut the cut and the row's maximum; sums over the tasks are per entry."""
     shape = deltas[0].shape
-    checks = torch.stack([delta.reshape(-1) for delta in deltas])
-    count = checks.shape[0]
-    magnitudes = _clamp_rows(checks.abs(), CLAMP_RATIO, CLAMP_RATIO)
-    clamped = torch.sign(checks) * magnitudes
-    intra = torch.exp(count * _normalize_rows(magnitudes) ** 2)
-    inter = torch.tanh(checks * checks.sum(dim=0))
-    scores = intra * inter
-    del intra, inter, magnitudes
-    weights = _normalize_rows(_clamp_rows(scores, 1 - pcb_ratio, 0))
-    merged = (clamped * weights).sum(dim=0) / torch.clamp(weights.sum(dim=0), min=1e-12)
-    return merged.mul_(scaling_factor).reshape(shape)
+    rows = [delta.reshape(-1) for delta in deltas]
+    count, d = len(rows), rows[0].numel()
+    like = rows[0]
+    magnitude_cut = [int(d * CLAMP_RATIO), int(d * (1 - CLAMP_RATIO) - 1)]
+    bounds = [_row_kth(lambda s, row=row: row[s].abs(), like, magnitude_cut, signed=False) for row in rows]
+    spans = [_span(low, high) for low, high in bounds]
+
+    def clamped_magnitude(t: int, s: slice) -> torch.Tensor:
+        return torch.clamp(rows[t][s].abs(), *bounds[t])
+
+    def score(t: int, s: slice) -> torch.Tensor:
+        total = torch.zeros_like(rows[0][s])
+        for row in rows:          # the tasks' sum per entry as checks.sum(dim=0): from +0, in task order
+            total += row[s]
+        intra = torch.exp(count * ((clamped_magnitude(t, s) - bounds[t][0]) / spans[t]) ** 2)
+        return intra * torch.tanh(rows[t][s] * total)
+
+    cut = int(d * (1 - pcb_ratio))
+    # each task's cut and maximum (its largest order statistic) in the same selection passes
+    cuts = [_row_kth(lambda s, t=t: score(t, s), like, [cut, d - 1], signed=True) for t in range(count)]
+    score_low = [low for low, _ in cuts]
+    score_spans = [_span(low, high) for low, high in cuts]
+
+    def merge(s: slice) -> torch.Tensor:
+        weights = [(torch.clamp(score(t, s), min=score_low[t]) - score_low[t]) / score_spans[t] for t in range(count)]
+        numerator, denominator = torch.zeros_like(rows[0][s]), torch.zeros_like(rows[0][s])
+        for t in range(count):    # sums over the tasks as torch's sum(dim=0): from +0, in task order
+            numerator += torch.sign(rows[t][s]) * clamped_magnitude(t, s) * weights[t]
+            denominator += weights[t]
+        return (numerator / torch.clamp(denominator, min=1e-12)).mul_(scaling_factor)
+
+    return by_blocks(merge, like).view(shape)

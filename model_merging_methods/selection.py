@@ -415,44 +415,47 @@ def order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
 
 def signed_order_statistics(values: torch.Tensor, ks: list[int]) -> list[float]:
     """The k-th smallest (1-based) of a finite float tensor of any sign, for every k in `ks`, exactly, without
-    a sort: radix selection on integer keys whose order is the values' order (−0 just below +0).
+    a sort: signed_order_statistics_pieces over the tensor's flat pieces."""
+    flat = values.detach().reshape(-1)
+    return signed_order_statistics_pieces(lambda: flat.split(PIECE), ks, flat.numel(), flat.dtype)
+
+
+def signed_order_statistics_pieces(pieces: Pieces, ks: list[int], n: int, dtype: torch.dtype) -> list[float]:
+    """The k-th smallest (1-based), for every k in `ks`, of the n values of `dtype` that `pieces()` yields (the
+    same values on every call, in any cut), exactly, without a sort: radix selection on integer keys whose
+    order is the values' order (−0 just below +0).
 
     bfloat16 / float16: key = bits ^ 0x8000 for a non-negative value, ~bits for a negative one (16-bit
-    patterns), one histogram of 2^16 keys. float32: s = bits for a non-negative value, bits ^ 0x7FFFFFFF for
-    a negative one (monotone as int32); a histogram of s's high 16 bits, then the low 16 bits of the entries
-    in the few high bins the ks fall in. Pieces of PIECE entries keep the temporaries in cache."""
-    flat = values.detach().reshape(-1)
-    n = flat.numel()
+    patterns), one histogram of 2^16 keys (one pass). float32 (and any other dtype, as float32): s = bits for
+    a non-negative value, bits ^ 0x7FFFFFFF for a negative one (monotone as int32); a histogram of s's high
+    16 bits, then the low 16 bits of the entries in the few high bins the ks fall in (two passes)."""
     for k in ks:
         if not 1 <= k <= n:
             raise ValueError(f"k = {k} is outside [1, {n}]")
-    narrow = flat.dtype in (torch.bfloat16, torch.float16)
-    if not narrow:
-        flat = flat.to(torch.float32)
+    narrow = dtype in (torch.bfloat16, torch.float16)
 
     def keys(piece: torch.Tensor) -> torch.Tensor:
         if narrow:
-            bits = piece.contiguous().view(torch.int16).to(torch.int32)       # sign-extended
+            bits = piece.detach().contiguous().view(torch.int16).to(torch.int32)       # sign-extended
             return bits.bitwise_xor_(bits.bitwise_right_shift(15).bitwise_or_(0x8000))
-        bits = piece.contiguous().view(torch.int32).clone()
+        bits = piece.detach().to(torch.float32).contiguous().view(torch.int32).clone()
         return bits.bitwise_xor_(bits.bitwise_right_shift(31).bitwise_and_(0x7FFFFFFF))
 
-    pieces = [flat[start:start + PIECE] for start in range(0, n, PIECE)]
-    counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
-    for piece in pieces:
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for piece in pieces():
         key = keys(piece)
-        counts += torch.bincount(key if narrow else key.bitwise_right_shift_(16).add_(1 << 15), minlength=1 << 16)
+        counts += torch.bincount(key if narrow else key.bitwise_right_shift_(16).add_(1 << 15), minlength=1 << 16).cpu()
     cumulative = counts.cumsum(0)
-    found = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype, device=flat.device)).tolist()
+    found = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype)).tolist()
     if narrow:
         patterns = [key ^ 0x8000 if key >= 0x8000 else ~key for key in found]
-        return torch.tensor(patterns, dtype=torch.int16).view(flat.dtype).tolist()
-    low = {high: torch.zeros(1 << 16, dtype=torch.int64, device=flat.device) for high in set(found)}
-    for piece in pieces:
+        return torch.tensor(patterns, dtype=torch.int16).view(dtype).tolist()
+    low = {high: torch.zeros(1 << 16, dtype=torch.int64) for high in set(found)}
+    for piece in pieces():
         key = keys(piece)
         high = key.bitwise_right_shift(16).add_(1 << 15)
         for high_bin, histogram in low.items():
-            histogram += torch.bincount(key[high == high_bin].bitwise_and_(0xFFFF), minlength=1 << 16)
+            histogram += torch.bincount(key[high == high_bin].bitwise_and_(0xFFFF), minlength=1 << 16).cpu()
     results = []
     for k, high_bin in zip(ks, found):
         below = int(cumulative[high_bin - 1]) if high_bin else 0

@@ -240,16 +240,42 @@ def test_group_calls_merge_in_float32_with_per_model_weights():
 
 
 def test_pcb_float32_order_statistics_equal_kthvalue():
-    from model_merging_methods.pcb import _kth
+    from model_merging_methods.pcb import _row_kth
 
     generator = torch.Generator().manual_seed(5)
     rows = torch.randn(3, 1000, generator=generator)
     rows[1, :10] = 0.0
     rows[2] = rows[2].abs()
-    for index in (0, 1, 137, 499, 500, 998, 999):
-        assert torch.equal(_kth(rows, index), torch.kthvalue(rows, index + 1, dim=1, keepdim=True).values), index
+    indices = [0, 1, 137, 499, 500, 998, 999]
+    for row in rows:
+        for signed in (True, False):
+            values = row if signed else row.abs()
+            found = _row_kth(lambda s, values=values: values[s], values, indices, signed=signed)
+            expected = [torch.kthvalue(values, index + 1).values for index in indices]
+            assert [float(v) for v in found] == [float(v) for v in expected]
     deltas = [torch.randn(30, 20, generator=generator) * 1e-2 for _ in range(3)]
     assert torch.allclose(pcb_tensor(deltas, 0.2), _pcb_reference([d.double() for d in deltas], 0.2).float(), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcb_blocks_give_the_whole_rows_bits(monkeypatch, dtype):
+    """PCB's statistics first, then its elementwise steps block by block: any block size gives the bits of
+    one block (whole rows), with ties, zeros of both signs and a constant task."""
+    from model_merging_methods import recipe_methods
+
+    generator = torch.Generator().manual_seed(6)
+    deltas = [torch.randn(40, 70, generator=generator, dtype=dtype) * 1e-3 for _ in range(3)]
+    deltas[0][:5] = 0.0
+    deltas[1][:3] = -0.0
+    deltas[2] = torch.randint(-2, 3, (40, 70), generator=generator).to(dtype) * 1e-3
+    constant = [deltas[0], torch.full((40, 70), 0.25, dtype=dtype)]
+    integer = torch.int32 if dtype == torch.float32 else torch.int64
+    for case in (deltas, constant):
+        for ratio in (0.1, 1.0):
+            monkeypatch.setattr(recipe_methods, "ELEMENTWISE_BLOCK", 1 << 30)
+            whole = pcb_tensor(case, ratio, 0.7)
+            monkeypatch.setattr(recipe_methods, "ELEMENTWISE_BLOCK", 333)
+            assert torch.equal(pcb_tensor(case, ratio, 0.7).view(integer), whole.view(integer))
 
 
 def test_randomized_svd_is_bounded_by_the_exact_truncation():
