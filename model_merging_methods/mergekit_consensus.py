@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .mergekit_spherical import _sum_lazily, checked
-from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, in_blocks
+from .mergekit_spherical import checked
+from .recipe_methods import ELEMENTWISE_BLOCK, TensorGroupCall, in_blocks, sum_in_order
 from .selection import PATTERNS, as_mask, magnitude_above, signed_order_statistics
 from .sort_window import topk_keep
 
@@ -169,13 +169,13 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
             deltas = inputs if select_topk < 1 else [x - b for x in inputs]
         # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here); w_i·e_i is
         # exactly w_i where model i agrees, else 0 (a 0/1 mask times a finite w_i ≥ 0, or torch.where)
-        agree = _agreeing(deltas, _sum_lazily(deltas, b))
+        agree = _agreeing(deltas, sum_in_order(deltas, b))
         if finite_weights:
             erased = [as_mask(a, b.dtype).mul_(weights[i]) for i, a in enumerate(agree)]
         else:
             erased = [torch.where(a, weights[i], 0) for i, a in enumerate(agree)]
-        merged = _sum_lazily((d * e for d, e in zip(deltas, erased)), b)
-        divisor = _sum_lazily(erased, b).clamp_(min=1e-6)
+        merged = sum_in_order((d * e for d, e in zip(deltas, erased)), b)
+        divisor = sum_in_order(erased, b).clamp_(min=1e-6)
         return b + merged.div_(divisor)
 
     if mask is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .options import MergeError
-from .recipe_methods import TensorGroupCall, accumulator_dtype, add_widened, by_blocks, flat_blocks
+from .recipe_methods import TensorGroupCall, by_blocks, flat_blocks, sum_in_order
 from .validation import is_finite
 
 
@@ -149,7 +149,7 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
     unit = lambda i, s: delta(i, s) / (norms[i] + eps)  # noqa: E731
     # the elementwise steps run on cache-sized flat blocks (the same bits), so a whole tensor's temporaries
     # are the few results that the whole-tensor reductions read: m, one product ⟨u_i, m⟩ at a time, τ, y
-    mean = by_blocks(lambda s: _sum_lazily((unit(i, s) * w[i] for i in range(len(tensors))), flat[0][s]),
+    mean = by_blocks(lambda s: sum_in_order((unit(i, s) * w[i] for i in range(len(tensors))), flat[0][s]),
                       flat[0])
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
@@ -172,7 +172,7 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
         u -= dots[i] * mean[s]
         return u.mul_(w[i])
 
-    tangent = by_blocks(lambda s: _sum_lazily((tangent_term(i, s) for i in range(len(tensors))), flat[0][s]),
+    tangent = by_blocks(lambda s: sum_in_order((tangent_term(i, s) for i in range(len(tensors))), flat[0][s]),
                          flat[0])
     tangent_norm = torch.norm(tangent) + eps
     cosine, ratio, scale = torch.cos(tangent_norm), torch.sin(tangent_norm) / tangent_norm, (norms.squeeze(-1) * w).sum()
@@ -184,15 +184,6 @@ def multislerp_tensor(tensors: list[torch.Tensor], weights: list[float], base: t
         return result + flat_base[s] if base is not None else result
 
     return by_blocks(combine, flat[0]).view(like.shape)
-
-
-def _sum_lazily(terms, like: torch.Tensor) -> torch.Tensor:
-    """Σ terms accumulated from 0 in torch's accumulation dtype, in order, rounded once to like's dtype: the
-    bits of torch.stack(terms).sum(dim=0), one term at a time (recipe_methods._sum_in_order, lazily)."""
-    total = torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
-    for term in terms:
-        add_widened(total, term)
-    return total.to(like.dtype)
 
 
 def multislerp(call: TensorGroupCall) -> torch.Tensor:
@@ -288,5 +279,5 @@ def karcher(call: TensorGroupCall) -> torch.Tensor:
                                              call.params["tol"]))
 
 
-__all__ = ["_sum_lazily", "checked", "karcher", "karcher_tensor", "multislerp", "multislerp_tensor", "nuslerp", "nuslerp_pair",
+__all__ = ["checked", "karcher", "karcher_tensor", "multislerp", "multislerp_tensor", "nuslerp", "nuslerp_pair",
            "nuslerp_t", "nuslerp_tensor"]

@@ -25,7 +25,7 @@ Only entries equal to the cut-off can differ between the two.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -497,7 +497,7 @@ def sparsify_della(delta: torch.Tensor, density: float, epsilon: float, slot: Ra
 
 
 def _accumulate(terms: list[torch.Tensor]) -> torch.Tensor:
-    """t_0 + t_1 + … in list order in the terms' dtype, a new tensor: _sum_in_order's sum before its rounding,
+    """t_0 + t_1 + … in list order in the terms' dtype, a new tensor: sum_in_order's sum before its rounding,
     except that a sum of zeros may be −0 where that gives +0 (callers that use it say why that is harmless)."""
     total = terms[0] + terms[1] if len(terms) > 1 else terms[0].clone()
     for term in terms[2:]:
@@ -505,13 +505,14 @@ def _accumulate(terms: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _sum_in_order(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Σ terms accumulated from 0 in torch's accumulation dtype, in list order, rounded once to `dtype`:
-    the bits of torch.stack(terms).sum(dim=0) (tests/test_recipe_methods.py checks it), without the stack."""
-    total = torch.zeros(terms[0].shape, dtype=accumulator_dtype(dtype), device=terms[0].device)
+def sum_in_order(terms: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Σ terms (shaped like `like`) accumulated from 0 in torch's accumulation dtype for like's dtype, in
+    order, one term at a time, rounded once to like's dtype: the bits of torch.stack(terms).sum(dim=0)
+    (tests/test_recipe_methods.py checks it), without the stack."""
+    total = torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
     for term in terms:
         add_widened(total, term)
-    return total.to(dtype)
+    return total.to(like.dtype)
 
 
 # elements per block of elementwise cross-model arithmetic on the CPU (gta_tensor, RAM): its dozens of
@@ -607,7 +608,7 @@ def _gta_combine(base: torch.Tensor, deltas: list[torch.Tensor], w: torch.Tensor
                 divisor.add_(1 - divisor.abs().sign())                   # Σ = 0 → 1
             mixed /= divisor.to(dtype)
     else:
-        mixed = _sum_in_order(deltas, dtype)
+        mixed = sum_in_order(deltas, base)
         if normalize:
             divisor = w.sum(dim=0, keepdim=True)
             divisor[divisor.abs() < 1e-8] = 1
