@@ -131,12 +131,13 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
     erase: s = sign(Σ_i δ_i) with 0 → +, e_i = [sign δ_i = s] (0 entries never agree);
     y = b + Σ_i w_i e_i δ_i / max(Σ_i w_i e_i, 1e-6). No model weights, no density (the paper's
     parameters are select_topk only). int8_mask stores the masks as int8 (memory; same values).
-    Memory: with select_topk ≥ 1 a few tensors (each δ_i is recomputed where it is used), else the stacked
-    task vectors; the cross-model sums run one model at a time (same bits as mergekit's sums over the stack),
-    and the erase and merge steps, which are elementwise, on cache-sized blocks."""
+    Memory: with select_topk ≥ 1, or < 1 in bfloat16 / float16 on the CPU, a few tensors (each δ_i is
+    recomputed where it is used), else the stacked task vectors; the cross-model sums run one model at a time
+    (same bits as mergekit's sums over the stack), and the erase and merge steps, which are elementwise, on
+    cache-sized blocks."""
     if not others:
         return base
-    mask = None
+    # the erase and merge steps read blocks of `inputs`; block_deltas(b, blocks) turns them into the δ_i
     if select_topk < 1:               # the selection needs every model's δ at once (variance across models)
         mask_dtype = torch.int8 if int8_mask else base.dtype
         if base.device.type == "cpu" and base.dtype in (torch.bfloat16, torch.float16):
@@ -148,25 +149,26 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
             mask = sce_select_mask(None, select_topk, mask_dtype, variance=variance)
             del variance
             delta = lambda i: (others[i] - base) * mask  # noqa: E731  (stacked *= mask: the same product)
+            inputs = [*others, mask]
+            block_deltas = lambda b, blocks: [(x - b) * blocks[-1] for x in blocks[:-1]]  # noqa: E731
         else:
             stacked = torch.empty((len(others),) + tuple(base.shape), dtype=base.dtype, device=base.device)
             for row, x in zip(stacked, others):
                 torch.sub(x, base, out=row)
             stacked *= sce_select_mask(stacked, select_topk, mask_dtype).unsqueeze(0)
             delta = lambda i: stacked[i]  # noqa: E731
+            inputs = list(stacked)
+            block_deltas = lambda b, blocks: blocks  # noqa: E731
     else:                             # δ_i recomputed where it is used (same bits): a few tensors in memory
         delta = lambda i: others[i] - base  # noqa: E731
-    count = len(others)
-    weights = sce_weights_of(delta(i) for i in range(count))
+        inputs = others
+        block_deltas = lambda b, blocks: [x - b for x in blocks]  # noqa: E731
+    weights = sce_weights_of(delta(i) for i in range(len(others)))
     finite_weights = bool(torch.isfinite(weights).all())
 
-    def erase_and_merge(b: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
-        # elementwise from here (cache-sized blocks, the same bits as whole tensors): `inputs` are the blocks
-        # of the selected δ_i (select_topk < 1) or of the x_i
-        if mask is not None:            # blocks of x_i and, last, of the mask
-            deltas = [(x - b) * inputs[-1] for x in inputs[:-1]]
-        else:
-            deltas = inputs if select_topk < 1 else [x - b for x in inputs]
+    def erase_and_merge(b: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+        # elementwise from here (cache-sized blocks, the same bits as whole tensors)
+        deltas = block_deltas(b, blocks)
         # (int8 or not, mergekit's erase masks hold the same ±1 / 0 values: booleans here); w_i·e_i is
         # exactly w_i where model i agrees, else 0 (a 0/1 mask times a finite w_i ≥ 0, or torch.where)
         agree = _agreeing(deltas, sum_in_order(deltas, b))
@@ -178,9 +180,7 @@ def sce_tensor(base: torch.Tensor, others: list[torch.Tensor], select_topk: floa
         divisor = sum_in_order(erased, b).clamp_(min=1e-6)
         return b + merged.div_(divisor)
 
-    if mask is not None:
-        return in_blocks(erase_and_merge, base, [*others, mask])
-    return in_blocks(erase_and_merge, base, [delta(i) for i in range(count)] if select_topk < 1 else others)
+    return in_blocks(erase_and_merge, base, inputs)
 
 
 def sce(call: TensorGroupCall) -> torch.Tensor:
@@ -228,7 +228,7 @@ def _nonzero_counts(base: torch.Tensor, others: list[torch.Tensor], epsilon: flo
     patterns: selection.magnitude_above), model by model (no stacked copy), and per entry the count c of
     models with m_i (uint8 up to 255 models)."""
     deltas = [x - base for x in others]
-    if deltas[0].dtype in (torch.bfloat16, torch.float16, torch.float32) and deltas[0].device.type == "cpu":
+    if deltas[0].dtype in PATTERNS and deltas[0].device.type == "cpu":
         nonzero = [magnitude_above(delta, epsilon) for delta in deltas]
     else:
         nonzero = [(delta.abs() > epsilon).reshape(-1).cpu().numpy() for delta in deltas]

@@ -98,15 +98,15 @@ def _nuslerp_flat(t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tens
     n1 = torch.norm(v(flat1, every), dim=-1, keepdim=True).clamp(min=1e-7)
     cos = torch.sum(by_blocks(lambda s: (v(flat0, s) / n0).mul_(v(flat1, s) / n1), flat0),
                     dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps ** 2
-    theta = torch.acos(torch.where(colinear, 0, cos))
+    colinear = bool((1 - cos.square()) <= eps ** 2)
+    theta = torch.acos(torch.zeros_like(cos) if colinear else cos)
     sin_theta = torch.sin(theta)
-    first, second = ((1 - t), t) if bool(colinear) else (torch.sin((1 - t) * theta), torch.sin(t * theta))
+    first, second = ((1 - t), t) if colinear else (torch.sin((1 - t) * theta), torch.sin(t * theta))
 
     def combine(s: slice) -> torch.Tensor:
         result = first * v(flat0, s)
         result += second * v(flat1, s)
-        if not bool(colinear):
+        if not colinear:
             result /= sin_theta
         return result if flat_base is None else flat_base[s] + result
 

@@ -69,25 +69,31 @@ def pcb_tensor(deltas: Sequence[torch.Tensor], pcb_ratio: float = 0.1, scaling_f
     def clamped_magnitude(t: int, s: slice) -> torch.Tensor:
         return torch.clamp(rows[t][s].abs(), *bounds[t])
 
-    def score(t: int, s: slice) -> torch.Tensor:
+    def task_sum(s: slice) -> torch.Tensor:
         total = torch.zeros_like(rows[0][s])
         for row in rows:          # the tasks' sum per entry as checks.sum(dim=0): from +0, in task order
             total += row[s]
-        intra = torch.exp(count * ((clamped_magnitude(t, s) - bounds[t][0]) / spans[t]) ** 2)
+        return total
+
+    def score(t: int, s: slice, total: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        intra = torch.exp(count * ((magnitude - bounds[t][0]) / spans[t]) ** 2)
         return intra * torch.tanh(rows[t][s] * total)
 
     cut = int(d * (1 - pcb_ratio))
     # each task's cut and maximum (its largest order statistic) in the same selection passes
-    cuts = [_row_kth(lambda s, t=t: score(t, s), like, [cut, d - 1], signed=True) for t in range(count)]
+    cuts = [_row_kth(lambda s, t=t: score(t, s, task_sum(s), clamped_magnitude(t, s)), like, [cut, d - 1],
+                     signed=True) for t in range(count)]
     score_low = [low for low, _ in cuts]
     score_spans = [_span(low, high) for low, high in cuts]
 
     def merge(s: slice) -> torch.Tensor:
-        weights = [(torch.clamp(score(t, s), min=score_low[t]) - score_low[t]) / score_spans[t] for t in range(count)]
+        total = task_sum(s)
         numerator, denominator = torch.zeros_like(rows[0][s]), torch.zeros_like(rows[0][s])
         for t in range(count):    # sums over the tasks as torch's sum(dim=0): from +0, in task order
-            numerator += torch.sign(rows[t][s]) * clamped_magnitude(t, s) * weights[t]
-            denominator += weights[t]
+            magnitude = clamped_magnitude(t, s)
+            weight = (torch.clamp(score(t, s, total, magnitude), min=score_low[t]) - score_low[t]) / score_spans[t]
+            numerator += torch.sign(rows[t][s]) * magnitude * weight
+            denominator += weight
         return (numerator / torch.clamp(denominator, min=1e-12)).mul_(scaling_factor)
 
     return by_blocks(merge, like).view(shape)
